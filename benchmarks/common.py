@@ -1,0 +1,65 @@
+"""Shared helpers for the benchmark scripts: median timing on the GPU, CSV and PNG output.
+
+Benchmarks are scripts, not tests: they print a table with the references measured in the same run.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+from pathlib import Path
+
+import torch
+
+
+def median_ms(fn, *, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
+    """Median runtime of fn() in milliseconds (CUDA events via triton's do_bench when available)."""
+    try:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    except ImportError:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(max(5, int(rep_ms))):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+
+def output_dir() -> Path:
+    """$OUT when set (the GPU machine), else ./benchmark_results."""
+    path = Path(os.environ.get("OUT") or "benchmark_results")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_csv(rows: list[dict], name: str) -> Path:
+    path = output_dir() / name
+    if not rows:
+        return path
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Fixed-width table of the given columns (floats to 3 significant decimals)."""
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    cells = [[fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,166 @@
+// The `flashcore` op library: schemas (declared once, mutations annotated) and the CPU implementations.
+// CUDA implementations of the same ops are registered in ops_cuda.cpp when the extension is built with CUDA.
+#include <Python.h>
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "bindings/checks.h"
+#include "kernels/cpu/cpu_kernels.h"
+
+// A Python module named _C so that `import flashcore_hf._C` loads this library and runs its registrations.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "flashcore op library (see torch.ops.flashcore)", -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace flashcore::binding {
+namespace {
+
+void check_layout_values_host(const PagedAttentionParams& p, const at::Tensor& row_offsets, const at::Tensor& q_indptr) {
+  constexpr const char* op = "paged_attention";
+  check_offsets_host(row_offsets, p.nnz, /*must_end_at_limit=*/false, op, "row_offsets", "len(cols)");
+  check_offsets_host(q_indptr, p.total_q, /*must_end_at_limit=*/true, op, "q_indptr", "total_q (q.size(0))");
+  for (int32_t j = 0; j < p.nnz; ++j) {
+    TORCH_CHECK(p.cols[j] >= 0 && p.cols[j] < p.num_pages, op, ": cols[", j, "] = ", p.cols[j],
+                " is not a page id in [0, num_pages=", p.num_pages, ")");
+    TORCH_CHECK(p.token_counts[j] >= 0 && p.token_counts[j] <= p.page_size, op, ": token_counts[", j, "] = ",
+                p.token_counts[j], " must be in [0, page_size=", p.page_size, "]");
+  }
+  for (int32_t b = 0; b < p.batch; ++b) {
+    const int32_t n_q = p.q_indptr[b + 1] - p.q_indptr[b];
+    const int32_t n_pages = p.row_offsets[b + 1] - p.row_offsets[b];
+    TORCH_CHECK(n_q <= p.max_q_len, op, ": max_q_len = ", p.max_q_len, " but sequence ", b, " has ", n_q, " queries");
+    TORCH_CHECK(n_pages <= p.max_pages_per_seq, op, ": max_pages_per_seq = ", p.max_pages_per_seq, " but sequence ",
+                b, " reads ", n_pages, " pages");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& row_offsets,
+    const at::Tensor& cols, const at::Tensor& token_counts, const at::Tensor& q_indptr, bool causal, double sm_scale,
+    int64_t window, int64_t max_q_len, int64_t max_pages_per_seq, const std::optional<at::Tensor>& workspace) {
+  (void)workspace;  // split-KV partials exist only on the GPU
+  PagedAttentionParams p = make_paged_attention_params(q, k_cache, v_cache, row_offsets, cols, token_counts, q_indptr,
+                                                       causal, sm_scale, window, max_q_len, max_pages_per_seq);
+  check_layout_values_host(p, row_offsets, q_indptr);
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  cpu::paged_attention(p);
+  return {out, lse};
+}
+
+void append_kv_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& slot_mapping) {
+  AppendKVParams p = make_append_kv_params(k_cache, v_cache, k, v, slot_mapping);
+  const int64_t num_slots = int64_t(p.num_pages) * p.page_size;
+  const at::Tensor slots = slot_mapping.to(at::kLong);
+  const int64_t* s = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    TORCH_CHECK(s[t] < num_slots, "append_kv: slot_mapping[", t, "] = ", s[t], " is outside the cache's ", num_slots,
+                " slots (num_pages * page_size); negative slots mean 'skip'");
+  }
+  cpu::append_kv(p);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_layout_cpu(
+    const at::Tensor& token_to_page, const at::Tensor& seq_starts, const at::Tensor& seq_ends,
+    const at::Tensor& page_resident_bitmap, int64_t page_tokens, int64_t num_pages) {
+  constexpr const char* op = "build_layout";
+  const at::Device cpu(at::kCPU);
+  check_index_tensor(token_to_page, op, "token_to_page", cpu);
+  check_index_tensor(seq_starts, op, "seq_starts", cpu);
+  check_index_tensor(seq_ends, op, "seq_ends", cpu);
+  TORCH_CHECK(seq_starts.numel() == seq_ends.numel(), op, ": seq_starts (", seq_starts.numel(), ") and seq_ends (",
+              seq_ends.numel(), ") must have the same length");
+  TORCH_CHECK(page_tokens >= 1, op, ": page_tokens must be >= 1, got ", page_tokens);
+  TORCH_CHECK(num_pages >= 0, op, ": num_pages must be >= 0, got ", num_pages);
+  check_fits_int32(num_pages, op, "num_pages");
+  check_fits_int32(page_tokens, op, "page_tokens");
+  check_fits_int32(token_to_page.numel(), op, "len(token_to_page)");
+  TORCH_CHECK(page_resident_bitmap.dim() == 1 && page_resident_bitmap.scalar_type() == at::kBool, op,
+              ": page_resident_bitmap must be a 1-D bool tensor, got ", page_resident_bitmap.scalar_type(), " of shape ",
+              page_resident_bitmap.sizes());
+  TORCH_CHECK(page_resident_bitmap.numel() == num_pages, op, ": page_resident_bitmap has ",
+              page_resident_bitmap.numel(), " entries but num_pages = ", num_pages);
+  TORCH_CHECK(page_resident_bitmap.device() == cpu && page_resident_bitmap.is_contiguous(), op,
+              ": page_resident_bitmap must be a contiguous CPU tensor");
+  const int32_t* pages = token_to_page.data_ptr<int32_t>();
+  const int64_t num_tokens = token_to_page.numel();
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    TORCH_CHECK(pages[t] >= 0 && pages[t] < num_pages, op, ": token_to_page[", t, "] = ", pages[t],
+                " is not a page id in [0, num_pages=", num_pages, ")");
+  }
+  const int32_t* starts = seq_starts.data_ptr<int32_t>();
+  const int32_t* ends = seq_ends.data_ptr<int32_t>();
+  for (int64_t b = 0; b < seq_starts.numel(); ++b) {
+    TORCH_CHECK(0 <= starts[b] && starts[b] <= ends[b] && ends[b] <= num_tokens, op, ": sequence ", b,
+                " has seq_starts = ", starts[b], ", seq_ends = ", ends[b], "; need 0 <= start <= end <= len(token_to_page) = ",
+                num_tokens);
+  }
+  BuildLayoutParams p;
+  p.token_to_page = pages;
+  p.seq_starts = starts;
+  p.seq_ends = ends;
+  p.page_resident = page_resident_bitmap.data_ptr<bool>();
+  p.num_tokens = static_cast<int32_t>(num_tokens);
+  p.batch = static_cast<int32_t>(seq_starts.numel());
+  p.page_tokens = static_cast<int32_t>(page_tokens);
+  p.num_pages = static_cast<int32_t>(num_pages);
+  cpu::PageLayoutHost layout;
+  const std::string error = cpu::build_layout(p, layout);
+  TORCH_CHECK(error.empty(), error);
+  auto to_tensor = [](const std::vector<int32_t>& v) {
+    return at::from_blob(const_cast<int32_t*>(v.data()), {static_cast<int64_t>(v.size())}, at::kInt).clone();
+  };
+  return {to_tensor(layout.row_offsets), to_tensor(layout.cols), to_tensor(layout.token_counts),
+          to_tensor(layout.staging_ids)};
+}
+
+bool has_cuda_kernels() {
+#ifdef FLASHCORE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool kernel_supports(const std::string& device_type, at::ScalarType dtype, int64_t head_dim, int64_t page_size,
+                     int64_t max_q_len, int64_t num_q_heads, int64_t num_kv_heads) {
+  const bool dtype_ok = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+  const bool shape_ok = head_dim >= 1 && head_dim <= 256 && page_size >= 1 && num_kv_heads >= 1 &&
+                        num_q_heads % num_kv_heads == 0;
+  if (!dtype_ok || !shape_ok) return false;
+  if (device_type == "cpu") return true;
+  if (device_type != "cuda") return false;
+  return cuda_kernels_support(to_dtype(dtype, "dtype"), head_dim, page_size, max_q_len, num_q_heads, num_kv_heads);
+}
+
+}  // namespace
+
+#ifndef FLASHCORE_WITH_CUDA
+bool cuda_kernels_support(DType, int64_t, int64_t, int64_t, int64_t, int64_t) { return false; }
+#endif
+
+}  // namespace flashcore::binding
+
+TORCH_LIBRARY(flashcore, m) {
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor row_offsets, Tensor cols, "
+        "Tensor token_counts, Tensor q_indptr, bool causal, float sm_scale, int window, int max_q_len, "
+        "int max_pages_per_seq, Tensor? workspace) -> (Tensor, Tensor)");
+  m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
+  m.def("build_layout(Tensor token_to_page, Tensor seq_starts, Tensor seq_ends, Tensor page_resident_bitmap, "
+        "int page_tokens, int num_pages) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("has_cuda_kernels() -> bool", &flashcore::binding::has_cuda_kernels);
+  m.def("kernel_supports(str device_type, ScalarType dtype, int head_dim, int page_size, int max_q_len, "
+        "int num_q_heads, int num_kv_heads) -> bool",
+        &flashcore::binding::kernel_supports);
+}
+
+TORCH_LIBRARY_IMPL(flashcore, CPU, m) {
+  m.impl("paged_attention", &flashcore::binding::paged_attention_cpu);
+  m.impl("append_kv", &flashcore::binding::append_kv_cpu);
+  m.impl("build_layout", &flashcore::binding::build_layout_cpu);
+}

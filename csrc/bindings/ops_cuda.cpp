@@ -1,0 +1,93 @@
+// CUDA implementations of the flashcore ops: argument checks (shared with the CPU path), output/workspace
+// allocation through torch, then the torch-free launchers in csrc/kernels/cuda/. No host sync anywhere here.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "bindings/checks.h"
+#include "kernels/cuda/launchers.h"
+
+namespace flashcore::binding {
+namespace {
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "flashcore: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+const char* dtype_name(DType d) {
+  return d == DType::kFloat32 ? "float32" : d == DType::kFloat16 ? "float16" : "bfloat16";
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& row_offsets,
+    const at::Tensor& cols, const at::Tensor& token_counts, const at::Tensor& q_indptr, bool causal, double sm_scale,
+    int64_t window, int64_t max_q_len, int64_t max_pages_per_seq, const std::optional<at::Tensor>& workspace) {
+  PagedAttentionParams p = make_paged_attention_params(q, k_cache, v_cache, row_offsets, cols, token_counts, q_indptr,
+                                                       causal, sm_scale, window, max_q_len, max_pages_per_seq);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  if (p.total_q == 0) return {out, lse};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  if (p.max_q_len <= kDecodeMaxQueriesPerSeq && paged_decode_supported(p)) {
+    const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const size_t bytes = paged_decode_workspace_bytes(p, num_sms);
+    at::Tensor scratch;
+    void* ws_ptr = nullptr;
+    if (bytes > 0) {
+      if (workspace.has_value()) {
+        const at::Tensor& ws = *workspace;
+        TORCH_CHECK(ws.device() == q.device() && ws.scalar_type() == at::kFloat && ws.is_contiguous(),
+                    "paged_attention: workspace must be a contiguous float32 tensor on ", q.device());
+        TORCH_CHECK(static_cast<size_t>(ws.numel()) * sizeof(float) >= bytes, "paged_attention: workspace has ",
+                    ws.numel() * sizeof(float), " bytes but this call needs ", bytes);
+        ws_ptr = ws.data_ptr();
+      } else {
+        scratch = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
+                            q.options().dtype(at::kFloat));
+        ws_ptr = scratch.data_ptr();
+      }
+    }
+    check_launch(launch_paged_decode(p, ws_ptr, bytes, num_sms, stream), "paged decode kernel");
+    return {out, lse};
+  }
+  TORCH_CHECK(paged_prefill_supported(p), "paged_attention: the CUDA kernels do not support dtype=", dtype_name(p.dtype),
+              ", head_dim=", p.head_dim, ", page_size=", p.page_size, ", num_q_heads/num_kv_heads=", p.num_q_heads,
+              "/", p.num_kv_heads, " (see README support matrix; flashcore_hf.ops.kernel_supports tells in advance)");
+  check_launch(launch_paged_prefill(p, stream), "paged prefill kernel");
+  return {out, lse};
+}
+
+void append_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& slot_mapping) {
+  const AppendKVParams p = make_append_kv_params(k_cache, v_cache, k, v, slot_mapping);
+  if (p.num_tokens == 0) return;
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  check_launch(launch_append_kv(p, at::cuda::getCurrentCUDAStream()), "append_kv kernel");
+}
+
+}  // namespace
+
+bool cuda_kernels_support(DType dtype, int64_t head_dim, int64_t page_size, int64_t max_q_len, int64_t num_q_heads,
+                          int64_t num_kv_heads) {
+  PagedAttentionParams p;
+  p.dtype = dtype;
+  p.head_dim = static_cast<int32_t>(head_dim);
+  p.page_size = static_cast<int32_t>(page_size);
+  p.max_q_len = static_cast<int32_t>(max_q_len);
+  p.num_q_heads = static_cast<int32_t>(num_q_heads);
+  p.num_kv_heads = static_cast<int32_t>(num_kv_heads);
+  if (max_q_len <= kDecodeMaxQueriesPerSeq && paged_decode_supported(p)) return true;
+  return paged_prefill_supported(p);
+}
+
+}  // namespace flashcore::binding
+
+TORCH_LIBRARY_IMPL(flashcore, CUDA, m) {
+  m.impl("paged_attention", &flashcore::binding::paged_attention_cuda);
+  m.impl("append_kv", &flashcore::binding::append_kv_cuda);
+}

@@ -1,0 +1,91 @@
+// Plain parameter structs shared by the binding layer and every kernel (CPU and CUDA).
+// Torch-free on purpose: kernel translation units include only this header, so they compile fast and in parallel.
+// All argument checking happens in the binding layer (csrc/bindings/); kernels trust these fields, but still never
+// read or write outside the buffers they describe (page ids and counts are bounds-guarded on the device).
+#pragma once
+#include <cstdint>
+
+namespace flashcore {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// One paged-attention call over a packed (varlen) batch.
+//
+// Shapes (elements, row-major):
+//   q            [total_q, num_q_heads, head_dim]        strides q_stride_token / q_stride_head, last dim contiguous
+//   k_cache      [num_pages, page_size, num_kv_heads, head_dim]  contiguous (same for v_cache)
+//   out          [total_q, num_q_heads, head_dim]        contiguous, same dtype as q
+//   lse          [total_q, num_q_heads] float32          natural-log sum-exp of the scaled scores; -inf for rows that
+//                                                        see no key (their out row is zero). Always written.
+//   row_offsets  [batch + 1] int32   sequence b reads pages cols[row_offsets[b] : row_offsets[b+1]]
+//   cols         [nnz] int32          physical page ids
+//   token_counts [nnz] int32          keys used from the start of page cols[j]
+//   q_indptr     [batch + 1] int32   sequence b's queries are q[q_indptr[b] : q_indptr[b+1]]
+// Positions: with n_k keys and n_q queries in a sequence, key i sits at position i and query i at n_k - n_q + i.
+// causal: key visible iff key_pos <= query_pos; window > 0: also query_pos - key_pos < window.
+struct PagedAttentionParams {
+  const void* q = nullptr;
+  const void* k_cache = nullptr;
+  const void* v_cache = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;
+  const int32_t* row_offsets = nullptr;
+  const int32_t* cols = nullptr;
+  const int32_t* token_counts = nullptr;
+  const int32_t* q_indptr = nullptr;
+
+  int64_t q_stride_token = 0;  // elements between consecutive tokens of q
+  int64_t q_stride_head = 0;   // elements between consecutive heads of q
+
+  int32_t batch = 0;
+  int32_t total_q = 0;
+  int32_t num_q_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t page_size = 0;
+  int32_t num_pages = 0;
+  int32_t nnz = 0;  // length of cols / token_counts
+
+  bool causal = true;
+  int32_t window = 0;  // <= 0: no sliding window
+  float sm_scale = 1.0f;
+  DType dtype = DType::kFloat16;
+
+  // Host-known upper bounds used for grid sizing without a device sync. Kernels must stay correct when the real
+  // values are smaller (blocks with no work exit early); the binding layer guarantees they are >= the real values.
+  int32_t max_q_len = 0;          // >= max_b (q_indptr[b+1] - q_indptr[b])
+  int32_t max_pages_per_seq = 0;  // >= max_b (row_offsets[b+1] - row_offsets[b])
+};
+
+// Write new tokens' K/V into page slots: cache[slot / page_size, slot % page_size] = k[t]; slot < 0 means skip
+// (padding token). k, v: [num_tokens, num_kv_heads, head_dim] with strides; caches contiguous as above.
+struct AppendKVParams {
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  const void* slot_mapping = nullptr;  // [num_tokens], int32 or int64 (slot_is_int64)
+  bool slot_is_int64 = false;
+  int64_t k_stride_token = 0, k_stride_head = 0;
+  int64_t v_stride_token = 0, v_stride_head = 0;
+  int32_t num_tokens = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t page_size = 0;
+  int32_t num_pages = 0;
+  DType dtype = DType::kFloat16;
+};
+
+// Inputs and outputs of build_layout (host memory). See flashcore_hf/ops.py for the contract.
+struct BuildLayoutParams {
+  const int32_t* token_to_page = nullptr;  // [num_tokens]
+  const int32_t* seq_starts = nullptr;     // [batch]
+  const int32_t* seq_ends = nullptr;       // [batch]
+  const bool* page_resident = nullptr;     // [num_pages]
+  int32_t num_tokens = 0;
+  int32_t batch = 0;
+  int32_t page_tokens = 0;
+  int32_t num_pages = 0;
+};
+
+}  // namespace flashcore

@@ -1,0 +1,113 @@
+"""Python API of the `flashcore` op library (torch.ops.flashcore.*), with fake kernels for torch.compile.
+
+The ops are declared once in C++ (csrc/bindings/ops.cpp) with a CPU implementation and, when built with CUDA, a
+CUDA implementation under the same names. These wrappers resolve defaults and give the documented signatures.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _ext  # noqa: F401  (loads the extension, registering torch.ops.flashcore)
+from .layout import PageLayout
+
+_ops = torch.ops.flashcore
+
+
+def build_layout(token_to_page: torch.Tensor, seq_starts: torch.Tensor, seq_ends: torch.Tensor,
+                 page_resident_bitmap: torch.Tensor, page_tokens: int = 128, num_pages: int = 1024) -> PageLayout:
+    """Page lists of a batch from the physical page of every token.
+
+    token_to_page [T] int32: physical page of each token of the flattened batch.
+    seq_starts, seq_ends [B] int32: sequence b owns tokens [seq_starts[b], seq_ends[b]).
+    page_resident_bitmap [num_pages] bool: True where the page is in device memory.
+    page_tokens: tokens per page (a sequence cannot have more tokens than this on one page).
+    num_pages: number of physical pages (page ids must lie in [0, num_pages)).
+
+    Returns a PageLayout: for each sequence the distinct pages its tokens touch, in order of first touch;
+    token_counts[j] = how many of the sequence's tokens are on page cols[j]; staging_ids[j] = -1 for a resident page,
+    else the page's slot in a staging buffer, numbered 0, 1, ... in order of first appearance over the whole batch
+    (a page shared by several sequences is staged once). Runs on the CPU; tensors on another device are copied
+    to the CPU (a host sync) and the result is moved back.
+    """
+    device = token_to_page.device
+    cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    result = _ops.build_layout(cpu(token_to_page), cpu(seq_starts), cpu(seq_ends), cpu(page_resident_bitmap),
+                               int(page_tokens), int(num_pages))
+    layout = PageLayout(*result)
+    return layout if device.type == "cpu" else layout.to(device)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: PageLayout,
+                    q_indptr: torch.Tensor, *, causal: bool = True, sm_scale: float | None = None,
+                    sliding_window: int | None = None, return_lse: bool = False, max_q_len: int | None = None,
+                    max_pages_per_seq: int | None = None, workspace: torch.Tensor | None = None):
+    """Attention of packed varlen queries over per-sequence page lists.
+
+    q [total_q, Hq, D] (fp32/fp16/bf16; last dim contiguous); k_cache, v_cache [num_pages, page_size, Hkv, D]
+    contiguous, same dtype; layout: PageLayout (sequence b's keys are, in order, the first token_counts[j] tokens
+    of each page cols[j] of its row); q_indptr [B + 1] int32.
+    Positions are bottom-right aligned: with n_k keys and n_q queries, key i is at i and query i at n_k - n_q + i.
+    causal: key visible iff key_pos <= query_pos; sliding_window w: also query_pos - key_pos < w.
+    sm_scale defaults to D ** -0.5; Hq must be a multiple of Hkv.
+    max_q_len / max_pages_per_seq: optional host-known upper bounds on queries / pages per sequence (default:
+    total_q / nnz); they size the CUDA grid without a device sync and must not be smaller than the real values.
+    workspace: optional float32 CUDA buffer for split-KV partials (makes the call allocation-free).
+
+    Returns out [total_q, Hq, D] in q's dtype, and lse [total_q, Hq] float32 (natural log) when return_lse.
+    Rows with no visible key give zeros (lse -inf).
+    """
+    if sm_scale is None:
+        sm_scale = q.shape[-1] ** -0.5
+    if sliding_window is not None and int(sliding_window) <= 0:
+        raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window}")
+    window = 0 if sliding_window is None else int(sliding_window)
+    max_q_len = q.shape[0] if max_q_len is None else int(max_q_len)
+    max_pages_per_seq = layout.cols.numel() if max_pages_per_seq is None else int(max_pages_per_seq)
+    out, lse = _ops.paged_attention(q, k_cache, v_cache, layout.row_offsets, layout.cols, layout.token_counts,
+                                    q_indptr, bool(causal), float(sm_scale), window, max_q_len, max_pages_per_seq,
+                                    workspace)
+    return (out, lse) if return_lse else out
+
+
+def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:
+    """Write new tokens' K/V into page slots, in place.
+
+    k_cache, v_cache [num_pages, page_size, Hkv, D] contiguous; k, v [T, Hkv, D] (same dtype, last dim contiguous);
+    slot_mapping [T] int32/int64: slot = page * page_size + offset; a negative slot skips that token (padding).
+    """
+    _ops.append_kv(k_cache, v_cache, k, v, slot_mapping)
+
+
+def kernel_supports(device: torch.device | str, dtype: torch.dtype, head_dim: int, page_size: int, max_q_len: int,
+                    num_q_heads: int = 1, num_kv_heads: int = 1) -> bool:
+    """Whether the compiled kernels for `device` handle this configuration (no device work, no sync).
+
+    CPU: float32/float16/bfloat16, any head_dim <= 256, any page_size. CUDA: what the decode (max_q_len <= 16) or
+    prefill kernels accept; False when the extension was built without CUDA kernels.
+    """
+    device_type = torch.device(device).type
+    return bool(_ops.kernel_supports(device_type, dtype, int(head_dim), int(page_size), int(max_q_len),
+                                     int(num_q_heads), int(num_kv_heads)))
+
+
+# ---- fake kernels (shapes only), so torch.compile / opcheck can trace the ops ----------------------------------
+
+@torch.library.register_fake("flashcore::build_layout")
+def _build_layout_fake(token_to_page, seq_starts, seq_ends, page_resident_bitmap, page_tokens, num_pages):
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    make = lambda n: token_to_page.new_empty((n,), dtype=torch.int32)  # noqa: E731
+    return make(seq_starts.shape[0] + 1), make(nnz), make(nnz), make(nnz)
+
+
+@torch.library.register_fake("flashcore::paged_attention")
+def _paged_attention_fake(q, k_cache, v_cache, row_offsets, cols, token_counts, q_indptr, causal, sm_scale, window,
+                          max_q_len, max_pages_per_seq, workspace):
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+@torch.library.register_fake("flashcore::append_kv")
+def _append_kv_fake(k_cache, v_cache, k, v, slot_mapping):
+    return None

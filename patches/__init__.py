@@ -1,0 +1,1 @@
+"""Changes to third-party behaviour (transformers version shims), shipped as `flashcore_hf.patches`."""

@@ -1,0 +1,105 @@
+"""CPU paged_attention against the float64 reference: odd sizes, scattered pages, GQA, causal offsets, windows."""
+import math
+
+import pytest
+import torch
+
+import flashcore_hf as fc
+from tests.reference import random_paged_kv, reference_paged_attention
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _run_case(generator, lengths, q_lens, *, page_size, hkv, group, head_dim, dtype, causal=True, window=None,
+              sm_scale=None):
+    k_cache, v_cache, row_offsets, cols, counts = random_paged_kv(lengths, page_size, hkv, head_dim, dtype=dtype,
+                                                                  generator=generator)
+    q_indptr = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(q_indptr[-1]), hkv * group, head_dim, generator=generator).to(dtype)
+    layout = fc.PageLayout(row_offsets, cols, counts, torch.full_like(cols, -1))
+    out, lse = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, causal=causal, sm_scale=sm_scale,
+                                  sliding_window=window, return_lse=True)
+    ref_out, ref_lse = reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr,
+                                                 causal=causal, sm_scale=sm_scale, sliding_window=window)
+    assert out.dtype == dtype and out.shape == q.shape and lse.dtype == torch.float32
+    # Low-precision outputs are compared against the reference rounded to the same dtype, plus a tolerance of a
+    # few ulps, so that the check is as strict as the storage format allows.
+    torch.testing.assert_close(out.double(), ref_out, atol=TOL[dtype], rtol=TOL[dtype])
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=1e-4, rtol=1e-5)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [40, 80, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_decode_and_prefill_shapes(generator, dtype, head_dim, group):
+    lengths = [1, 97, 257]
+    _run_case(generator, lengths, q_lens=[1, 1, 1], page_size=16, hkv=2, group=group, head_dim=head_dim, dtype=dtype)
+    _run_case(generator, lengths, q_lens=[1, 97, 40], page_size=16, hkv=2, group=group, head_dim=head_dim,
+              dtype=dtype)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 128])
+def test_page_sizes_and_partial_pages(generator, page_size):
+    _run_case(generator, [1, 97, 257, 128], q_lens=[1, 5, 16, 128], page_size=page_size, hkv=2, group=4,
+              head_dim=64, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("window", [None, 1, 7, 64])
+def test_causal_offsets_and_sliding_window(generator, causal, window):
+    # chunked prefill: n_q queries after n_k - n_q cached keys
+    _run_case(generator, [97, 257, 30], q_lens=[33, 257, 1], page_size=16, hkv=2, group=2, head_dim=40,
+              dtype=torch.float32, causal=causal, window=window)
+
+
+def test_more_queries_than_keys_gives_zero_rows(generator):
+    # n_q > n_k: the first queries sit at negative positions and see no key (zeros, lse = -inf)
+    out, lse = _run_case(generator, [3], q_lens=[5], page_size=4, hkv=1, group=2, head_dim=16, dtype=torch.float32)
+    assert torch.all(out[:2] == 0) and torch.all(lse[:2] == -math.inf)
+
+
+def test_empty_sequences(generator):
+    out, lse = _run_case(generator, [0, 20, 0, 5], q_lens=[2, 3, 0, 1], page_size=8, hkv=2, group=2, head_dim=32,
+                         dtype=torch.bfloat16)
+    assert torch.all(out[:2] == 0) and torch.all(lse[:2] == -math.inf)
+
+
+def test_custom_scale_and_strided_q(generator):
+    k_cache, v_cache, row_offsets, cols, counts = random_paged_kv([50, 9], 8, 2, 32, generator=generator)
+    q_full = torch.randn(7, 3, 4, 32, generator=generator)          # take a strided [7, 4, 32] view
+    q = q_full[:, 1]
+    assert not q.is_contiguous()
+    q_indptr = torch.tensor([0, 4, 7], dtype=torch.int32)
+    layout = fc.PageLayout(row_offsets, cols, counts, torch.full_like(cols, -1))
+    out = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, sm_scale=0.3)
+    ref, _ = reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, sm_scale=0.3)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_sparse_page_list_in_any_order(generator):
+    """A sequence may read any pages in any order, partial ones included (what sparse selection produces)."""
+    k_cache = torch.randn(10, 8, 2, 16, generator=generator)
+    v_cache = torch.randn(10, 8, 2, 16, generator=generator)
+    row_offsets = torch.tensor([0, 4], dtype=torch.int32)
+    cols = torch.tensor([7, 2, 9, 0], dtype=torch.int32)
+    counts = torch.tensor([8, 3, 8, 5], dtype=torch.int32)
+    q = torch.randn(1, 4, 16, generator=generator)
+    q_indptr = torch.tensor([0, 1], dtype=torch.int32)
+    out = fc.paged_attention(q, k_cache, v_cache, fc.PageLayout(row_offsets, cols, counts, cols * 0 - 1), q_indptr)
+    keys = torch.cat([k_cache[7, :8], k_cache[2, :3], k_cache[9, :8], k_cache[0, :5]]).double()
+    vals = torch.cat([v_cache[7, :8], v_cache[2, :3], v_cache[9, :8], v_cache[0, :5]]).double()
+    keys, vals = keys.repeat_interleave(2, dim=1), vals.repeat_interleave(2, dim=1)   # [24, 4, 16]
+    probs = torch.softmax(torch.einsum("hd,khd->hk", q[0].double(), keys) / 4.0, dim=-1)
+    expected = torch.einsum("hk,khd->hd", probs, vals)
+    torch.testing.assert_close(out[0].double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_opcheck(generator):
+    k_cache, v_cache, row_offsets, cols, counts = random_paged_kv([13, 40], 8, 2, 16, generator=generator)
+    q = torch.randn(6, 4, 16, generator=generator)
+    q_indptr = torch.tensor([0, 2, 6], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.flashcore.paged_attention,
+                          (q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, True, 0.25, 0, 6, 5, None))
