@@ -9,7 +9,9 @@ import torch
 class PageLayout(NamedTuple):
     """CSR page lists, all int32 tensors on one device.
 
-    row_offsets [B + 1]: sequence b reads cols[row_offsets[b]:row_offsets[b+1]].
+    row_offsets [B + 1]: sequence b reads cols[row_offsets[b]:row_offsets[b+1]] (for every head). For per-head sparse
+        selection, row_offsets may instead have B * Hkv + 1 entries: row b * Hkv + h lists the pages kv head h of
+        sequence b reads (paged_attention accepts either).
     cols [nnz]: physical page ids, in key order.
     token_counts [nnz]: how many keys (from the start of the page) are used from page cols[j].
     staging_ids [nnz]: -1 for a resident page, else its slot in a staging buffer (see build_layout).

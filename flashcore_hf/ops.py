@@ -45,12 +45,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     q [total_q, Hq, D] (fp32/fp16/bf16; last dim contiguous); k_cache, v_cache [num_pages, page_size, Hkv, D]
     contiguous, same dtype; layout: PageLayout (sequence b's keys are, in order, the first token_counts[j] tokens
-    of each page cols[j] of its row); q_indptr [B + 1] int32.
+    of each page cols[j] of its row; rows are per sequence, or per (sequence, kv head) when row_offsets has
+    B * Hkv + 1 entries); q_indptr [B + 1] int32.
     Positions are bottom-right aligned: with n_k keys and n_q queries, key i is at i and query i at n_k - n_q + i.
     causal: key visible iff key_pos <= query_pos; sliding_window w: also query_pos - key_pos < w.
     sm_scale defaults to D ** -0.5; Hq must be a multiple of Hkv.
     max_q_len / max_pages_per_seq: optional host-known upper bounds on queries / pages per sequence (default:
-    total_q / nnz); they size the CUDA grid without a device sync and must not be smaller than the real values.
+    total_q / nnz; pages are counted per layout row); they size the CUDA grid without a device sync and must not be smaller than the real values.
     workspace: optional float32 CUDA buffer for split-KV partials (makes the call allocation-free).
 
     Returns out [total_q, Hq, D] in q's dtype, and lse [total_q, Hq] float32 (natural log) when return_lse.

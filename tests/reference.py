@@ -10,7 +10,7 @@ import torch
 
 
 def gather_sequence_kv(k_cache, v_cache, row_offsets, cols, token_counts, b):
-    """Keys/values of sequence b in order: [n_k, Hkv, D] each (float64, on CPU)."""
+    """Keys/values of layout row b in order: [n_k, Hkv, D] each (float64, on CPU)."""
     start, end = int(row_offsets[b]), int(row_offsets[b + 1])
     ks, vs = [], []
     for j in range(start, end):
@@ -25,7 +25,10 @@ def gather_sequence_kv(k_cache, v_cache, row_offsets, cols, token_counts, b):
 
 def reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, token_counts, q_indptr, *, causal=True,
                               sm_scale=None, sliding_window=None):
-    """Float64 (out [total_q, Hq, D], lse [total_q, Hq]) following the contract in DESIGN.md."""
+    """Float64 (out [total_q, Hq, D], lse [total_q, Hq]) following the contract in DESIGN.md.
+
+    row_offsets has B + 1 entries (one page list per sequence) or B * Hkv + 1 (one per sequence and kv head).
+    """
     row_offsets, cols, token_counts, q_indptr = (t.cpu() for t in (row_offsets, cols, token_counts, q_indptr))
     total_q, hq, d = q.shape
     hkv = k_cache.shape[2]
@@ -33,17 +36,22 @@ def reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, token_coun
     scale = d ** -0.5 if sm_scale is None else sm_scale
     out = torch.zeros(total_q, hq, d, dtype=torch.float64)
     lse = torch.full((total_q, hq), -math.inf, dtype=torch.float64)
-    for b in range(len(q_indptr) - 1):
+    batch = len(q_indptr) - 1
+    per_head = len(row_offsets) - 1 != batch
+    for b, h in [(b, h) for b in range(batch) for h in range(hkv)] if per_head else [(b, None) for b in range(batch)]:
         q0, q1 = int(q_indptr[b]), int(q_indptr[b + 1])
         n_q = q1 - q0
         if n_q == 0:
             continue
-        k, v = gather_sequence_kv(k_cache, v_cache, row_offsets, cols, token_counts, b)
+        k, v = gather_sequence_kv(k_cache, v_cache, row_offsets, cols, token_counts, b * hkv + h if per_head else b)
+        heads = slice(None) if h is None else slice(h * group, (h + 1) * group)
+        if h is not None:  # only this kv head's keys; its query heads are heads
+            k, v = k[:, h:h + 1], v[:, h:h + 1]
         n_k = k.shape[0]
         if n_k == 0:
             continue
-        qb = q[q0:q1].double().cpu()                                  # [n_q, Hq, D]
-        k_rep = k.repeat_interleave(group, dim=1)                      # [n_k, Hq, D]
+        qb = q[q0:q1, heads].double().cpu()                           # [n_q, Hq (or group), D]
+        k_rep = k.repeat_interleave(group, dim=1)                      # [n_k, Hq (or group), D]
         v_rep = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", qb, k_rep) * scale       # [Hq, n_q, n_k]
         q_pos = torch.arange(n_q, dtype=torch.int64) + (n_k - n_q)
@@ -57,8 +65,8 @@ def reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, token_coun
         row_lse = torch.logsumexp(scores, dim=-1)                      # [Hq, n_q]
         probs = torch.exp(scores - row_lse[..., None])
         probs = torch.nan_to_num(probs, nan=0.0)                       # rows with no visible key
-        out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, v_rep)
-        lse[q0:q1] = row_lse.transpose(0, 1)
+        out[q0:q1, heads] = torch.einsum("hqk,khd->qhd", probs, v_rep)
+        lse[q0:q1, heads] = row_lse.transpose(0, 1)
     return out, lse
 
 

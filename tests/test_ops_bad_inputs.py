@@ -47,7 +47,7 @@ def test_valid_arguments_run():
     (dict(row_offsets=_i32([1, 2, 3])), "row_offsets\\[0\\] must be 0"),
     (dict(q_indptr=_i32([0, 2, 1])), "q_indptr must be non-decreasing"),
     (dict(q_indptr=_i32([0, 1, 2])), "q_indptr\\[-1\\] = 2 must equal total_q"),
-    (dict(q_indptr=_i32([0, 3])), "q_indptr has 2 entries but row_offsets has 3"),
+    (dict(q_indptr=_i32([0, 1, 2, 3])), "row_offsets has 3 entries; it must have batch \\+ 1 = 4"),
     (dict(token_counts=_i32([8, 2])), "cols \\(3\\) and token_counts \\(2\\) must have the same length"),
     (dict(cols=torch.tensor([3, 1, 0])), "cols must be int32"),
     (dict(q_indptr=_i32([[0, 1, 3]])), "q_indptr must be 1-D"),
@@ -63,7 +63,7 @@ def test_paged_attention_rejects_bad_options():
         fc.paged_attention(*args, sliding_window=0)
     with pytest.raises(RuntimeError, match="max_q_len = 1 but sequence 1 has 2 queries"):
         fc.paged_attention(*args, max_q_len=1)
-    with pytest.raises(RuntimeError, match="max_pages_per_seq = 1 but sequence 0 reads 2 pages"):
+    with pytest.raises(RuntimeError, match="max_pages_per_seq = 1 but layout row 0 reads 2 pages"):
         fc.paged_attention(*args, max_pages_per_seq=1)
     with pytest.raises(RuntimeError, match="sm_scale must be finite"):
         fc.paged_attention(*args, sm_scale=float("nan"))

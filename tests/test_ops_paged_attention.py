@@ -103,3 +103,27 @@ def test_opcheck(generator):
     q_indptr = torch.tensor([0, 2, 6], dtype=torch.int32)
     torch.library.opcheck(torch.ops.flashcore.paged_attention,
                           (q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, True, 0.25, 0, 6, 5, None))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_per_kv_head_page_lists(generator, causal):
+    """row_offsets with B * Hkv + 1 entries: every kv head of every sequence reads its own page list."""
+    hkv, group, d, page_size = 3, 2, 24, 4
+    lengths = [10, 0, 7, 13, 5, 9]                       # (b, h) rows for B = 2, Hkv = 3
+    k_cache, v_cache, row_offsets, cols, counts = random_paged_kv(lengths, page_size, hkv, d, generator=generator)
+    q_indptr = torch.tensor([0, 2, 3], dtype=torch.int32)
+    q = torch.randn(3, hkv * group, d, generator=generator)
+    layout = fc.PageLayout(row_offsets, cols, counts, torch.full_like(cols, -1))
+    out, lse = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, causal=causal, return_lse=True)
+    ref_out, ref_lse = reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr,
+                                                 causal=causal)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    assert torch.all(out[:2, 2:4] == 0)                 # sequence 0, kv head 1 reads no page
+    # and a per-head layout that lists the same pages for every head equals the per-sequence layout
+    same = fc.PageLayout(torch.tensor([0, 2, 4, 6], dtype=torch.int32), torch.tensor([0, 1] * 3, dtype=torch.int32),
+                         torch.tensor([4, 3] * 3, dtype=torch.int32), torch.full((6,), -1, dtype=torch.int32))
+    shared = fc.PageLayout(torch.tensor([0, 2], dtype=torch.int32), same.cols[:2], same.token_counts[:2],
+                           same.staging_ids[:2])
+    q1, qi1 = q[:2], torch.tensor([0, 2], dtype=torch.int32)
+    torch.testing.assert_close(fc.paged_attention(q1, k_cache, v_cache, same, qi1),
+                               fc.paged_attention(q1, k_cache, v_cache, shared, qi1))

@@ -78,9 +78,12 @@ inline PagedAttentionParams make_paged_attention_params(
   check_index_tensor(cols, op, "cols", device);
   check_index_tensor(token_counts, op, "token_counts", device);
   check_index_tensor(q_indptr, op, "q_indptr", device);
-  TORCH_CHECK(row_offsets.numel() >= 1, op, ": row_offsets must have batch + 1 >= 1 entries");
-  TORCH_CHECK(q_indptr.numel() == row_offsets.numel(), op, ": q_indptr has ", q_indptr.numel(),
-              " entries but row_offsets has ", row_offsets.numel(), " (both must be batch + 1)");
+  TORCH_CHECK(q_indptr.numel() >= 1, op, ": q_indptr must have batch + 1 >= 1 entries");
+  const int64_t batch = q_indptr.numel() - 1, layout_rows = row_offsets.numel() - 1;
+  TORCH_CHECK(layout_rows == batch || layout_rows == batch * num_kv_heads, op, ": row_offsets has ",
+              row_offsets.numel(), " entries; it must have batch + 1 = ", batch + 1,
+              " (one page list per sequence) or batch * num_kv_heads + 1 = ", batch * num_kv_heads + 1,
+              " (one per sequence and kv head), where batch + 1 = len(q_indptr)");
   TORCH_CHECK(cols.numel() == token_counts.numel(), op, ": cols (", cols.numel(), ") and token_counts (",
               token_counts.numel(), ") must have the same length");
   TORCH_CHECK(std::isfinite(sm_scale), op, ": sm_scale must be finite, got ", sm_scale);
@@ -102,7 +105,8 @@ inline PagedAttentionParams make_paged_attention_params(
   p.q_indptr = q_indptr.data_ptr<int32_t>();
   p.q_stride_token = q.stride(0);
   p.q_stride_head = q.stride(1);
-  p.batch = static_cast<int32_t>(row_offsets.numel() - 1);
+  p.batch = static_cast<int32_t>(batch);
+  p.per_kv_head_rows = layout_rows != batch;  // equal counts (num_kv_heads == 1) mean the same thing either way
   p.total_q = static_cast<int32_t>(q.size(0));
   p.num_q_heads = static_cast<int32_t>(num_q_heads);
   p.num_kv_heads = static_cast<int32_t>(num_kv_heads);

@@ -29,10 +29,12 @@ void check_layout_values_host(const PagedAttentionParams& p, const at::Tensor& r
   }
   for (int32_t b = 0; b < p.batch; ++b) {
     const int32_t n_q = p.q_indptr[b + 1] - p.q_indptr[b];
-    const int32_t n_pages = p.row_offsets[b + 1] - p.row_offsets[b];
     TORCH_CHECK(n_q <= p.max_q_len, op, ": max_q_len = ", p.max_q_len, " but sequence ", b, " has ", n_q, " queries");
-    TORCH_CHECK(n_pages <= p.max_pages_per_seq, op, ": max_pages_per_seq = ", p.max_pages_per_seq, " but sequence ",
-                b, " reads ", n_pages, " pages");
+  }
+  for (int64_t r = 0; r + 1 < row_offsets.numel(); ++r) {
+    const int32_t n_pages = p.row_offsets[r + 1] - p.row_offsets[r];
+    TORCH_CHECK(n_pages <= p.max_pages_per_seq, op, ": max_pages_per_seq = ", p.max_pages_per_seq,
+                " but layout row ", r, " reads ", n_pages, " pages");
   }
 }
 

@@ -31,6 +31,8 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   if (p.total_q == 0) return {out, lse};
+  TORCH_CHECK(!p.per_kv_head_rows, "paged_attention: per-kv-head layouts (row_offsets with batch * num_kv_heads + 1 "
+              "entries) are not supported by the CUDA kernels yet");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   if (p.max_q_len <= kDecodeMaxQueriesPerSeq && paged_decode_supported(p)) {

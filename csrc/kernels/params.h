@@ -17,7 +17,10 @@ enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 //   out          [total_q, num_q_heads, head_dim]        contiguous, same dtype as q
 //   lse          [total_q, num_q_heads] float32          natural-log sum-exp of the scaled scores; -inf for rows that
 //                                                        see no key (their out row is zero). Always written.
-//   row_offsets  [batch + 1] int32   sequence b reads pages cols[row_offsets[b] : row_offsets[b+1]]
+//   row_offsets  [rows + 1] int32    layout row r reads pages cols[row_offsets[r] : row_offsets[r+1]], where
+//                                    rows = batch (row b serves every head of sequence b) or, when
+//                                    per_kv_head_rows, rows = batch * num_kv_heads (row b * num_kv_heads + h serves
+//                                    kv head h of sequence b and its query heads: sparse per-head page selection)
 //   cols         [nnz] int32          physical page ids
 //   token_counts [nnz] int32          keys used from the start of page cols[j]
 //   q_indptr     [batch + 1] int32   sequence b's queries are q[q_indptr[b] : q_indptr[b+1]]
@@ -45,6 +48,7 @@ struct PagedAttentionParams {
   int32_t page_size = 0;
   int32_t num_pages = 0;
   int32_t nnz = 0;  // length of cols / token_counts
+  bool per_kv_head_rows = false;  // see row_offsets above
 
   bool causal = true;
   int32_t window = 0;  // <= 0: no sliding window
@@ -54,7 +58,7 @@ struct PagedAttentionParams {
   // Host-known upper bounds used for grid sizing without a device sync. Kernels must stay correct when the real
   // values are smaller (blocks with no work exit early); the binding layer guarantees they are >= the real values.
   int32_t max_q_len = 0;          // >= max_b (q_indptr[b+1] - q_indptr[b])
-  int32_t max_pages_per_seq = 0;  // >= max_b (row_offsets[b+1] - row_offsets[b])
+  int32_t max_pages_per_seq = 0;  // >= max over layout rows r of (row_offsets[r+1] - row_offsets[r])
 };
 
 // Write new tokens' K/V into page slots: cache[slot / page_size, slot % page_size] = k[t]; slot < 0 means skip

@@ -12,13 +12,14 @@
 namespace flashcore::cpu {
 namespace {
 
-// Copies the keys (or values) of sequence b, kv head h into dst [n_k, D] as float.
+// Copies the keys (or values) that kv head h of sequence b reads into dst [n_k, D] as float.
 void gather_head(const PagedAttentionParams& p, const void* cache, int b, int h, std::vector<float>& dst) {
+  const int layout_row = p.per_kv_head_rows ? b * p.num_kv_heads + h : b;
   const int64_t D = p.head_dim;
   const int64_t token_stride = int64_t(p.num_kv_heads) * D;
   const int64_t page_stride = int64_t(p.page_size) * token_stride;
-  int64_t row = 0;
-  for (int j = p.row_offsets[b]; j < p.row_offsets[b + 1]; ++j) {
+  int64_t row = 0;  // key index within the sequence
+  for (int j = p.row_offsets[layout_row]; j < p.row_offsets[layout_row + 1]; ++j) {
     const int64_t page_base = int64_t(p.cols[j]) * page_stride + h * D;
     for (int t = 0; t < p.token_counts[j]; ++t, ++row) {
       const int64_t src = page_base + t * token_stride;
@@ -44,8 +45,9 @@ void paged_attention(const PagedAttentionParams& p) {
       const int kvh = static_cast<int>(item % p.num_kv_heads);
       const int q_begin = p.q_indptr[b], n_q = p.q_indptr[b + 1] - q_begin;
       if (n_q <= 0) continue;
+      const int row = p.per_kv_head_rows ? b * p.num_kv_heads + kvh : b;
       int64_t n_k = 0;
-      for (int j = p.row_offsets[b]; j < p.row_offsets[b + 1]; ++j) n_k += p.token_counts[j];
+      for (int j = p.row_offsets[row]; j < p.row_offsets[row + 1]; ++j) n_k += p.token_counts[j];
       keys.resize(n_k * D);
       values.resize(n_k * D);
       scores.resize(std::max<int64_t>(n_k, 1));
