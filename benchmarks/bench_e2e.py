@@ -1,0 +1,177 @@
+"""End-to-end generate() on a Llama-3-8B-shaped model (random bf16 weights): flashcore vs stock transformers.
+
+Paths, measured in the same run: flashcore (default PagedKVCache), sdpa + DynamicCache, sdpa + static cache
+(generate's auto-compile), and transformers' `generate_batch` continuous batching where available.
+Cases: B=1 x 32K prompt, B=1 x 128K, B=32 x 2K, B=64 x 1K. Reports prefill seconds, decode tok/s, ms per decode
+step and peak GiB (flashcore's page pools are mapped outside torch's allocator, so their bytes are added to
+torch.cuda.max_memory_allocated()). Warm runs: each path first generates a few tokens on the same prompt.
+
+    python benchmarks/bench_e2e.py                       # everything (about 6 minutes on an H200)
+    python benchmarks/bench_e2e.py --cases 1x32768 64x1024 --paths flashcore sdpa_dynamic --new 32
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, output_dir, print_table, write_csv  # noqa: E402
+
+import flashcore_hf  # noqa: E402,F401  (registers attn_implementation="flashcore")
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072 + 1024,
+                 rope_theta=500000.0, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+CASES = {"1x32768": (1, 32768), "1x131072": (1, 131072), "32x2048": (32, 2048), "64x1024": (64, 1024)}
+PATHS = ("flashcore", "sdpa_dynamic", "sdpa_static", "generate_batch")
+
+
+def build_model(num_layers: int) -> LlamaForCausalLM:
+    cfg = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": num_layers})
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _sync_time() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def _pool_bytes(output) -> int:
+    """Bytes of flashcore page pools (mapped outside torch's allocator) in a generate output."""
+    cache = getattr(output, "past_key_values", None)
+    return cache.stats().bytes_total if isinstance(cache, flashcore_hf.PagedKVCache) else 0
+
+
+def run_generate_case(model, path: str, batch: int, prompt: int, new: int) -> dict:
+    kwargs = dict(do_sample=False, return_dict_in_generate=True)
+    if path == "flashcore":
+        model.set_attn_implementation("flashcore")
+    else:
+        model.set_attn_implementation("sdpa")
+        if path == "sdpa_static":
+            kwargs["cache_implementation"] = "static"
+    ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device="cuda")
+    mask = torch.ones_like(ids)
+
+    def generate(n):
+        t0 = _sync_time()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        return _sync_time() - t0, out
+
+    warm_new = 2 if prompt >= 65536 else 4          # long prompts: one warm-up prefill is enough
+    generate(warm_new)
+    if prompt < 65536:
+        generate(warm_new)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t_prefill, out = generate(1)
+    del out
+    t_all, out = generate(new)
+    peak = torch.cuda.max_memory_allocated() + _pool_bytes(out)
+    decode_s = t_all - t_prefill
+    del out
+    return dict(prefill_s=t_prefill, decode_tok_s=batch * (new - 1) / decode_s, ms_per_step=1e3 * decode_s / (new - 1),
+                peak_GiB=peak / 2**30)
+
+
+def run_generate_batch(model, batch: int, prompt: int, new: int) -> dict:
+    model.set_attn_implementation("sdpa")
+    if not hasattr(model, "generate_batch"):
+        raise RuntimeError("this transformers has no generate_batch")
+    reqs = [torch.randint(1, model.config.vocab_size, (prompt,)).tolist() for _ in range(batch)]
+    config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate_batch(inputs=reqs[:4], generation_config=GenerationConfig(max_new_tokens=8, do_sample=False,
+                                                                              eos_token_id=None, pad_token_id=0))
+    torch.cuda.reset_peak_memory_stats()
+    t0 = _sync_time()
+    results = model.generate_batch(inputs=reqs, generation_config=config)
+    elapsed = _sync_time() - t0
+    results = results.values() if isinstance(results, dict) else results
+    tokens = sum(len(getattr(r, "generated_tokens", None) or []) for r in results)
+    return dict(decode_tok_s=tokens / elapsed, peak_GiB=torch.cuda.max_memory_allocated() / 2**30,
+                note=f"{tokens} tokens in {elapsed:.1f}s, prefill included")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--new", type=int, default=64, help="new tokens per generate")
+    parser.add_argument("--layers", type=int, default=32, help="fewer layers for a quick look")
+    args = parser.parse_args()
+
+    model = build_model(args.layers)
+    rows = []
+    for case in args.cases:
+        batch, prompt = CASES[case]
+        for path in args.paths:
+            if path == "generate_batch" and case != "64x1024":
+                continue
+            if path == "sdpa_static" and case not in ("1x32768",):
+                continue   # the static-cache reference is measured once (it recompiles per shape)
+            row = dict(case=case, path=path, B=batch, prompt=prompt, new=args.new)
+            try:
+                result = (run_generate_batch(model, batch, prompt, 256) if path == "generate_batch"
+                          else run_generate_case(model, path, batch, prompt, args.new))
+                row.update(result)
+            except Exception as err:  # a reference that fails (OOM, missing API) is reported, not fatal
+                traceback.print_exc()
+                row["error"] = repr(err)[:200]
+            print(row, flush=True)
+            rows.append(row)
+            gc.collect()
+            torch.cuda.empty_cache()
+    for row in rows:          # ratios against sdpa + DynamicCache of the same case
+        ref = next((r for r in rows if r["case"] == row["case"] and r["path"] == "sdpa_dynamic"
+                    and "decode_tok_s" in r), None)
+        if ref and "decode_tok_s" in row and row["path"] != "generate_batch":
+            row["speedup_vs_dynamic"] = row["decode_tok_s"] / ref["decode_tok_s"]
+            row["memory_vs_dynamic"] = row["peak_GiB"] / ref["peak_GiB"]
+    path = write_csv(rows, "bench_e2e.csv")
+    plot(rows)
+    print(f"\n{device_name()}, torch {torch.__version__}; CSV: {path}")
+    print_table(rows, ["case", "path", "prefill_s", "decode_tok_s", "ms_per_step", "peak_GiB", "speedup_vs_dynamic",
+                       "memory_vs_dynamic", "error"])
+
+
+def plot(rows: list[dict]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    width = 0.8 / max(1, len(paths))
+    for i, p in enumerate(paths):
+        for ax, key in zip(axes, ("decode_tok_s", "peak_GiB")):
+            xs = [c for c, _ in enumerate(cases)]
+            ys = [next((r.get(key, 0) or 0 for r in rows if r["case"] == c and r["path"] == p), 0) for c in cases]
+            ax.bar([x + i * width for x in xs], ys, width, label=p)
+    for ax, title in zip(axes, ("decode tokens/s", "peak GiB")):
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(cases))], cases)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"generate() on a Llama-3-8B-shaped model, {device_name()}")
+    fig.tight_layout()
+    fig.savefig(output_dir() / "bench_e2e.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()

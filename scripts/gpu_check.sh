@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU check: one command on a CUDA machine that builds the CUDA extension, runs the test suite (GPU tests
+# included), then the kernel and end-to-end benchmarks, and prints a short summary table last.
+#
+#   bash scripts/gpu_check.sh                 # everything, about 10 minutes on an H200
+#   GPU_CHECK_STEPS="build tests decode" bash scripts/gpu_check.sh
+#
+# Results (CSV, PNG, logs) go to $OUT/gpu_check/ (default ./benchmark_results/gpu_check); when $OUT is set they are
+# also packed into $OUT/gpu_check.tar.gz. Exits non-zero if the build or a test fails.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ORIG_OUT=${OUT:-}
+ROOT_OUT=${OUT:-$PWD/benchmark_results}
+RESULTS=$ROOT_OUT/gpu_check
+mkdir -p "$RESULTS"
+export OUT=$RESULTS PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} FLASHCORE_CUDA_ARCHS=${FLASHCORE_CUDA_ARCHS:-90a}
+STEPS=${GPU_CHECK_STEPS:-"build tests decode prefill e2e sparse"}
+E2E_ARGS=${GPU_CHECK_E2E_ARGS:-"--new 32"}
+failed=()
+
+run_step() {  # run_step NAME COMMAND...: log to $RESULTS/NAME.log, show the tail
+  local name=$1; shift
+  [[ " $STEPS " == *" $name "* ]] || return 0
+  echo "== $name: $* =="
+  local t0=$SECONDS
+  if "$@" > "$RESULTS/$name.log" 2>&1; then
+    tail -n 25 "$RESULTS/$name.log"
+  else
+    tail -n 60 "$RESULTS/$name.log"
+    failed+=("$name")
+  fi
+  echo "== $name took $((SECONDS - t0)) s =="
+}
+
+run_step build pip install --no-build-isolation --no-deps -e .
+if [[ " ${failed[*]-} " == *" build "* ]]; then echo "build failed"; exit 1; fi
+python -c "import flashcore_hf as fc; assert fc.HAS_CUDA_KERNELS, 'extension built without CUDA kernels'" || exit 1
+run_step tests python -m pytest tests -q -rs
+run_step decode python benchmarks/bench_decode.py
+run_step prefill python benchmarks/bench_prefill.py
+# shellcheck disable=SC2086
+run_step e2e python benchmarks/bench_e2e.py $E2E_ARGS
+run_step sparse python benchmarks/bench_sparse.py
+
+echo "== summary =="
+python benchmarks/summarize.py "$RESULTS" | tee "$RESULTS/summary.txt"
+if [ -n "$ORIG_OUT" ]; then
+  tar -czf "$ROOT_OUT/gpu_check.tar.gz" -C "$ROOT_OUT" gpu_check && cp "$RESULTS/summary.txt" "$ROOT_OUT/summary.txt"
+fi
+if [ ${#failed[@]} -gt 0 ]; then echo "FAILED steps: ${failed[*]}"; exit 1; fi
