@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include "bindings/checks.h"
 #include "kernels/cpu/cpu_kernels.h"
@@ -50,7 +51,9 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cpu(
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  cpu::paged_attention(p);
+  // One work item is a (sequence, kv head) pair: big enough that torch's pool pays off even for one item each.
+  at::parallel_for(0, cpu::paged_attention_work_items(p), 1,
+                   [&](int64_t begin, int64_t end) { cpu::paged_attention(p, begin, end); });
   return {out, lse};
 }
 
@@ -64,7 +67,9 @@ void append_kv_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k
     TORCH_CHECK(s[t] < num_slots, "append_kv: slot_mapping[", t, "] = ", s[t], " is outside the cache's ", num_slots,
                 " slots (num_pages * page_size); negative slots mean 'skip'");
   }
-  cpu::append_kv(p);
+  const int64_t bytes_per_token = int64_t(2) * p.num_kv_heads * p.head_dim * (p.dtype == DType::kFloat32 ? 4 : 2);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(bytes_per_token, 1));
+  at::parallel_for(0, p.num_tokens, grain, [&](int64_t begin, int64_t end) { cpu::append_kv(p, begin, end); });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_layout_cpu(

@@ -6,13 +6,12 @@
 
 namespace flashcore::cpu {
 
-void append_kv(const AppendKVParams& p) {
+void append_kv(const AppendKVParams& p, int64_t begin, int64_t end) {
   const int64_t D = p.head_dim;
   const int64_t token_stride = int64_t(p.num_kv_heads) * D;
   const int64_t num_slots = int64_t(p.num_pages) * p.page_size;
   const int64_t elem = dtype_size(p.dtype);
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < p.num_tokens; ++t) {
+  for (int64_t t = begin; t < end; ++t) {
     const int64_t slot = p.slot_is_int64 ? static_cast<const int64_t*>(p.slot_mapping)[t]
                                          : static_cast<const int32_t*>(p.slot_mapping)[t];
     if (slot < 0 || slot >= num_slots) continue;  // padding token (the binding rejects slot >= num_slots)

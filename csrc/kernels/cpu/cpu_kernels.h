@@ -8,11 +8,18 @@
 
 namespace flashcore::cpu {
 
-// Fills p.out [total_q, Hq, D] and p.lse [total_q, Hq]; parallel over (sequence, kv head).
-void paged_attention(const PagedAttentionParams& p);
+// The CPU kernels are split into independent work items so that the caller (the binding, through torch's thread
+// pool) decides the parallelism; a kernel must not start threads of its own.
 
-// Copies p.k / p.v rows into their page slots; parallel over tokens.
-void append_kv(const AppendKVParams& p);
+// Work items of paged_attention: one per (sequence, kv head).
+inline int64_t paged_attention_work_items(const PagedAttentionParams& p) {
+  return int64_t(p.batch) * p.num_kv_heads;
+}
+// Fills p.out [total_q, Hq, D] and p.lse [total_q, Hq] for work items [begin, end).
+void paged_attention(const PagedAttentionParams& p, int64_t begin, int64_t end);
+
+// Copies the p.k / p.v rows of tokens [begin, end) into their page slots.
+void append_kv(const AppendKVParams& p, int64_t begin, int64_t end);
 
 struct PageLayoutHost {
   std::vector<int32_t> row_offsets, cols, token_counts, staging_ids;
