@@ -1,0 +1,158 @@
+// Host side of the split-KV paged decode: support check, launch plan, workspace size, key-position pre-pass and
+// dispatch to the per-dtype kernels (decode_bf16.cu / decode_fp16.cu). No host sync, no allocation.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../launchers.h"
+#include "decode_common.cuh"
+
+namespace flashcore {
+namespace decode {
+namespace {
+
+constexpr int kPosThreads = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Key positions for the masks: page_pos[j] = keys of the sequence before page entry j, seq_len[b] = n_k.
+// One block per sequence; a block-wide exclusive scan over the effective token counts, 256 pages at a time.
+__global__ void __launch_bounds__(kPosThreads) key_positions_kernel(const PagedAttentionParams p, int32_t* page_pos,
+                                                                    int32_t* seq_len) {
+  __shared__ int warp_sums[kPosThreads / 32];
+  const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const SeqBounds sb = load_seq_bounds(p, b);
+  int carry = 0;
+  for (int base = 0; base < sb.n_pages; base += kPosThreads) {
+    const int l = base + tid;
+    const int j = sb.page_begin + l;
+    const int c = l < sb.n_pages ? effective_count(p, p.cols[j], p.token_counts[j]) : 0;
+    int x = c;  // inclusive scan within the warp
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, x, off);
+      if (lane >= off) x += y;
+    }
+    if (lane == 31) warp_sums[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+      int w = lane < kPosThreads / 32 ? warp_sums[lane] : 0;
+#pragma unroll
+      for (int off = 1; off < kPosThreads / 32; off <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, w, off);
+        if (lane >= off) w += y;
+      }
+      if (lane < kPosThreads / 32) warp_sums[lane] = w;
+    }
+    __syncthreads();
+    if (l < sb.n_pages) page_pos[j] = carry + x - c + (warp > 0 ? warp_sums[warp - 1] : 0);
+    carry += warp_sums[kPosThreads / 32 - 1];
+    __syncthreads();
+  }
+  if (tid == 0) seq_len[b] = carry;
+}
+
+}  // namespace
+
+DecodePlan make_decode_plan(const PagedAttentionParams& p, int num_sms) {
+  DecodePlan plan;
+  plan.group = p.num_q_heads / p.num_kv_heads;
+  const int64_t rows = (int64_t)std::max(p.max_q_len, 1) * plan.group;
+  plan.warps_m = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
+  plan.row_chunks = static_cast<int>(ceil_div(rows, kRowsPerWarp * plan.warps_m));
+  plan.need_pos = p.window > 0 || (p.causal && p.max_q_len > 1);
+
+  // Split the page lists only while (sequence, kv head, row chunk) blocks alone would leave resident slots empty;
+  // a batch that fills the GPU writes its output directly, with no partials and no merge.
+  const int64_t base_blocks = (int64_t)p.batch * p.num_kv_heads * plan.row_chunks;
+  const int64_t slots = (int64_t)std::max(num_sms, 1) * kBlocksPerSm;
+  const int max_pages = p.max_pages_per_seq;
+  plan.splits = 1;
+  plan.pages_per_split = std::max(max_pages, 1);
+  if (max_pages > 1 && base_blocks > 0 && base_blocks < slots) {
+    const int64_t want = slots / base_blocks;
+    const int64_t min_pages = std::max<int64_t>(1, ceil_div(2 * tile_keys(p.head_dim), p.page_size));  // >= 2 tiles
+    const int64_t pps = std::max(ceil_div(max_pages, want), min_pages);
+    plan.pages_per_split = static_cast<int>(pps);
+    plan.splits = static_cast<int>(ceil_div(max_pages, pps));
+  }
+
+  size_t offset = 0;
+  auto take = [&offset](size_t bytes) {
+    const size_t at = offset;
+    offset += (bytes + 255) / 256 * 256;
+    return at;
+  };
+  if (plan.splits > 1) {
+    const size_t rows_total = (size_t)plan.splits * p.total_q * p.num_q_heads;
+    plan.part_out_offset = take(rows_total * p.head_dim * sizeof(float));
+    plan.part_lse_offset = take(rows_total * sizeof(float));
+  }
+  if (plan.need_pos) {
+    plan.page_pos_offset = take((size_t)p.nnz * sizeof(int32_t));
+    plan.seq_len_offset = take((size_t)p.batch * sizeof(int32_t));
+  }
+  plan.total_bytes = offset;
+  return plan;
+}
+
+}  // namespace decode
+
+bool paged_decode_supported(const PagedAttentionParams& p) {
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
+  if (p.head_dim != 64 && p.head_dim != 128) return false;
+  if (p.page_size < 1 || p.num_kv_heads < 1 || p.num_q_heads < 1 || p.num_q_heads % p.num_kv_heads != 0) return false;
+  if ((int64_t)p.max_pages_per_seq * p.page_size > INT32_MAX) return false;  // slot indices are int32
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return aligned(p.k_cache) && aligned(p.v_cache) && aligned(p.out);  // 16-byte cp.async / stores
+}
+
+size_t paged_decode_workspace_bytes(const PagedAttentionParams& p, int num_sms) {
+  return decode::make_decode_plan(p, num_sms).total_bytes;
+}
+
+cudaError_t launch_paged_decode(const PagedAttentionParams& p, void* workspace, size_t workspace_bytes, int num_sms,
+                                cudaStream_t stream) {
+  using namespace decode;
+  if (!paged_decode_supported(p)) return cudaErrorInvalidValue;
+  if (p.batch <= 0 || p.total_q <= 0 || p.max_q_len <= 0) return cudaSuccess;  // no query row to write
+  const DecodePlan plan = make_decode_plan(p, num_sms);
+  if (workspace_bytes < plan.total_bytes || (plan.total_bytes > 0 && workspace == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  char* ws = static_cast<char*>(workspace);
+  DecodeArgs a;
+  a.p = p;
+  a.group = plan.group;
+  a.row_chunks = plan.row_chunks;
+  a.splits = plan.splits;
+  a.pages_per_split = plan.pages_per_split;
+  a.need_pos = plan.need_pos;
+  a.page_shift = (p.page_size & (p.page_size - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(p.page_size)) : -1;
+  a.scale_log2 = p.sm_scale * 1.4426950408889634f;
+  a.part_out = plan.splits > 1 ? reinterpret_cast<float*>(ws + plan.part_out_offset) : nullptr;
+  a.part_lse = plan.splits > 1 ? reinterpret_cast<float*>(ws + plan.part_lse_offset) : nullptr;
+  a.page_pos = plan.need_pos ? reinterpret_cast<int32_t*>(ws + plan.page_pos_offset) : nullptr;
+  a.seq_len = plan.need_pos ? reinterpret_cast<int32_t*>(ws + plan.seq_len_offset) : nullptr;
+
+  if (plan.need_pos) {
+    key_positions_kernel<<<p.batch, kPosThreads, 0, stream>>>(p, a.page_pos, a.seq_len);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  cudaError_t err;
+  if (p.dtype == DType::kBFloat16) {
+    err = p.head_dim == 64 ? launch_decode_typed<__nv_bfloat16, 64>(a, plan.warps_m, stream)
+                           : launch_decode_typed<__nv_bfloat16, 128>(a, plan.warps_m, stream);
+  } else {
+    err = p.head_dim == 64 ? launch_decode_typed<__half, 64>(a, plan.warps_m, stream)
+                           : launch_decode_typed<__half, 128>(a, plan.warps_m, stream);
+  }
+  if (err != cudaSuccess) return err;
+  return cudaGetLastError();
+}
+
+}  // namespace flashcore

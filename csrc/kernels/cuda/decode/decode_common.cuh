@@ -1,0 +1,90 @@
+// Split-KV paged decode: the launch plan shared by the host dispatch (decode.cu) and the kernels (decode_kernel.cuh).
+//
+// One block handles (sequence b, kv head h, key split s, query-row chunk c): all group * n_q query rows of that kv
+// head (grouped-query packing, so every K/V page is read from HBM once for the whole group), over the pages of split s.
+// Rows are ordered query-major: row r = i * group + g is query i of head h * group + g.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "../../params.h"
+
+namespace flashcore::decode {
+
+constexpr int kThreads = 128;    // 4 warps per block
+constexpr int kWarps = kThreads / 32;
+constexpr int kStages = 3;       // K/V tiles in flight per block (cp.async ring)
+constexpr int kBlocksPerSm = 2;  // what the shared-memory footprint allows; sizes the split count
+constexpr int kRowsPerWarp = 16; // one m16 MMA tile of query rows per warp
+
+// Keys per pipeline tile: 16 KB of K plus 16 KB of V per stage whatever the head dim.
+constexpr int tile_keys(int head_dim) { return 8192 / head_dim; }
+
+// Dynamic shared memory of the main kernel: K/V ring + per-tile row table (offsets and key positions).
+constexpr size_t smem_bytes(int head_dim, int elem_bytes) {
+  return size_t(kStages) * 2 * tile_keys(head_dim) * head_dim * elem_bytes +
+         size_t(kStages + 1) * tile_keys(head_dim) * (sizeof(int64_t) + sizeof(int32_t));
+}
+
+struct DecodePlan {
+  int group = 1;            // num_q_heads / num_kv_heads
+  int warps_m = 1;          // warps across query rows (1, 2 or 4); the other 4 / warps_m split each key tile
+  int row_chunks = 1;       // blocks per (sequence, kv head) along query rows (warps_m * 16 rows each)
+  int splits = 1;           // blocks per (sequence, kv head, row chunk) along the page list
+  int pages_per_split = 0;  // split s reads the sequence's pages [s * pages_per_split, (s + 1) * pages_per_split)
+  bool need_pos = false;    // masks need key positions (causal with several queries, or a sliding window)
+  // Workspace layout (bytes from the start): split partials (only when splits > 1), then key positions.
+  size_t part_out_offset = 0;   // float [splits, total_q, Hq, D]: normalised partial outputs
+  size_t part_lse_offset = 0;   // float [splits, total_q, Hq]: natural-log partial LSE (-inf: no visible key)
+  size_t page_pos_offset = 0;   // int32 [nnz]: position of the first key of page entry j within its sequence
+  size_t seq_len_offset = 0;    // int32 [batch]: n_k of each sequence
+  size_t total_bytes = 0;
+};
+
+DecodePlan make_decode_plan(const PagedAttentionParams& p, int num_sms);
+
+// Everything the device code needs, passed by value.
+struct DecodeArgs {
+  PagedAttentionParams p;
+  int group, row_chunks, splits, pages_per_split;
+  bool need_pos;
+  int page_shift;      // log2(page_size) when it is a power of two, else -1
+  float scale_log2;    // sm_scale * log2(e): scores live in the log2 domain inside the kernel
+  float* part_out;
+  float* part_lse;
+  int32_t* page_pos;
+  int32_t* seq_len;
+};
+
+#ifdef __CUDACC__
+// Sequence bounds with the device-side guards of the contract: a malformed range is an empty one.
+struct SeqBounds {
+  int q0, n_q, page_begin, n_pages;
+};
+__device__ __forceinline__ SeqBounds load_seq_bounds(const PagedAttentionParams& p, int b) {
+  SeqBounds s;
+  int q0 = p.q_indptr[b], q1 = p.q_indptr[b + 1];
+  if (q0 < 0 || q1 < q0 || q1 > p.total_q) q0 = q1 = 0;
+  int r0 = p.row_offsets[b], r1 = p.row_offsets[b + 1];
+  if (r0 < 0 || r1 < r0 || r1 > p.nnz) r0 = r1 = 0;
+  s.q0 = q0;
+  s.n_q = min(q1 - q0, p.max_q_len);
+  s.page_begin = r0;
+  s.n_pages = min(r1 - r0, p.max_pages_per_seq);
+  return s;
+}
+
+// Keys actually used from page entry j: 0 for a page id or count outside the contract.
+__device__ __forceinline__ int effective_count(const PagedAttentionParams& p, int page, int count) {
+  return (page >= 0 && page < p.num_pages && count >= 0 && count <= p.page_size) ? count : 0;
+}
+
+#endif  // __CUDACC__
+
+// Main kernel (+ merge kernel when plan.splits > 1) for one dtype / head dim; instantiated in decode_{bf16,fp16}.cu.
+template <typename T, int D>
+cudaError_t launch_decode_typed(const DecodeArgs& args, int warps_m, cudaStream_t stream);
+
+}  // namespace flashcore::decode

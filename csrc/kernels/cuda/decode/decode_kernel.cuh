@@ -1,0 +1,531 @@
+// Split-KV paged decode kernel (tensor cores, mma.sync m16n8k16) and its split-merge kernel.
+// Included only by the per-dtype instantiation files decode_bf16.cu / decode_fp16.cu.
+//
+// Data path per block: a ring of kStages K/V tiles (tile_keys(D) key slots each) filled with 16-byte cp.async from
+// the paged cache, XOR-swizzled so ldmatrix reads are bank-conflict free; the page ids for tile t + kStages are
+// fetched into registers while tile t is being computed, and turned into a shared row table (cache offset + key
+// position of every slot) afterwards, so the page-table latency never sits in front of a K/V load.
+// Compute per warp: 16 query rows (its m-tile) x the warp's share of the tile's keys; S = Q K^T and O += P V on
+// tensor cores, online softmax in fp32 in registers. Warps that share rows but saw different keys are merged
+// through shared memory at the end; blocks of different key splits are merged by merge_splits_kernel.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "decode_common.cuh"
+
+namespace flashcore::decode {
+
+// ---- small PTX helpers -----------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// 16-byte async copy; src_bytes == 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                                  uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
+}
+
+// Wait for the previous kernel in the stream when launched with programmatic dependent launch (no-op otherwise).
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+// Let the next kernel (the split merge) be scheduled now; it still waits for this whole grid before reading.
+__device__ __forceinline__ void allow_dependent_launch() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T> struct MmaTraits;
+template <> struct MmaTraits<__nv_bfloat16> {
+  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ static __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct MmaTraits<__half> {
+  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ static __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Eight floats -> eight T packed in 16 bytes.
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
+  uint4 r;
+  r.x = MmaTraits<T>::pack(v[0], v[1]);
+  r.y = MmaTraits<T>::pack(v[2], v[3]);
+  r.z = MmaTraits<T>::pack(v[4], v[5]);
+  r.w = MmaTraits<T>::pack(v[6], v[7]);
+  return r;
+}
+
+// ---- main kernel -----------------------------------------------------------------------------------------------
+
+// Grid: one block per (b, kv head, split, row chunk), row chunk fastest so blocks sharing K/V run together.
+// Dynamic shared memory: smem_bytes(D, sizeof(T)).
+template <typename T, int D, int WARPS_M>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(const DecodeArgs a) {
+  constexpr int N = tile_keys(D);           // key slots per tile
+  constexpr int WARPS_N = kWarps / WARPS_M; // warps sharing one m-tile, each on its own keys of every tile
+  constexpr int KW = N / WARPS_N;           // keys per warp per tile
+  constexpr int CPR = D / 8;                // 16-byte chunks per K/V row
+  constexpr int ROW_STEP = kThreads / CPR;  // rows covered by one sweep of the block's cp.async
+  constexpr int LOADS = N / ROW_STEP;       // cp.async per thread per tile (for K; as many for V)
+  constexpr int ROWS = WARPS_M * kRowsPerWarp;
+  constexpr int DK = D / 16;                // k-steps of Q K^T
+  constexpr int OT = D / 8;                 // n-tiles of the output
+  static_assert(KW % 16 == 0 && N <= kThreads && N % ROW_STEP == 0, "tile shape");
+  using Tr = MmaTraits<T>;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* s_k = reinterpret_cast<T*>(smem);
+  T* s_v = s_k + kStages * N * D;
+  int64_t* s_off = reinterpret_cast<int64_t*>(s_v + kStages * N * D);  // [kStages + 1][N]; -1: empty slot
+  int32_t* s_pos = reinterpret_cast<int32_t*>(s_off + (kStages + 1) * N); // [kStages + 1][N]; -1: masked slot
+
+  const PagedAttentionParams& p = a.p;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+
+  int bid = blockIdx.x;
+  const int chunk = bid % a.row_chunks;
+  bid /= a.row_chunks;
+  const int split = bid % a.splits;
+  bid /= a.splits;
+  const int kvh = bid % p.num_kv_heads;
+  const int b = bid / p.num_kv_heads;
+
+  grid_dependency_wait();
+  allow_dependent_launch();
+  const SeqBounds sb = load_seq_bounds(p, b);
+  const int M = sb.n_q * a.group;
+  const int row0 = chunk * ROWS;
+  if (row0 >= M) return;  // no query rows here; nobody reads rows that don't exist
+  const int pl0 = split * a.pages_per_split;
+  if (a.splits > 1 && pl0 >= sb.n_pages) return;  // inactive split: the merge kernel skips it
+  const int pages_here = max(0, min(pl0 + a.pages_per_split, sb.n_pages) - pl0);
+  const int n_slots = pages_here * p.page_size;
+  const int num_tiles = (n_slots + N - 1) / N;
+  const int n_k = a.need_pos ? a.seq_len[b] : 0;
+  // Slots before this position are invisible to every query of the sequence (sliding window): never loaded.
+  const int min_visible = (a.need_pos && p.window > 0) ? n_k - sb.n_q - p.window + 1 : INT32_MIN;
+
+  // ---- page-table prefetch: each of the first N threads owns one slot of a tile --------------------------------
+  struct SlotFetch {
+    int page, count, pos, slot;
+  };
+  auto fetch_slot = [&](int tile, SlotFetch& f) {
+    f.slot = -1;
+    const int u = tile * N + tid;
+    if (tid < N && tile < num_tiles && u < n_slots) {
+      const int jl = a.page_shift >= 0 ? (u >> a.page_shift) : (u / p.page_size);
+      const int j = sb.page_begin + pl0 + jl;
+      f.slot = u - jl * p.page_size;
+      f.page = __ldg(p.cols + j);
+      f.count = __ldg(p.token_counts + j);
+      f.pos = a.need_pos ? __ldg(a.page_pos + j) : 0;
+    }
+  };
+  auto store_slot = [&](int tile, const SlotFetch& f) {
+    if (tid >= N) return;
+    int64_t off = -1;
+    int pos = -1;
+    if (f.slot >= 0 && f.slot < effective_count(p, f.page, f.count)) {
+      const int kp = f.pos + f.slot;
+      if (kp >= min_visible) {
+        off = ((int64_t)f.page * p.page_size + f.slot) * p.num_kv_heads * D + (int64_t)kvh * D;
+        pos = a.need_pos ? kp : 0;
+      }
+    }
+    const int ring = tile % (kStages + 1);
+    s_off[ring * N + tid] = off;
+    s_pos[ring * N + tid] = pos;
+  };
+
+  const T* k_cache = static_cast<const T*>(p.k_cache);
+  const T* v_cache = static_cast<const T*>(p.v_cache);
+  auto issue_tile = [&](int tile) {
+    if (tile < num_tiles) {
+      const int stage = tile % kStages, ring = tile % (kStages + 1);
+      const int c = tid % CPR;
+#pragma unroll
+      for (int i = 0; i < LOADS; ++i) {
+        const int row = tid / CPR + i * ROW_STEP;
+        const int64_t off = s_off[ring * N + row];
+        const uint32_t bytes = off >= 0 ? 16u : 0u;
+        const int64_t src = off >= 0 ? off + c * 8 : 0;
+        const int dst = stage * N * D + row * D + ((c ^ (row & 7)) << 3);
+        cp_async_16(smem_u32(s_k + dst), k_cache + src, bytes);
+        cp_async_16(smem_u32(s_v + dst), v_cache + src, bytes);
+      }
+    }
+    cp_async_commit();  // always, so the group count stays in step with the tile count
+  };
+
+  // ---- prologue: row tables of the first kStages tiles, loads of the first kStages - 1 -------------------------
+  {
+    SlotFetch f[kStages];  // all page-table loads first, then the stores: one memory latency, not kStages
+#pragma unroll
+    for (int t = 0; t < kStages; ++t) fetch_slot(t, f[t]);
+#pragma unroll
+    for (int t = 0; t < kStages; ++t) store_slot(t, f[t]);
+  }
+  __syncthreads();
+  for (int t = 0; t < kStages - 1; ++t) issue_tile(t);
+
+  // ---- this warp's query rows: Q fragments straight from global memory ------------------------------------------
+  const int g = lane >> 2, tig = lane & 3;
+  const int wrow0 = row0 + wm * kRowsPerWarp;
+  const bool warp_active = wrow0 < M;
+  int qpos[2];
+  uint32_t qf[DK][4];
+  {
+    const uint16_t* q = static_cast<const uint16_t*>(p.q);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = wrow0 + g + 8 * h;
+      const bool valid = r < M;
+      const int i = valid ? r / a.group : 0;
+      qpos[h] = n_k - sb.n_q + i;
+      const uint16_t* qrow =
+          q + (int64_t)(sb.q0 + i) * p.q_stride_token + (int64_t)(kvh * a.group + (valid ? r % a.group : 0)) *
+                                                            p.q_stride_head;
+#pragma unroll
+      for (int ks = 0; ks < DK; ++ks) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int col = ks * 16 + half * 8 + 2 * tig;
+          const uint32_t lo = valid ? qrow[col] : 0u, hi = valid ? qrow[col + 1] : 0u;
+          qf[ks][h + 2 * half] = lo | (hi << 16);
+        }
+      }
+    }
+  }
+
+  float o[OT][4];
+#pragma unroll
+  for (int n = 0; n < OT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+  const int key0 = wn * KW;
+  // ldmatrix lane addressing (see the m16n8k16 fragment layouts): K, non-transposed, matrices ordered
+  // (keys +0, d +0), (keys +0, d +8), (keys +8, d +0), (keys +8, d +8); V, transposed, ordered
+  // (keys +0, d +0), (keys +8, d +0), (keys +0, d +8), (keys +8, d +8).
+  const int k_row = (lane >> 4) * 8 + (lane & 7), k_chunk = (lane >> 3) & 1;
+  const int v_row = ((lane >> 3) & 1) * 8 + (lane & 7), v_chunk = lane >> 4;
+
+  // ---- main loop -------------------------------------------------------------------------------------------------
+  for (int t = 0; t < num_tiles; ++t) {
+    SlotFetch f;
+    fetch_slot(t + kStages, f);  // in flight while this tile is computed
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    issue_tile(t + kStages - 1);
+
+    if (warp_active) {
+      const int stage = t % kStages, ring = t % (kStages + 1);
+      const T* tk = s_k + stage * N * D;
+      const T* tv = s_v + stage * N * D;
+
+      float s[KW / 8][4];
+#pragma unroll
+      for (int n = 0; n < KW / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < DK; ++ks) {
+#pragma unroll
+        for (int np = 0; np < KW / 16; ++np) {
+          const int row = key0 + np * 16 + k_row;
+          const int c = ks * 2 + k_chunk;
+          uint32_t b0, b1, b2, b3;
+          ldmatrix_x4(smem_u32(tk + row * D + ((c ^ (row & 7)) << 3)), b0, b1, b2, b3);
+          Tr::mma(s[2 * np], qf[ks], b0, b1);
+          Tr::mma(s[2 * np + 1], qf[ks], b2, b3);
+        }
+      }
+
+      // Mask, scale into the log2 domain, online softmax (each row lives in one quad of lanes).
+      const int32_t* pos = s_pos + ring * N;
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int n = 0; n < KW / 8; ++n) {
+        const int2 kp = *reinterpret_cast<const int2*>(pos + key0 + n * 8 + 2 * tig);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key_pos = (e & 1) ? kp.y : kp.x;
+          const int qp = qpos[e >> 1];
+          bool visible = key_pos >= 0;
+          if (a.need_pos) {
+            visible = visible && (!p.causal || key_pos <= qp) && (p.window <= 0 || qp - key_pos < p.window);
+          }
+          s[n][e] = visible ? s[n][e] * a.scale_log2 : -INFINITY;
+          mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+        }
+      }
+      float alpha[2], m_use[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        const float m_new = fmaxf(m_run[h], mx[h]);
+        m_use[h] = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet keeps zeros, not NaN
+        alpha[h] = fast_exp2(m_run[h] - m_use[h]);
+        m_run[h] = m_new;
+        l_run[h] *= alpha[h];
+      }
+#pragma unroll
+      for (int n = 0; n < KW / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[n][e] = fast_exp2(s[n][e] - m_use[e >> 1]);
+          l_run[e >> 1] += s[n][e];
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < OT; ++n) {
+        o[n][0] *= alpha[0];
+        o[n][1] *= alpha[0];
+        o[n][2] *= alpha[1];
+        o[n][3] *= alpha[1];
+      }
+
+      // O += P V: the S accumulators of two adjacent key n-tiles are exactly one A fragment.
+#pragma unroll
+      for (int kk = 0; kk < KW / 16; ++kk) {
+        uint32_t pa[4];
+        pa[0] = Tr::pack(s[2 * kk][0], s[2 * kk][1]);
+        pa[1] = Tr::pack(s[2 * kk][2], s[2 * kk][3]);
+        pa[2] = Tr::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[3] = Tr::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        const int row = key0 + kk * 16 + v_row;
+#pragma unroll
+        for (int dp = 0; dp < OT / 2; ++dp) {
+          const int c = dp * 2 + v_chunk;
+          uint32_t b0, b1, b2, b3;
+          ldmatrix_x4_trans(smem_u32(tv + row * D + ((c ^ (row & 7)) << 3)), b0, b1, b2, b3);
+          Tr::mma(o[2 * dp], pa, b0, b1);
+          Tr::mma(o[2 * dp + 1], pa, b2, b3);
+        }
+      }
+    }
+    store_slot(t + kStages, f);
+  }
+
+  // ---- epilogue: merge the WARPS_N key shares of every row through shared memory --------------------------------
+  cp_async_wait<0>();
+  __syncthreads();
+  constexpr int OS = D + 8;  // padded fp32 row stride
+  float* s_o = reinterpret_cast<float*>(smem);          // [kWarps][16][OS]
+  float* s_m = s_o + kWarps * kRowsPerWarp * OS;        // [kWarps][16]
+  float* s_l = s_m + kWarps * kRowsPerWarp;             // [kWarps][16]
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 1);
+    l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], 2);
+  }
+  {
+    float* wo = s_o + warp * kRowsPerWarp * OS;
+#pragma unroll
+    for (int n = 0; n < OT; ++n) {
+      *reinterpret_cast<float2*>(wo + g * OS + n * 8 + 2 * tig) = make_float2(o[n][0], o[n][1]);
+      *reinterpret_cast<float2*>(wo + (g + 8) * OS + n * 8 + 2 * tig) = make_float2(o[n][2], o[n][3]);
+    }
+    if (tig == 0) {
+      s_m[warp * kRowsPerWarp + g] = m_run[0];
+      s_m[warp * kRowsPerWarp + g + 8] = m_run[1];
+      s_l[warp * kRowsPerWarp + g] = l_run[0];
+      s_l[warp * kRowsPerWarp + g + 8] = l_run[1];
+    }
+  }
+  __syncthreads();
+
+  constexpr float kLn2 = 0.6931471805599453f;
+  for (int item = tid; item < ROWS * (D / 8); item += kThreads) {
+    const int rl = item / (D / 8), c8 = item % (D / 8);
+    const int r = row0 + rl;
+    if (r >= M) continue;
+    const int rw = rl / kRowsPerWarp, rr = rl % kRowsPerWarp;
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS_N; ++w) m_max = fmaxf(m_max, s_m[(rw * WARPS_N + w) * kRowsPerWarp + rr]);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    float l_sum = 0.f;
+    if (m_max != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < WARPS_N; ++w) {
+        const int ww = rw * WARPS_N + w;
+        const float scale = fast_exp2(s_m[ww * kRowsPerWarp + rr] - m_max);
+        l_sum += scale * s_l[ww * kRowsPerWarp + rr];
+        const float4* src = reinterpret_cast<const float4*>(s_o + (ww * kRowsPerWarp + rr) * OS + c8 * 8);
+        const float4 x0 = src[0], x1 = src[1];
+        acc[0] += scale * x0.x; acc[1] += scale * x0.y; acc[2] += scale * x0.z; acc[3] += scale * x0.w;
+        acc[4] += scale * x1.x; acc[5] += scale * x1.y; acc[6] += scale * x1.z; acc[7] += scale * x1.w;
+      }
+    }
+    const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] *= inv;
+    const float lse = l_sum > 0.f ? (m_max + __log2f(l_sum)) * kLn2 : -INFINITY;
+    const int tok = sb.q0 + r / a.group, hq = kvh * a.group + r % a.group;
+    const int64_t out_row = (int64_t)tok * p.num_q_heads + hq;
+    if (a.splits == 1) {
+      *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + out_row * D + c8 * 8) = pack8<T>(acc);
+      if (c8 == 0) p.lse[out_row] = lse;
+    } else {
+      const int64_t part_row = (int64_t)split * p.total_q * p.num_q_heads + out_row;
+      float4* dst = reinterpret_cast<float4*>(a.part_out + part_row * D + c8 * 8);
+      dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+      if (c8 == 0) a.part_lse[part_row] = lse;
+    }
+  }
+}
+
+// ---- split merge -----------------------------------------------------------------------------------------------
+
+// One warp per (sequence, query, q head): out = sum_s exp(lse_s - lse) * out_s, lse = log sum_s exp(lse_s).
+// Only the splits that the main kernel ran (pages left for them) are read; lse_s == -inf means "saw no key".
+// Launched with PDL right behind the main kernel, which triggers at its start: these blocks become resident early
+// and wait in griddepcontrol.wait, so the merge starts as soon as the last split finishes.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs a) {
+  constexpr int V = D / 32;  // floats per lane
+  static_assert(V == 2 || V == 4, "head dim");
+  const PagedAttentionParams& p = a.p;
+  const int lane = threadIdx.x & 31;
+  const int64_t gw = (int64_t)blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5);
+  const int hq = gw % p.num_q_heads;
+  const int64_t rest = gw / p.num_q_heads;
+  const int i = rest % p.max_q_len;
+  const int b = rest / p.max_q_len;
+  if (b >= p.batch) return;
+  grid_dependency_wait();
+  const SeqBounds sb = load_seq_bounds(p, b);
+  if (i >= sb.n_q) return;
+  const int active = sb.n_pages > 0 ? min(a.splits, (sb.n_pages + a.pages_per_split - 1) / a.pages_per_split) : 0;
+  const int64_t row = (int64_t)(sb.q0 + i) * p.num_q_heads + hq;
+  const int64_t split_stride = (int64_t)p.total_q * p.num_q_heads;
+
+  float lse_max = -INFINITY;
+#pragma unroll 2
+  for (int s = lane; s < active; s += 32) lse_max = fmaxf(lse_max, a.part_lse[s * split_stride + row]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, off));
+
+  float acc[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) acc[e] = 0.f;
+  float w_sum = 0.f;
+  if (lse_max != -INFINITY) {
+    constexpr float kLog2e = 1.4426950408889634f;
+    // Every active split wrote finite partials for every row of the sequence (zeros where it saw no key, with
+    // lse -inf, whose weight is exactly 0), so the loads are unconditional and can all be in flight at once.
+#pragma unroll 16
+    for (int s = 0; s < active; ++s) {
+      const float w = fast_exp2((a.part_lse[s * split_stride + row] - lse_max) * kLog2e);
+      const float* src = a.part_out + (s * split_stride + row) * D + lane * V;
+      w_sum += w;
+      if constexpr (V == 4) {
+        const float4 x = *reinterpret_cast<const float4*>(src);
+        acc[0] += w * x.x; acc[1] += w * x.y; acc[2] += w * x.z; acc[3] += w * x.w;
+      } else {
+        const float2 x = *reinterpret_cast<const float2*>(src);
+        acc[0] += w * x.x; acc[1] += w * x.y;
+      }
+    }
+  }
+  const float inv = w_sum > 0.f ? 1.f / w_sum : 0.f;
+  T* out = static_cast<T*>(p.out) + row * D + lane * V;
+  if constexpr (V == 4) {
+    uint2 v;
+    v.x = MmaTraits<T>::pack(acc[0] * inv, acc[1] * inv);
+    v.y = MmaTraits<T>::pack(acc[2] * inv, acc[3] * inv);
+    *reinterpret_cast<uint2*>(out) = v;
+  } else {
+    *reinterpret_cast<uint32_t*>(out) = MmaTraits<T>::pack(acc[0] * inv, acc[1] * inv);
+  }
+  if (lane == 0) p.lse[row] = w_sum > 0.f ? lse_max + __logf(w_sum) : -INFINITY;
+}
+
+// ---- host launcher ---------------------------------------------------------------------------------------------
+
+// Launch with programmatic dependent launch allowed, so this kernel's launch overlaps the previous kernel's tail
+// (each kernel waits with griddepcontrol.wait before touching memory the previous one wrote).
+template <typename Kernel>
+cudaError_t launch_pdl(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const DecodeArgs& a) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, a);
+}
+
+template <typename T, int D, int WARPS_M>
+cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
+  constexpr size_t smem = smem_bytes(D, sizeof(T));
+  auto kernel = paged_decode_kernel<T, D, WARPS_M>;
+  // Opt in to > 48 KB of shared memory once per device (cheap host call, no stream work, capture-safe).
+  static bool configured[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 64 || !configured[dev]) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    if (dev < 64) configured[dev] = true;
+  }
+  const int64_t blocks = (int64_t)a.p.batch * a.p.num_kv_heads * a.splits * a.row_chunks;
+  return launch_pdl(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream, a);
+}
+
+template <typename T, int D>
+cudaError_t launch_decode_typed(const DecodeArgs& a, int warps_m, cudaStream_t stream) {
+  cudaError_t err = warps_m == 1   ? launch_main<T, D, 1>(a, stream)
+                    : warps_m == 2 ? launch_main<T, D, 2>(a, stream)
+                                   : launch_main<T, D, 4>(a, stream);
+  if (err != cudaSuccess || a.splits == 1) return err;
+  const int64_t warps = (int64_t)a.p.batch * a.p.max_q_len * a.p.num_q_heads;
+  const int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
+  return launch_pdl(merge_splits_kernel<T, D>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, a);
+}
+
+}  // namespace flashcore::decode

@@ -1,0 +1,305 @@
+"""CUDA split-KV paged decode kernel (n_q <= 16 per sequence) against the float64 reference and SDPA.
+
+Tolerance rule: the kernel's max error against float64 must be at most 2x the error of a plain PyTorch
+implementation in the same low precision (plus a small absolute slack). Inputs are fresh random numbers every run,
+pages are scattered by a permutation, outputs are checked for being written everywhere (NaN-poisoned memory).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flashcore_hf as fc
+from tests.reference import reference_paged_attention
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+
+def make_layout(lengths, page_size, generator, *, partial_pages=False, extra_pages=3):
+    """Scatter sequences over a permuted page pool. Returns (num_pages, row_offsets, cols, counts) on the CPU.
+
+    partial_pages: pages anywhere in a list hold a random number of tokens (sparse page lists), not just the last.
+    """
+    cols_per_seq, counts_per_seq = [], []
+    for n in lengths:
+        counts = []
+        left = n
+        while left > 0:
+            c = page_size if not partial_pages else int(torch.randint(1, page_size + 1, (1,), generator=generator))
+            c = min(c, left)
+            counts.append(c)
+            left -= c
+        counts_per_seq.append(counts)
+    num_pages = sum(len(c) for c in counts_per_seq) + extra_pages
+    perm = torch.randperm(num_pages, generator=generator)
+    row_offsets, cols, counts, used = [0], [], [], 0
+    for cs in counts_per_seq:
+        for c in cs:
+            cols.append(int(perm[used]))
+            counts.append(c)
+            used += 1
+        row_offsets.append(len(cols))
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    return num_pages, i32(row_offsets), i32(cols), i32(counts)
+
+
+def random_problem(lengths, n_qs, hq, hkv, d, page_size, dtype, generator, *, partial_pages=False, q_strided=False):
+    num_pages, row_offsets, cols, counts = make_layout(lengths, page_size, generator, partial_pages=partial_pages)
+    k_cache = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(dtype).to(DEV)
+    v_cache = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(dtype).to(DEV)
+    total_q = sum(n_qs)
+    if q_strided:  # heads not adjacent in memory: q is a slice of a wider tensor
+        q = torch.randn(total_q, hq, 2 * d + 8, generator=generator).to(dtype).to(DEV)[:, :, 8:d + 8]
+    else:
+        q = torch.randn(total_q, hq, d, generator=generator).to(dtype).to(DEV)
+    q_indptr = torch.tensor([0] + list(torch.tensor(n_qs).cumsum(0)), dtype=torch.int32)
+    return q, k_cache, v_cache, row_offsets, cols, counts, q_indptr
+
+
+def run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal=True, window=None, workspace=None,
+               max_q_len=None, max_pages_per_seq=None):
+    layout = fc.PageLayout(row_offsets.to(DEV), cols.to(DEV), counts.to(DEV),
+                           torch.full_like(cols, -1).to(DEV))
+    n_q = (q_indptr[1:] - q_indptr[:-1])
+    n_p = (row_offsets[1:] - row_offsets[:-1])
+    if max_q_len is None:
+        max_q_len = int(n_q.max()) if n_q.numel() else 0
+    if max_pages_per_seq is None:
+        max_pages_per_seq = int(n_p.max()) if n_p.numel() else 0
+    # Poison the blocks the caching allocator will hand out for out/lse: anything unwritten shows up as NaN.
+    poison = (torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV),
+              torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=DEV))
+    del poison
+    out, lse = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr.to(DEV), causal=causal,
+                                  sliding_window=window, return_lse=True, max_q_len=max_q_len,
+                                  max_pages_per_seq=max_pages_per_seq, workspace=workspace)
+    torch.cuda.synchronize()
+    return out, lse
+
+
+def lowp_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal=True, window=None):
+    """Plain PyTorch attention computed in q's dtype on the GPU (the precision yardstick)."""
+    out = torch.zeros_like(q)
+    hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
+    for b in range(len(q_indptr) - 1):
+        q0, q1 = int(q_indptr[b]), int(q_indptr[b + 1])
+        p0, p1 = int(row_offsets[b]), int(row_offsets[b + 1])
+        if q1 == q0 or p1 == p0:
+            continue
+        ks = torch.cat([k_cache[int(cols[j]), :int(counts[j])] for j in range(p0, p1)])
+        vs = torch.cat([v_cache[int(cols[j]), :int(counts[j])] for j in range(p0, p1)])
+        n_k, n_q = ks.shape[0], q1 - q0
+        kr = ks.repeat_interleave(hq // hkv, dim=1)
+        vr = vs.repeat_interleave(hq // hkv, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[q0:q1], kr) * (d ** -0.5)
+        q_pos = torch.arange(n_q, device=DEV) + n_k - n_q
+        k_pos = torch.arange(n_k, device=DEV)
+        visible = torch.ones(n_q, n_k, dtype=torch.bool, device=DEV)
+        if causal:
+            visible &= k_pos[None] <= q_pos[:, None]
+        if window is not None:
+            visible &= (q_pos[:, None] - k_pos[None]) < window
+        probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, vr)
+    return out
+
+
+def check_against_reference(out, lse, q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal=True,
+                            window=None):
+    ref_out, ref_lse = reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr,
+                                                 causal=causal, sliding_window=window)
+    lowp = lowp_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, causal=causal,
+                                window=window)
+    out64, lse64 = out.double().cpu(), lse.double().cpu()
+    assert not torch.isnan(out64).any(), "NaN in out (an unwritten or poisoned element)"
+    assert not torch.isnan(lse64).any(), "NaN in lse"
+    err = (out64 - ref_out).abs().max().item() if out.numel() else 0.0
+    lowp_err = (lowp.double().cpu() - ref_out).abs().max().item() if out.numel() else 0.0
+    assert err <= 2 * lowp_err + 1e-4, f"kernel error {err:.3e} vs plain {q.dtype} error {lowp_err:.3e}"
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse64), empty), "lse must be -inf exactly where a row sees no key"
+    assert (out64[empty[..., None].expand_as(out64)] == 0).all(), "rows with no visible key must be zero"
+    if (~empty).any():
+        lse_err = (lse64[~empty] - ref_lse[~empty]).abs().max().item()
+        assert lse_err <= 2e-3, f"lse error {lse_err:.3e}"
+    return err, lowp_err
+
+
+# ---- correctness over the support matrix ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("page_size", [16, 32, 128, 256])
+@pytest.mark.parametrize("group,n_q", [(1, 1), (4, 1), (8, 1), (4, 4), (8, 4), (1, 16), (4, 16), (8, 16)])
+def test_decode_matches_reference(dtype, head_dim, page_size, group, n_q, generator):
+    hkv = 2
+    lengths = [int(x) for x in torch.randint(1, 1500, (3,), generator=generator)] + [n_q + 3]
+    n_qs = [n_q] * len(lengths)
+    prob = random_problem(lengths, n_qs, hkv * group, hkv, head_dim, page_size, dtype, generator)
+    out, lse = run_kernel(*prob)
+    check_against_reference(out, lse, *prob)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [1, 7, 16, 48, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sparse_partial_pages_and_odd_page_sizes(dtype, page_size, causal, generator):
+    """Partial pages anywhere in the lists (sparse selections), page sizes that are not powers of two."""
+    lengths = [int(x) for x in torch.randint(1, 700, (4,), generator=generator)]
+    n_qs = [1, 3, 16, 5]
+    prob = random_problem(lengths, n_qs, 16, 4, 128, page_size, dtype, generator, partial_pages=True)
+    out, lse = run_kernel(*prob, causal=causal)
+    check_against_reference(out, lse, *prob, causal=causal)
+
+
+@pytest.mark.parametrize("window", [1, 7, 64, 300])
+@pytest.mark.parametrize("n_q", [1, 4, 16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sliding_window(window, n_q, causal, generator):
+    lengths = [2000, 10, 513]
+    prob = random_problem(lengths, [n_q] * 3, 32, 8, 128, 16, torch.bfloat16, generator, partial_pages=True)
+    out, lse = run_kernel(*prob, causal=causal, window=window)
+    check_against_reference(out, lse, *prob, causal=causal, window=window)
+
+
+def test_empty_sequences(generator):
+    """n_k = 0 with queries (zero rows, lse -inf), n_q = 0 with keys, n_q > n_k (causal: leading rows see nothing)."""
+    lengths = [0, 300, 5, 0, 77]
+    n_qs = [2, 0, 12, 0, 1]
+    prob = random_problem(lengths, n_qs, 8, 2, 128, 16, torch.float16, generator)
+    out, lse = run_kernel(*prob)
+    check_against_reference(out, lse, *prob)
+    assert torch.isinf(lse[:2]).all() and (out[:2] == 0).all()
+
+
+def test_invalid_page_entries_are_empty(generator):
+    """Page ids outside the pool and counts outside [0, page_size] are read as empty pages (never out of bounds)."""
+    q, k_cache, v_cache, row_offsets, cols, counts, q_indptr = random_problem(
+        [400, 900], [1, 4], 16, 4, 128, 32, torch.bfloat16, generator, partial_pages=True)
+    bad_cols, bad_counts = cols.clone(), counts.clone()
+    bad_cols[1] = k_cache.shape[0] + 5
+    bad_cols[3] = -1
+    bad_counts[5] = 33
+    bad_counts[7] = -2
+    out, lse = run_kernel(q, k_cache, v_cache, row_offsets, bad_cols, bad_counts, q_indptr)
+    clean_counts = counts.clone()
+    clean_counts[[1, 3, 5, 7]] = 0
+    check_against_reference(out, lse, q, k_cache, v_cache, row_offsets, cols, clean_counts, q_indptr)
+
+
+def test_strided_q_and_nan_workspace(generator):
+    """q with padded head stride; a NaN-filled caller workspace must not leak into the output."""
+    prob = random_problem([3000, 40], [4, 4], 32, 8, 128, 16, torch.bfloat16, generator, q_strided=True)
+    workspace = torch.full((64 << 20,), float("nan"), device=DEV)
+    out, lse = run_kernel(*prob, workspace=workspace)
+    check_against_reference(out, lse, *prob)
+
+
+def test_large_batch_no_split(generator):
+    """B = 256 fills the GPU: the kernel writes the output directly (no split partials)."""
+    lengths = [int(x) for x in torch.randint(1, 1200, (256,), generator=generator)]
+    prob = random_problem(lengths, [1] * 256, 32, 8, 128, 16, torch.bfloat16, generator, partial_pages=True)
+    out, lse = run_kernel(*prob)
+    check_against_reference(out, lse, *prob)
+
+
+def test_loose_host_bounds(generator):
+    """max_q_len / max_pages_per_seq larger than the real values (the ops.py defaults) stay correct."""
+    prob = random_problem([700, 1300, 0], [1, 2, 1], 16, 2, 64, 16, torch.float16, generator)
+    out, lse = run_kernel(*prob, max_q_len=16, max_pages_per_seq=int(prob[4].numel()))
+    check_against_reference(out, lse, *prob)
+
+
+def test_cuda_graph_replay(generator):
+    """Allocation- and sync-free: capture one call with a caller workspace, replay on new data in place."""
+    q, k_cache, v_cache, row_offsets, cols, counts, q_indptr = random_problem(
+        [5000, 100], [1, 1], 32, 8, 128, 16, torch.bfloat16, generator)
+    layout = fc.PageLayout(row_offsets.to(DEV), cols.to(DEV), counts.to(DEV), torch.full_like(cols, -1).to(DEV))
+    qi = q_indptr.to(DEV)
+    workspace = torch.empty(64 << 20, device=DEV)
+    kwargs = dict(return_lse=True, max_q_len=1, max_pages_per_seq=int((row_offsets[1:] - row_offsets[:-1]).max()),
+                  workspace=workspace)
+    fc.paged_attention(q, k_cache, v_cache, layout, qi, **kwargs)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = fc.paged_attention(q, k_cache, v_cache, layout, qi, **kwargs)
+    q.copy_(torch.randn(q.shape, generator=generator).to(q.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    check_against_reference(out, lse, q, k_cache, v_cache, row_offsets, cols, counts, q_indptr)
+
+
+# ---- SDPA on dense copies as a second oracle ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_q", [1, 4, 16])
+def test_matches_sdpa_dense(dtype, n_q, generator):
+    batch, ctx, hq, hkv, d, page_size = 4, 4096 + 37, 32, 8, 128, 16
+    q, k_cache, v_cache, row_offsets, cols, counts, q_indptr = random_problem(
+        [ctx] * batch, [n_q] * batch, hq, hkv, d, page_size, dtype, generator)
+    out, lse = run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr)
+    # dense [B, H, S, D] copies of the same data
+    k_dense = torch.stack([torch.cat([k_cache[int(cols[j]), :int(counts[j])]
+                                      for j in range(int(row_offsets[b]), int(row_offsets[b + 1]))])
+                           for b in range(batch)]).transpose(1, 2)
+    v_dense = torch.stack([torch.cat([v_cache[int(cols[j]), :int(counts[j])]
+                                      for j in range(int(row_offsets[b]), int(row_offsets[b + 1]))])
+                           for b in range(batch)]).transpose(1, 2)
+    q_dense = q.view(batch, n_q, hq, d).transpose(1, 2)
+    mask = None
+    if n_q > 1:  # bottom-right causal
+        mask = (torch.arange(ctx, device=DEV)[None] <= torch.arange(n_q, device=DEV)[:, None] + ctx - n_q)
+    sdpa = F.scaled_dot_product_attention(q_dense, k_dense, v_dense, attn_mask=mask, enable_gqa=True)
+    sdpa = sdpa.transpose(1, 2).reshape(q.shape)
+    # float64 truth on the GPU
+    q64, k64, v64 = q_dense.double(), k_dense.double(), v_dense.double()
+    k64, v64 = k64.repeat_interleave(hq // hkv, 1), v64.repeat_interleave(hq // hkv, 1)
+    scores = q64 @ k64.transpose(-1, -2) * d ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    ref = (torch.softmax(scores, -1) @ v64).transpose(1, 2).reshape(q.shape)
+    err = (out.double() - ref).abs().max().item()
+    sdpa_err = (sdpa.double() - ref).abs().max().item()
+    assert err <= 2 * sdpa_err + 1e-3, f"kernel {err:.3e} vs SDPA {sdpa_err:.3e}"
+    assert (out.float() - sdpa.float()).abs().max().item() <= 2 * sdpa_err + 2e-3
+
+
+def test_long_context_128k(generator):
+    """B = 1 at 128K keys (the split-KV path at its widest), checked against float64 on the GPU."""
+    ctx, hq, hkv, d, page_size = 131072, 32, 8, 128, 16
+    num_pages = ctx // page_size + 5
+    gpu_gen = torch.Generator(device=DEV).manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    k_cache = torch.randn(num_pages, page_size, hkv, d, device=DEV, generator=gpu_gen, dtype=torch.bfloat16)
+    v_cache = torch.randn(num_pages, page_size, hkv, d, device=DEV, generator=gpu_gen, dtype=torch.bfloat16)
+    cols = torch.randperm(num_pages, generator=generator)[:ctx // page_size].to(torch.int32)
+    counts = torch.full_like(cols, page_size)
+    row_offsets = torch.tensor([0, cols.numel()], dtype=torch.int32)
+    for n_q in (1, 4):
+        q = torch.randn(n_q, hq, d, device=DEV, generator=gpu_gen, dtype=torch.bfloat16)
+        q_indptr = torch.tensor([0, n_q], dtype=torch.int32)
+        out, lse = run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr)
+        k = k_cache[cols.to(DEV)].reshape(-1, hkv, d).double().repeat_interleave(hq // hkv, 1)
+        v = v_cache[cols.to(DEV)].reshape(-1, hkv, d).double().repeat_interleave(hq // hkv, 1)
+        scores = torch.einsum("qhd,khd->hqk", q.double(), k) * d ** -0.5
+        visible = torch.arange(ctx, device=DEV)[None] <= torch.arange(n_q, device=DEV)[:, None] + ctx - n_q
+        scores = scores.masked_fill(~visible, -math.inf)
+        ref_lse = torch.logsumexp(scores, -1)
+        ref = torch.einsum("hqk,khd->qhd", torch.exp(scores - ref_lse[..., None]), v)
+        # yardstick: SDPA on the dense bf16 copy
+        kd = k_cache[cols.to(DEV)].reshape(1, -1, hkv, d).transpose(1, 2)
+        vd = v_cache[cols.to(DEV)].reshape(1, -1, hkv, d).transpose(1, 2)
+        sdpa = F.scaled_dot_product_attention(q.view(1, n_q, hq, d).transpose(1, 2), kd, vd,
+                                              attn_mask=visible if n_q > 1 else None, enable_gqa=True)
+        sdpa = sdpa.transpose(1, 2).reshape(q.shape)
+        rel = lambda x: ((x.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+        err, sdpa_err = rel(out), rel(sdpa)
+        assert err <= 2 * sdpa_err + 1e-4, f"n_q={n_q}: relative error {err:.3e} vs SDPA {sdpa_err:.3e}"
+        assert (lse.double() - ref_lse.transpose(0, 1)).abs().max().item() <= 2e-3
