@@ -1,9 +1,20 @@
 """FlashCore: sparse paged attention for Hugging Face transformers.
 
-`import flashcore_hf` registers the `flashcore` op library and the `"flashcore"` attention implementation.
+`import flashcore_hf` registers the `flashcore` op library and the `"flashcore"` attention implementation
+(`AutoModelForCausalLM.from_pretrained(path, attn_implementation="flashcore")`), applying the transformers patches
+that implementation needs (flashcore_hf.patches).
 """
 from ._ext import HAS_CUDA_KERNELS
+from .attention import FlashCoreAttention, FlashCoreFallbackWarning
+from .integration import (ATTN_IMPLEMENTATION, flashcore_attention_forward, flashcore_mask, register,
+                          set_default_cache_options)
 from .layout import PageLayout
 from .ops import append_kv, build_layout, kernel_supports, paged_attention
+from .page_allocator import OutOfPagesError, PageAllocator
+from .paged_cache import CacheStats, PagedKVCache
 
-__all__ = ["HAS_CUDA_KERNELS", "PageLayout", "append_kv", "build_layout", "kernel_supports", "paged_attention"]
+register()
+
+__all__ = ["ATTN_IMPLEMENTATION", "CacheStats", "FlashCoreAttention", "FlashCoreFallbackWarning", "HAS_CUDA_KERNELS",
+           "OutOfPagesError", "PageAllocator", "PageLayout", "PagedKVCache", "append_kv", "build_layout", "flashcore_attention_forward",
+           "flashcore_mask", "kernel_supports", "paged_attention", "register", "set_default_cache_options"]

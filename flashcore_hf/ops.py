@@ -109,6 +109,21 @@ def _paged_attention_fake(q, k_cache, v_cache, row_offsets, cols, token_counts, 
     return out, lse
 
 
+def _no_setup(ctx, inputs, output) -> None:
+    pass
+
+
+def _no_backward(ctx, grad_out, grad_lse):
+    raise RuntimeError("flashcore::paged_attention has no backward pass: FlashCore is inference-only. Run the "
+                       "forward under torch.no_grad() / torch.inference_mode(), or train with attn_implementation="
+                       "'sdpa'.")
+
+
+# Forward works with inputs that require grad (eval scripts often skip no_grad); a backward through it must fail
+# loudly instead of torch's default of silently treating the op as constant.
+torch.library.register_autograd("flashcore::paged_attention", _no_backward, setup_context=_no_setup)
+
+
 @torch.library.register_fake("flashcore::append_kv")
 def _append_kv_fake(k_cache, v_cache, k, v, slot_mapping):
     return None

@@ -37,7 +37,7 @@ _POSITIVE_CROP_IS_LENGTH = version.parse(transformers.__version__).release < (5,
 
 # Layer types whose KV this cache can hold: sliding-window layers keep every token and the attention kernel applies
 # the window, so they are stored like full-attention layers.
-_SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # With num_pages=None the pools grow by at least this many tokens' worth of pages (and at least 25 %), so growth
 # happens O(log n) times over a generation.
@@ -261,10 +261,10 @@ class PagedKVCache(Cache):
             raise ValueError("max_num_pages only applies to a growable cache (num_pages=None)")
         text_config = config.get_text_config(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
-        unsupported = sorted({t for t in layer_types if t not in _SUPPORTED_LAYER_TYPES})
+        unsupported = sorted({t for t in layer_types if t not in SUPPORTED_LAYER_TYPES})
         if unsupported:
             raise ValueError(f"PagedKVCache stores attention K/V only; this model has layer types {unsupported} "
-                             f"(supported: {list(_SUPPORTED_LAYER_TYPES)})")
+                             f"(supported: {list(SUPPORTED_LAYER_TYPES)})")
         super().__init__(layers=[PagedKVLayer(page_size) for _ in layer_types])
         self.page_size = int(page_size)
         self._growable = num_pages is None

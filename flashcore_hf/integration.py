@@ -1,0 +1,140 @@
+"""Registers the "flashcore" attention implementation with transformers (run by `import flashcore_hf`).
+
+- `AttentionInterface.register("flashcore", flashcore_attention_forward)`: the attention function, one call of
+  `FlashCoreAttention`.
+- `AttentionMaskInterface.register("flashcore", flashcore_mask)`: never a dense [B, 1, S, S] mask; None or the 2-D
+  padding mask, which it also hands to `PagedKVCache` (`padding.stash_padding_mask`) because the cache plans a
+  step's pages before any attention function sees the mask.
+- the transformers patches (flashcore_hf.patches): the "flash" name check, and `generate()` building a
+  `PagedKVCache` when a flashcore model is given no cache (options: `set_default_cache_options`).
+
+Unsupported uses fail loudly instead of computing something else:
+- output_attentions=True: ValueError (the kernels never materialize attention weights); use
+  `model.set_attn_implementation("eager")` for the call that needs them.
+- training: RuntimeError for a forward with gradients enabled on a model in training mode, or with attention dropout
+  (inference only). A forward with gradients enabled in eval mode runs (eval scripts often skip no_grad), and a
+  backward through the attention raises.
+- transformers' continuous batching (`generate_batch`, `cache=` kwarg) and chunked attention
+  (`attention_chunk_size`, Llama 4): NotImplementedError.
+- custom 4-D masks / BlockMask: ValueError.
+- a dtype or head dim the CUDA kernels lack (e.g. float32 on CUDA): not an error; a one-time
+  FlashCoreFallbackWarning and torch SDPA on K/V gathered from the pages (see attention.py).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+
+from .attention import FlashCoreAttention
+from .paged_cache import SUPPORTED_LAYER_TYPES, PagedKVCache
+from .padding import stash_padding_mask
+from .patches import apply_transformers_patches
+
+ATTN_IMPLEMENTATION = "flashcore"
+"""The name to pass as `attn_implementation`."""
+
+_ATTENTION = FlashCoreAttention()
+_DEFAULT_CACHE_OPTIONS: dict = {"page_size": 64, "num_pages": None, "max_num_pages": None}
+
+
+def flashcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, value, attention_mask,
+                                dropout: float = 0.0, scaling: float | None = None,
+                                sliding_window: int | None = None, is_causal: bool | None = None,
+                                **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers attention function: (out [B, S, Hq, D], None).
+
+    query [B, Hq, S, D]; key/value: what the cache's update returned (dense [B, Hkv, S_kv, D] or a PagedKVHandle);
+    attention_mask: what `flashcore_mask` built (None or 2-D). kwargs: position_ids, cu_seq_lens_q (packed
+    sequences without a cache), output_attentions, cache (continuous batching, refused).
+    """
+    config = getattr(module, "config", None)
+    if kwargs.get("cache") is not None:
+        raise NotImplementedError(
+            "flashcore does not implement transformers' continuous-batching protocol (generate_batch / the cache= "
+            "kwarg); use model.generate(...), which runs flashcore on a PagedKVCache.")
+    if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
+        raise ValueError(
+            "flashcore never materializes attention weights, so output_attentions=True is not supported; call "
+            "model.set_attn_implementation('eager') for the forward that needs them (and 'flashcore' afterwards).")
+    if module.training and torch.is_grad_enabled():
+        raise RuntimeError(
+            "flashcore is inference-only (its kernels have no backward pass) and this module is in training mode "
+            "with gradients enabled; call model.eval() or run under torch.no_grad(), or train with "
+            "attn_implementation='sdpa'.")
+    if dropout:
+        raise RuntimeError(
+            f"flashcore is inference-only: attention dropout {dropout} is active because the module is in training "
+            "mode; call model.eval(), or train with attn_implementation='sdpa'.")
+    if getattr(config, "attention_chunk_size", None):
+        raise NotImplementedError("flashcore does not implement chunked attention (config.attention_chunk_size); "
+                                  "use attn_implementation='sdpa' for this model.")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    out = _ATTENTION(query, key, value, attention_mask, scaling=scaling, sliding_window=sliding_window,
+                     is_causal=is_causal, position_ids=kwargs.get("position_ids"),
+                     cu_seq_lens=kwargs.get("cu_seq_lens_q"))
+    return out, None
+
+
+def flashcore_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
+                   mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers mask function for "flashcore": None (every key valid) or a 2-D bool mask [B, M], M <= kv_length.
+
+    With a padding mask [B, past + S]: its last kv_length columns (fewer when a StaticCache is not full: the cache
+    slots past them hold nothing yet). Without one: None, unless the cache hands attention more slots than it has
+    filled (StaticCache), then ones [B, filled]; a StaticCache reports its length as a device tensor, so that case
+    costs one host sync per forward. Causality and sliding windows are applied by the kernels, not by a mask.
+    The incoming padding mask is stashed for PagedKVCache, which plans the step's pages before attention runs.
+    """
+    stash_padding_mask(attention_mask)
+    if attention_mask is not None:
+        return attention_mask[:, -kv_length:]
+    filled = q_offset + q_length - kv_offset
+    if isinstance(filled, torch.Tensor):
+        filled = int(filled)
+    if filled >= kv_length:
+        return None
+    return torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device"))
+
+
+def set_default_cache_options(*, page_size: int | None = None, num_pages: int | None = None,
+                              max_num_pages: int | None = None) -> dict:
+    """Options of the PagedKVCache that generate() builds for flashcore models given no cache (process-wide).
+
+    page_size (default 64), num_pages (default None: grows on demand), max_num_pages (growth limit). Pass an
+    explicit `past_key_values=PagedKVCache(...)` to generate() for per-call control. Returns the options in force.
+    """
+    if page_size is not None:
+        if int(page_size) < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        _DEFAULT_CACHE_OPTIONS["page_size"] = int(page_size)
+    if num_pages is not None and max_num_pages is not None:
+        raise ValueError("give num_pages (a fixed pool) or max_num_pages (a growth limit), not both")
+    if num_pages is not None:
+        _DEFAULT_CACHE_OPTIONS.update(num_pages=int(num_pages), max_num_pages=None)
+    if max_num_pages is not None:
+        _DEFAULT_CACHE_OPTIONS.update(num_pages=None, max_num_pages=int(max_num_pages))
+    return dict(_DEFAULT_CACHE_OPTIONS)
+
+
+def default_generate_cache(model, generation_config, batch_size: int, max_cache_length: int):
+    """generate()'s default cache: a PagedKVCache for flashcore models whose layers it can hold, else None."""
+    text_config = model.config.get_text_config(decoder=True)
+    if text_config._attn_implementation != ATTN_IMPLEMENTATION:
+        return None
+    layer_types = getattr(text_config, "layer_types", None) or ["full_attention"]
+    if any(t not in SUPPORTED_LAYER_TYPES for t in layer_types):
+        return None
+    options = dict(_DEFAULT_CACHE_OPTIONS)
+    if options["num_pages"] is None:
+        options.pop("num_pages")
+    else:
+        options.pop("max_num_pages")
+    return PagedKVCache(model.config, **options)
+
+
+def register() -> None:
+    """Register "flashcore" in AttentionInterface and AttentionMaskInterface and apply the patches (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, flashcore_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flashcore_mask)
+    apply_transformers_patches((ATTN_IMPLEMENTATION,), default_generate_cache)

@@ -1,0 +1,69 @@
+"""Let `generate()` pick a default cache other than DynamicCache for some models.
+
+transformers has no registry for custom cache classes: with no `past_key_values` and no `cache_implementation`,
+`GenerationMixin._prepare_cache_for_generation` always builds a `DynamicCache`. This patch wraps that method and
+first asks a factory for a cache; the factory answers None to keep transformers' own choice. Everything else
+(user-supplied caches, `cache_implementation=...`, `use_cache=False`, encoder-decoder and assistant models, models
+without default-cache support) goes to the original method untouched.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+EXPECTED_PARAMETERS = ("self", "generation_config", "model_kwargs", "generation_mode", "batch_size",
+                       "max_cache_length")
+"""Signature of `GenerationMixin._prepare_cache_for_generation` in transformers 5.17 .. 5.23."""
+
+DefaultCacheFactory = Callable[..., object]
+"""factory(model, generation_config, batch_size, max_cache_length) -> Cache | None."""
+
+
+def _check_target(generation_mixin) -> None:
+    target = getattr(generation_mixin, "_prepare_cache_for_generation", None)
+    if target is None:
+        raise RuntimeError(
+            "GenerationMixin._prepare_cache_for_generation is gone in this transformers version; the flashcore "
+            "default-cache patch must be revisited (see patches/generate_cache.py).")
+    params = tuple(inspect.signature(target).parameters)
+    if params != EXPECTED_PARAMETERS:
+        raise RuntimeError(
+            f"GenerationMixin._prepare_cache_for_generation{params} changed signature (expected "
+            f"{EXPECTED_PARAMETERS}); the flashcore default-cache patch must be revisited.")
+
+
+def install_default_cache_factory(factory: DefaultCacheFactory) -> None:
+    """Route generate()'s default cache through `factory` (idempotent: a later call replaces the factory)."""
+    from transformers.generation.utils import GenerationMixin
+
+    current = GenerationMixin._prepare_cache_for_generation
+    holder = getattr(current, "__flashcore_factory__", None)
+    if holder is not None:
+        holder[0] = factory
+        return
+    _check_target(GenerationMixin)
+    original = current
+    holder = [factory]
+
+    @functools.wraps(original)
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        default_applies = (
+            model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation is None
+            and not generation_config.is_assistant
+            and not self.config.is_encoder_decoder
+            and self._supports_default_dynamic_cache()
+        )
+        if default_applies:
+            cache = holder[0](self, generation_config, batch_size, max_cache_length)
+            if cache is not None:
+                model_kwargs["past_key_values"] = cache
+                return None
+        return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+
+    _prepare_cache_for_generation.__flashcore_factory__ = holder
+    _prepare_cache_for_generation.__flashcore_original__ = original
+    GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
