@@ -32,7 +32,7 @@ run_step() {  # run_step NAME COMMAND...: log to $RESULTS/NAME.log, show the tai
   echo "== $name took $((SECONDS - t0)) s =="
 }
 
-run_step build pip install --no-build-isolation --no-deps -e .
+run_step build python -m pip install --no-build-isolation --no-deps -e .
 if [[ " ${failed[*]-} " == *" build "* ]]; then echo "build failed"; exit 1; fi
 python -c "import flashcore_hf as fc; assert fc.HAS_CUDA_KERNELS, 'extension built without CUDA kernels'" || exit 1
 run_step tests python -m pytest tests -q -rs

@@ -31,8 +31,6 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   if (p.total_q == 0) return {out, lse};
-  TORCH_CHECK(!p.per_kv_head_rows, "paged_attention: per-kv-head layouts (row_offsets with batch * num_kv_heads + 1 "
-              "entries) are not supported by the CUDA kernels yet");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   if (p.max_q_len <= kDecodeMaxQueriesPerSeq && paged_decode_supported(p)) {
@@ -57,6 +55,9 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
     check_launch(launch_paged_decode(p, ws_ptr, bytes, num_sms, stream), "paged decode kernel");
     return {out, lse};
   }
+  TORCH_CHECK(!p.per_kv_head_rows, "paged_attention: per-kv-head layouts (row_offsets with batch * num_kv_heads + 1 "
+              "entries) are supported by the CUDA decode kernel only (at most ", kDecodeMaxQueriesPerSeq,
+              " queries per sequence, fp16/bf16, head_dim 64/128); got max_q_len=", p.max_q_len);
   TORCH_CHECK(paged_prefill_supported(p), "paged_attention: the CUDA kernels do not support dtype=", dtype_name(p.dtype),
               ", head_dim=", p.head_dim, ", page_size=", p.page_size, ", num_q_heads/num_kv_heads=", p.num_q_heads,
               "/", p.num_kv_heads, " (see README support matrix; flashcore_hf.ops.kernel_supports tells in advance)");

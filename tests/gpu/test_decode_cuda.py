@@ -303,3 +303,32 @@ def test_long_context_128k(generator):
         err, sdpa_err = rel(out), rel(sdpa)
         assert err <= 2 * sdpa_err + 1e-4, f"n_q={n_q}: relative error {err:.3e} vs SDPA {sdpa_err:.3e}"
         assert (lse.double() - ref_lse.transpose(0, 1)).abs().max().item() <= 2e-3
+
+
+@pytest.mark.parametrize("n_q,causal,window", [(1, True, None), (4, True, None), (4, False, None), (3, True, 40)])
+def test_per_kv_head_page_lists(n_q, causal, window, generator):
+    """row_offsets with B * Hkv + 1 entries (sparse per-head selection): each kv head reads its own page list.
+
+    Checked head by head: kv head h of every sequence must equal a per-sequence problem on that head's pages.
+    """
+    batch, hkv, group, d, page_size = 3, 4, 4, 128, 16
+    lengths = [int(x) for x in torch.randint(0, 900, (batch * hkv,), generator=generator)]
+    num_pages, row_offsets, cols, counts = make_layout(lengths, page_size, generator, partial_pages=True)
+    k_cache = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(torch.bfloat16).to(DEV)
+    v_cache = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(torch.bfloat16).to(DEV)
+    q = torch.randn(batch * n_q, hkv * group, d, generator=generator).to(torch.bfloat16).to(DEV)
+    q_indptr = torch.arange(batch + 1, dtype=torch.int32) * n_q
+    out, lse = run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, causal=causal, window=window)
+    for h in range(hkv):
+        rows = [b * hkv + h for b in range(batch)]
+        sub_offsets, sub_cols, sub_counts = [0], [], []
+        for r in rows:
+            sub_cols += cols[row_offsets[r]:row_offsets[r + 1]].tolist()
+            sub_counts += counts[row_offsets[r]:row_offsets[r + 1]].tolist()
+            sub_offsets.append(len(sub_cols))
+        i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+        heads = slice(h * group, (h + 1) * group)
+        check_against_reference(out[:, heads], lse[:, heads], q[:, heads].contiguous(),
+                                k_cache[:, :, h:h + 1].contiguous(), v_cache[:, :, h:h + 1].contiguous(),
+                                i32(sub_offsets), i32(sub_cols), i32(sub_counts), q_indptr, causal=causal,
+                                window=window)

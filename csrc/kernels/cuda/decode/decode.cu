@@ -18,13 +18,14 @@ constexpr int kPosThreads = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Key positions for the masks: page_pos[j] = keys of the sequence before page entry j, seq_len[b] = n_k.
-// One block per sequence; a block-wide exclusive scan over the effective token counts, 256 pages at a time.
+// Key positions for the masks: page_pos[j] = keys of the row before page entry j, seq_len[r] = n_k of layout row r.
+// One block per layout row; a block-wide exclusive scan over the effective token counts, 256 pages at a time.
 __global__ void __launch_bounds__(kPosThreads) key_positions_kernel(const PagedAttentionParams p, int32_t* page_pos,
                                                                     int32_t* seq_len) {
   __shared__ int warp_sums[kPosThreads / 32];
-  const int b = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const SeqBounds sb = load_seq_bounds(p, b);
+  const int r = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  SeqBounds sb;
+  load_row_pages(p, r, sb.page_begin, sb.n_pages);
   int carry = 0;
   for (int base = 0; base < sb.n_pages; base += kPosThreads) {
     const int l = base + tid;
@@ -52,7 +53,7 @@ __global__ void __launch_bounds__(kPosThreads) key_positions_kernel(const PagedA
     carry += warp_sums[kPosThreads / 32 - 1];
     __syncthreads();
   }
-  if (tid == 0) seq_len[b] = carry;
+  if (tid == 0) seq_len[r] = carry;
 }
 
 }  // namespace
@@ -93,7 +94,7 @@ DecodePlan make_decode_plan(const PagedAttentionParams& p, int num_sms) {
   }
   if (plan.need_pos) {
     plan.page_pos_offset = take((size_t)p.nnz * sizeof(int32_t));
-    plan.seq_len_offset = take((size_t)p.batch * sizeof(int32_t));
+    plan.seq_len_offset = take((size_t)num_layout_rows(p) * sizeof(int32_t));
   }
   plan.total_bytes = offset;
   return plan;
@@ -139,7 +140,7 @@ cudaError_t launch_paged_decode(const PagedAttentionParams& p, void* workspace, 
   a.seq_len = plan.need_pos ? reinterpret_cast<int32_t*>(ws + plan.seq_len_offset) : nullptr;
 
   if (plan.need_pos) {
-    key_positions_kernel<<<p.batch, kPosThreads, 0, stream>>>(p, a.page_pos, a.seq_len);
+    key_positions_kernel<<<num_layout_rows(p), kPosThreads, 0, stream>>>(p, a.page_pos, a.seq_len);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -39,7 +39,7 @@ struct DecodePlan {
   size_t part_out_offset = 0;   // float [splits, total_q, Hq, D]: normalised partial outputs
   size_t part_lse_offset = 0;   // float [splits, total_q, Hq]: natural-log partial LSE (-inf: no visible key)
   size_t page_pos_offset = 0;   // int32 [nnz]: position of the first key of page entry j within its sequence
-  size_t seq_len_offset = 0;    // int32 [batch]: n_k of each sequence
+  size_t seq_len_offset = 0;    // int32 [layout rows]: n_k of each layout row
   size_t total_bytes = 0;
 };
 
@@ -55,24 +55,37 @@ struct DecodeArgs {
   float* part_out;
   float* part_lse;
   int32_t* page_pos;
-  int32_t* seq_len;
+  int32_t* seq_len;  // [layout rows]
 };
 
 #ifdef __CUDACC__
-// Sequence bounds with the device-side guards of the contract: a malformed range is an empty one.
+// Layout rows: one per sequence, or one per (sequence, kv head) when p.per_kv_head_rows (sparse per-head lists).
+__host__ __device__ __forceinline__ int num_layout_rows(const PagedAttentionParams& p) {
+  return p.per_kv_head_rows ? p.batch * p.num_kv_heads : p.batch;
+}
+__device__ __forceinline__ int layout_row(const PagedAttentionParams& p, int b, int kvh) {
+  return p.per_kv_head_rows ? b * p.num_kv_heads + kvh : b;
+}
+
+// Page range of layout row r with the device-side guards of the contract: a malformed range is an empty one.
+__device__ __forceinline__ void load_row_pages(const PagedAttentionParams& p, int r, int& page_begin, int& n_pages) {
+  int r0 = p.row_offsets[r], r1 = p.row_offsets[r + 1];
+  if (r0 < 0 || r1 < r0 || r1 > p.nnz) r0 = r1 = 0;
+  page_begin = r0;
+  n_pages = min(r1 - r0, p.max_pages_per_seq);
+}
+
+// Query and page bounds of sequence b as seen by kv head kvh.
 struct SeqBounds {
   int q0, n_q, page_begin, n_pages;
 };
-__device__ __forceinline__ SeqBounds load_seq_bounds(const PagedAttentionParams& p, int b) {
+__device__ __forceinline__ SeqBounds load_seq_bounds(const PagedAttentionParams& p, int b, int kvh) {
   SeqBounds s;
   int q0 = p.q_indptr[b], q1 = p.q_indptr[b + 1];
   if (q0 < 0 || q1 < q0 || q1 > p.total_q) q0 = q1 = 0;
-  int r0 = p.row_offsets[b], r1 = p.row_offsets[b + 1];
-  if (r0 < 0 || r1 < r0 || r1 > p.nnz) r0 = r1 = 0;
   s.q0 = q0;
   s.n_q = min(q1 - q0, p.max_q_len);
-  s.page_begin = r0;
-  s.n_pages = min(r1 - r0, p.max_pages_per_seq);
+  load_row_pages(p, layout_row(p, b, kvh), s.page_begin, s.n_pages);
   return s;
 }
 

@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(co
 
   grid_dependency_wait();
   allow_dependent_launch();
-  const SeqBounds sb = load_seq_bounds(p, b);
+  const SeqBounds sb = load_seq_bounds(p, b, kvh);
   const int M = sb.n_q * a.group;
   const int row0 = chunk * ROWS;
   if (row0 >= M) return;  // no query rows here; nobody reads rows that don't exist
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(co
   const int pages_here = max(0, min(pl0 + a.pages_per_split, sb.n_pages) - pl0);
   const int n_slots = pages_here * p.page_size;
   const int num_tiles = (n_slots + N - 1) / N;
-  const int n_k = a.need_pos ? a.seq_len[b] : 0;
+  const int n_k = a.need_pos ? a.seq_len[layout_row(p, b, kvh)] : 0;
   // Slots before this position are invisible to every query of the sequence (sliding window): never loaded.
   const int min_visible = (a.need_pos && p.window > 0) ? n_k - sb.n_q - p.window + 1 : INT32_MIN;
 
@@ -433,7 +433,7 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs
   const int b = rest / p.max_q_len;
   if (b >= p.batch) return;
   grid_dependency_wait();
-  const SeqBounds sb = load_seq_bounds(p, b);
+  const SeqBounds sb = load_seq_bounds(p, b, hq / a.group);
   if (i >= sb.n_q) return;
   const int active = sb.n_pages > 0 ? min(a.splits, (sb.n_pages + a.pages_per_split - 1) / a.pages_per_split) : 0;
   const int64_t row = (int64_t)(sb.q0 + i) * p.num_q_heads + hq;
