@@ -60,7 +60,8 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
               " queries per sequence, fp16/bf16, head_dim 64/128); got max_q_len=", p.max_q_len);
   TORCH_CHECK(paged_prefill_supported(p), "paged_attention: the CUDA kernels do not support dtype=", dtype_name(p.dtype),
               ", head_dim=", p.head_dim, ", page_size=", p.page_size, ", num_q_heads/num_kv_heads=", p.num_q_heads,
-              "/", p.num_kv_heads, " (see README support matrix; flashcore_hf.ops.kernel_supports tells in advance)");
+              "/", p.num_kv_heads, ", sm_scale=", p.sm_scale, " (the prefill kernel needs sm_scale > 0; see the README support "
+              "matrix; flashcore_hf.kernel_supports tells in advance)");
   check_launch(launch_paged_prefill(p, stream), "paged prefill kernel");
   return {out, lse};
 }

@@ -1,0 +1,161 @@
+"""Prefill attention throughput: flashcore's paged CUDA kernel against SDPA (flash, cuDNN) and compiled FlexAttention.
+
+Shapes (issue 4): B16 H16 S2048 D64 fp16 causal and non-causal; B1 Hq32/Hkv8 D128 bf16 causal at S 8K and 32K;
+B4 x 4K Hq32/Hkv8 D128 bf16 causal. flashcore reads K/V from a paged cache (pages scattered by a random permutation)
+at page sizes 128 and 16; the references run on dense contiguous [B, H, S, D] copies (SDPA with K/V expanded to Hq
+heads, as in ANCHORS.md; FlexAttention with enable_gqa and a causal block mask), all in the same run.
+TFLOP/s counts 4 * B * Hq * S^2 * D, halved for causal. Writes bench_prefill.csv and bench_prefill.png under $OUT
+(or ./benchmark_results) and prints a table last.
+
+    python benchmarks/bench_prefill.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_name, median_ms, output_dir, print_table, write_csv  # noqa: E402
+
+import flashcore_hf as fc  # noqa: E402
+
+SHAPES = [  # name, B, Hq, Hkv, S, D, causal, dtype
+    ("B16 H16 S2K D64 fp16", 16, 16, 16, 2048, 64, False, torch.float16),
+    ("B16 H16 S2K D64 fp16 causal", 16, 16, 16, 2048, 64, True, torch.float16),
+    ("B1 32/8 S8K D128 bf16 causal", 1, 32, 8, 8192, 128, True, torch.bfloat16),
+    ("B1 32/8 S32K D128 bf16 causal", 1, 32, 8, 32768, 128, True, torch.bfloat16),
+    ("B4 32/8 S4K D128 bf16 causal", 4, 32, 8, 4096, 128, True, torch.bfloat16),
+]
+PAGE_SIZES = (128, 16)
+
+
+def paged_copy(k, v, page_size, generator):
+    """Dense k, v [B, S, Hkv, D] -> (k_cache, v_cache [num_pages, page_size, Hkv, D], PageLayout) with pages in a
+    random physical order."""
+    B, S, hkv, D = k.shape
+    pages_per_seq = S // page_size
+    num_pages = B * pages_per_seq
+    cols = torch.randperm(num_pages, generator=generator).to(torch.int32).cuda()
+    k_cache = torch.empty(num_pages, page_size, hkv, D, dtype=k.dtype, device="cuda")
+    v_cache = torch.empty_like(k_cache)
+    k_cache[cols.long()] = k.reshape(num_pages, page_size, hkv, D)
+    v_cache[cols.long()] = v.reshape(num_pages, page_size, hkv, D)
+    row_offsets = (torch.arange(B + 1, dtype=torch.int32) * pages_per_seq).cuda()
+    counts = torch.full((num_pages,), page_size, dtype=torch.int32, device="cuda")
+    return k_cache, v_cache, fc.PageLayout(row_offsets, cols, counts, torch.full_like(cols, -1))
+
+
+def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, flex, rep_ms):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, S, Hq, D, generator=gen).to(dtype).cuda()
+    k = torch.randn(B, S, Hkv, D, generator=gen).to(dtype).cuda()
+    v = torch.randn(B, S, Hkv, D, generator=gen).to(dtype).cuda()
+    flops = 4 * B * Hq * S * S * D * (0.5 if causal else 1.0)
+    tflops = lambda ms: flops / ms / 1e9  # noqa: E731
+    row = dict(shape=name, B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, causal=causal, dtype=str(dtype).replace("torch.", ""))
+
+    # dense contiguous references
+    qd = q.transpose(1, 2).contiguous()
+    kd, vd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    ke, ve = (kd, vd) if Hq == Hkv else (kd.repeat_interleave(Hq // Hkv, 1), vd.repeat_interleave(Hq // Hkv, 1))
+    sdpa_out = None
+    for label, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                fn = lambda: F.scaled_dot_product_attention(qd, ke, ve, is_causal=causal)  # noqa: E731
+                if label == "sdpa_flash":
+                    sdpa_out = fn().transpose(1, 2).reshape(B * S, Hq, D)
+                row[label + "_TF"] = tflops(median_ms(fn, rep_ms=rep_ms))
+        except Exception as err:  # a backend missing on this machine is reported, not fatal
+            row[label + "_err"] = repr(err)[:120]
+    del ke, ve
+    if flex is not None:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            mask = (create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device="cuda")
+                    if causal else None)
+            fn = lambda: flex(qd, kd, vd, block_mask=mask, enable_gqa=Hq != Hkv)  # noqa: E731
+            row["flex_TF"] = tflops(median_ms(fn, rep_ms=rep_ms))
+        except Exception as err:
+            row["flex_err"] = repr(err)[:160]
+    del qd, kd, vd
+
+    q_packed = q.reshape(B * S, Hq, D)
+    q_indptr = (torch.arange(B + 1, dtype=torch.int32) * S).cuda()
+    for page_size in PAGE_SIZES:
+        k_cache, v_cache, layout = paged_copy(k, v, page_size, gen)
+        fn = lambda: fc.paged_attention(q_packed, k_cache, v_cache, layout, q_indptr, causal=causal,  # noqa: E731
+                                        max_q_len=S, max_pages_per_seq=S // page_size)
+        out = fn()
+        if sdpa_out is not None:
+            row[f"ps{page_size}_maxdiff_vs_flash"] = (out.float() - sdpa_out.float()).abs().max().item()
+        row[f"flashcore_ps{page_size}_TF"] = tflops(median_ms(fn, rep_ms=rep_ms))
+        del k_cache, v_cache, out
+    for page_size in PAGE_SIZES:
+        for ref in ("sdpa_flash", "sdpa_cudnn", "flex"):
+            if ref + "_TF" in row:
+                row[f"ps{page_size}_vs_{ref.replace('sdpa_', '')}"] = row[f"flashcore_ps{page_size}_TF"] / row[ref + "_TF"]
+    torch.cuda.empty_cache()
+    return row
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG")
+        return
+    series = [f"flashcore_ps{ps}_TF" for ps in PAGE_SIZES] + ["sdpa_flash_TF", "sdpa_cudnn_TF", "flex_TF"]
+    fig, ax = plt.subplots(figsize=(12, 5))
+    width = 0.8 / len(series)
+    for i, key in enumerate(series):
+        ax.bar([x + i * width for x in range(len(rows))], [r.get(key, 0.0) for r in rows], width,
+               label=key.replace("_TF", ""))
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], [r["shape"] for r in rows], rotation=15,
+                  fontsize=8)
+    ax.set_ylabel("TFLOP/s (causal counts half)")
+    ax.set_title(f"prefill attention forward, {device_name()}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter timing, no FlexAttention")
+    parser.add_argument("--no-flex", action="store_true")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    flex = None
+    if not (args.quick or args.no_flex):
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            flex = torch.compile(flex_attention, dynamic=False)
+        except Exception:
+            traceback.print_exc()
+    rows = []
+    for shape in SHAPES:
+        row = bench_shape(*shape, flex=flex, rep_ms=50 if args.quick else 200)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        rows.append(row)
+    csv_path = write_csv(rows, "bench_prefill.csv")
+    plot(rows, output_dir() / "bench_prefill.png")
+    print(f"\n{device_name()}; CSV: {csv_path}")
+    print_table(rows, ["shape", "flashcore_ps128_TF", "flashcore_ps16_TF", "sdpa_flash_TF", "sdpa_cudnn_TF",
+                       "flex_TF", "ps128_vs_flash", "ps16_vs_flash", "ps128_vs_cudnn", "ps128_vs_flex"])
+
+
+if __name__ == "__main__":
+    main()

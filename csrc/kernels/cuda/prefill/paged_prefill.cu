@@ -1,0 +1,34 @@
+// Host entry points of the prefill kernel (see launchers.h): what it supports, and the dtype dispatch.
+#include <cmath>
+#include <cstdint>
+
+#include "../launchers.h"
+#include "prefill_launch.cuh"
+
+namespace flashcore {
+
+namespace {
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+}  // namespace
+
+bool paged_prefill_supported(const PagedAttentionParams& p) {
+  const bool dtype_ok = p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16;
+  const bool shape_ok = (p.head_dim == 64 || p.head_dim == 128) && p.num_kv_heads > 0 &&
+                        p.num_q_heads % p.num_kv_heads == 0 && p.batch >= 0 && p.page_size > 0 && p.max_q_len >= 0;
+  // The softmax keeps the running max of raw scores, which needs a positive scale.
+  const bool scale_ok = std::isfinite(p.sm_scale) && p.sm_scale > 0.f;
+  // 16-byte cp.async / vector stores: every row start must be 16-byte aligned.
+  const bool align_ok = aligned16(p.q) && aligned16(p.k_cache) && aligned16(p.v_cache) && aligned16(p.out) &&
+                        p.q_stride_token % 8 == 0 && p.q_stride_head % 8 == 0;
+  // Grid (KV head, sequence, query tile): at most 65535 sequences and 65535 tiles of 128 (query, head) rows, i.e.
+  // max_q_len * Hq / Hkv <= 8,388,480 (a 1M-token prompt chunk at 8 query heads per KV head).
+  const bool grid_ok = !shape_ok || (p.batch <= 65535 && prefill::query_tiles(p) <= 65535);
+  return dtype_ok && shape_ok && scale_ok && align_ok && grid_ok;
+}
+
+cudaError_t launch_paged_prefill(const PagedAttentionParams& p, cudaStream_t stream) {
+  if (!paged_prefill_supported(p)) return cudaErrorInvalidValue;
+  return p.dtype == DType::kFloat16 ? prefill::launch_prefill_fp16(p, stream) : prefill::launch_prefill_bf16(p, stream);
+}
+
+}  // namespace flashcore
