@@ -6,15 +6,18 @@ that implementation needs (flashcore_hf.patches).
 """
 from ._ext import HAS_CUDA_KERNELS
 from .attention import FlashCoreAttention, FlashCoreFallbackWarning
+from .decode_graphs import decode_graph_stats, release_decode_graphs, set_cuda_graphs
 from .integration import (ATTN_IMPLEMENTATION, flashcore_attention_forward, flashcore_mask, register,
                           set_default_cache_options)
 from .layout import PageLayout
 from .ops import append_kv, build_layout, kernel_supports, paged_attention
 from .page_allocator import OutOfPagesError, PageAllocator
 from .paged_cache import CacheStats, PagedKVCache
+from .sparse import SparseConfig
 
 register()
 
 __all__ = ["ATTN_IMPLEMENTATION", "CacheStats", "FlashCoreAttention", "FlashCoreFallbackWarning", "HAS_CUDA_KERNELS",
-           "OutOfPagesError", "PageAllocator", "PageLayout", "PagedKVCache", "append_kv", "build_layout", "flashcore_attention_forward",
-           "flashcore_mask", "kernel_supports", "paged_attention", "register", "set_default_cache_options"]
+           "OutOfPagesError", "PageAllocator", "PageLayout", "PagedKVCache", "SparseConfig", "append_kv", "build_layout", "decode_graph_stats", "release_decode_graphs", "set_cuda_graphs",
+           "flashcore_attention_forward", "flashcore_mask", "kernel_supports", "paged_attention", "register",
+           "set_default_cache_options"]

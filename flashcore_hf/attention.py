@@ -29,6 +29,7 @@ from torch import nn
 from .cache_handle import PagedKVHandle
 from .layout import PageLayout
 from .ops import kernel_supports, paged_attention
+from .sparse.selection import SparsePagedKVHandle
 
 DENSE_PAGE_SIZE = 64
 """Page size used for dense K/V: supported by the CPU kernel and the CUDA decode and prefill kernels."""
@@ -85,8 +86,15 @@ class FlashCoreAttention(nn.Module):
     def _paged(self, query, handle: PagedKVHandle, scale, window, causal) -> torch.Tensor:
         b, hq, s, d = query.shape
         q = query.transpose(1, 2).reshape(b * s, hq, d)  # a view for decode (S == 1)
-        out = self._attend(q, handle.k_cache, handle.v_cache, handle.layout, handle.q_indptr, handle.max_q_len,
-                           handle.max_pages_per_seq, causal, scale, window, handle.workspace)
+        layout, max_pages = handle.layout, handle.max_pages_per_seq
+        if (window is None and isinstance(handle, SparsePagedKVHandle)
+                and kernel_supports(q.device, q.dtype, d, handle.k_cache.shape[1], handle.max_q_len, hq,
+                                    handle.k_cache.shape[2])):
+            # Sparse decode step: the pages this layer's policy selects. Dense instead for sliding windows (counted in
+            # positions, which a subset of pages would shift) and for the SDPA fallback (per-sequence layouts only).
+            layout, max_pages = handle.select_layout(q)
+        out = self._attend(q, handle.k_cache, handle.v_cache, layout, handle.q_indptr, handle.max_q_len, max_pages,
+                           causal, scale, window, handle.workspace)
         return out.view(b, s, hq, d)
 
     # ---- dense K/V (DynamicCache / StaticCache / no cache) --------------------------------------------------

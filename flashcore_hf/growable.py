@@ -2,10 +2,23 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
 from . import _ext  # noqa: F401  (registers torch.classes.flashcore)
+
+
+_LIVE_BUFFERS: "weakref.WeakSet[GrowableBuffer]" = weakref.WeakSet()
+
+
+def total_mapped_bytes(device: torch.device | str | None = None) -> int:
+    """Bytes mapped by all live GrowableBuffers (on `device`, or everywhere). On CUDA this memory is invisible to
+    torch.cuda.memory_allocated(), so memory reports add it (see benchmarks/bench_e2e.py)."""
+    device = None if device is None else torch.device(device)
+    return sum(b.nbytes for b in list(_LIVE_BUFFERS)
+               if device is None or (b.device.type == device.type and
+                                     (device.index is None or b.device.index == device.index)))
 
 
 class GrowableBuffer:
@@ -23,6 +36,7 @@ class GrowableBuffer:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self._impl = torch.classes.flashcore.GrowableBuffer(str(device), int(reserve_bytes))
+        _LIVE_BUFFERS.add(self)
 
     @property
     def nbytes(self) -> int:

@@ -26,15 +26,17 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from .attention import FlashCoreAttention
+from .decode_graphs import pool_arena, prepare_for_generate
 from .paged_cache import SUPPORTED_LAYER_TYPES, PagedKVCache
 from .padding import stash_padding_mask
+from .sparse.config import SparseConfig
 from .patches import apply_transformers_patches
 
 ATTN_IMPLEMENTATION = "flashcore"
 """The name to pass as `attn_implementation`."""
 
 _ATTENTION = FlashCoreAttention()
-_DEFAULT_CACHE_OPTIONS: dict = {"page_size": 64, "num_pages": None, "max_num_pages": None}
+_DEFAULT_CACHE_OPTIONS: dict = {"page_size": 64, "num_pages": None, "max_num_pages": None, "sparse": None}
 
 
 def flashcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, value, attention_mask,
@@ -98,11 +100,13 @@ def flashcore_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
 
 
 def set_default_cache_options(*, page_size: int | None = None, num_pages: int | None = None,
-                              max_num_pages: int | None = None) -> dict:
+                              max_num_pages: int | None = None, sparse: SparseConfig | None = None) -> dict:
     """Options of the PagedKVCache that generate() builds for flashcore models given no cache (process-wide).
 
-    page_size (default 64), num_pages (default None: grows on demand), max_num_pages (growth limit). Pass an
-    explicit `past_key_values=PagedKVCache(...)` to generate() for per-call control. Returns the options in force.
+    page_size (default 64), num_pages (default None: grows on demand), max_num_pages (growth limit), sparse (a
+    flashcore_hf.SparseConfig: sparse page selection for decode steps; default None = dense; pass
+    SparseConfig() to return to dense). Pass an explicit `past_key_values=PagedKVCache(...)` to generate() for
+    per-call control. Returns the options in force.
     """
     if page_size is not None:
         if int(page_size) < 1:
@@ -114,6 +118,10 @@ def set_default_cache_options(*, page_size: int | None = None, num_pages: int | 
         _DEFAULT_CACHE_OPTIONS.update(num_pages=int(num_pages), max_num_pages=None)
     if max_num_pages is not None:
         _DEFAULT_CACHE_OPTIONS.update(num_pages=None, max_num_pages=int(max_num_pages))
+    if sparse is not None:
+        if not isinstance(sparse, SparseConfig):
+            raise TypeError(f"sparse must be a flashcore_hf.SparseConfig, got {type(sparse).__name__}")
+        _DEFAULT_CACHE_OPTIONS["sparse"] = sparse
     return dict(_DEFAULT_CACHE_OPTIONS)
 
 
@@ -130,11 +138,11 @@ def default_generate_cache(model, generation_config, batch_size: int, max_cache_
         options.pop("num_pages")
     else:
         options.pop("max_num_pages")
-    return PagedKVCache(model.config, **options)
+    return PagedKVCache(model.config, expected_max_length=max_cache_length, pool_arena=pool_arena(model), **options)
 
 
 def register() -> None:
     """Register "flashcore" in AttentionInterface and AttentionMaskInterface and apply the patches (idempotent)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, flashcore_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flashcore_mask)
-    apply_transformers_patches((ATTN_IMPLEMENTATION,), default_generate_cache)
+    apply_transformers_patches((ATTN_IMPLEMENTATION,), default_generate_cache, prepare_for_generate)

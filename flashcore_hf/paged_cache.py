@@ -16,6 +16,7 @@ tokens of each sequence is tracked separately (`sequence_lengths`).
 """
 from __future__ import annotations
 
+import functools
 import os
 from array import array
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from .layout import PageLayout
 from .ops import append_kv
 from .padding import take_padding_mask
 from .page_allocator import OutOfPagesError, PageAllocator
+from .sparse.config import SparseConfig
+from .sparse.planner import SparseCachePlanner, SparseStepPlan
 
 # transformers < 5.18 reads a positive `crop` argument as the length to keep (deprecated); later versions refuse it.
 _POSITIVE_CROP_IS_LENGTH = version.parse(transformers.__version__).release < (5, 18)
@@ -39,9 +42,11 @@ _POSITIVE_CROP_IS_LENGTH = version.parse(transformers.__version__).release < (5,
 # the window, so they are stored like full-attention layers.
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
-# With num_pages=None the pools grow by at least this many tokens' worth of pages (and at least 25 %), so growth
-# happens O(log n) times over a generation.
+# With num_pages=None the pools grow during decoding by at least this many tokens' worth of pages (and at least
+# 1/8 of the capacity), so growth happens O(log n) times over a generation without much unused memory. The prompt
+# step maps exactly what it needs, and a cache that knows its final length (expected_max_length) grows once to it.
 _MIN_GROWTH_TOKENS = 1024
+_GROWTH_FRACTION = 8
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class _StepPlan:
     host: torch.Tensor
     layers_done: set[int] = field(default_factory=set)
     per_device: dict[torch.device, _DeviceStep] = field(default_factory=dict)
+    sparse: SparseStepPlan | None = None
 
     def on(self, device: torch.device) -> _DeviceStep:
         """The metadata on `device`, copied there on first use (once per device per step)."""
@@ -97,6 +103,11 @@ class _StepPlan:
             step = _DeviceStep(PageLayout(*parts[:4]), parts[4], parts[5])
             self.per_device[device] = step
         return step
+
+
+def page_count_bucket(pages: int) -> int:
+    """The host-side bound on pages per layout row that kernels get: the next power of two (at least 1)."""
+    return 1 << max(0, int(pages) - 1).bit_length()
 
 
 def _int32(values) -> torch.Tensor:
@@ -160,7 +171,8 @@ class PagedKVLayer(CacheLayerMixin):
         layers_here = -(-num_layers // max(1, devices))
         return _device_memory_bytes(self.device) // (2 * layers_here * self.page_bytes)
 
-    def allocate_pools(self, num_pages: int, growable: bool, reserve_pages: int) -> None:
+    def allocate_pools(self, num_pages: int, growable: bool, reserve_pages: int,
+                       new_buffer=GrowableBuffer) -> None:
         """Create the pools with room for `num_pages` pages: growable ones reserve address space for `reserve_pages`
         pages and map memory on demand; fixed ones are plain tensors."""
         if growable:
@@ -168,8 +180,8 @@ class PagedKVLayer(CacheLayerMixin):
                 raise OutOfPagesError(
                     f"out of KV-cache pages: the cache already holds {num_pages} pages but this layer's pools on "
                     f"{self.device} can reserve at most {reserve_pages}", needed=num_pages, available=reserve_pages)
-            self._k_buffer = GrowableBuffer(self.device, reserve_pages * self.page_bytes)
-            self._v_buffer = GrowableBuffer(self.device, reserve_pages * self.page_bytes)
+            self._k_buffer = new_buffer("k", self.device, reserve_pages * self.page_bytes)
+            self._v_buffer = new_buffer("v", self.device, reserve_pages * self.page_bytes)
             self.grow(num_pages)
         else:
             shape = (num_pages, self.page_size, self.num_kv_heads, self.head_dim)
@@ -245,6 +257,13 @@ class PagedKVCache(Cache):
         demand without copying pages already written (pools reserve address space and map memory as needed).
     max_num_pages: with num_pages=None, the most pages the pools may grow to (default: as many as the device memory
         could hold for all layers; see PagedKVLayer.reserve_pages).
+    pool_arena: with num_pages=None, where growable pools come from (flashcore_hf.decode_graphs.PoolArena: memory
+        kept for the model's next cache, so its CUDA graphs replay without re-capture); None: fresh memory.
+    expected_max_length: with num_pages=None, the length (tokens per sequence, padding included) the sequences are
+        expected to reach, e.g. generate()'s max_length. The first growth after the prompt maps pages for that
+        length at once, so a generation grows its pools (and re-captures decode CUDA graphs) once.
+    sparse: sparse page selection for decode steps (flashcore_hf.sparse.SparseConfig); None or policy "dense": every
+        step reads every page.
 
     Running out of pages raises OutOfPagesError (a RuntimeError) and leaves the cache as it was before the step.
     `update` returns a PagedKVHandle (as both key and value) for the "flashcore" attention function; left-padding
@@ -252,7 +271,8 @@ class PagedKVCache(Cache):
     """
 
     def __init__(self, config, page_size: int = 64, num_pages: int | None = None, *,
-                 max_num_pages: int | None = None):
+                 max_num_pages: int | None = None, expected_max_length: int | None = None,
+                 sparse: SparseConfig | None = None, pool_arena=None):
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if num_pages is not None and num_pages < 0:
@@ -269,10 +289,18 @@ class PagedKVCache(Cache):
         self.page_size = int(page_size)
         self._growable = num_pages is None
         self._max_num_pages = max_num_pages
+        self._expected_max_length = expected_max_length
+        self._arena = pool_arena if pool_arena is not None and num_pages is None and pool_arena.lease(self) else None
         self.allocator = PageAllocator(0 if num_pages is None else num_pages, page_size)
         self._rows: list[int] = []      # allocator sequence id of each batch row
         self._padded_len = 0            # columns seen so far, padding included (the same for every row)
         self._step: _StepPlan | None = None
+        self.sparse = SparseConfig() if sparse is None else sparse
+        sliding_everywhere = getattr(text_config, "layer_types", None) is None and bool(
+            getattr(text_config, "sliding_window", None)) and getattr(text_config, "use_sliding_window", True)
+        planner = SparseCachePlanner(self.sparse, layer_types, self.page_size, sliding_everywhere,
+                                     self._new_bounds_buffer)
+        self._sparse = planner if planner.active else None
 
     # ---- the per-layer entry point ----------------------------------------------------------------------------
 
@@ -306,8 +334,13 @@ class PagedKVCache(Cache):
             layer.lazy_initialization(key_states, value_states)
         if layer.k_pool is None:
             reserve = layer.reserve_pages(self._max_num_pages, len(self.layers)) if self._growable else 0
-            layer.allocate_pools(self.allocator.num_pages, self._growable, reserve)
-        return layer.update(key_states, value_states, step)
+            layer.allocate_pools(self.allocator.num_pages, self._growable, reserve,
+                                 functools.partial(self._new_pool_buffer, layer_idx))
+        handle, _ = layer.update(key_states, value_states, step)
+        if step.sparse is not None:
+            handle = self._sparse.layer_handle(layer_idx, handle, step.sparse,
+                                               step.on(key_states.device).slot_mapping)
+        return handle, handle
 
     # ---- planning (once per forward step) ---------------------------------------------------------------------
 
@@ -339,12 +372,22 @@ class PagedKVCache(Cache):
         for b, slots in enumerate(appended.slots):
             end = (b + 1) * query_len
             slot_mapping[end - len(slots):end] = slots
-        layout, max_pages_per_seq = self._plan_layout()
+        layout, max_pages = self._plan_layout()
+        # The kernels size their grid (and the decode kernel its split-KV plan) from this bound. Rounding it up to a
+        # power of two makes eager steps and CUDA-graph replays (which need a fixed bound) run the very same plan,
+        # so both give bit-identical results; the kernels skip the pages a row does not have.
+        max_pages_per_seq = page_count_bucket(max_pages)
         q_indptr = torch.arange(batch_size + 1, dtype=torch.int32) * query_len
         parts = [*layout, q_indptr, _int32(slot_mapping)]
         host = torch.empty(sum(p.numel() for p in parts), dtype=torch.int32, pin_memory=device.type == "cuda")
         torch.cat(parts, out=host)
-        return _StepPlan(batch_size, query_len, self._padded_len, max_pages_per_seq, layout.cols.numel(), host)
+        sparse = None
+        if self._sparse is not None:
+            sparse = self._sparse.plan_step(lengths, [n + c for n, c in zip(lengths, counts)],
+                                            [self.allocator.page_table(r) for r in self._rows], query_len,
+                                            max_pages_per_seq, pin=device.type == "cuda")
+        return _StepPlan(batch_size, query_len, self._padded_len, max_pages_per_seq, layout.cols.numel(), host,
+                         sparse=sparse)
 
     def _new_token_counts(self, batch_size: int, query_len: int, mask: torch.Tensor | None) -> list[int]:
         """Real (unpadded) tokens among each row's `query_len` new tokens, from the last columns of a 2-D mask.
@@ -402,7 +445,14 @@ class PagedKVCache(Cache):
         if self._max_num_pages is not None:
             limits.append(self._max_num_pages)
         limit = min(limits, default=None)
-        target = capacity + max(shortfall, capacity // 4, -(-_MIN_GROWTH_TOKENS // self.page_size))
+        if self._padded_len == 0:  # the prompt: exactly what it needs
+            target = capacity + shortfall
+        elif self._expected_max_length is not None:  # straight to the expected final length
+            pages_per_row = -(-self._expected_max_length // self.page_size)
+            target = max(capacity + shortfall, len(self._rows) * pages_per_row)
+        else:
+            target = capacity + max(shortfall, capacity // _GROWTH_FRACTION,
+                                    -(-_MIN_GROWTH_TOKENS // self.page_size))
         if limit is not None:
             target = min(target, limit)
         if target < capacity + shortfall:
@@ -452,6 +502,56 @@ class PagedKVCache(Cache):
         for seq_id in self._rows:
             self.allocator.free(seq_id)
         self._rows = new_rows
+
+    # ---- CUDA-graph decode (flashcore_hf/decode_graphs.py) ------------------------------------------------------
+
+    def _new_pool_buffer(self, layer_idx: int, role: str, device: torch.device, reserve_bytes: int) -> GrowableBuffer:
+        """Backing memory of one growable pool: from the pool arena when this cache holds one, else fresh."""
+        if self._arena is not None:
+            return self._arena.buffer((layer_idx, role), device, reserve_bytes)
+        return GrowableBuffer(device, reserve_bytes)
+
+    def _new_bounds_buffer(self, layer_idx: int, device: torch.device, row_bytes: int) -> GrowableBuffer | None:
+        """Backing memory of a sparse layer's page key bounds (flashcore_hf.sparse.PageKeySummaries, one row of
+        `row_bytes` per page + 1): growable at a fixed address like the pools (from the pool arena when this cache
+        holds one); None with fixed-size pools (a plain tensor then)."""
+        layer = self.layers[layer_idx]
+        if not self._growable or layer._k_buffer is None:
+            return None
+        rows = layer._k_buffer.reserved_bytes // layer.page_bytes + 1
+        return self._new_pool_buffer(layer_idx, "key_bounds", device, rows * row_bytes)
+
+    def supports_fixed_decode_step(self, batch_size: int, device: torch.device) -> bool:
+        """Whether a decode step of `batch_size` rows can run from fixed device buffers (a CUDA-graph replay): the
+        rows all hold tokens (no padding left to decide), every layer has its pools on `device`, and a sparse policy's
+        per-page key bounds have stable addresses (they come from the pool arena, like the pools)."""
+        if len(self._rows) != batch_size or (self._sparse is not None and self._arena is None):
+            return False
+        if any(self.allocator.length(r) == 0 for r in self._rows):
+            return False
+        return all(layer.k_pool is not None and layer.k_pool.device == device for layer in self.layers)
+
+    def plan_decode_step(self, device: torch.device) -> _StepPlan:
+        """Host half of a decode step (one new token per row): page allocation and the step's page lists, with no
+        device work. A CUDA-graph replay copies the plan into its fixed buffers (`_StepPlan.host` packs them).
+        Raises OutOfPagesError like `update`."""
+        return self._plan_step(len(self._rows), 1, None, device)
+
+    def begin_fixed_step(self, device_step: _DeviceStep, padded_len: int, max_pages_per_seq: int) -> None:
+        """Make the next forward's layers take `device_step` (fixed device buffers of a CUDA graph) as the step's
+        metadata instead of planning one; what the buffers hold when the graph replays is what counts."""
+        device = device_step.q_indptr.device
+        sparse = None if self._sparse is None else self._sparse.fixed_decode_plan(max_pages_per_seq)
+        self._step = _StepPlan(device_step.q_indptr.numel() - 1, 1, padded_len, max_pages_per_seq,
+                               device_step.layout.cols.numel(), host=None, per_device={device: device_step},
+                               sparse=sparse)
+
+    def finish_replayed_step(self, plan: _StepPlan) -> None:
+        """Host bookkeeping of a step whose layers ran inside a graph replay (their Python code did not run)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.seq_length = plan.padded_len
+        self._step = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i becomes old row beam_idx[i]. Page tables are permuted; pages are shared, not copied."""

@@ -33,22 +33,25 @@ def _check_target(generation_mixin) -> None:
             f"{EXPECTED_PARAMETERS}); the flashcore default-cache patch must be revisited.")
 
 
-def install_default_cache_factory(factory: DefaultCacheFactory) -> None:
-    """Route generate()'s default cache through `factory` (idempotent: a later call replaces the factory)."""
+def install_default_cache_factory(factory: DefaultCacheFactory, on_generate=None) -> None:
+    """Route generate()'s default cache through `factory` and call on_generate(model, generation_config) at the
+    start of every generate() (idempotent: a later call replaces both)."""
     from transformers.generation.utils import GenerationMixin
 
     current = GenerationMixin._prepare_cache_for_generation
     holder = getattr(current, "__flashcore_factory__", None)
     if holder is not None:
-        holder[0] = factory
+        holder[:] = [factory, on_generate]
         return
     _check_target(GenerationMixin)
     original = current
-    holder = [factory]
+    holder = [factory, on_generate]
 
     @functools.wraps(original)
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
+        if holder[1] is not None:
+            holder[1](self, generation_config)
         default_applies = (
             model_kwargs.get("past_key_values") is None
             and generation_config.use_cache is not False

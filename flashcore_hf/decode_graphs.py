@@ -1,0 +1,283 @@
+"""CUDA-graph decode: generate()'s decode steps replay a captured CUDA graph of the whole model forward.
+
+A stock transformers decode step costs ~60 ms on an H200 whatever the batch or context: host overhead of hundreds of
+small kernel launches, not attention or memory. With a PagedKVCache everything a decode step needs on the device has
+a fixed size once the host has planned the step: the page lists, each new token's slot, the token ids and positions.
+So the model forward is captured once per key (batch size, page-count bucket, page pools) into a CUDA graph whose
+inputs are fixed buffers, and every decode step then
+  1. plans on the host (page allocation and page lists: `PagedKVCache.plan_decode_step`),
+  2. copies that plan (one host-to-device copy) and the new token ids into the graph's buffers,
+  3. replays the graph.
+Prefill, multi-token steps, beam reordering (host side) and anything unusual run eagerly. A replay runs the same
+kernels with the same plans as an eager step (the kernels' page bound is bucketed in both), so outputs are
+bit-identical to the eager path.
+
+One graph per batch size: generate() keeps the batch fixed for a whole call (finished rows keep running), and padding
+a batch up to a bucket would change every GEMM's shape and with it the rounding of the results.
+
+Page pools: a captured graph holds the pools' addresses and their page count (and, with sparse selection, the
+addresses of the per-page key bounds, which come from the same arena). Caches that generate() creates draw
+their pools from one `PoolArena` per model, so the next generate() call reuses the same memory and the same graphs;
+a pool growth (rare: `PagedKVCache(expected_max_length=...)` grows once per generation) captures anew.
+
+On by default for flashcore models on one CUDA device. Off: `flashcore_hf.set_cuda_graphs(False)`, the environment
+variable FLASHCORE_CUDA_GRAPHS=0, or `model.generate(..., disable_compile=True)`. `decode_graph_stats(model)` reports
+captures, their cost and replays; `release_decode_graphs(model)` frees the graphs and the pool arena.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .growable import GrowableBuffer
+from .layout import PageLayout
+from .paged_cache import PagedKVCache, _DeviceStep, _StepPlan
+
+_ENABLED = os.environ.get("FLASHCORE_CUDA_GRAPHS", "1") != "0"
+_MAX_GRAPHS_PER_MODEL = 8
+# Keyword arguments generate() passes to a decode step that the captured forward can stand for.
+_ALLOWED_KWARGS = frozenset({"input_ids", "past_key_values", "attention_mask", "use_cache", "return_dict",
+                             "position_ids", "logits_to_keep", "output_attentions", "output_hidden_states"})
+
+
+def set_cuda_graphs(enabled: bool) -> None:
+    """Turn CUDA-graph decode on or off for every flashcore model in this process (default: on)."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
+def cuda_graphs_enabled() -> bool:
+    return _ENABLED
+
+
+@dataclass
+class DecodeGraphStats:
+    """What the graph runner of one model did: captures (and their seconds), replays, decode steps run eagerly."""
+
+    captures: int = 0
+    capture_seconds: float = 0.0
+    replays: int = 0
+    eager_decode_steps: int = 0
+
+
+class PoolArena:
+    """Page-pool memory of one model, lent to one PagedKVCache at a time and kept when that cache is gone, so the
+    next generate() call gets the same addresses and replays the graphs captured before (no re-capture).
+
+    The memory stays mapped between calls (like torch's caching allocator); `release_decode_graphs` frees it.
+    """
+
+    def __init__(self):
+        self._buffers: dict[tuple, GrowableBuffer] = {}
+        self._tenant = None
+
+    def lease(self, cache) -> bool:
+        """Lend the arena to `cache` unless another live cache holds it."""
+        if self._tenant is not None and self._tenant() is not None:
+            return False
+        self._tenant = weakref.ref(cache)
+        return True
+
+    def buffer(self, key: tuple, device: torch.device, reserve_bytes: int) -> GrowableBuffer:
+        """The arena's buffer for `key` (e.g. (layer, "k")), new if absent or too small for reserve_bytes."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.device != torch.device(device) or buf.reserved_bytes < reserve_bytes:
+            buf = GrowableBuffer(device, reserve_bytes)
+            self._buffers[key] = buf
+        return buf
+
+
+class _FixedStep:
+    """The fixed device buffers of one captured decode step, its graph and its output.
+
+    meta packs, like `_StepPlan.host`: row_offsets [B+1], cols [cap], token_counts [cap], staging_ids [cap],
+    q_indptr [B+1], slot_mapping [B]; cap = B * (page bucket) entries, those past a step's pages unused.
+    """
+
+    def __init__(self, batch: int, capacity: int, device: torch.device):
+        self.batch, self.capacity = batch, capacity
+        self.sizes = [batch + 1, capacity, capacity, capacity, batch + 1, batch]
+        self.meta = torch.zeros(sum(self.sizes), dtype=torch.int32, device=device)
+        parts = torch.split(self.meta, self.sizes)
+        self.device_step = _DeviceStep(PageLayout(*parts[:4]), parts[4], parts[5])
+        self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None   # the graph's output buffer
+        self.output_type = None                   # the model's output class
+
+    def load_noop(self) -> None:
+        """A step that reads no page and writes no slot (for the warm-up and the capture)."""
+        b = self.batch
+        host = torch.zeros(self.meta.numel(), dtype=torch.int32)
+        offsets = torch.cumsum(torch.tensor([0, *self.sizes]), 0).tolist()
+        host[offsets[3]:offsets[4]] = -1                            # staging ids
+        host[offsets[4]:offsets[5]] = torch.arange(b + 1, dtype=torch.int32)
+        host[offsets[5]:offsets[6]] = -1                            # slots: write nothing
+        self.meta.copy_(host)
+
+    def load(self, plan: _StepPlan) -> None:
+        """Copy a host plan into the buffers (one host-to-device copy; no sync)."""
+        b, nnz, cap = self.batch, plan.nnz, self.capacity
+        pieces = torch.split(plan.host, [b + 1, nnz, nnz, nnz, b + 1, b])
+        host = torch.empty(self.meta.numel(), dtype=torch.int32, pin_memory=True)
+        at = 0
+        for piece, size in zip(pieces, self.sizes):
+            host[at:at + piece.numel()] = piece
+            if size > piece.numel():
+                host[at + piece.numel():at + size] = 0
+            at += size
+        self.meta.copy_(host, non_blocking=True)
+
+
+class DecodeGraphRunner:
+    """Stands in for a model's `forward`: decode steps over a PagedKVCache replay CUDA graphs, all else runs eagerly."""
+
+    def __init__(self, model: torch.nn.Module, forward):
+        self._model = weakref.ref(model)
+        self._forward = forward
+        self._graphs: OrderedDict[tuple, _FixedStep] = OrderedDict()
+        self.arena = PoolArena()
+        self.stats = DecodeGraphStats()
+        self.enabled_for_call = True       # generate(disable_compile=True) turns it off for that call
+        functools.update_wrapper(self, forward)
+
+    def __call__(self, *args, **kwargs):
+        if args or not self._eligible(kwargs):
+            return self._forward(*args, **kwargs)
+        return self._replay(kwargs)
+
+    def release(self) -> None:
+        """Drop every captured graph and the pool arena (their memory is freed once no cache uses it)."""
+        self._graphs.clear()
+        self.arena = PoolArena()
+
+    # ---- eligibility -------------------------------------------------------------------------------------------
+
+    def _eligible(self, kwargs) -> bool:
+        ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
+        if not (_ENABLED and self.enabled_for_call and isinstance(cache, PagedKVCache)
+                and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1 and ids.is_cuda):
+            return False
+        model = self._model()
+        decode_step = (model is not None and model.config._attn_implementation == "flashcore"
+                       and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing()
+                       and _ALLOWED_KWARGS.issuperset(kwargs) and kwargs.get("use_cache") is not False
+                       and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")
+                       and kwargs.get("logits_to_keep") in (None, 0, 1))
+        if not decode_step:
+            return False
+        if not cache.supports_fixed_decode_step(ids.shape[0], ids.device):
+            self.stats.eager_decode_steps += 1
+            return False
+        return True
+
+    # ---- replay and capture ------------------------------------------------------------------------------------
+
+    def _replay(self, kwargs):
+        ids, cache = kwargs["input_ids"], kwargs["past_key_values"]
+        batch, device = ids.shape[0], ids.device
+        plan = cache.plan_decode_step(device)          # may grow the pools: part of the key below
+        pools = tuple((layer.k_pool.data_ptr(), layer.v_pool.data_ptr(), layer.k_pool.shape[0])
+                      for layer in cache.layers)
+        key = (batch, plan.max_pages_per_seq, pools, cache.sparse)
+        step = self._graphs.get(key)
+        if step is None:
+            step = self._capture(cache, batch, plan, device, key)
+        else:
+            self._graphs.move_to_end(key)
+        step.load(plan)
+        step.input_ids.copy_(ids)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # what the model computes without them: the padded length before this token
+            step.position_ids.fill_(plan.padded_len - 1)
+        else:
+            step.position_ids.copy_(position_ids.expand(batch, 1))
+        step.graph.replay()
+        cache.finish_replayed_step(plan)
+        self.stats.replays += 1
+        # A copy: the graph's output buffer is overwritten by the next replay, while generate() may keep logits.
+        return step.output_type(logits=step.logits.clone(), past_key_values=cache)
+
+    def _capture(self, cache: PagedKVCache, batch: int, plan: _StepPlan, device: torch.device, key) -> _FixedStep:
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step = _FixedStep(batch, batch * plan.max_pages_per_seq, device)
+        step.load_noop()
+        step.position_ids.fill_(plan.padded_len - 1)
+        forward_kwargs = dict(input_ids=step.input_ids, position_ids=step.position_ids, past_key_values=cache,
+                              use_cache=True, return_dict=True)
+        # Warm-up outside the capture (library handles, lazy initialisation) on a side stream, as CUDA graphs
+        # require; the no-op step reads no page and writes no slot, so the cache is unchanged.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            cache.begin_fixed_step(step.device_step, plan.padded_len, plan.max_pages_per_seq)
+            self._forward(**forward_kwargs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        cache.begin_fixed_step(step.device_step, plan.padded_len, plan.max_pages_per_seq)
+        with torch.cuda.graph(graph):
+            output = self._forward(**forward_kwargs)
+        # Keep only the logits buffer: the output also references the cache, which must not outlive its generate()
+        # call (it would keep the pool arena leased and the next cache would map fresh pools).
+        step.graph, step.logits, step.output_type = graph, output.logits, type(output)
+        del output, forward_kwargs
+        self._graphs[key] = step
+        while len(self._graphs) > _MAX_GRAPHS_PER_MODEL:
+            self._graphs.popitem(last=False)
+        torch.cuda.synchronize(device)
+        self.stats.captures += 1
+        self.stats.capture_seconds += time.perf_counter() - start
+        return step
+
+
+def _runner(model) -> DecodeGraphRunner | None:
+    forward = model.__dict__.get("forward")
+    return forward if isinstance(forward, DecodeGraphRunner) else None
+
+
+def _single_cuda_device(model) -> bool:
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map and len(set(device_map.values())) > 1:
+        return False
+    return next(model.parameters()).is_cuda
+
+
+def prepare_for_generate(model, generation_config) -> None:
+    """Called at the start of every generate(): routes a flashcore CUDA model's forward through a DecodeGraphRunner
+    (installed once, as an instance attribute) and applies `disable_compile` to this call."""
+    if model.config.get_text_config(decoder=True)._attn_implementation != "flashcore":
+        return
+    runner = _runner(model)
+    if runner is None:
+        if not (_ENABLED and torch.cuda.is_available() and _single_cuda_device(model)):
+            return
+        runner = DecodeGraphRunner(model, model.forward)
+        model.forward = runner
+    runner.enabled_for_call = not getattr(generation_config, "disable_compile", False)
+
+
+def pool_arena(model) -> PoolArena | None:
+    """The model's pool arena (for the caches generate() creates), when its decode steps use CUDA graphs."""
+    runner = _runner(model)
+    return runner.arena if runner is not None and _ENABLED else None
+
+
+def decode_graph_stats(model) -> DecodeGraphStats | None:
+    """Captures, capture seconds, replays and eager decode steps of the model's graph runner (None: not in use)."""
+    runner = _runner(model)
+    return None if runner is None else runner.stats
+
+
+def release_decode_graphs(model) -> None:
+    """Free the model's captured decode graphs and its pool arena."""
+    runner = _runner(model)
+    if runner is not None:
+        runner.release()

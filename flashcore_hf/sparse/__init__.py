@@ -1,0 +1,26 @@
+"""Sparse page selection for long-context decode: which pages each sequence (and kv head) reads per step.
+
+`SparseConfig` chooses the policy ("dense", "streaming", "topk"; see flashcore_hf/sparse/config.py); a
+`PagedKVCache` applies it. Two ways to turn it on with plain `generate()`:
+
+    import flashcore_hf as fc
+    sparse = fc.SparseConfig(policy="topk", token_budget=4096)            # sinks, recent pages, dense layers: defaults
+
+    # 1. per call: pass the cache
+    model.generate(ids, past_key_values=fc.PagedKVCache(model.config, sparse=sparse), max_new_tokens=256)
+
+    # 2. process-wide: the cache generate() builds by itself for attn_implementation="flashcore" models
+    fc.set_default_cache_options(sparse=sparse)
+    model.generate(ids, max_new_tokens=256)
+
+Prefill stays dense; decode steps read the selected pages. Selection runs on the device with fixed shapes and no host
+sync, and only changes the PageLayout the kernels read (the kernels know nothing about policies).
+"""
+from .config import SparseConfig
+from .selection import (PaddedPageTable, SparsePagedKVHandle, StepSelection, padded_page_table, page_upper_bounds,
+                        select_top_pages, step_is_sparse, streaming_layout, topk_layout, topk_pages)
+from .summaries import PageKeySummaries, decode_refresh_slots, refresh_slots
+
+__all__ = ["PaddedPageTable", "PageKeySummaries", "SparseConfig", "SparsePagedKVHandle", "StepSelection",
+           "decode_refresh_slots", "padded_page_table", "page_upper_bounds", "refresh_slots", "select_top_pages",
+           "step_is_sparse", "streaming_layout", "topk_layout", "topk_pages"]

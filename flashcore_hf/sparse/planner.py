@@ -1,0 +1,129 @@
+"""`SparseCachePlanner`: what `PagedKVCache` runs for sparse page selection.
+
+- At construction: which layers select pages, and a `PageKeySummaries` per such layer under "topk".
+- Once per step (`plan_step` on the host; `fixed_decode_plan` for CUDA-graph decode steps): whether this step
+  selects pages, and which pages' summaries to refresh. A step of one new token per sequence needs no host data:
+  the pages to refresh follow from the step's slot_mapping on the device, so eager decode steps and CUDA-graph
+  replays run the very same ops. Longer steps (prefill) list their written pages on the host.
+- Per layer (`layer_handle`, after the layer's K/V were appended): refresh the layer's summaries of the written
+  pages (every step, prefill included, so decode always scores fresh bounds), then hand attention a
+  `SparsePagedKVHandle` on sparse steps of sparse layers, the plain handle otherwise.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..cache_handle import PagedKVHandle
+from .config import SparseConfig
+from .selection import SparsePagedKVHandle, StepSelection, step_is_sparse
+from .summaries import PageKeySummaries, decode_refresh_slots, refresh_slots
+
+
+@dataclass
+class SparseStepPlan:
+    """One step's sparse state.
+
+    query_len: new tokens per sequence. select: whether sparse layers select pages this step (a function of the
+    step's page-count bucket, so a CUDA graph captured for a bucket stays right for every step it replays).
+    written: None for steps of one token per sequence (pages to refresh come from slot_mapping on the device), else
+    [2, n] int32 on the host (pinned when CUDA is used): the distinct pages written (row 0) and their valid tokens
+    afterwards (row 1). The per-device parts (refresh slots, StepSelection) are made on first use.
+    """
+
+    query_len: int
+    select: bool
+    written: torch.Tensor | None = None
+    _refresh: dict = field(default_factory=dict)
+    _selections: dict = field(default_factory=dict)
+
+    def refresh_on(self, device: torch.device, slot_mapping: torch.Tensor, page_size: int):
+        """(rows, page_slots) for PageKeySummaries.refresh on `device`; slot_mapping: the step's, on that device."""
+        found = self._refresh.get(device)
+        if found is None:
+            if self.written is None:
+                found = decode_refresh_slots(slot_mapping, page_size)
+            else:
+                written = self.written if device.type == "cpu" else self.written.to(device, non_blocking=True)
+                found = refresh_slots(written[0], written[1], page_size)
+            self._refresh[device] = found
+        return found
+
+    def selection_on(self, handle: PagedKVHandle, config: SparseConfig, page_size: int) -> StepSelection:
+        """The StepSelection of the device of `handle` (whose layout is the step's dense layout there)."""
+        device = handle.k_cache.device
+        selection = self._selections.get(device)
+        if selection is None:
+            selection = self._selections[device] = StepSelection(
+                config, handle.layout, handle.max_pages_per_seq, self.query_len, page_size)
+        return selection
+
+
+class SparseCachePlanner:
+    """Sparse selection state of one PagedKVCache.
+
+    config: the SparseConfig. layer_types: HF layer type of every layer ("full_attention", "sliding_attention").
+    page_size: the cache's tokens per page. sliding_everywhere: the model applies a sliding window on every layer
+    although it declares no layer types (e.g. Mistral with config.sliding_window set): then no layer selects.
+    new_bounds_buffer: optional (layer_idx, device, row_bytes) -> GrowableBuffer | None, where each layer's page
+    key bounds live (see PageKeySummaries).
+    """
+
+    def __init__(self, config: SparseConfig, layer_types: list[str], page_size: int,
+                 sliding_everywhere: bool = False, new_bounds_buffer: Callable | None = None):
+        config.page_counts(page_size)  # validates the budget against the page size now, not at the first decode
+        self.config = config
+        self.page_size = page_size
+        self.sparse_layers = frozenset(
+            i for i, kind in enumerate(layer_types)
+            if not sliding_everywhere and config.is_sparse_layer(i, kind))
+        self.summaries = {}
+        if config.policy == "topk":
+            self.summaries = {i: PageKeySummaries(None if new_bounds_buffer is None else
+                                                  functools.partial(new_bounds_buffer, i))
+                              for i in self.sparse_layers}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.sparse_layers)
+
+    def plan_step(self, lengths_before: list[int], lengths_after: list[int], page_tables: list[list[int]],
+                  query_len: int, max_pages_per_seq: int, pin: bool) -> SparseStepPlan:
+        """The step's plan. lengths_* [B]: real tokens per sequence before/after this step's append;
+        page_tables: each sequence's pages after it; max_pages_per_seq: the step's page-count bucket."""
+        select = step_is_sparse(self.config, query_len, max_pages_per_seq, self.page_size)
+        if query_len == 1 or not self.summaries:
+            return SparseStepPlan(query_len, select)
+        page_size = self.page_size
+        pages, counts = [], []
+        for before, after, table in zip(lengths_before, lengths_after, page_tables):
+            for j in range(before // page_size, -(-after // page_size)):
+                pages.append(table[j])
+                counts.append(min(page_size, after - j * page_size))
+        written = torch.tensor([pages, counts], dtype=torch.int32).view(2, len(pages))
+        return SparseStepPlan(query_len, select, written.pin_memory() if pin else written)
+
+    def fixed_decode_plan(self, max_pages_per_seq: int) -> SparseStepPlan:
+        """The plan of a decode step (one token per sequence) whose metadata sits in fixed device buffers."""
+        return SparseStepPlan(1, step_is_sparse(self.config, 1, max_pages_per_seq, self.page_size))
+
+    def layer_handle(self, layer_idx: int, handle: PagedKVHandle, plan: SparseStepPlan,
+                     slot_mapping: torch.Tensor) -> PagedKVHandle:
+        """After layer `layer_idx` appended its K/V: refresh its summaries; the handle attention should get.
+        slot_mapping: the step's [B * S] slots on the layer's device."""
+        if layer_idx not in self.sparse_layers:
+            return handle
+        summaries = self.summaries.get(layer_idx)
+        if summaries is not None:
+            rows, slots = plan.refresh_on(handle.k_cache.device, slot_mapping, self.page_size)
+            if rows.shape[0]:
+                summaries.refresh(handle.k_cache, rows, slots)
+        if not plan.select:
+            return handle
+        selection = plan.selection_on(handle, self.config, self.page_size)
+        return SparsePagedKVHandle(handle.k_cache, handle.v_cache, handle.layout, handle.q_indptr,
+                                   handle.max_q_len, handle.max_pages_per_seq, handle.workspace,
+                                   selection=selection, summaries=summaries)

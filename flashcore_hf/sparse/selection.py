@@ -1,0 +1,227 @@
+"""Page selection on the device: from a step's dense page lists to the sparse PageLayout each policy reads.
+
+Everything here is torch ops on fixed shapes (sizes known on the host: batch, pages of the longest sequence,
+budget), without a host sync, so it can run inside a captured CUDA graph or torch.compile(fullgraph=True):
+
+- `padded_page_table`: the dense CSR layout as a [B, max_pages] table (once per step and device), with a bias that
+  forces the sink and recent pages in (+inf) and the padding entries of shorter sequences out (-inf).
+- `streaming_layout`: sinks + the most recent pages, one row per sequence (every head and layer reads the same).
+- `page_upper_bounds` + `select_top_pages` (together `topk_pages`, as a layout `topk_layout`): Quest scores per
+  (sequence, kv head) and the best pages within the budget, one row per (sequence, kv head) (row b * Hkv + h, the
+  per-head layout paged_attention accepts).
+- `StepSelection`: the per-step, per-device object the sparse layers of a decode step share.
+
+When a sequence has fewer pages than the budget, the surplus picks are padding entries that get token count 0: empty
+pages the kernels skip, so rows keep a fixed length. Picks are sorted into key order when a step has several queries
+per sequence (causal masking reads key positions from the order); a single query sees every key, so the order is
+free and the sort is skipped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..cache_handle import PagedKVHandle
+from ..layout import PageLayout
+from .config import SparseConfig
+from .summaries import PageKeySummaries
+
+
+@dataclass(frozen=True)
+class PaddedPageTable:
+    """A step's dense page lists as fixed-shape tensors (on one device).
+
+    pages [B, M] int32: physical page of the j-th page of sequence b (entries past the sequence's end repeat one of
+        the batch's valid page ids, so any gather stays in bounds).
+    counts [B, M] int32: valid tokens on that page (0 for the entries past the end).
+    bias [B, M] float32: +inf for pages every policy keeps (sinks, recent), -inf for entries past the end, else 0.
+    bound_rows [B, M] int64: pages + 1, the pages' rows in PageKeySummaries.bounds.
+    """
+
+    pages: torch.Tensor
+    counts: torch.Tensor
+    bias: torch.Tensor
+    bound_rows: torch.Tensor
+
+    @property
+    def max_pages(self) -> int:
+        return self.pages.shape[1]
+
+
+def padded_page_table(layout: PageLayout, max_pages: int, sink_pages: int, recent_pages: int) -> PaddedPageTable:
+    """[B, max_pages] tables from a per-sequence CSR layout (row_offsets [B + 1], cols/token_counts [nnz], nnz >= 1).
+
+    max_pages: host-known upper bound on any row's page count (PagedKVCache's max_pages_per_seq).
+    sink_pages / recent_pages: how many of the first / last pages of each sequence get bias +inf.
+    """
+    row_offsets = layout.row_offsets.long()
+    nnz = layout.cols.numel()
+    j = torch.arange(max_pages, device=row_offsets.device)
+    num_pages = (row_offsets[1:] - row_offsets[:-1])[:, None]                      # [B, 1]
+    valid = j < num_pages
+    entry = (row_offsets[:-1, None] + j).clamp_(max=nnz - 1)
+    pages = layout.cols[entry]
+    counts = torch.where(valid, layout.token_counts[entry], 0)
+    forced = (j < sink_pages) | (j >= num_pages - recent_pages)
+    bias = torch.where(valid, torch.where(forced, math.inf, 0.0), -math.inf).float()
+    return PaddedPageTable(pages, counts, bias, pages.long() + 1)
+
+
+def streaming_layout(table: PaddedPageTable, budget_pages: int) -> PageLayout:
+    """Sinks + most recent pages of each sequence, budget_pages per row (one row per sequence).
+
+    The sink pages carry bias +inf; the rest is filled from the newest page backwards. Rows: [B * budget_pages].
+    """
+    batch, max_pages = table.pages.shape
+    k = min(budget_pages, max_pages)
+    # Page index as the score: later pages win; the bias puts sinks first and padding last.
+    recency = torch.arange(max_pages, device=table.bias.device, dtype=torch.float32)
+    picked = torch.topk(table.bias + recency, k, dim=1, sorted=False).indices.sort(dim=1).values
+    pages, counts = table.pages.gather(1, picked), table.counts.gather(1, picked)
+    return PageLayout(_row_offsets(batch, k, pages.device), pages.reshape(-1), counts.reshape(-1),
+                      torch.full((batch * k,), -1, dtype=torch.int32, device=pages.device))
+
+
+def page_upper_bounds(q: torch.Tensor, bounds: torch.Tensor, bound_rows: torch.Tensor,
+                      head_reduction: str = "max") -> torch.Tensor:
+    """Quest scores: an upper bound of q.k over each page's keys, per (sequence, kv head).
+
+    q [B, n_q, Hq, D]; bounds [num_pages + 1, Hkv, 2D] (PageKeySummaries.bounds); bound_rows [B, M] int64 (the
+    pages' rows in bounds: PaddedPageTable.bound_rows). Hq = Hkv * G: the n_q * G query rows of each kv head are
+    combined by `head_reduction` ("max" or "sum"). Returns scores [B, Hkv, M] in bounds' dtype.
+    """
+    batch, n_q, hq, d = q.shape
+    hkv = bounds.shape[1]
+    group = hq // hkv
+    max_pages = bound_rows.shape[1]
+    qh = q.to(bounds.dtype).reshape(batch, n_q, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(
+        batch, hkv, n_q * group, d)
+    q_parts = torch.cat([qh.clamp(min=0), qh.clamp(max=0)], dim=-1)                # [B, Hkv, n_q * G, 2D]
+    page_bounds = bounds.index_select(0, bound_rows.reshape(-1)).view(batch, max_pages, hkv, 2 * d)
+    # One small GEMM per (sequence, kv head); for B == 1 the transposed view needs no copy.
+    scores = torch.matmul(q_parts, page_bounds.permute(0, 2, 3, 1))                # [B, Hkv, n_q * G, M]
+    return scores.amax(dim=2) if head_reduction == "max" else scores.sum(dim=2)
+
+
+def select_top_pages(scores: torch.Tensor, table_pages: torch.Tensor, table_counts: torch.Tensor,
+                     table_bias: torch.Tensor, budget_pages: int, keep_order: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (sequence, kv head), the budget_pages best pages by score + bias: (cols, counts) [B, Hkv, k] int32,
+    k = min(budget_pages, M).
+
+    scores [B, Hkv, M]; table_* [B, M] (PaddedPageTable). keep_order: sort the picks into key order (needed when a
+    step has several queries per sequence: causal masking reads key positions from the order; one query sees every
+    key, so single-query steps skip the sort).
+    """
+    batch, hkv, max_pages = scores.shape
+    k = min(budget_pages, max_pages)
+    picked = torch.topk(table_bias[:, None] + scores, k, dim=2, sorted=False).indices   # float32 scores
+    if keep_order:
+        picked = picked.sort(dim=2).values
+    cols = table_pages[:, None].expand(batch, hkv, max_pages).gather(2, picked)
+    counts = table_counts[:, None].expand(batch, hkv, max_pages).gather(2, picked)
+    return cols, counts
+
+
+def topk_pages(q: torch.Tensor, bounds: torch.Tensor, table_pages: torch.Tensor, table_counts: torch.Tensor,
+               table_bias: torch.Tensor, table_bound_rows: torch.Tensor, budget_pages: int,
+               head_reduction: str = "max", keep_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole per-layer "topk" selection, a pure function of tensors (torch.compile(fullgraph=True) traces it
+    whole): `page_upper_bounds` then `select_top_pages`. q [B, n_q, Hq, D]; returns (cols, counts) [B, Hkv, k]."""
+    scores = page_upper_bounds(q, bounds, table_bound_rows, head_reduction)
+    return select_top_pages(scores, table_pages, table_counts, table_bias, budget_pages, keep_order)
+
+
+def topk_layout(q: torch.Tensor, bounds: torch.Tensor, table: PaddedPageTable, budget_pages: int,
+                head_reduction: str = "max", keep_order: bool = True) -> PageLayout:
+    """`topk_pages` as a PageLayout with B * Hkv rows of k pages (row b * Hkv + h: kv head h of sequence b)."""
+    cols, counts = topk_pages(q, bounds, table.pages, table.counts, table.bias, table.bound_rows, budget_pages,
+                              head_reduction, keep_order)
+    rows, k = cols.shape[0] * cols.shape[1], cols.shape[2]
+    return PageLayout(_row_offsets(rows, k, cols.device), cols.reshape(-1), counts.reshape(-1),
+                      torch.full((rows * k,), -1, dtype=torch.int32, device=cols.device))
+
+
+def _row_offsets(rows: int, k: int, device) -> torch.Tensor:
+    """[rows + 1] int32 offsets of rows of k entries each."""
+    return torch.arange(rows + 1, dtype=torch.int32, device=device) * k
+
+
+class StepSelection:
+    """What the sparse layers of one decode step share on one device: the padded page table, the fixed parts of the
+    per-head layouts (row offsets, staging ids) and, for "streaming", the one layout all of them read.
+
+    config: the SparseConfig (policy "streaming" or "topk"). layout: the step's dense per-sequence layout on this
+    device; max_pages: host-known bound on its rows; query_len: new tokens per sequence this step;
+    page_size: tokens per page.
+    """
+
+    def __init__(self, config: SparseConfig, layout: PageLayout, max_pages: int, query_len: int, page_size: int):
+        budget, sinks, recent = config.page_counts(page_size)
+        recent = max(recent, step_recent_pages(query_len, page_size))
+        self.config = config
+        self.budget_pages = budget
+        self.query_len = query_len
+        self.table = padded_page_table(layout, max_pages, sinks, recent)
+        self._streaming: PageLayout | None = None
+        self._per_head_fixed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def max_pages_per_row(self) -> int:
+        return min(self.budget_pages, self.table.max_pages)
+
+    def layout_for(self, q: torch.Tensor, summaries: PageKeySummaries | None) -> PageLayout:
+        """The layout a sparse layer reads. q [B * query_len, Hq, D] (packed decode queries)."""
+        if self.config.policy == "streaming":
+            if self._streaming is None:
+                self._streaming = streaming_layout(self.table, self.budget_pages)
+            return self._streaming
+        batch = self.table.pages.shape[0]
+        cols, counts = topk_pages(q.reshape(batch, self.query_len, *q.shape[1:]), summaries.bounds,
+                                  self.table.pages, self.table.counts, self.table.bias, self.table.bound_rows,
+                                  self.budget_pages, self.config.head_reduction, keep_order=self.query_len > 1)
+        hkv, k = cols.shape[1], cols.shape[2]
+        fixed = self._per_head_fixed.get(hkv)
+        if fixed is None:  # the same for every layer of the step: made once
+            rows = batch * hkv
+            fixed = self._per_head_fixed[hkv] = (
+                _row_offsets(rows, k, cols.device), torch.full((rows * k,), -1, dtype=torch.int32, device=cols.device))
+        return PageLayout(fixed[0], cols.reshape(-1), counts.reshape(-1), fixed[1])
+
+
+def step_recent_pages(query_len: int, page_size: int) -> int:
+    """Pages the step's query_len newest tokens can span (they must all be read: each query sees itself)."""
+    return (query_len + page_size - 2) // page_size + 1
+
+
+def step_is_sparse(config: SparseConfig, query_len: int, max_pages: int, page_size: int) -> bool:
+    """Host-side decision for a whole step: whether sparse layers select pages at all.
+
+    max_pages: the step's host bound on pages per sequence (PagedKVCache's power-of-two bucket, so the decision is
+    the same for every step a captured CUDA graph replays). Dense when the policy is dense, the step is long
+    (prefill), that bound fits in the budget (all pages are read anyway: exact and no more work), or the sinks plus
+    the pages of the step's new tokens would not fit in the budget.
+    """
+    if not config.enabled or query_len > config.max_query_len:
+        return False
+    budget, sinks, recent = config.page_counts(page_size)
+    return max_pages > budget and sinks + max(recent, step_recent_pages(query_len, page_size)) <= budget
+
+
+@dataclass
+class SparsePagedKVHandle(PagedKVHandle):
+    """A PagedKVHandle whose layer reads a selected subset of pages on this decode step.
+
+    The attention function calls `select_layout(q)` (q [B * S_q, Hq, D] packed queries) and runs paged_attention
+    on the returned (layout, max_pages_per_seq) instead of the dense `layout`; sliding-window attention keeps
+    `layout` (a window counted in positions needs all pages). selection: the step's shared StepSelection;
+    summaries: this layer's page key bounds ("topk"), else None.
+    """
+
+    selection: StepSelection | None = None
+    summaries: PageKeySummaries | None = None
+
+    def select_layout(self, q: torch.Tensor) -> tuple[PageLayout, int]:
+        return self.selection.layout_for(q, self.summaries), self.selection.max_pages_per_row

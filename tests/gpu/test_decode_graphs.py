@@ -1,0 +1,100 @@
+"""CUDA-graph decode (flashcore_hf.decode_graphs): generate() with graphs gives the same tokens as without.
+
+Covers growing page tables (page boundaries crossed between replays), pool growth (re-capture), beams, sequences
+finishing early, left padding, several batch sizes, and reuse of graphs by the next generate() call.
+"""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import flashcore_hf as fc
+
+pytestmark = pytest.mark.gpu
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                         pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    m = AutoModelForCausalLM.from_config(config, attn_implementation="flashcore", dtype=torch.bfloat16)
+    return m.to("cuda").eval()
+
+
+def left_padded(lengths, generator):
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(1, VOCAB, (n,), generator=generator)
+        mask[row, width - n:] = 1
+    return ids.cuda(), mask.cuda()
+
+
+def generate(model, ids, mask, graphs: bool, **kwargs):
+    fc.set_cuda_graphs(graphs)
+    try:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kwargs)
+    finally:
+        fc.set_cuda_graphs(True)
+
+
+@pytest.mark.parametrize("lengths", [[37], [70, 3, 45], [16, 16, 16, 16, 16]])
+def test_greedy_identical_with_and_without_graphs(model, lengths, generator):
+    ids, mask = left_padded(lengths, generator)
+    eager = generate(model, ids, mask, graphs=False, max_new_tokens=40)
+    replays = fc.decode_graph_stats(model).replays if fc.decode_graph_stats(model) else 0
+    graphed = generate(model, ids, mask, graphs=True, max_new_tokens=40)
+    stats = fc.decode_graph_stats(model)
+    assert stats is not None and stats.replays - replays == 39      # every decode step replayed a graph
+    assert torch.equal(eager, graphed)
+
+
+def test_next_generate_call_reuses_graphs(model, generator):
+    ids, mask = left_padded([50, 20], generator)
+    first = generate(model, ids, mask, graphs=True, max_new_tokens=24)
+    captures = fc.decode_graph_stats(model).captures
+    second = generate(model, ids, mask, graphs=True, max_new_tokens=24)
+    assert fc.decode_graph_stats(model).captures == captures         # same pools, same graphs: no re-capture
+    assert torch.equal(first, second)
+
+
+def test_pool_growth_mid_decode_recaptures(model, generator):
+    """An explicit growable cache without a length hint grows while decoding; graphs are re-captured."""
+    ids, mask = left_padded([30, 64], generator)
+    eager = generate(model, ids, mask, graphs=False, max_new_tokens=150,
+                     past_key_values=fc.PagedKVCache(model.config, page_size=16))
+    cache = fc.PagedKVCache(model.config, page_size=16)
+    captures = fc.decode_graph_stats(model).captures
+    graphed = generate(model, ids, mask, graphs=True, max_new_tokens=150, past_key_values=cache)
+    assert fc.decode_graph_stats(model).captures >= captures + 2       # first capture + at least one growth
+    assert torch.equal(eager, graphed)
+
+
+def test_beam_search_identical(model, generator):
+    ids, mask = left_padded([25, 40], generator)
+    kwargs = dict(max_new_tokens=20, num_beams=3, num_return_sequences=2)
+    assert torch.equal(generate(model, ids, mask, graphs=False, **kwargs),
+                       generate(model, ids, mask, graphs=True, **kwargs))
+
+
+def test_sequences_finishing_early(model, generator):
+    ids, mask = left_padded([33, 12, 57], generator)
+    probe = generate(model, ids, mask, graphs=False, max_new_tokens=12)
+    eos = int(probe[0, ids.shape[1] + 4])           # row 0 emits this at step 5: it finishes early
+    eager = generate(model, ids, mask, graphs=False, max_new_tokens=30, eos_token_id=eos)
+    graphed = generate(model, ids, mask, graphs=True, max_new_tokens=30, eos_token_id=eos)
+    assert torch.equal(eager, graphed)
+    assert (eager[0, ids.shape[1] + 5:] == 0).all()                  # row 0 was padded after its eos
+
+
+def test_disable_compile_turns_graphs_off_for_the_call(model, generator):
+    ids, mask = left_padded([20], generator)
+    generate(model, ids, mask, graphs=True, max_new_tokens=4)
+    replays = fc.decode_graph_stats(model).replays
+    generate(model, ids, mask, graphs=True, max_new_tokens=8, disable_compile=True)
+    assert fc.decode_graph_stats(model).replays == replays

@@ -1,0 +1,127 @@
+"""Model-level accuracy of sparse page selection: a tiny trained Llama looks up key-value records in a 258-token
+context (65 pages of 4 tokens), decoding its queries with flashcore dense, streaming and topk at budgets of 1/16 to
+1/2 of the context.
+
+The model and task come from scripts/train_retrieval_model.py (weights in tests/data/retrieval_llama, float16,
+reproduced by that script). Prefill is dense; every query is answered in a decode step (1 or 2 new tokens), where the
+sparse policy picks the pages. Run with `-s` to see the accuracy table.
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+import flashcore_hf as fc
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "tests" / "data" / "retrieval_llama"
+PAGE_SIZE = 4
+NUM_PROMPTS, NUM_QUERIES = 32, 16
+BUDGET_FRACTIONS = (16, 8, 4, 2)   # budget = context tokens / fraction
+
+
+def _task():
+    path = ROOT / "scripts" / "train_retrieval_model.py"
+    spec = importlib.util.spec_from_file_location("train_retrieval_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TASK = _task()
+CONTEXT_TOKENS = TASK.EVAL_RECORDS + 2   # BOS, records, SEP
+
+
+def sparse_config(policy: str, fraction: int) -> fc.SparseConfig:
+    """1 sink page, 1 recent page, the rest of CONTEXT_TOKENS / fraction tokens chosen by the policy; no dense layer
+    (the model has only two)."""
+    return fc.SparseConfig(policy=policy, token_budget=CONTEXT_TOKENS // fraction, sink_tokens=1, recent_tokens=1,
+                           dense_layers=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LlamaForCausalLM.from_pretrained(WEIGHTS, attn_implementation="flashcore", dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """Held-out prompts (a seed the training never used): tokens [NUM_PROMPTS, L], answer columns [NUM_QUERIES]."""
+    return TASK.make_batch(NUM_PROMPTS, TASK.EVAL_RECORDS, NUM_QUERIES, torch.Generator().manual_seed(20261121))
+
+
+@torch.no_grad()
+def answer_logits(model, tokens, answers, sparse: fc.SparseConfig | None):
+    """Prefill BOS + records + SEP densely, then decode: step j feeds [a_{j-1}, k_j] (the previous answer, teacher
+    forced, and the next key; k_1 alone). Returns the logits after each k_j: [B, len(answers), vocab]."""
+    cache = fc.PagedKVCache(model.config, page_size=PAGE_SIZE, sparse=sparse)
+    model(tokens[:, :CONTEXT_TOKENS], past_key_values=cache)
+    logits, start = [], CONTEXT_TOKENS
+    for column in answers.tolist():
+        logits.append(model(tokens[:, start:column], past_key_values=cache).logits[:, -1])
+        start = column
+    return torch.stack(logits, dim=1)
+
+
+def accuracy(model, prompts, sparse) -> float:
+    tokens, answers = prompts
+    return (answer_logits(model, tokens, answers, sparse).argmax(-1) == tokens[:, answers]).float().mean().item()
+
+
+def test_retrieval_accuracy_dense_vs_streaming_vs_topk(model, prompts):
+    table = {("dense", 1): accuracy(model, prompts, None)}
+    for policy in ("streaming", "topk"):
+        for fraction in BUDGET_FRACTIONS:
+            table[(policy, fraction)] = accuracy(model, prompts, sparse_config(policy, fraction))
+    chance = 1 / TASK.NUM_VALUES
+    print(f"\nretrieval accuracy, {NUM_PROMPTS} prompts x {NUM_QUERIES} queries, context {CONTEXT_TOKENS} tokens "
+          f"({-(-CONTEXT_TOKENS // PAGE_SIZE)} pages of {PAGE_SIZE}), chance {chance:.3f}")
+    print(f"{'policy':10s} " + " ".join(f"{'1/' + str(f) + ' (' + str(CONTEXT_TOKENS // f) + ')':>10s}"
+                                          for f in BUDGET_FRACTIONS))
+    print(f"{'dense':10s} " + " ".join(f"{table[('dense', 1)]:10.3f}" for _ in BUDGET_FRACTIONS))
+    for policy in ("streaming", "topk"):
+        print(f"{policy:10s} " + " ".join(f"{table[(policy, f)]:10.3f}" for f in BUDGET_FRACTIONS))
+
+    dense = table[("dense", 1)]
+    assert dense >= 0.95
+    assert table[("topk", 8)] >= dense - 0.05                        # topk near dense at 1/8 of the context
+    assert table[("topk", 2)] >= dense - 0.02
+    for fraction in BUDGET_FRACTIONS:                                # streaming sees only sinks + recent pages
+        assert table[("streaming", fraction)] <= chance + 1.2 / fraction
+        assert table[("topk", fraction)] >= table[("streaming", fraction)] + 0.25
+
+
+def test_budget_covering_the_context_is_exactly_dense(model, prompts):
+    tokens, answers = prompts
+    dense = answer_logits(model, tokens[:4], answers, None)
+    for policy in ("topk", "streaming"):
+        whole = fc.SparseConfig(policy=policy, token_budget=4 * CONTEXT_TOKENS, sink_tokens=1, recent_tokens=1,
+                                dense_layers=0)
+        assert torch.equal(answer_logits(model, tokens[:4], answers, whole), dense)
+
+
+@torch.no_grad()
+def test_generate_uses_the_policy_explicit_cache_and_default_options(model, prompts):
+    """generate() decodes through the sparse policy both with past_key_values=PagedKVCache(..., sparse=...) and with
+    the automatic cache configured by set_default_cache_options(sparse=...); both agree with the manual decode."""
+    tokens, answers = prompts
+    config = sparse_config("topk", 8)
+    prompt = tokens[:8, :answers[0]]                                 # records + SEP + the first key
+    manual = answer_logits(model, tokens[:8], answers[:1], config)[:, 0].argmax(-1)
+
+    cache = fc.PagedKVCache(model.config, page_size=PAGE_SIZE, sparse=config)
+    model(prompt[:, :CONTEXT_TOKENS], past_key_values=cache)          # dense prefill; generate decodes the key
+    out = model.generate(prompt, past_key_values=cache, max_new_tokens=1, do_sample=False)
+    assert torch.equal(out[:, -1], manual)
+
+    previous = fc.set_default_cache_options()
+    try:
+        fc.set_default_cache_options(page_size=PAGE_SIZE, sparse=config)
+        generated = model.generate(prompt[:, :CONTEXT_TOKENS], max_new_tokens=2, do_sample=False,
+                                   return_dict_in_generate=True)
+        assert generated.past_key_values.sparse == config
+    finally:
+        fc.set_default_cache_options(page_size=previous["page_size"], sparse=previous["sparse"] or fc.SparseConfig())

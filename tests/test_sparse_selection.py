@@ -1,0 +1,397 @@
+"""CPU tests of sparse page selection: config, key summaries, Quest scores, budget, sinks/recent, fixed shapes,
+no host sync, and "budget >= context gives the dense result"."""
+import math
+
+import pytest
+import torch
+
+import flashcore_hf as fc
+from flashcore_hf.sparse import (PageKeySummaries, SparseConfig, StepSelection, padded_page_table, page_upper_bounds,
+                                 refresh_slots, select_top_pages, step_is_sparse, streaming_layout, topk_layout)
+from tests.reference import random_paged_kv, reference_paged_attention
+
+
+def _dense_layout(lengths, page_size, hkv, d, generator):
+    """Random scattered pages for sequences of `lengths` keys: (k_cache, v_cache, per-sequence PageLayout)."""
+    k_cache, v_cache, row_offsets, cols, counts = random_paged_kv(lengths, page_size, hkv, d, generator=generator)
+    return k_cache, v_cache, fc.PageLayout(row_offsets, cols, counts, torch.full_like(cols, -1))
+
+
+def _rows(layout):
+    """[(cols, counts)] per layout row, as Python lists."""
+    offsets = layout.row_offsets.tolist()
+    return [(layout.cols[a:b].tolist(), layout.token_counts[a:b].tolist()) for a, b in zip(offsets, offsets[1:])]
+
+
+# ---- config ------------------------------------------------------------------------------------------------------
+
+def test_config_defaults_and_validation():
+    assert SparseConfig().policy == "dense" and not SparseConfig().enabled
+    cfg = SparseConfig(policy="topk", token_budget=4096, sink_tokens=4, recent_tokens=64)
+    assert cfg.page_counts(64) == (64, 1, 1)
+    assert cfg.page_counts(16) == (256, 1, 4)
+    assert SparseConfig(policy="topk", token_budget=100, sink_tokens=0, recent_tokens=0).page_counts(8) == (12, 0, 1)
+    for bad in ({"policy": "quest"}, {"token_budget": 0}, {"sink_tokens": -1}, {"dense_layers": 1.5},
+                {"head_reduction": "mean"}, {"max_query_len": 0}, {"max_query_len": 17},
+                {"token_budget": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SparseConfig(**bad)
+    with pytest.raises(ValueError, match="token_budget"):
+        SparseConfig(policy="streaming", token_budget=64, sink_tokens=64, recent_tokens=64).page_counts(64)
+    assert cfg.is_sparse_layer(2) and not cfg.is_sparse_layer(1)
+    assert not cfg.is_sparse_layer(5, "sliding_attention")
+    assert not SparseConfig(dense_layers=0).is_sparse_layer(3)
+
+
+def test_step_is_sparse():
+    cfg = SparseConfig(policy="topk", token_budget=32, sink_tokens=8, recent_tokens=8)       # 4 pages of 8
+    assert step_is_sparse(cfg, query_len=1, max_pages=5, page_size=8)
+    assert not step_is_sparse(cfg, query_len=1, max_pages=4, page_size=8)                  # fits: dense
+    assert not step_is_sparse(cfg, query_len=17, max_pages=50, page_size=8)                # prefill: dense
+    assert step_is_sparse(cfg, query_len=16, max_pages=50, page_size=8)                    # 16 tokens span <= 3 pages
+    assert not step_is_sparse(SparseConfig(policy="topk", token_budget=16, sink_tokens=8, recent_tokens=8),
+                              query_len=10, max_pages=50, page_size=8)               # sinks + 2 new-token pages > 2
+    assert not step_is_sparse(SparseConfig(), query_len=1, max_pages=50, page_size=8)
+
+
+# ---- key summaries -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_summaries_are_min_max_of_valid_tokens(generator, dtype):
+    page_size, hkv, d, num_pages = 5, 3, 7, 9
+    pool = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(dtype)
+    pages = torch.tensor([4, 0, 7, 2], dtype=torch.int32)
+    counts = torch.tensor([5, 1, 3, 4], dtype=torch.int32)
+    summaries = PageKeySummaries()
+    summaries.refresh(pool, *refresh_slots(pages, counts, page_size))
+    assert summaries.bounds.shape == (num_pages + 1, hkv, 2 * d) and summaries.bounds.dtype == dtype
+    for page, count in zip(pages.tolist(), counts.tolist()):
+        valid = pool[page, :count]                                          # [count, Hkv, D]
+        torch.testing.assert_close(summaries.bounds[page + 1, :, :d], valid.amax(0), rtol=0, atol=0)
+        torch.testing.assert_close(summaries.bounds[page + 1, :, d:], valid.amin(0), rtol=0, atol=0)
+    assert torch.all(summaries.bounds[[0, 2, 4, 6, 7, 9]] == 0)            # scratch row and pages never refreshed
+
+
+def test_summaries_reused_page_forgets_old_tokens_and_pool_growth(generator):
+    page_size, hkv, d = 4, 2, 6
+    pool = torch.randn(3, page_size, hkv, d, generator=generator)
+    pool[1] += 100.0                                                        # old tokens with large keys
+    summaries = PageKeySummaries()
+    summaries.refresh(pool, *refresh_slots(torch.tensor([1]), torch.tensor([4]), page_size))
+    assert summaries.bounds[2, :, :d].min() > 90
+    pool[1, :2] = torch.randn(2, hkv, d, generator=generator)               # page reused: 2 new tokens
+    summaries.refresh(pool, *refresh_slots(torch.tensor([1]), torch.tensor([2]), page_size))
+    torch.testing.assert_close(summaries.bounds[2, :, :d], pool[1, :2].amax(0), rtol=0, atol=0)
+    torch.testing.assert_close(summaries.bounds[2, :, d:], pool[1, :2].amin(0), rtol=0, atol=0)
+    grown = torch.cat([pool, torch.randn(4, page_size, hkv, d, generator=generator)])   # the pool grew
+    summaries.refresh(grown, *refresh_slots(torch.tensor([6]), torch.tensor([3]), page_size))
+    assert summaries.bounds.shape[0] == 8
+    torch.testing.assert_close(summaries.bounds[2, :, :d], pool[1, :2].amax(0), rtol=0, atol=0)  # kept
+    torch.testing.assert_close(summaries.bounds[7, :, d:], grown[6, :3].amin(0), rtol=0, atol=0)
+
+
+def test_summaries_refresh_in_chunks(generator, monkeypatch):
+    import flashcore_hf.sparse.summaries as summaries_module
+    monkeypatch.setattr(summaries_module, "_REFRESH_CHUNK_ELEMENTS", 1)     # one page per chunk
+    pool = torch.randn(6, 3, 2, 4, generator=generator)
+    summaries = PageKeySummaries()
+    pages, counts = torch.tensor([5, 2, 0]), torch.tensor([3, 2, 1])
+    summaries.refresh(pool, *refresh_slots(pages, counts, 3))
+    for page, count in zip(pages.tolist(), counts.tolist()):
+        torch.testing.assert_close(summaries.bounds[page + 1, :, 4:], pool[page, :count].amin(0), rtol=0, atol=0)
+
+
+# ---- scores ------------------------------------------------------------------------------------------------------
+
+def test_upper_bound_holds_and_is_tight_for_single_token_pages(generator):
+    page_size, hkv, group, d = 4, 2, 3, 8
+    lengths = [13, 4, 9]
+    k_cache, _, layout = _dense_layout(lengths, page_size, hkv, d, generator)
+    max_pages = 4
+    table = padded_page_table(layout, max_pages, 0, 1)
+    summaries = PageKeySummaries()
+    summaries.refresh(k_cache, *refresh_slots(layout.cols, layout.token_counts, page_size))
+    q = torch.randn(len(lengths), 2, hkv * group, d, generator=generator)    # n_q = 2
+    for reduction in ("max", "sum"):
+        scores = page_upper_bounds(q, summaries.bounds, table.bound_rows, reduction)
+        assert scores.shape == (len(lengths), hkv, max_pages)
+        for b, (cols, counts) in enumerate(_rows(layout)):
+            for j, (page, count) in enumerate(zip(cols, counts)):
+                keys = k_cache[page, :count]                                 # [count, Hkv, D]
+                for h in range(hkv):
+                    qh = q[b, :, h * group:(h + 1) * group].reshape(-1, d)  # [n_q * G, D]
+                    best = (qh @ keys[:, h].T).amax(dim=1)                  # best key of the page per query row
+                    exact = best.max() if reduction == "max" else best.sum()
+                    assert scores[b, h, j] >= exact - 1e-4
+    one = torch.randn(5, 1, hkv, d, generator=generator)                    # pages of one token: bound == q.k
+    summaries = PageKeySummaries()
+    summaries.refresh(one, *refresh_slots(torch.arange(5), torch.ones(5, dtype=torch.int32), 1))
+    q1 = torch.randn(1, 1, hkv, d, generator=generator)
+    scores = page_upper_bounds(q1, summaries.bounds, torch.arange(1, 6)[None], "max")
+    torch.testing.assert_close(scores[0], torch.einsum("hd,phd->hp", q1[0, 0], one[:, 0]))
+
+
+# ---- selection ---------------------------------------------------------------------------------------------------
+
+def test_padded_table_sinks_recent_and_padding():
+    layout = fc.PageLayout(torch.tensor([0, 6, 8, 8], dtype=torch.int32), torch.arange(8, dtype=torch.int32) + 10,
+                           torch.tensor([4, 4, 4, 4, 4, 1, 4, 3], dtype=torch.int32), torch.full((8,), -1))
+    table = padded_page_table(layout, 6, sink_pages=1, recent_pages=2)
+    inf = math.inf
+    assert table.pages.shape == table.counts.shape == table.bias.shape == (3, 6)
+    assert table.bias.tolist() == [[inf, 0, 0, 0, inf, inf], [inf, inf, -inf, -inf, -inf, -inf], [-inf] * 6]
+    assert table.counts.tolist() == [[4, 4, 4, 4, 4, 1], [4, 3, 0, 0, 0, 0], [0] * 6]
+    assert table.pages[:1].tolist() == [[10, 11, 12, 13, 14, 15]]
+    assert int(table.pages.min()) >= 10 and int(table.pages.max()) <= 17    # padding repeats valid ids
+
+
+def test_streaming_keeps_sinks_and_most_recent_pages():
+    n = [9, 3]
+    cols = torch.randperm(12).to(torch.int32)
+    counts = torch.tensor([8] * 8 + [5] + [8, 8, 2], dtype=torch.int32)
+    layout = fc.PageLayout(torch.tensor([0, 9, 12], dtype=torch.int32), cols, counts, torch.full((12,), -1))
+    table = padded_page_table(layout, max(n), sink_pages=2, recent_pages=1)
+    sparse = streaming_layout(table, budget_pages=5)
+    rows = _rows(sparse)
+    assert sparse.row_offsets.tolist() == [0, 5, 10]
+    c = cols.tolist()
+    assert rows[0] == ([c[0], c[1], c[6], c[7], c[8]], [8, 8, 8, 8, 5])    # 2 sinks + 3 newest, in key order
+    assert sorted(zip(*rows[1]), key=lambda e: -e[1])[:3] == [(c[9], 8), (c[10], 8), (c[11], 2)]
+    assert sum(rows[1][1]) == 18                                           # the rest are empty padding pages
+
+
+def test_topk_picks_best_pages_per_head_within_budget(generator):
+    batch, hkv, max_pages = 2, 3, 10
+    cols = torch.randperm(20).to(torch.int32)
+    counts = torch.full((20,), 4, dtype=torch.int32)
+    layout = fc.PageLayout(torch.tensor([0, 10, 20], dtype=torch.int32), cols, counts, torch.full((20,), -1))
+    table = padded_page_table(layout, max_pages, sink_pages=1, recent_pages=1)
+    scores = torch.randn(batch, hkv, max_pages, generator=generator)
+    picked, picked_counts = select_top_pages(scores, table.pages, table.counts, table.bias, budget_pages=4)
+    assert picked.shape == picked_counts.shape == (batch, hkv, 4)
+    for b in range(batch):
+        for h in range(hkv):
+            middle = scores[b, h, 1:-1]
+            expect = [0, *(1 + middle.topk(2).indices.sort().values).tolist(), max_pages - 1]
+            assert picked[b, h].tolist() == [int(cols[b * max_pages + j]) for j in expect]
+    unordered, _ = select_top_pages(scores, table.pages, table.counts, table.bias, budget_pages=4, keep_order=False)
+    assert torch.equal(unordered.sort(dim=2).values, picked.sort(dim=2).values)
+    q = torch.randn(batch, 1, hkv, 8, generator=generator)                  # as a layout: per-head rows
+    bounds = torch.randn(21, hkv, 16, generator=generator)
+    sparse = topk_layout(q, bounds, table, budget_pages=4)
+    assert sparse.row_offsets.tolist() == list(range(0, batch * hkv * 4 + 1, 4))
+    assert sparse.cols.shape == sparse.token_counts.shape == sparse.staging_ids.shape == (batch * hkv * 4,)
+
+
+def test_selection_shapes_depend_only_on_sizes(generator):
+    """Fixed shapes: the sparse layout's sizes follow (B, Hkv, budget), never the data (no host sync needed)."""
+    cfg = SparseConfig(policy="topk", token_budget=24, sink_tokens=4, recent_tokens=4, dense_layers=0)
+    page_size, hkv, d = 4, 2, 8
+    shapes = set()
+    for lengths in ([40, 9, 33], [17, 40, 1], [40, 40, 40]):
+        k_cache, _, layout = _dense_layout(lengths, page_size, hkv, d, generator)
+        summaries = PageKeySummaries()
+        summaries.refresh(k_cache, *refresh_slots(layout.cols, layout.token_counts, page_size))
+        step = StepSelection(cfg, layout, max_pages=10, query_len=1, page_size=page_size)
+        sparse = step.layout_for(torch.randn(3, 2 * hkv, d, generator=generator), summaries)
+        shapes.add(tuple(tuple(t.shape) for t in sparse))
+        assert step.max_pages_per_row == 6
+        for (_, counts), n in zip(_rows(sparse), [n for n in lengths for _ in range(hkv)]):
+            assert sum(c > 0 for c in counts) == min(math.ceil(n / page_size), 6)   # the rest: empty padding
+    assert shapes == {((3 * hkv + 1,), (3 * hkv * 6,), (3 * hkv * 6,), (3 * hkv * 6,))}
+
+
+def _selection_fn(layout, q, bounds, max_pages, budget, sinks, recent):
+    table = padded_page_table(layout, max_pages, sinks, recent)
+    return tuple(topk_layout(q, bounds, table, budget)), tuple(streaming_layout(table, budget))
+
+
+def test_selection_compiles_fullgraph_without_host_sync(generator):
+    """torch.compile(fullgraph=True) refuses graph breaks, which any .item()/.tolist()/data-dependent shape would
+    cause: selection is capturable. (backend="eager": trace only, so the test stays fast.)"""
+    page_size, hkv, d = 4, 2, 8
+    k_cache, _, layout = _dense_layout([30, 11], page_size, hkv, d, generator)
+    summaries = PageKeySummaries()
+    summaries.refresh(k_cache, *refresh_slots(layout.cols, layout.token_counts, page_size))
+    q = torch.randn(2, 1, 2 * hkv, d, generator=generator)
+    torch._dynamo.reset()
+    compiled = torch.compile(_selection_fn, fullgraph=True, backend="eager")
+    args = (layout, q, summaries.bounds, 8, 4, 1, 1)
+    for got, want in zip(compiled(*args), _selection_fn(*args)):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("query_len", [1, 3])
+def test_budget_covering_context_equals_dense(generator, query_len):
+    """Selecting every page (budget >= pages) through the per-head path gives the dense attention."""
+    page_size, hkv, group, d = 4, 2, 2, 16
+    lengths = [37, 5, 22]
+    k_cache, v_cache, layout = _dense_layout(lengths, page_size, hkv, d, generator)
+    max_pages = 10
+    summaries = PageKeySummaries()
+    summaries.refresh(k_cache, *refresh_slots(layout.cols, layout.token_counts, page_size))
+    q = torch.randn(len(lengths) * query_len, hkv * group, d, generator=generator)
+    q_indptr = torch.arange(0, (len(lengths) + 1) * query_len, query_len, dtype=torch.int32)
+    cfg = SparseConfig(policy="topk", token_budget=max_pages * page_size, sink_tokens=0, recent_tokens=0)
+    step = StepSelection(cfg, layout, max_pages, query_len, page_size)
+    sparse = step.layout_for(q, summaries)
+    assert sparse.row_offsets.numel() == len(lengths) * hkv + 1
+    dense = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr)
+    out = fc.paged_attention(q, k_cache, v_cache, sparse, q_indptr, max_pages_per_seq=step.max_pages_per_row)
+    torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-6)
+    stream = StepSelection(SparseConfig(policy="streaming", token_budget=max_pages * page_size, sink_tokens=0,
+                                        recent_tokens=0),
+                           layout, max_pages, query_len, page_size).layout_for(q, None)
+    torch.testing.assert_close(fc.paged_attention(q, k_cache, v_cache, stream, q_indptr), dense, atol=1e-6,
+                               rtol=1e-6)
+
+
+def test_topk_attention_matches_reference_on_selected_pages_and_finds_the_needle(generator):
+    """A key planted on one page dominates the attention: topk with a small budget finds that page for the heads
+    that look for it, and the output equals the float64 reference over exactly the selected pages."""
+    page_size, hkv, group, d = 8, 2, 2, 32
+    length = 200                                                             # 25 pages
+    k_cache, v_cache, layout = _dense_layout([length], page_size, hkv, d, generator)
+    k_cache *= 0.1
+    q = torch.randn(1, hkv * group, d, generator=generator)
+    needle_page = int(layout.cols[11])
+    k_cache[needle_page, 3, 1] = q[0, 2] * (20 / (q[0, 2].square().sum() * d ** -0.5))  # score 20 for head 2
+    summaries = PageKeySummaries()
+    summaries.refresh(k_cache, *refresh_slots(layout.cols, layout.token_counts, page_size))
+    cfg = SparseConfig(policy="topk", token_budget=4 * page_size, sink_tokens=1, recent_tokens=1)
+    step = StepSelection(cfg, layout, 25, 1, page_size)
+    sparse = step.layout_for(q, summaries)
+    rows = _rows(sparse)
+    assert needle_page in rows[1][0] and len(rows[1][0]) == 4
+    assert int(layout.cols[0]) in rows[0][0] and int(layout.cols[24]) in rows[0][0]
+    q_indptr = torch.tensor([0, 1], dtype=torch.int32)
+    out = fc.paged_attention(q, k_cache, v_cache, sparse, q_indptr, max_pages_per_seq=4)
+    ref, _ = reference_paged_attention(q, k_cache, v_cache, sparse.row_offsets, sparse.cols, sparse.token_counts,
+                                       q_indptr)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    dense = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr)
+    torch.testing.assert_close(out[:, 2], dense[:, 2], atol=1e-3, rtol=0)   # the needle dominates head 2
+
+
+# ---- PagedKVCache wiring (driven directly, no model) -------------------------------------------------------------
+
+def _check_summaries(cache, layer_idx):
+    """Every page of every row holds the min/max of its valid tokens in that layer's pool."""
+    layer = cache.layers[layer_idx]
+    bounds = cache._sparse.summaries[layer_idx].bounds
+    d = layer.head_dim
+    page_size = cache.page_size
+    for row, length in enumerate(cache.sequence_lengths()):
+        for j, page in enumerate(cache.page_table(row)):
+            valid = layer.k_pool[page, :min(page_size, length - j * page_size)]
+            torch.testing.assert_close(bounds[page + 1, :, :d], valid.amax(0), rtol=0, atol=0)
+            torch.testing.assert_close(bounds[page + 1, :, d:], valid.amin(0), rtol=0, atol=0)
+
+
+def test_cache_keeps_summaries_fresh_through_decode_beams_crop_and_reuse(generator):
+    from transformers import Qwen2Config
+
+    from flashcore_hf.sparse import SparsePagedKVHandle
+
+    config = Qwen2Config(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                         layer_types=["full_attention", "full_attention", "sliding_attention", "full_attention"],
+                         use_sliding_window=True, sliding_window=8)
+    sparse = SparseConfig(policy="topk", token_budget=16, sink_tokens=4, recent_tokens=4, dense_layers=1)
+    cache = fc.PagedKVCache(config, page_size=4, sparse=sparse)
+    assert cache._sparse.sparse_layers == {1, 3}                   # layer 0 dense, layer 2 sliding
+    hkv, d = 2, 8
+
+    def step(batch, new):
+        handles = []
+        for layer in range(4):
+            k = torch.randn(batch, hkv, new, d, generator=generator)
+            handles.append(cache.update(k, torch.randn_like(k), layer)[0])
+        return handles
+
+    handles = step(2, 10)                                           # prefill: dense everywhere, summaries built
+    assert not any(isinstance(h, SparsePagedKVHandle) for h in handles)
+    _check_summaries(cache, 1)
+    _check_summaries(cache, 3)
+    for _ in range(6):                                              # up to 16 tokens: page bucket 4 <= budget 4
+        handles = step(2, 1)
+        assert not any(isinstance(h, SparsePagedKVHandle) for h in handles)
+    handles = step(2, 1)                                            # 17 tokens: bucket 8 > 4, sparse layers select
+    assert [isinstance(h, SparsePagedKVHandle) for h in handles] == [False, True, False, True]
+    _check_summaries(cache, 1)
+    cache.reorder_cache(torch.tensor([1, 1]))                       # beams share pages; next append copies on write
+    step(2, 1)
+    _check_summaries(cache, 3)
+    cache.crop(-3)                                                  # drop tokens; the partial page is rewritten next
+    step(2, 2)
+    _check_summaries(cache, 1)
+    cache.reset()                                                   # pages return to the pool and get reused
+    step(3, 7)
+    step(3, 1)
+    _check_summaries(cache, 1)
+    _check_summaries(cache, 3)
+
+
+def test_cache_sparse_handle_attention_matches_selected_pages(generator):
+    """The handle's selected layout fed to paged_attention equals attention over exactly those pages' keys."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    sparse = SparseConfig(policy="topk", token_budget=8, sink_tokens=2, recent_tokens=2, dense_layers=0)
+    cache = fc.PagedKVCache(config, page_size=2, sparse=sparse)
+    k = torch.randn(2, 2, 15, 8, generator=generator)
+    cache.update(k, torch.randn_like(k), 0)
+    k = torch.randn(2, 2, 1, 8, generator=generator)
+    handle, _ = cache.update(k, torch.randn_like(k), 0)
+    q = torch.randn(2, 4, 8, generator=generator)
+    layout, max_pages = handle.select_layout(q)
+    assert max_pages == 4 and layout.row_offsets.tolist() == [0, 4, 8, 12, 16]
+    out = fc.paged_attention(q, handle.k_cache, handle.v_cache, layout, handle.q_indptr, max_pages_per_seq=max_pages)
+    ref, _ = reference_paged_attention(q, handle.k_cache, handle.v_cache, layout.row_offsets, layout.cols,
+                                       layout.token_counts, handle.q_indptr)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for row in range(4):                                             # sink page 0 and the newest page 8 are in
+        cols = layout.cols[4 * row:4 * row + 4].tolist()
+        table = cache.page_table(row // 2)
+        assert table[0] in cols and table[-1] in cols
+
+
+def test_fixed_buffer_decode_step_selects_like_an_eager_step(generator):
+    """A decode step whose metadata sits in fixed, capacity-padded buffers (what a CUDA-graph replay reads, see
+    flashcore_hf/decode_graphs.py) refreshes and selects exactly like an eager step: same attention output."""
+    from transformers import LlamaConfig
+
+    from flashcore_hf.paged_cache import _DeviceStep
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    sparse = SparseConfig(policy="topk", token_budget=12, sink_tokens=2, recent_tokens=2, dense_layers=1)
+    eager, fixed = (fc.PagedKVCache(config, page_size=2, sparse=sparse) for _ in range(2))
+    prompt = [torch.randn(3, 2, 21, 8, generator=generator) for _ in range(2)]
+    for cache in (eager, fixed):
+        for layer in range(2):
+            cache.update(prompt[layer], prompt[layer] + 1, layer)
+    new = [torch.randn(3, 2, 1, 8, generator=generator) for _ in range(2)]
+    eager_handles = [eager.update(new[layer], new[layer] + 1, layer)[0] for layer in range(2)]
+
+    plan = fixed.plan_decode_step(torch.device("cpu"))
+    capacity = 3 * plan.max_pages_per_seq
+    b, nnz = 3, plan.nnz
+    pieces = torch.split(plan.host, [b + 1, nnz, nnz, nnz, b + 1, b])
+    padded = [torch.cat([p, torch.zeros(size - p.numel(), dtype=torch.int32)])
+              for p, size in zip(pieces, [b + 1, capacity, capacity, capacity, b + 1, b])]
+    fixed.begin_fixed_step(_DeviceStep(fc.PageLayout(*padded[:4]), padded[4], padded[5]), plan.padded_len,
+                           plan.max_pages_per_seq)
+    fixed_handles = [fixed.update(new[layer], new[layer] + 1, layer)[0] for layer in range(2)]
+    fixed.finish_replayed_step(plan)
+
+    q = torch.randn(3, 4, 8, generator=generator)
+    for e, f in zip(eager_handles, fixed_handles):
+        assert type(e) is type(f)
+        layouts = [(h.layout, h.max_pages_per_seq) if not hasattr(h, "select_layout") else h.select_layout(q)
+                   for h in (e, f)]
+        outs = [fc.paged_attention(q, h.k_cache, h.v_cache, layout, h.q_indptr, max_pages_per_seq=m)
+                for h, (layout, m) in zip((e, f), layouts)]
+        assert torch.equal(outs[0], outs[1])
+    assert isinstance(fixed_handles[1], fc.sparse.SparsePagedKVHandle)
+    torch.testing.assert_close(fixed._sparse.summaries[1].bounds[1:], eager._sparse.summaries[1].bounds[1:],
+                               rtol=0, atol=0)
