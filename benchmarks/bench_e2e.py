@@ -1,10 +1,14 @@
 """End-to-end generate() on a Llama-3-8B-shaped model (random bf16 weights): flashcore vs stock transformers.
 
-Paths, measured in the same run: flashcore (default PagedKVCache), sdpa + DynamicCache, sdpa + static cache
-(generate's auto-compile), and transformers' `generate_batch` continuous batching where available.
+Paths, measured in the same run: flashcore (default PagedKVCache, CUDA-graph decode), flashcore_eager (the same
+without CUDA graphs), sdpa + DynamicCache, sdpa + static cache (generate's auto-compile), and transformers'
+`generate_batch` continuous batching where available.
 Cases: B=1 x 32K prompt, B=1 x 128K, B=32 x 2K, B=64 x 1K. Reports prefill seconds, decode tok/s, ms per decode
-step and peak GiB (flashcore's page pools are mapped outside torch's allocator, so their bytes are added to
-torch.cuda.max_memory_allocated()). Warm runs: each path first generates a few tokens on the same prompt.
+step and peak GiB. Peak memory is sampled after every forward: torch's peak allocated bytes since the last sample
+plus the bytes of flashcore's page pools (mapped outside torch's allocator; they only grow between samples), so the
+peak of each interval is bounded tightly. Warm runs: each path first generates a few tokens on the same prompt (for
+flashcore this includes capturing its decode graphs, reported in captures / capture_s). flashcore's greedy tokens
+are checked against flashcore_eager's (identical_to_eager).
 
     python benchmarks/bench_e2e.py                       # everything (about 6 minutes on an H200)
     python benchmarks/bench_e2e.py --cases 1x32768 64x1024 --paths flashcore sdpa_dynamic --new 32
@@ -24,13 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, output_dir, print_table, write_csv  # noqa: E402
 
 import flashcore_hf  # noqa: E402,F401  (registers attn_implementation="flashcore")
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from flashcore_hf.growable import total_mapped_bytes  # noqa: E402
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList  # noqa: E402,E501
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072 + 1024,
                  rope_theta=500000.0, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=0)
 CASES = {"1x32768": (1, 32768), "1x131072": (1, 131072), "32x2048": (32, 2048), "64x1024": (64, 1024)}
-PATHS = ("flashcore", "sdpa_dynamic", "sdpa_static", "generate_batch")
+PATHS = ("flashcore", "flashcore_eager", "sdpa_dynamic", "sdpa_static", "generate_batch")
 
 
 def build_model(num_layers: int) -> LlamaForCausalLM:
@@ -48,43 +53,71 @@ def _sync_time() -> float:
     return time.perf_counter()
 
 
-def _pool_bytes(output) -> int:
-    """Bytes of flashcore page pools (mapped outside torch's allocator) in a generate output."""
-    cache = getattr(output, "past_key_values", None)
-    return cache.stats().bytes_total if isinstance(cache, flashcore_hf.PagedKVCache) else 0
+class PeakMemory(LogitsProcessor):
+    """Samples device memory after every forward of a generate() call (a logits processor: no host sync)."""
+
+    def __init__(self, count_pools: bool):
+        self.count_pools = count_pools
+        self.peak = 0
+        torch.cuda.reset_peak_memory_stats()
+
+    def sample(self) -> None:
+        pools = total_mapped_bytes("cuda") if self.count_pools else 0
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated() + pools)
+        torch.cuda.reset_peak_memory_stats()
+
+    def __call__(self, input_ids, scores):
+        self.sample()
+        return scores
 
 
 def run_generate_case(model, path: str, batch: int, prompt: int, new: int) -> dict:
-    kwargs = dict(do_sample=False, return_dict_in_generate=True)
-    if path == "flashcore":
-        model.set_attn_implementation("flashcore")
-    else:
-        model.set_attn_implementation("sdpa")
-        if path == "sdpa_static":
-            kwargs["cache_implementation"] = "static"
-    ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device="cuda")
+    kwargs = dict(do_sample=False)
+    flashcore_hf.set_cuda_graphs(path == "flashcore")
+    model.set_attn_implementation("flashcore" if path.startswith("flashcore") else "sdpa")
+    if path == "sdpa_static":
+        kwargs["cache_implementation"] = "static"
+    generator = torch.Generator(device="cuda").manual_seed(batch * 1000003 + prompt)
+    ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device="cuda", generator=generator)
     mask = torch.ones_like(ids)
 
-    def generate(n):
+    def generate(n, peak=None):
+        processors = LogitsProcessorList([peak] if peak is not None else [])
         t0 = _sync_time()
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             logits_processor=processors, **kwargs)
         return _sync_time() - t0, out
 
     warm_new = 2 if prompt >= 65536 else 4          # long prompts: one warm-up prefill is enough
-    generate(warm_new)
+    generate(new if path == "flashcore" else warm_new)  # flashcore: captures its graphs for this shape here
     if prompt < 65536:
         generate(warm_new)
     gc.collect()
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    t_prefill, out = generate(1)
-    del out
-    t_all, out = generate(new)
-    peak = torch.cuda.max_memory_allocated() + _pool_bytes(out)
+    t_prefill, _ = generate(1)
+    stats_before = flashcore_hf.decode_graph_stats(model)
+    captures_before = (stats_before.captures, stats_before.capture_seconds) if stats_before else (0, 0.0)
+    peak = PeakMemory(count_pools=path.startswith("flashcore"))
+    t_all, tokens = generate(new, peak)
+    peak.sample()
     decode_s = t_all - t_prefill
-    del out
-    return dict(prefill_s=t_prefill, decode_tok_s=batch * (new - 1) / decode_s, ms_per_step=1e3 * decode_s / (new - 1),
-                peak_GiB=peak / 2**30)
+    row = dict(prefill_s=t_prefill, decode_tok_s=batch * (new - 1) / decode_s, ms_per_step=1e3 * decode_s / (new - 1),
+               peak_GiB=peak.peak / 2**30)
+    stats = flashcore_hf.decode_graph_stats(model)
+    if path == "flashcore" and stats is not None:
+        row.update(captures=stats.captures, capture_s=stats.capture_seconds,
+                   captures_in_timed_run=stats.captures - captures_before[0])
+    if path.startswith("flashcore"):
+        _TOKENS[(batch, prompt, path)] = tokens.cpu()
+        other = _TOKENS.get((batch, prompt, "flashcore_eager" if path == "flashcore" else "flashcore"))
+        if other is not None:
+            row["identical_to_eager"] = bool(torch.equal(other, tokens.cpu()))
+        flashcore_hf.release_decode_graphs(model)     # free graphs and pooled pages before the next path
+    flashcore_hf.set_cuda_graphs(True)
+    return row
+
+
+_TOKENS: dict = {}
 
 
 def run_generate_batch(model, batch: int, prompt: int, new: int) -> dict:
@@ -144,7 +177,7 @@ def main() -> None:
     plot(rows)
     print(f"\n{device_name()}, torch {torch.__version__}; CSV: {path}")
     print_table(rows, ["case", "path", "prefill_s", "decode_tok_s", "ms_per_step", "peak_GiB", "speedup_vs_dynamic",
-                       "memory_vs_dynamic", "error"])
+                       "memory_vs_dynamic", "captures", "capture_s", "identical_to_eager", "error"])
 
 
 def plot(rows: list[dict]) -> None:

@@ -22,7 +22,10 @@ SUMMARIES = {
     "bench_e2e.csv": ("generate() on a Llama-3-8B-shaped model",
                       ["case", "path", "prefill_s", "decode_tok_s", "ms_per_step", "peak_GiB", "speedup_vs_dynamic",
                        "memory_vs_dynamic", "error"]),
-    "bench_sparse.csv": ("sparse page selection (B=1 x 128K)", None),
+    "sparse_layer.csv": ("sparse page selection: attention per layer (B=1 x 128K, 4K-token budget)",
+                         ["what", "gpu_us", "wall_us", "graph_us", "speedup_vs_dense", "note"]),
+    "sparse_e2e.csv": ("sparse page selection: generate() decode on the Llama-3-8B-shaped model",
+                       ["policy", "budget", "prefill_s", "ms_per_step", "decode_tok_s", "speedup_vs_dense"]),
 }
 
 

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.generation.streamers import BaseStreamer
 
 import flashcore_hf  # registers attn_implementation="flashcore"
+from flashcore_hf.growable import total_mapped_bytes
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -69,9 +70,10 @@ class ProgressStreamer(BaseStreamer):
 
 
 def peak_memory_gib(device: torch.device) -> float:
-    """CUDA: peak allocated by torch since the last reset. CPU: the process's peak resident set size so far."""
+    """CUDA: peak allocated by torch since the last reset plus flashcore's page pools (mapped outside torch's
+    allocator; an upper bound). CPU: the process's peak resident set size so far."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return (torch.cuda.max_memory_allocated(device) + total_mapped_bytes(device)) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -147,6 +149,10 @@ def main() -> None:
                                                                               "{:>18.2f}")):
         print(f"{label:22}" + "".join(fmt.format(r[key]) for r in results))
     print(f"\n{results[0]['cache_obj'].stats()}")
+    graphs = flashcore_hf.decode_graph_stats(model)
+    if graphs is not None:
+        print(f"CUDA-graph decode: {graphs.captures} capture(s) in {graphs.capture_seconds:.2f} s (included in the "
+              f"decode time above), {graphs.replays} replayed steps, {graphs.eager_decode_steps} eager decode steps")
     if args.compare:
         same = torch.equal(results[0]["tokens"], results[1]["tokens"])
         agreed = int((results[0]["tokens"] == results[1]["tokens"]).cumprod(0).sum())

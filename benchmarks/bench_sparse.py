@@ -1,0 +1,302 @@
+"""Sparse page selection benchmark: long-context decode with topk / streaming pages vs dense flashcore decode.
+
+1. Attention per layer, B=1 x 128K context, Hq 32 / Hkv 8, D 128, bf16, page size 64, budget 4096 tokens (64 pages):
+   dense flashcore decode vs topk (Quest scores + top-k + paged_attention over per-kv-head page lists) and streaming,
+   with the parts (selection, attention, summary refresh of the written page, the once-per-step page table) and the
+   whole of it captured in a CUDA graph (launch overhead removed, as in a graph-captured decode step). Two clocks:
+   `gpu_us` is triton's do_bench median (device time, L2 flushed), `wall_us` back-to-back calls on the host clock
+   (includes Python and launch overhead, what an eager decode step pays). SDPA cuDNN on a contiguous copy of the
+   same K/V is the reference.
+2. End to end: a Llama-3-8B-shaped model with random bf16 weights (32 layers, hidden 4096, 32/8 heads, D128, vocab
+   128256), generate() on one 128K-token prompt through the cache generate() builds (set_default_cache_options(
+   page_size=64, sparse=...)): dense with and without flashcore's CUDA-graph decode, and topk (--policies
+   dense,topk,streaming adds streaming: one more 128K prefill). Prefill seconds and decode tokens/s (median step time
+   from a stopping criterion that timestamps every step after a device sync, which generate() does each step
+   anyway); speedups compare runs with the same decode mode (graphs or eager).
+
+Writes sparse_layer.csv, sparse_e2e.csv and sparse.png under $OUT (or ./benchmark_results); prints the tables last.
+
+    python benchmarks/bench_sparse.py [--context 131072] [--budget 4096] [--new-tokens 48] [--skip-e2e]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, median_ms, output_dir, print_table, write_csv  # noqa: E402
+
+import flashcore_hf as fc  # noqa: E402
+from flashcore_hf.paged_cache import page_count_bucket  # noqa: E402
+from flashcore_hf.sparse import (PageKeySummaries, StepSelection, decode_refresh_slots, refresh_slots,  # noqa: E402
+                                 topk_pages)
+
+HQ, HKV, D = 32, 8, 128
+DTYPE = torch.bfloat16
+
+
+def wall_us(fn, iters: int = 200) -> float:
+    """Host-clock microseconds per call of back-to-back calls (launch and Python overhead included)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+def graph_of(fn):
+    """fn captured in a CUDA graph (warmed on a side stream first); returns graph.replay, or None with the reason."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, ""
+    except RuntimeError as err:  # a host sync or an unsupported op inside: report it
+        return None, str(err).splitlines()[0][:120]
+
+
+def layer_benchmark(context: int, budget: int, page_size: int) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    num_pages = context // page_size
+    k_pool = torch.randn(num_pages + 8, page_size, HKV, D, device="cuda", dtype=DTYPE, generator=gen)
+    v_pool = torch.randn(num_pages + 8, page_size, HKV, D, device="cuda", dtype=DTYPE, generator=gen)
+    cols = torch.randperm(num_pages + 8, device="cuda", generator=gen)[:num_pages].to(torch.int32)
+    counts = torch.full_like(cols, page_size)
+    layout = fc.PageLayout(torch.tensor([0, num_pages], device="cuda", dtype=torch.int32), cols, counts,
+                           torch.full_like(cols, -1))
+    q = torch.randn(1, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
+    q_indptr = torch.tensor([0, 1], device="cuda", dtype=torch.int32)
+    max_pages = page_count_bucket(num_pages)
+    summaries = PageKeySummaries()
+    all_slots = refresh_slots(cols, counts, page_size)
+    refresh_all_ms = median_ms(lambda: summaries.refresh(k_pool, *all_slots))
+    # A decode step wrote the last slot of the last page: the slots to refresh follow on the device (once per step).
+    last_slots = decode_refresh_slots(cols[-1:] * page_size + page_size - 1, page_size)
+
+    def dense():
+        return fc.paged_attention(q, k_pool, v_pool, layout, q_indptr, max_q_len=1, max_pages_per_seq=max_pages)
+
+    rows = []
+
+    def add(name, fn, graph=True, note=""):
+        """Time fn; speedup_vs_dense compares CUDA-graph times when both were captured, else do_bench times."""
+        row = dict(what=name, gpu_us=1e3 * median_ms(fn), wall_us=wall_us(fn), note=note)
+        if graph:
+            replay, why = graph_of(fn)
+            row["graph_us"] = 1e3 * median_ms(replay) if replay else None
+            if why:
+                row["note"] = "; ".join(filter(None, [note, f"graph capture failed: {why}"]))
+        rows.append(row)
+        return row
+
+    def speedup(row):
+        both = row.get("graph_us") and base.get("graph_us")
+        row["speedup_vs_dense"] = base["graph_us"] / row["graph_us"] if both else base["gpu_us"] / row["gpu_us"]
+
+    base = add("dense flashcore decode", dense)
+    speedup(base)
+    k_dense = k_pool[cols.long()].reshape(1, context, HKV, D).transpose(1, 2).contiguous()
+    v_dense = v_pool[cols.long()].reshape(1, context, HKV, D).transpose(1, 2).contiguous()
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        try:
+            sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None], k_dense, v_dense, enable_gqa=True)  # noqa
+            sdpa()
+            rows.append(dict(what="SDPA cuDNN (dense, contiguous)", gpu_us=1e3 * median_ms(sdpa), wall_us=wall_us(sdpa),
+                             note="reference"))
+        except RuntimeError as err:
+            rows.append(dict(what="SDPA cuDNN (dense, contiguous)", note=f"failed: {str(err)[:80]}"))
+    del k_dense, v_dense
+
+    for policy in ("topk", "streaming"):
+        config = fc.SparseConfig(policy=policy, token_budget=budget)
+        step_plan = lambda: StepSelection(config, layout, max_pages, 1, page_size)  # noqa: E731
+        step = step_plan()
+        k = step.max_pages_per_row
+        add(f"{policy}: page table (once per step, all layers)", step_plan, graph=False)
+        if policy == "topk":
+            add("topk: selection (per layer)", lambda: step.layout_for(q, summaries))
+            chosen = step.layout_for(q, summaries)
+        else:
+            chosen = step.layout_for(q, None)
+        attend = lambda: fc.paged_attention(q, k_pool, v_pool, chosen, q_indptr, max_q_len=1,  # noqa: E731
+                                            max_pages_per_seq=k)
+        speedup(add(f"{policy}: attention on {k} selected pages", attend))
+        if policy == "topk":
+            def per_layer():
+                summaries.refresh(k_pool, *last_slots)
+                return fc.paged_attention(q, k_pool, v_pool, step.layout_for(q, summaries), q_indptr, max_q_len=1,
+                                          max_pages_per_seq=k)
+            speedup(add("topk: refresh + selection + attention (per layer)", per_layer,
+                        note="the whole per-layer cost of a topk decode step"))
+            rows.extend(compiled_selection(step, summaries, last_slots, q, q_indptr, k_pool, v_pool, speedup))
+    rows.append(dict(what="topk: summary refresh of the whole context (prefill, per layer)",
+                     gpu_us=1e3 * refresh_all_ms, note=f"{num_pages} pages"))
+    for row in rows:
+        row.update(context=context, budget=budget, page_size=page_size)
+    return rows
+
+
+def compiled_selection(step, summaries, last_slots, q, q_indptr, k_pool, v_pool, speedup) -> list[dict]:
+    """The per-layer topk path with `topk_pages` under torch.compile(fullgraph=True) (fused selection kernels)."""
+    table, k = step.table, step.max_pages_per_row
+    row_offsets = torch.arange(0, HKV * k + 1, k, device="cuda", dtype=torch.int32)
+    staging = torch.full((HKV * k,), -1, device="cuda", dtype=torch.int32)
+    try:
+        start = time.perf_counter()
+        select = torch.compile(topk_pages, fullgraph=True, dynamic=False)
+
+        def per_layer():
+            summaries.refresh(k_pool, *last_slots)
+            cols, counts = select(q[:, None], summaries.bounds, table.pages, table.counts, table.bias,
+                                  table.bound_rows, step.budget_pages, "max", False)
+            layout = fc.PageLayout(row_offsets, cols.reshape(-1), counts.reshape(-1), staging)
+            return fc.paged_attention(q, k_pool, v_pool, layout, q_indptr, max_q_len=1, max_pages_per_seq=k)
+        per_layer()
+        compile_s = time.perf_counter() - start
+    except Exception as err:  # noqa: BLE001  (report, do not stop the benchmark)
+        return [dict(what="topk, torch.compile'd selection", note=f"compile failed: {str(err).splitlines()[0][:100]}")]
+    row = dict(what="topk: refresh + compiled selection + attention (per layer)", gpu_us=1e3 * median_ms(per_layer),
+               wall_us=wall_us(per_layer), note=f"torch.compile(topk_pages) took {compile_s:.0f} s")
+    replay, why = graph_of(per_layer)
+    row["graph_us"] = 1e3 * median_ms(replay) if replay else None
+    if why:
+        row["note"] += f"; graph capture failed: {why}"
+    speedup(row)
+    return [row]
+
+
+class StepClock:
+    """A generate() stopping criterion that only records when each step finished (after a device sync)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def e2e_benchmark(context: int, budget: int, new_tokens: int, policies: list[str]) -> list[dict]:
+    """generate() through the default cache (what set_default_cache_options configures) for each policy, with
+    flashcore's CUDA-graph decode where the cache allows it, and dense also without graphs (eager steps, as sparse
+    caches run while decode graphs refuse them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=max(131072, context + 256), rope_theta=500000.0,
+                         tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    torch.set_default_dtype(DTYPE)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    model.set_attn_implementation("flashcore")
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(1, config.vocab_size, (1, context), device="cuda")
+
+    def generate(prompt, new):
+        clock = StepClock()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       stopping_criteria=StoppingCriteriaList([clock]))
+        steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
+        return clock.times[0] - start, statistics.median(steps)
+
+    cases = [(policy, True) for policy in policies]
+    if "dense" in policies:
+        cases.insert(policies.index("dense") + 1, ("dense", False))
+    rows = []
+    for policy, graphs in cases:
+        fc.set_default_cache_options(page_size=64, sparse=fc.SparseConfig(policy=policy, token_budget=budget))
+        fc.set_cuda_graphs(graphs)
+        generate(ids[:, :budget * 2], 8)                 # warm: a short prompt, already past the budget
+        stats = fc.decode_graph_stats(model)
+        replays = stats.replays if stats else 0
+        prefill_s, step_s = generate(ids, new_tokens)
+        stats = fc.decode_graph_stats(model)
+        rows.append(dict(policy=policy, cuda_graphs=bool(stats and stats.replays > replays), context=context,
+                         budget=budget if policy != "dense" else context, prefill_s=prefill_s,
+                         ms_per_step=1e3 * step_s, decode_tok_s=1.0 / step_s))
+        print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+    fc.set_cuda_graphs(True)
+    fc.set_default_cache_options(sparse=fc.SparseConfig())
+    for row in rows:
+        same_mode = [r for r in rows if r["policy"] == "dense" and r["cuda_graphs"] == row["cuda_graphs"]]
+        if same_mode:
+            row["speedup_vs_dense_same_mode"] = row["decode_tok_s"] / same_mode[0]["decode_tok_s"]
+    return rows
+
+
+def plot(layer_rows, e2e_rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    shown = [r for r in layer_rows if r.get("gpu_us")]
+    axes[0].barh([r["what"] for r in shown], [r.get("graph_us") or r["gpu_us"] for r in shown])
+    axes[0].set_xlabel("µs per layer (CUDA graph where measured, else do_bench)")
+    axes[0].invert_yaxis()
+    axes[0].tick_params(axis="y", labelsize=7)
+    if e2e_rows:
+        axes[1].bar([f"{r['policy']}{' (graphs)' if r['cuda_graphs'] else ''}" for r in e2e_rows],
+                    [r["decode_tok_s"] for r in e2e_rows])
+        axes[1].set_ylabel("decode tokens/s (B=1)")
+    axes[1].set_title(f"Llama-3-8B-shaped, {e2e_rows[0]['context'] if e2e_rows else ''} tokens")
+    fig.suptitle(f"flashcore sparse decode on {device_name()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=131072)
+    parser.add_argument("--budget", type=int, default=4096)
+    parser.add_argument("--page-size", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--policies", default="dense,topk", help="comma-separated; streaming too if time allows")
+    parser.add_argument("--skip-e2e", action="store_true")
+    args = parser.parse_args()
+    print(f"{device_name()}, torch {torch.__version__}", flush=True)
+
+    layer_rows = layer_benchmark(args.context, args.budget, args.page_size)
+    write_csv(layer_rows, "sparse_layer.csv")
+    torch.cuda.empty_cache()
+    e2e_rows = [] if args.skip_e2e else e2e_benchmark(args.context, args.budget, args.new_tokens,
+                                                      args.policies.split(","))
+    write_csv(e2e_rows, "sparse_e2e.csv")
+    plot(layer_rows, e2e_rows, output_dir() / "sparse.png")
+
+    print(f"\nattention per layer, B=1 x {args.context} tokens, budget {args.budget}, page size {args.page_size} "
+          f"(µs; speedup from CUDA-graph times where captured)")
+    print_table(layer_rows, ["what", "gpu_us", "wall_us", "graph_us", "speedup_vs_dense", "note"])
+    if e2e_rows:
+        print(f"\nend to end, Llama-3-8B-shaped random bf16, B=1 x {args.context}-token prompt, "
+              f"{args.new_tokens} new tokens")
+        print_table(e2e_rows, ["policy", "cuda_graphs", "budget", "prefill_s", "ms_per_step", "decode_tok_s",
+                               "speedup_vs_dense_same_mode"])
+
+
+if __name__ == "__main__":
+    main()
