@@ -27,6 +27,7 @@ captures, their cost and replays; `release_decode_graphs(model)` frees the graph
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import time
 import weakref
@@ -70,7 +71,8 @@ class PoolArena:
     """Page-pool memory of one model, lent to one PagedKVCache at a time and kept when that cache is gone, so the
     next generate() call gets the same addresses and replays the graphs captured before (no re-capture).
 
-    The memory stays mapped between calls (like torch's caching allocator); `release_decode_graphs` frees it.
+    A new tenant starts with the memory unmapped (the addresses stay reserved) and maps what it needs, so a
+    generate() call never holds the previous call's pages; `release_decode_graphs` frees the address space too.
     """
 
     def __init__(self):
@@ -78,10 +80,15 @@ class PoolArena:
         self._tenant = None
 
     def lease(self, cache) -> bool:
-        """Lend the arena to `cache` unless another live cache holds it."""
+        """Lend the arena to `cache` unless another live cache holds it (a cache held only by a reference cycle is
+        collected first); the new tenant starts with no memory mapped."""
         if self._tenant is not None and self._tenant() is not None:
-            return False
+            gc.collect()
+            if self._tenant() is not None:
+                return False
         self._tenant = weakref.ref(cache)
+        for buf in self._buffers.values():
+            buf.release_memory()
         return True
 
     def buffer(self, key: tuple, device: torch.device, reserve_bytes: int) -> GrowableBuffer:

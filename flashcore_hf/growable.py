@@ -51,6 +51,11 @@ class GrowableBuffer:
         """Map memory until at least nbytes are usable; bytes already mapped stay where they are."""
         self._impl.grow(int(nbytes))
 
+    def release_memory(self) -> None:
+        """Unmap every byte (memory back to the device); the addresses stay reserved, and `grow` maps memory at
+        the same addresses again. Tensors viewed before must not be used until then."""
+        self._impl.release_memory()
+
     def view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         """A tensor of `shape` over the first bytes of the buffer (the same base pointer every time)."""
         itemsize = torch.empty((), dtype=dtype).element_size()

@@ -43,3 +43,14 @@ def test_growable_buffer_rejects_growth_past_reservation():
         assert "call grow first" in str(err)
     else:
         raise AssertionError("a view past the mapped bytes must fail")
+
+
+def test_growable_buffer_release_keeps_addresses():
+    buf = GrowableBuffer("cpu", reserve_bytes=1 << 24)
+    buf.grow(1 << 20)
+    ptr = buf.view(torch.uint8, (1 << 20,)).data_ptr()
+    buf.release_memory()
+    assert buf.nbytes == 0
+    buf.grow(1 << 21)
+    again = buf.view(torch.uint8, (1 << 21,))
+    assert again.data_ptr() == ptr and again.sum() == 0            # same address, fresh (zeroed) memory

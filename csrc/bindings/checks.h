@@ -11,12 +11,9 @@
 namespace flashcore::binding {
 
 inline DType to_dtype(at::ScalarType t, const char* what) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, what, " must be float32, float16 or bfloat16, got ", t);
-  }
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, what,
+              " must be float32, float16 or bfloat16, got ", t);
+  return t == at::kFloat ? DType::kFloat32 : t == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
 }
 
 inline void check_index_tensor(const at::Tensor& t, const char* op, const char* name, const at::Device& device) {

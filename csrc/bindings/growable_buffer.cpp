@@ -154,6 +154,32 @@ struct GrowableBuffer : torch::CustomClassHolder {
     return mapped_;
   }
 
+  // Returns every mapped byte to the system; the address range stays reserved, so a later grow maps memory at the
+  // same addresses again. Views taken before must not be used until then.
+  void release_memory() {
+    if (mapped_ == 0) return;
+    if (device_.is_cpu()) {
+      madvise(base_, mapped_, MADV_DONTNEED);
+      TORCH_CHECK(mprotect(base_, mapped_, PROT_NONE) == 0, "GrowableBuffer: could not unmap host memory");
+      mapped_ = 0;
+      return;
+    }
+#ifdef FLASHCORE_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(device_);
+    const auto& api = DriverVmm::get();
+    const auto base = reinterpret_cast<CUdeviceptr>(base_);
+    int64_t offset = 0;
+    for (size_t i = 0; i < chunks_.size(); ++i) {
+      check_cu(api.unmap(base + offset, chunk_sizes_[i]), "cuMemUnmap");
+      check_cu(api.release(chunks_[i]), "cuMemRelease");
+      offset += chunk_sizes_[i];
+    }
+    chunks_.clear();
+    chunk_sizes_.clear();
+    mapped_ = 0;
+#endif
+  }
+
   // A uint8 tensor over the first nbytes (which must be mapped); it keeps the buffer alive.
   at::Tensor view(int64_t nbytes) {
     TORCH_CHECK(nbytes >= 0 && nbytes <= mapped_, "GrowableBuffer: view of ", nbytes, " bytes but only ", mapped_,
@@ -195,6 +221,7 @@ TORCH_LIBRARY_FRAGMENT(flashcore, m) {
       .def(torch::init<std::string, int64_t>())
       .def("grow", &GrowableBuffer::grow)
       .def("view", &GrowableBuffer::view)
+      .def("release_memory", &GrowableBuffer::release_memory)
       .def("mapped_bytes", &GrowableBuffer::mapped_bytes)
       .def("reserved_bytes", &GrowableBuffer::reserved_bytes)
       .def("granularity", &GrowableBuffer::granularity);

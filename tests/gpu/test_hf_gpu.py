@@ -64,24 +64,35 @@ def test_logits_vs_sdpa(model):
         assert err_fc <= 2 * err_sdpa + 1e-2
 
 
+def _greedy(model, implementation, ids, mask):
+    model.set_attn_implementation(implementation)
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False, min_new_tokens=64,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+
+
+def _agreement(a, b, prompt_len):
+    """Tokens generated before the first difference, per prompt (64 = identical)."""
+    same = a.sequences[:, prompt_len:] == b.sequences[:, prompt_len:]
+    return torch.where(same.all(1), 64, (~same).int().argmax(1)).tolist()
+
+
 def test_greedy_agrees_with_sdpa(model):
-    """64 new tokens for 8 left-padded prompts; tokens may differ only after a near-tie of the two best logits."""
+    """64 new tokens for 8 left-padded prompts. A random model's logits are nearly flat, so any two correct bf16
+    implementations part ways after a near-tie; the test requires (1) every divergence to be a near-tie of the two
+    best logits and (2) flashcore to agree with sdpa about as long as stock eager attention agrees with sdpa."""
     lengths = [512, 37, 200, 129, 64, 300, 90, 451]
     ids, mask = left_padded(lengths, LLAMA_1B["vocab_size"], seed=2)
-    runs = {}
-    for implementation in ("sdpa", "flashcore"):
-        model.set_attn_implementation(implementation)
-        with torch.inference_mode():
-            runs[implementation] = model.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
-                                                  min_new_tokens=64, pad_token_id=0, output_logits=True,
-                                                  return_dict_in_generate=True)
+    runs = {name: _greedy(model, name, ids, mask) for name in ("sdpa", "flashcore", "eager")}
+    model.set_attn_implementation("flashcore")
     assert isinstance(runs["flashcore"].past_key_values, PagedKVCache)
+    agreed = _agreement(runs["flashcore"], runs["sdpa"], ids.shape[1])
+    baseline = _agreement(runs["eager"], runs["sdpa"], ids.shape[1])
+    print(f"greedy agreement with sdpa (tokens before the first difference, of 64): flashcore {agreed} "
+          f"({sum(a == 64 for a in agreed)}/8 identical); stock eager {baseline} "
+          f"({sum(a == 64 for a in baseline)}/8 identical)")
     new_sdpa = runs["sdpa"].sequences[:, ids.shape[1]:]
     new_fc = runs["flashcore"].sequences[:, ids.shape[1]:]
-    same = new_sdpa == new_fc
-    agreed = torch.where(same.all(1), 64, (~same).int().argmax(1)).tolist()
-    print(f"greedy agreement with sdpa (tokens before the first difference, of 64): {agreed}; "
-          f"{sum(a == 64 for a in agreed)}/{len(agreed)} prompts identical")
     for b, t in enumerate(agreed):
         if t == 64:
             continue
@@ -90,7 +101,7 @@ def test_greedy_agrees_with_sdpa(model):
             logits = runs[name].logits[t][b].float()
             gap = (logits[tok_sdpa] - logits[tok_fc]).abs().item()
             assert gap < 0.1 * logits.std().item(), (b, t, name, gap)
-    assert sum(agreed) / len(agreed) >= 8, "generations part ways almost at once"
+    assert sum(agreed) >= 0.5 * sum(baseline), "flashcore parts ways with sdpa much sooner than eager does"
 
 
 def test_long_prompt_32k(model):
