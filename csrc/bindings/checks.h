@@ -6,38 +6,39 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "bindings/message.h"
 #include "kernels/params.h"
 
 namespace flashcore::binding {
 
 inline DType to_dtype(at::ScalarType t, const char* what) {
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, what,
+  FC_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, what,
               " must be float32, float16 or bfloat16, got ", t);
   return t == at::kFloat ? DType::kFloat32 : t == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
 }
 
 inline void check_index_tensor(const at::Tensor& t, const char* op, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  FC_CHECK(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  FC_CHECK(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
+  FC_CHECK(t.device() == device, op, ": ", name, " must be on ", device, ", got ", t.device());
+  FC_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 inline void check_fits_int32(int64_t v, const char* op, const char* what) {
-  TORCH_CHECK(v >= 0 && v <= INT32_MAX, op, ": ", what, " = ", v, " does not fit the kernels' int32 indexing");
+  FC_CHECK(v >= 0 && v <= INT32_MAX, op, ": ", what, " = ", v, " does not fit the kernels' int32 indexing");
 }
 
 inline void check_offsets_host(const at::Tensor& offsets, int64_t limit, bool must_end_at_limit, const char* op,
                                const char* name, const char* limit_name) {
   const int32_t* o = offsets.data_ptr<int32_t>();
   const int64_t n = offsets.numel();
-  TORCH_CHECK(o[0] == 0, op, ": ", name, "[0] must be 0, got ", o[0]);
+  FC_CHECK(o[0] == 0, op, ": ", name, "[0] must be 0, got ", o[0]);
   for (int64_t i = 1; i < n; ++i) {
-    TORCH_CHECK(o[i] >= o[i - 1], op, ": ", name, " must be non-decreasing, but ", name, "[", i, "] = ", o[i],
+    FC_CHECK(o[i] >= o[i - 1], op, ": ", name, " must be non-decreasing, but ", name, "[", i, "] = ", o[i],
                 " < ", name, "[", i - 1, "] = ", o[i - 1]);
   }
-  TORCH_CHECK(o[n - 1] <= limit, op, ": ", name, "[-1] = ", o[n - 1], " exceeds ", limit_name, " = ", limit);
-  TORCH_CHECK(!must_end_at_limit || o[n - 1] == limit, op, ": ", name, "[-1] = ", o[n - 1], " must equal ",
+  FC_CHECK(o[n - 1] <= limit, op, ": ", name, "[-1] = ", o[n - 1], " exceeds ", limit_name, " = ", limit);
+  FC_CHECK(!must_end_at_limit || o[n - 1] == limit, op, ": ", name, "[-1] = ", o[n - 1], " must equal ",
               limit_name, " = ", limit);
 }
 
@@ -47,46 +48,46 @@ inline PagedAttentionParams make_paged_attention_params(
     const at::Tensor& cols, const at::Tensor& token_counts, const at::Tensor& q_indptr, bool causal, double sm_scale,
     int64_t window, int64_t max_q_len, int64_t max_pages_per_seq) {
   constexpr const char* op = "paged_attention";
-  TORCH_CHECK(q.dim() == 3, op, ": q must be [total_q, num_q_heads, head_dim], got shape ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4, op, ": k_cache must be [num_pages, page_size, num_kv_heads, head_dim], got shape ",
+  FC_CHECK(q.dim() == 3, op, ": q must be [total_q, num_q_heads, head_dim], got shape ", q.sizes());
+  FC_CHECK(k_cache.dim() == 4, op, ": k_cache must be [num_pages, page_size, num_kv_heads, head_dim], got shape ",
               k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache shape ", v_cache.sizes(),
+  FC_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache shape ", v_cache.sizes(),
               " must equal k_cache shape ", k_cache.sizes());
   const DType dtype = to_dtype(q.scalar_type(), "paged_attention: q");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), op, ": k_cache dtype ", k_cache.scalar_type(),
+  FC_CHECK(k_cache.scalar_type() == q.scalar_type(), op, ": k_cache dtype ", k_cache.scalar_type(),
               " must equal q dtype ", q.scalar_type());
-  TORCH_CHECK(v_cache.scalar_type() == q.scalar_type(), op, ": v_cache dtype ", v_cache.scalar_type(),
+  FC_CHECK(v_cache.scalar_type() == q.scalar_type(), op, ": v_cache dtype ", v_cache.scalar_type(),
               " must equal q dtype ", q.scalar_type());
   const at::Device device = q.device();
-  TORCH_CHECK(k_cache.device() == device, op, ": k_cache must be on ", device, ", got ", k_cache.device());
-  TORCH_CHECK(v_cache.device() == device, op, ": v_cache must be on ", device, ", got ", v_cache.device());
-  TORCH_CHECK(k_cache.is_contiguous(), op, ": k_cache must be contiguous");
-  TORCH_CHECK(v_cache.is_contiguous(), op, ": v_cache must be contiguous");
-  TORCH_CHECK(q.stride(2) == 1 || q.size(2) == 1, op, ": q's last dimension must be contiguous");
+  FC_CHECK(k_cache.device() == device, op, ": k_cache must be on ", device, ", got ", k_cache.device());
+  FC_CHECK(v_cache.device() == device, op, ": v_cache must be on ", device, ", got ", v_cache.device());
+  FC_CHECK(k_cache.is_contiguous(), op, ": k_cache must be contiguous");
+  FC_CHECK(v_cache.is_contiguous(), op, ": v_cache must be contiguous");
+  FC_CHECK(q.stride(2) == 1 || q.size(2) == 1, op, ": q's last dimension must be contiguous");
   const int64_t head_dim = q.size(2), num_q_heads = q.size(1), num_kv_heads = k_cache.size(2);
-  TORCH_CHECK(head_dim >= 1 && head_dim <= 256, op, ": head_dim must be in [1, 256], got ", head_dim);
-  TORCH_CHECK(k_cache.size(3) == head_dim, op, ": k_cache head_dim ", k_cache.size(3), " must equal q head_dim ",
+  FC_CHECK(head_dim >= 1 && head_dim <= 256, op, ": head_dim must be in [1, 256], got ", head_dim);
+  FC_CHECK(k_cache.size(3) == head_dim, op, ": k_cache head_dim ", k_cache.size(3), " must equal q head_dim ",
               head_dim);
-  TORCH_CHECK(num_kv_heads >= 1 && num_q_heads >= 1 && num_q_heads % num_kv_heads == 0, op,
+  FC_CHECK(num_kv_heads >= 1 && num_q_heads >= 1 && num_q_heads % num_kv_heads == 0, op,
               ": num_q_heads (q.size(1) = ", num_q_heads, ") must be a multiple of num_kv_heads (k_cache.size(2) = ",
               num_kv_heads, ")");
-  TORCH_CHECK(k_cache.size(1) >= 1, op, ": page_size (k_cache.size(1)) must be >= 1");
+  FC_CHECK(k_cache.size(1) >= 1, op, ": page_size (k_cache.size(1)) must be >= 1");
   check_index_tensor(row_offsets, op, "row_offsets", device);
   check_index_tensor(cols, op, "cols", device);
   check_index_tensor(token_counts, op, "token_counts", device);
   check_index_tensor(q_indptr, op, "q_indptr", device);
-  TORCH_CHECK(q_indptr.numel() >= 1, op, ": q_indptr must have batch + 1 >= 1 entries");
+  FC_CHECK(q_indptr.numel() >= 1, op, ": q_indptr must have batch + 1 >= 1 entries");
   const int64_t batch = q_indptr.numel() - 1, layout_rows = row_offsets.numel() - 1;
-  TORCH_CHECK(layout_rows == batch || layout_rows == batch * num_kv_heads, op, ": row_offsets has ",
+  FC_CHECK(layout_rows == batch || layout_rows == batch * num_kv_heads, op, ": row_offsets has ",
               row_offsets.numel(), " entries; it must have batch + 1 = ", batch + 1,
               " (one page list per sequence) or batch * num_kv_heads + 1 = ", batch * num_kv_heads + 1,
               " (one per sequence and kv head), where batch + 1 = len(q_indptr)");
-  TORCH_CHECK(cols.numel() == token_counts.numel(), op, ": cols (", cols.numel(), ") and token_counts (",
+  FC_CHECK(cols.numel() == token_counts.numel(), op, ": cols (", cols.numel(), ") and token_counts (",
               token_counts.numel(), ") must have the same length");
-  TORCH_CHECK(std::isfinite(sm_scale), op, ": sm_scale must be finite, got ", sm_scale);
-  TORCH_CHECK(window >= 0, op, ": sliding_window must be positive (0 = none), got ", window);
-  TORCH_CHECK(max_q_len >= 0, op, ": max_q_len must be >= 0, got ", max_q_len);
-  TORCH_CHECK(max_pages_per_seq >= 0, op, ": max_pages_per_seq must be >= 0, got ", max_pages_per_seq);
+  FC_CHECK(std::isfinite(sm_scale), op, ": sm_scale must be finite, got ", sm_scale);
+  FC_CHECK(window >= 0, op, ": sliding_window must be positive (0 = none), got ", window);
+  FC_CHECK(max_q_len >= 0, op, ": max_q_len must be >= 0, got ", max_q_len);
+  FC_CHECK(max_pages_per_seq >= 0, op, ": max_pages_per_seq must be >= 0, got ", max_pages_per_seq);
   check_fits_int32(q.size(0), op, "total_q");
   check_fits_int32(k_cache.size(0), op, "num_pages");
   check_fits_int32(cols.numel(), op, "len(cols)");
@@ -124,29 +125,29 @@ inline PagedAttentionParams make_paged_attention_params(
 inline AppendKVParams make_append_kv_params(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
                                             const at::Tensor& v, const at::Tensor& slot_mapping) {
   constexpr const char* op = "append_kv";
-  TORCH_CHECK(k_cache.dim() == 4, op, ": k_cache must be [num_pages, page_size, num_kv_heads, head_dim], got shape ",
+  FC_CHECK(k_cache.dim() == 4, op, ": k_cache must be [num_pages, page_size, num_kv_heads, head_dim], got shape ",
               k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache shape ", v_cache.sizes(),
+  FC_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": v_cache shape ", v_cache.sizes(),
               " must equal k_cache shape ", k_cache.sizes());
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": k_cache and v_cache must be contiguous");
+  FC_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), op, ": k_cache and v_cache must be contiguous");
   const DType dtype = to_dtype(k_cache.scalar_type(), "append_kv: k_cache");
-  TORCH_CHECK(k.dim() == 3, op, ": k must be [num_tokens, num_kv_heads, head_dim], got shape ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v shape ", v.sizes(), " must equal k shape ", k.sizes());
-  TORCH_CHECK(k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3), op, ": k shape ", k.sizes(),
+  FC_CHECK(k.dim() == 3, op, ": k must be [num_tokens, num_kv_heads, head_dim], got shape ", k.sizes());
+  FC_CHECK(v.sizes() == k.sizes(), op, ": v shape ", v.sizes(), " must equal k shape ", k.sizes());
+  FC_CHECK(k.size(1) == k_cache.size(2) && k.size(2) == k_cache.size(3), op, ": k shape ", k.sizes(),
               " does not match k_cache [.., .., num_kv_heads=", k_cache.size(2), ", head_dim=", k_cache.size(3), "]");
   for (const auto* t : {&v_cache, &k, &v}) {
-    TORCH_CHECK(t->scalar_type() == k_cache.scalar_type(), op, ": k_cache, v_cache, k and v must share one dtype, got ",
+    FC_CHECK(t->scalar_type() == k_cache.scalar_type(), op, ": k_cache, v_cache, k and v must share one dtype, got ",
                 k_cache.scalar_type(), " and ", t->scalar_type());
-    TORCH_CHECK(t->device() == k_cache.device(), op, ": all tensors must be on ", k_cache.device(), ", got ",
+    FC_CHECK(t->device() == k_cache.device(), op, ": all tensors must be on ", k_cache.device(), ", got ",
                 t->device());
   }
-  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, op, ": k and v must have a contiguous last dimension");
-  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.numel() == k.size(0), op, ": slot_mapping must be [num_tokens=",
+  FC_CHECK(k.stride(2) == 1 && v.stride(2) == 1, op, ": k and v must have a contiguous last dimension");
+  FC_CHECK(slot_mapping.dim() == 1 && slot_mapping.numel() == k.size(0), op, ": slot_mapping must be [num_tokens=",
               k.size(0), "], got shape ", slot_mapping.sizes());
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kInt || slot_mapping.scalar_type() == at::kLong, op,
+  FC_CHECK(slot_mapping.scalar_type() == at::kInt || slot_mapping.scalar_type() == at::kLong, op,
               ": slot_mapping must be int32 or int64, got ", slot_mapping.scalar_type());
-  TORCH_CHECK(slot_mapping.device() == k_cache.device(), op, ": slot_mapping must be on ", k_cache.device());
-  TORCH_CHECK(slot_mapping.is_contiguous(), op, ": slot_mapping must be contiguous");
+  FC_CHECK(slot_mapping.device() == k_cache.device(), op, ": slot_mapping must be on ", k_cache.device());
+  FC_CHECK(slot_mapping.is_contiguous(), op, ": slot_mapping must be contiguous");
   check_fits_int32(k.size(0), op, "num_tokens");
   check_fits_int32(k_cache.size(0), op, "num_pages");
 

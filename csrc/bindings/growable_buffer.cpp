@@ -12,6 +12,8 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include "bindings/message.h"
+
 #ifdef FLASHCORE_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda.h>
@@ -42,7 +44,7 @@ struct DriverVmm {
         cudaDriverEntryPointQueryResult status;
         void* ptr = nullptr;
         const cudaError_t err = cudaGetDriverEntryPointByVersion(name, &ptr, 12000, cudaEnableDefault, &status);
-        TORCH_CHECK(err == cudaSuccess && status == cudaDriverEntryPointSuccess && ptr != nullptr,
+        FC_CHECK(err == cudaSuccess && status == cudaDriverEntryPointSuccess && ptr != nullptr,
                     "GrowableBuffer: CUDA driver entry point ", name, " is unavailable");
         fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(ptr);
       };
@@ -61,20 +63,20 @@ struct DriverVmm {
 };
 
 void check_cu(CUresult r, const char* what) {
-  TORCH_CHECK(r == CUDA_SUCCESS, "GrowableBuffer: ", what, " failed with CUDA driver error ", static_cast<int>(r),
+  FC_CHECK(r == CUDA_SUCCESS, "GrowableBuffer: ", what, " failed with CUDA driver error ", static_cast<int>(r),
               r == CUDA_ERROR_OUT_OF_MEMORY ? " (out of GPU memory)" : "");
 }
 #endif
 
 struct GrowableBuffer : torch::CustomClassHolder {
   GrowableBuffer(const std::string& device, int64_t reserve_bytes) : device_(device) {
-    TORCH_CHECK(reserve_bytes > 0, "GrowableBuffer: reserve_bytes must be > 0, got ", reserve_bytes);
-    TORCH_CHECK(device_.is_cpu() || device_.is_cuda(), "GrowableBuffer: device must be cpu or cuda, got ", device);
+    FC_CHECK(reserve_bytes > 0, "GrowableBuffer: reserve_bytes must be > 0, got ", reserve_bytes);
+    FC_CHECK(device_.is_cpu() || device_.is_cuda(), "GrowableBuffer: device must be cpu or cuda, got ", device);
     if (device_.is_cpu()) {
       granularity_ = sysconf(_SC_PAGESIZE);
       reserved_ = round_up(reserve_bytes, granularity_);
       void* p = mmap(nullptr, reserved_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-      TORCH_CHECK(p != MAP_FAILED, "GrowableBuffer: could not reserve ", reserved_, " bytes of address space");
+      FC_CHECK(p != MAP_FAILED, "GrowableBuffer: could not reserve ", reserved_, " bytes of address space");
       base_ = p;
       return;
     }
@@ -91,7 +93,7 @@ struct GrowableBuffer : torch::CustomClassHolder {
     check_cu(api.reserve(&ptr, reserved_, granularity_, 0, 0), "cuMemAddressReserve");
     base_ = reinterpret_cast<void*>(ptr);
 #else
-    TORCH_CHECK(false, "GrowableBuffer: this build of flashcore has no CUDA support");
+    FC_CHECK(false, "GrowableBuffer: this build of flashcore has no CUDA support");
 #endif
   }
 
@@ -116,12 +118,12 @@ struct GrowableBuffer : torch::CustomClassHolder {
 
   // Maps memory until at least min_bytes are usable; never moves existing bytes. Returns the mapped size.
   int64_t grow(int64_t min_bytes) {
-    TORCH_CHECK(min_bytes <= reserved_, "GrowableBuffer: cannot grow to ", min_bytes, " bytes; only ", reserved_,
+    FC_CHECK(min_bytes <= reserved_, "GrowableBuffer: cannot grow to ", min_bytes, " bytes; only ", reserved_,
                 " bytes of address space were reserved");
     if (min_bytes <= mapped_) return mapped_;
     const int64_t target = round_up(min_bytes, granularity_);
     if (device_.is_cpu()) {
-      TORCH_CHECK(mprotect(base_, target, PROT_READ | PROT_WRITE) == 0, "GrowableBuffer: could not map ", target,
+      FC_CHECK(mprotect(base_, target, PROT_READ | PROT_WRITE) == 0, "GrowableBuffer: could not map ", target,
                   " bytes of host memory");
       mapped_ = target;
       return mapped_;
@@ -160,7 +162,7 @@ struct GrowableBuffer : torch::CustomClassHolder {
     if (mapped_ == 0) return;
     if (device_.is_cpu()) {
       madvise(base_, mapped_, MADV_DONTNEED);
-      TORCH_CHECK(mprotect(base_, mapped_, PROT_NONE) == 0, "GrowableBuffer: could not unmap host memory");
+      FC_CHECK(mprotect(base_, mapped_, PROT_NONE) == 0, "GrowableBuffer: could not unmap host memory");
       mapped_ = 0;
       return;
     }
@@ -182,7 +184,7 @@ struct GrowableBuffer : torch::CustomClassHolder {
 
   // A uint8 tensor over the first nbytes (which must be mapped); it keeps the buffer alive.
   at::Tensor view(int64_t nbytes) {
-    TORCH_CHECK(nbytes >= 0 && nbytes <= mapped_, "GrowableBuffer: view of ", nbytes, " bytes but only ", mapped_,
+    FC_CHECK(nbytes >= 0 && nbytes <= mapped_, "GrowableBuffer: view of ", nbytes, " bytes but only ", mapped_,
                 " are mapped; call grow first");
     auto keep_alive = c10::intrusive_ptr<GrowableBuffer>::reclaim_copy(this);
     return at::from_blob(base_, {nbytes}, [keep_alive](void*) mutable { keep_alive.reset(); },

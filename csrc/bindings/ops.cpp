@@ -23,18 +23,18 @@ void check_layout_values_host(const PagedAttentionParams& p, const at::Tensor& r
   check_offsets_host(row_offsets, p.nnz, /*must_end_at_limit=*/false, op, "row_offsets", "len(cols)");
   check_offsets_host(q_indptr, p.total_q, /*must_end_at_limit=*/true, op, "q_indptr", "total_q (q.size(0))");
   for (int32_t j = 0; j < p.nnz; ++j) {
-    TORCH_CHECK(p.cols[j] >= 0 && p.cols[j] < p.num_pages, op, ": cols[", j, "] = ", p.cols[j],
+    FC_CHECK(p.cols[j] >= 0 && p.cols[j] < p.num_pages, op, ": cols[", j, "] = ", p.cols[j],
                 " is not a page id in [0, num_pages=", p.num_pages, ")");
-    TORCH_CHECK(p.token_counts[j] >= 0 && p.token_counts[j] <= p.page_size, op, ": token_counts[", j, "] = ",
+    FC_CHECK(p.token_counts[j] >= 0 && p.token_counts[j] <= p.page_size, op, ": token_counts[", j, "] = ",
                 p.token_counts[j], " must be in [0, page_size=", p.page_size, "]");
   }
   for (int32_t b = 0; b < p.batch; ++b) {
     const int32_t n_q = p.q_indptr[b + 1] - p.q_indptr[b];
-    TORCH_CHECK(n_q <= p.max_q_len, op, ": max_q_len = ", p.max_q_len, " but sequence ", b, " has ", n_q, " queries");
+    FC_CHECK(n_q <= p.max_q_len, op, ": max_q_len = ", p.max_q_len, " but sequence ", b, " has ", n_q, " queries");
   }
   for (int64_t r = 0; r + 1 < row_offsets.numel(); ++r) {
     const int32_t n_pages = p.row_offsets[r + 1] - p.row_offsets[r];
-    TORCH_CHECK(n_pages <= p.max_pages_per_seq, op, ": max_pages_per_seq = ", p.max_pages_per_seq,
+    FC_CHECK(n_pages <= p.max_pages_per_seq, op, ": max_pages_per_seq = ", p.max_pages_per_seq,
                 " but layout row ", r, " reads ", n_pages, " pages");
   }
 }
@@ -64,7 +64,7 @@ void append_kv_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k
   const at::Tensor slots = slot_mapping.to(at::kLong);
   const int64_t* s = slots.data_ptr<int64_t>();
   for (int64_t t = 0; t < p.num_tokens; ++t) {
-    TORCH_CHECK(s[t] < num_slots, "append_kv: slot_mapping[", t, "] = ", s[t], " is outside the cache's ", num_slots,
+    FC_CHECK(s[t] < num_slots, "append_kv: slot_mapping[", t, "] = ", s[t], " is outside the cache's ", num_slots,
                 " slots (num_pages * page_size); negative slots mean 'skip'");
   }
   const int64_t bytes_per_token = int64_t(2) * p.num_kv_heads * p.head_dim * (p.dtype == DType::kFloat32 ? 4 : 2);
@@ -80,30 +80,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_layout_cpu(
   check_index_tensor(token_to_page, op, "token_to_page", cpu);
   check_index_tensor(seq_starts, op, "seq_starts", cpu);
   check_index_tensor(seq_ends, op, "seq_ends", cpu);
-  TORCH_CHECK(seq_starts.numel() == seq_ends.numel(), op, ": seq_starts (", seq_starts.numel(), ") and seq_ends (",
+  FC_CHECK(seq_starts.numel() == seq_ends.numel(), op, ": seq_starts (", seq_starts.numel(), ") and seq_ends (",
               seq_ends.numel(), ") must have the same length");
-  TORCH_CHECK(page_tokens >= 1, op, ": page_tokens must be >= 1, got ", page_tokens);
-  TORCH_CHECK(num_pages >= 0, op, ": num_pages must be >= 0, got ", num_pages);
+  FC_CHECK(page_tokens >= 1, op, ": page_tokens must be >= 1, got ", page_tokens);
+  FC_CHECK(num_pages >= 0, op, ": num_pages must be >= 0, got ", num_pages);
   check_fits_int32(num_pages, op, "num_pages");
   check_fits_int32(page_tokens, op, "page_tokens");
   check_fits_int32(token_to_page.numel(), op, "len(token_to_page)");
-  TORCH_CHECK(page_resident_bitmap.dim() == 1 && page_resident_bitmap.scalar_type() == at::kBool, op,
+  FC_CHECK(page_resident_bitmap.dim() == 1 && page_resident_bitmap.scalar_type() == at::kBool, op,
               ": page_resident_bitmap must be a 1-D bool tensor, got ", page_resident_bitmap.scalar_type(), " of shape ",
               page_resident_bitmap.sizes());
-  TORCH_CHECK(page_resident_bitmap.numel() == num_pages, op, ": page_resident_bitmap has ",
+  FC_CHECK(page_resident_bitmap.numel() == num_pages, op, ": page_resident_bitmap has ",
               page_resident_bitmap.numel(), " entries but num_pages = ", num_pages);
-  TORCH_CHECK(page_resident_bitmap.device() == cpu && page_resident_bitmap.is_contiguous(), op,
+  FC_CHECK(page_resident_bitmap.device() == cpu && page_resident_bitmap.is_contiguous(), op,
               ": page_resident_bitmap must be a contiguous CPU tensor");
   const int32_t* pages = token_to_page.data_ptr<int32_t>();
   const int64_t num_tokens = token_to_page.numel();
   for (int64_t t = 0; t < num_tokens; ++t) {
-    TORCH_CHECK(pages[t] >= 0 && pages[t] < num_pages, op, ": token_to_page[", t, "] = ", pages[t],
+    FC_CHECK(pages[t] >= 0 && pages[t] < num_pages, op, ": token_to_page[", t, "] = ", pages[t],
                 " is not a page id in [0, num_pages=", num_pages, ")");
   }
   const int32_t* starts = seq_starts.data_ptr<int32_t>();
   const int32_t* ends = seq_ends.data_ptr<int32_t>();
   for (int64_t b = 0; b < seq_starts.numel(); ++b) {
-    TORCH_CHECK(0 <= starts[b] && starts[b] <= ends[b] && ends[b] <= num_tokens, op, ": sequence ", b,
+    FC_CHECK(0 <= starts[b] && starts[b] <= ends[b] && ends[b] <= num_tokens, op, ": sequence ", b,
                 " has seq_starts = ", starts[b], ", seq_ends = ", ends[b], "; need 0 <= start <= end <= len(token_to_page) = ",
                 num_tokens);
   }
@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_layout_cpu(
   p.num_pages = static_cast<int32_t>(num_pages);
   cpu::PageLayoutHost layout;
   const std::string error = cpu::build_layout(p, layout);
-  TORCH_CHECK(error.empty(), error);
+  FC_CHECK(error.empty(), error);
   auto to_tensor = [](const std::vector<int32_t>& v) {
     return at::from_blob(const_cast<int32_t*>(v.data()), {static_cast<int64_t>(v.size())}, at::kInt).clone();
   };

@@ -12,7 +12,7 @@ namespace flashcore::binding {
 namespace {
 
 void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "flashcore: ", what, " failed: ", cudaGetErrorString(err));
+  FC_CHECK(err == cudaSuccess, "flashcore: ", what, " failed: ", cudaGetErrorString(err));
 }
 
 const char* dtype_name(DType d) {
@@ -41,9 +41,9 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
     if (bytes > 0) {
       if (workspace.has_value()) {
         const at::Tensor& ws = *workspace;
-        TORCH_CHECK(ws.device() == q.device() && ws.scalar_type() == at::kFloat && ws.is_contiguous(),
+        FC_CHECK(ws.device() == q.device() && ws.scalar_type() == at::kFloat && ws.is_contiguous(),
                     "paged_attention: workspace must be a contiguous float32 tensor on ", q.device());
-        TORCH_CHECK(static_cast<size_t>(ws.numel()) * sizeof(float) >= bytes, "paged_attention: workspace has ",
+        FC_CHECK(static_cast<size_t>(ws.numel()) * sizeof(float) >= bytes, "paged_attention: workspace has ",
                     ws.numel() * sizeof(float), " bytes but this call needs ", bytes);
         ws_ptr = ws.data_ptr();
       } else {
@@ -55,10 +55,10 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
     check_launch(launch_paged_decode(p, ws_ptr, bytes, num_sms, stream), "paged decode kernel");
     return {out, lse};
   }
-  TORCH_CHECK(!p.per_kv_head_rows, "paged_attention: per-kv-head layouts (row_offsets with batch * num_kv_heads + 1 "
+  FC_CHECK(!p.per_kv_head_rows, "paged_attention: per-kv-head layouts (row_offsets with batch * num_kv_heads + 1 "
               "entries) are supported by the CUDA decode kernel only (at most ", kDecodeMaxQueriesPerSeq,
               " queries per sequence, fp16/bf16, head_dim 64/128); got max_q_len=", p.max_q_len);
-  TORCH_CHECK(paged_prefill_supported(p), "paged_attention: the CUDA kernels do not support dtype=", dtype_name(p.dtype),
+  FC_CHECK(paged_prefill_supported(p), "paged_attention: the CUDA kernels do not support dtype=", dtype_name(p.dtype),
               ", head_dim=", p.head_dim, ", page_size=", p.page_size, ", num_q_heads/num_kv_heads=", p.num_q_heads,
               "/", p.num_kv_heads, ", sm_scale=", p.sm_scale, " (the prefill kernel needs sm_scale > 0; see the README support "
               "matrix; flashcore_hf.kernel_supports tells in advance)");
