@@ -5,23 +5,18 @@ finishing early, left padding, several batch sizes, and reuse of graphs by the n
 """
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 import flashcore_hf as fc
+from tests.gpu.conftest import SMALL_VOCAB
 
 pytestmark = pytest.mark.gpu
 
-VOCAB = 512
+VOCAB = SMALL_VOCAB
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
-                         pad_token_id=0, bos_token_id=None, eos_token_id=None)
-    m = AutoModelForCausalLM.from_config(config, attn_implementation="flashcore", dtype=torch.bfloat16)
-    return m.to("cuda").eval()
+def model(small_llama):
+    return small_llama
 
 
 def left_padded(lengths, generator):
