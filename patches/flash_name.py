@@ -17,7 +17,8 @@ remaining "flash"-dependent behaviour is harmless or useful for flashcore.
 from __future__ import annotations
 
 import functools
-import inspect
+
+from .targets import checked_target
 
 EXPECTED_PARAMETERS = ("config", "requested_attention_implementation", "version")
 """Signature of `is_flash_attention_requested` in transformers 5.0 .. 5.23 (checked before wrapping)."""
@@ -42,19 +43,6 @@ NOT_PATCHED = {
 }
 
 
-def _check_target(modeling_utils) -> None:
-    target = getattr(modeling_utils, "is_flash_attention_requested", None)
-    if target is None:
-        raise RuntimeError(
-            "transformers.modeling_utils no longer imports is_flash_attention_requested; the flashcore name patch "
-            "must be revisited for this transformers version (see patches/flash_name.py).")
-    params = tuple(inspect.signature(target).parameters)
-    if params != EXPECTED_PARAMETERS:
-        raise RuntimeError(
-            f"transformers.modeling_utils.is_flash_attention_requested{params} changed signature (expected "
-            f"{EXPECTED_PARAMETERS}); the flashcore name patch must be revisited (see patches/flash_name.py).")
-
-
 def treat_as_not_flash(names: tuple[str, ...] | list[str]) -> None:
     """Make transformers' attention-implementation resolution treat `names` as non-FlashAttention names.
 
@@ -68,7 +56,9 @@ def treat_as_not_flash(names: tuple[str, ...] | list[str]) -> None:
     if wrapped_names is not None:
         wrapped_names.update(names)
         return
-    _check_target(modeling_utils)
+    checked_target(modeling_utils, "is_flash_attention_requested", EXPECTED_PARAMETERS,
+                   "transformers.modeling_utils.is_flash_attention_requested", "patches/flash_name.py",
+                   "transformers.modeling_utils no longer imports is_flash_attention_requested")
     original = current
     not_flash = set(names)
 

@@ -9,8 +9,9 @@ without default-cache support) goes to the original method untouched.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
+
+from .targets import checked_target
 
 EXPECTED_PARAMETERS = ("self", "generation_config", "model_kwargs", "generation_mode", "batch_size",
                        "max_cache_length")
@@ -18,19 +19,6 @@ EXPECTED_PARAMETERS = ("self", "generation_config", "model_kwargs", "generation_
 
 DefaultCacheFactory = Callable[..., object]
 """factory(model, generation_config, batch_size, max_cache_length) -> Cache | None."""
-
-
-def _check_target(generation_mixin) -> None:
-    target = getattr(generation_mixin, "_prepare_cache_for_generation", None)
-    if target is None:
-        raise RuntimeError(
-            "GenerationMixin._prepare_cache_for_generation is gone in this transformers version; the flashcore "
-            "default-cache patch must be revisited (see patches/generate_cache.py).")
-    params = tuple(inspect.signature(target).parameters)
-    if params != EXPECTED_PARAMETERS:
-        raise RuntimeError(
-            f"GenerationMixin._prepare_cache_for_generation{params} changed signature (expected "
-            f"{EXPECTED_PARAMETERS}); the flashcore default-cache patch must be revisited.")
 
 
 def install_default_cache_factory(factory: DefaultCacheFactory, on_generate=None) -> None:
@@ -43,7 +31,9 @@ def install_default_cache_factory(factory: DefaultCacheFactory, on_generate=None
     if holder is not None:
         holder[:] = [factory, on_generate]
         return
-    _check_target(GenerationMixin)
+    checked_target(GenerationMixin, "_prepare_cache_for_generation", EXPECTED_PARAMETERS,
+                   "GenerationMixin._prepare_cache_for_generation", "patches/generate_cache.py",
+                   "GenerationMixin._prepare_cache_for_generation is gone")
     original = current
     holder = [factory, on_generate]
 
