@@ -124,7 +124,8 @@ def test_long_prompt_32k(model):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_device_map_split_over_two_gpus(tmp_path):
     pytest.importorskip("accelerate")
-    config = LlamaConfig(**{**LLAMA_1B, "num_hidden_layers": 4, "vocab_size": 32000})
+    # Untied, so embed_tokens (GPU 0) and lm_head (GPU 1) can sit on different devices.
+    config = LlamaConfig(**{**LLAMA_1B, "num_hidden_layers": 4, "vocab_size": 32000, "tie_word_embeddings": False})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp_path)
     device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1,
