@@ -40,7 +40,7 @@ def _gencode_flags(archs: str) -> list[str]:
 
 def build_extension():
     cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc/kernels/cpu/*.cpp")))
-    binding_sources = ["csrc/bindings/ops.cpp", "csrc/bindings/growable_buffer.cpp"]
+    binding_sources = ["csrc/bindings/ops.cpp", "csrc/bindings/sparse_ops.cpp", "csrc/bindings/growable_buffer.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     cxx_flags = ["-O3", "-std=c++17"]
     if not _cuda_wanted():

@@ -80,6 +80,37 @@ def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
     _ops.append_kv(k_cache, v_cache, k, v, slot_mapping)
 
 
+def select_pages(q: torch.Tensor, bounds: torch.Tensor, table_pages: torch.Tensor, table_counts: torch.Tensor,
+                 table_bias: torch.Tensor, budget: int, query_len: int = 1, head_reduction: str = "max"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest "topk" page selection of one decode step of one layer: (cols, counts) [B, Hkv, budget] int32.
+
+    q [B * query_len, Hq, D]: the step's packed queries (last dim contiguous).
+    bounds [num_pages, Hkv, 2 * D] float32 / bfloat16: row `page` holds the page's element-wise key max
+        ([..., :D]) and min ([..., D:]) (flashcore_hf.sparse.PageKeySummaries).
+    table_pages / table_counts [B, M] int32, table_bias [B, M] float32: each sequence's pages, their valid tokens,
+        and +inf (always keep) / -inf (never: entries past the sequence's end) / 0 (flashcore_hf.sparse.
+        PaddedPageTable).
+    Each page of (sequence b, kv head h) scores bias + reduce_g sum_d relu(q_g,d) * max_d + min(q_g,d, 0) * min_d
+    over the query_len * Hq / Hkv query heads g of h (reduce: "max" or "sum"), an upper bound of q_g . k on the page.
+    Row (b, h) lists the `budget` (1 <= budget <= M) best entries' pages and counts in table order (key order);
+    ties go to the lower index. No host sync on CUDA (CUDA-graph safe).
+    """
+    return _ops.select_pages(q, bounds, table_pages, table_counts, table_bias, int(budget), int(query_len),
+                             head_reduction)
+
+
+def update_page_bounds(bounds: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """After append_kv wrote one new token into each of some pages: fold the tokens' keys into those pages' bounds.
+
+    bounds [num_pages, Hkv, 2 * D] (as in select_pages; bfloat16 only with bfloat16 keys), updated in place;
+    k_cache [num_pages, page_size, Hkv, D] contiguous, holding the new keys; slot_mapping [T] int32/int64 (< 0:
+    skip). A token at offset 0 of its page starts the page's bounds over; at offset > 0 it widens them, so pages
+    must fill in slot order and the slots must name distinct pages (a decode step: one new token per sequence).
+    """
+    _ops.update_page_bounds(bounds, k_cache, slot_mapping)
+
+
 def kernel_supports(device: torch.device | str, dtype: torch.dtype, head_dim: int, page_size: int, max_q_len: int,
                     num_q_heads: int = 1, num_kv_heads: int = 1) -> bool:
     """Whether the compiled kernels for `device` handle this configuration (no device work, no sync).
@@ -126,4 +157,15 @@ torch.library.register_autograd("flashcore::paged_attention", _no_backward, setu
 
 @torch.library.register_fake("flashcore::append_kv")
 def _append_kv_fake(k_cache, v_cache, k, v, slot_mapping):
+    return None
+
+
+@torch.library.register_fake("flashcore::select_pages")
+def _select_pages_fake(q, bounds, table_pages, table_counts, table_bias, budget, query_len, head_reduction):
+    shape = (table_pages.shape[0], bounds.shape[1], budget)
+    return table_pages.new_empty(shape), table_pages.new_empty(shape)
+
+
+@torch.library.register_fake("flashcore::update_page_bounds")
+def _update_page_bounds_fake(bounds, k_cache, slot_mapping):
     return None

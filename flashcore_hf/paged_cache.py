@@ -479,13 +479,15 @@ class PagedKVCache(Cache):
         """Copy-on-write: copy each (source, destination) page in every layer's pools."""
         src, dst = (torch.tensor(ids, dtype=torch.int64) for ids in zip(*copies))
         on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer in self.layers:
+        for layer_idx, layer in enumerate(self.layers):
             if layer.k_pool is None:
                 continue
             dev = layer.k_pool.device
             if dev not in on_device:
                 on_device[dev] = (src.to(dev), dst.to(dev))
             layer.copy_pages(*on_device[dev])
+            if self._sparse is not None:
+                self._sparse.copy_page_bounds(layer_idx, layer.k_pool, *on_device[dev])
 
     # ---- batch-level operations (between steps) ---------------------------------------------------------------
 

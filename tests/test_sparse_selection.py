@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import flashcore_hf as fc
-from flashcore_hf.sparse import (PageKeySummaries, SparseConfig, StepSelection, padded_page_table, page_upper_bounds,
-                                 refresh_slots, select_top_pages, step_is_sparse, streaming_layout, topk_layout)
+from flashcore_hf.ops import select_pages, update_page_bounds
+from flashcore_hf.sparse import (PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots,
+                                 step_is_sparse, streaming_layout, topk_layout)
 from tests.reference import random_paged_kv, reference_paged_attention
+from tests.sparse_reference import assert_topk_picks, reference_page_scores
 
 
 def _dense_layout(lengths, page_size, hkv, d, generator):
@@ -64,12 +66,12 @@ def test_summaries_are_min_max_of_valid_tokens(generator, dtype):
     counts = torch.tensor([5, 1, 3, 4], dtype=torch.int32)
     summaries = PageKeySummaries()
     summaries.refresh(pool, *refresh_slots(pages, counts, page_size))
-    assert summaries.bounds.shape == (num_pages + 1, hkv, 2 * d) and summaries.bounds.dtype == dtype
+    assert summaries.bounds.shape == (num_pages, hkv, 2 * d) and summaries.bounds.dtype == dtype
     for page, count in zip(pages.tolist(), counts.tolist()):
         valid = pool[page, :count]                                          # [count, Hkv, D]
-        torch.testing.assert_close(summaries.bounds[page + 1, :, :d], valid.amax(0), rtol=0, atol=0)
-        torch.testing.assert_close(summaries.bounds[page + 1, :, d:], valid.amin(0), rtol=0, atol=0)
-    assert torch.all(summaries.bounds[[0, 2, 4, 6, 7, 9]] == 0)            # scratch row and pages never refreshed
+        torch.testing.assert_close(summaries.bounds[page, :, :d], valid.amax(0), rtol=0, atol=0)
+        torch.testing.assert_close(summaries.bounds[page, :, d:], valid.amin(0), rtol=0, atol=0)
+    assert torch.all(summaries.bounds[[1, 3, 5, 6, 8]] == 0)               # pages never refreshed
 
 
 def test_summaries_reused_page_forgets_old_tokens_and_pool_growth(generator):
@@ -78,16 +80,16 @@ def test_summaries_reused_page_forgets_old_tokens_and_pool_growth(generator):
     pool[1] += 100.0                                                        # old tokens with large keys
     summaries = PageKeySummaries()
     summaries.refresh(pool, *refresh_slots(torch.tensor([1]), torch.tensor([4]), page_size))
-    assert summaries.bounds[2, :, :d].min() > 90
+    assert summaries.bounds[1, :, :d].min() > 90
     pool[1, :2] = torch.randn(2, hkv, d, generator=generator)               # page reused: 2 new tokens
     summaries.refresh(pool, *refresh_slots(torch.tensor([1]), torch.tensor([2]), page_size))
-    torch.testing.assert_close(summaries.bounds[2, :, :d], pool[1, :2].amax(0), rtol=0, atol=0)
-    torch.testing.assert_close(summaries.bounds[2, :, d:], pool[1, :2].amin(0), rtol=0, atol=0)
+    torch.testing.assert_close(summaries.bounds[1, :, :d], pool[1, :2].amax(0), rtol=0, atol=0)
+    torch.testing.assert_close(summaries.bounds[1, :, d:], pool[1, :2].amin(0), rtol=0, atol=0)
     grown = torch.cat([pool, torch.randn(4, page_size, hkv, d, generator=generator)])   # the pool grew
     summaries.refresh(grown, *refresh_slots(torch.tensor([6]), torch.tensor([3]), page_size))
-    assert summaries.bounds.shape[0] == 8
-    torch.testing.assert_close(summaries.bounds[2, :, :d], pool[1, :2].amax(0), rtol=0, atol=0)  # kept
-    torch.testing.assert_close(summaries.bounds[7, :, d:], grown[6, :3].amin(0), rtol=0, atol=0)
+    assert summaries.bounds.shape[0] == 7
+    torch.testing.assert_close(summaries.bounds[1, :, :d], pool[1, :2].amax(0), rtol=0, atol=0)  # kept
+    torch.testing.assert_close(summaries.bounds[6, :, d:], grown[6, :3].amin(0), rtol=0, atol=0)
 
 
 def test_summaries_refresh_in_chunks(generator, monkeypatch):
@@ -98,37 +100,126 @@ def test_summaries_refresh_in_chunks(generator, monkeypatch):
     pages, counts = torch.tensor([5, 2, 0]), torch.tensor([3, 2, 1])
     summaries.refresh(pool, *refresh_slots(pages, counts, 3))
     for page, count in zip(pages.tolist(), counts.tolist()):
-        torch.testing.assert_close(summaries.bounds[page + 1, :, 4:], pool[page, :count].amin(0), rtol=0, atol=0)
+        torch.testing.assert_close(summaries.bounds[page, :, 4:], pool[page, :count].amin(0), rtol=0, atol=0)
 
 
-# ---- scores ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_update_matches_refresh_and_restarts_reused_pages(generator, dtype):
+    """update_page_bounds folds one new key per page into its bounds: token by token it builds exactly the bounds a
+    full refresh computes, starts over at offset 0 (a reused page), and skips negative slots."""
+    page_size, hkv, d, num_pages = 4, 2, 6, 5
+    pool = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(dtype)
+    pool[3] += 50                                                           # old tokens of a page about to be reused
+    incremental, full = PageKeySummaries(), PageKeySummaries()
+    incremental.refresh(pool, *refresh_slots(torch.tensor([3]), torch.tensor([4]), page_size))
+    pool[3] = torch.randn(page_size, hkv, d, generator=generator).to(dtype)
+    for offset in range(page_size):                                        # pages 3 and 1 fill in step
+        slots = torch.tensor([3 * page_size + offset, -1, 1 * page_size + offset], dtype=torch.int32)
+        incremental.update_decode(pool, slots)
+        full.refresh(pool, *refresh_slots(torch.tensor([3, 1]), torch.tensor([offset + 1] * 2), page_size))
+        torch.testing.assert_close(incremental.bounds[[1, 3]], full.bounds[[1, 3]], rtol=0, atol=0)
+    assert incremental.bounds.dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+
+
+def test_update_page_bounds_rejects_bad_input():
+    bounds = torch.zeros(4, 2, 12)
+    pool = torch.randn(4, 3, 2, 6)
+    with pytest.raises(RuntimeError, match="one new token per page"):
+        update_page_bounds(bounds, pool, torch.tensor([3, 4]))              # both on page 1
+    with pytest.raises(RuntimeError, match="slot_mapping.*outside"):
+        update_page_bounds(bounds, pool, torch.tensor([12]))
+    with pytest.raises(RuntimeError, match="bounds must be"):
+        update_page_bounds(torch.zeros(4, 2, 6), pool, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="bfloat16 keys"):
+        update_page_bounds(bounds.bfloat16(), pool, torch.tensor([0]))
+    assert torch.all(bounds == 0)                                           # nothing written by a rejected call
+
+
+# ---- scores and top-k --------------------------------------------------------------------------------------------
 
 def test_upper_bound_holds_and_is_tight_for_single_token_pages(generator):
     page_size, hkv, group, d = 4, 2, 3, 8
     lengths = [13, 4, 9]
     k_cache, _, layout = _dense_layout(lengths, page_size, hkv, d, generator)
     max_pages = 4
-    table = padded_page_table(layout, max_pages, 0, 1)
+    table = padded_page_table(layout, max_pages, 0, 0)
     summaries = PageKeySummaries()
     summaries.refresh(k_cache, *refresh_slots(layout.cols, layout.token_counts, page_size))
-    q = torch.randn(len(lengths), 2, hkv * group, d, generator=generator)    # n_q = 2
+    q = torch.randn(len(lengths) * 2, hkv * group, d, generator=generator)  # n_q = 2
     for reduction in ("max", "sum"):
-        scores = page_upper_bounds(q, summaries.bounds, table.bound_rows, reduction)
+        scores = reference_page_scores(q, summaries.bounds, table, 2, reduction)
         assert scores.shape == (len(lengths), hkv, max_pages)
         for b, (cols, counts) in enumerate(_rows(layout)):
             for j, (page, count) in enumerate(zip(cols, counts)):
                 keys = k_cache[page, :count]                                 # [count, Hkv, D]
                 for h in range(hkv):
-                    qh = q[b, :, h * group:(h + 1) * group].reshape(-1, d)  # [n_q * G, D]
+                    qh = q[2 * b:2 * b + 2, h * group:(h + 1) * group].reshape(-1, d)  # [n_q * G, D]
                     best = (qh @ keys[:, h].T).amax(dim=1)                  # best key of the page per query row
                     exact = best.max() if reduction == "max" else best.sum()
                     assert scores[b, h, j] >= exact - 1e-4
     one = torch.randn(5, 1, hkv, d, generator=generator)                    # pages of one token: bound == q.k
     summaries = PageKeySummaries()
     summaries.refresh(one, *refresh_slots(torch.arange(5), torch.ones(5, dtype=torch.int32), 1))
-    q1 = torch.randn(1, 1, hkv, d, generator=generator)
-    scores = page_upper_bounds(q1, summaries.bounds, torch.arange(1, 6)[None], "max")
-    torch.testing.assert_close(scores[0], torch.einsum("hd,phd->hp", q1[0, 0], one[:, 0]))
+    q1 = torch.randn(1, hkv, d, generator=generator)
+    table1 = padded_page_table(fc.PageLayout(torch.tensor([0, 5], dtype=torch.int32), torch.arange(5, dtype=torch.int32),
+                                             torch.ones(5, dtype=torch.int32), torch.full((5,), -1)), 5, 0, 0)
+    scores = reference_page_scores(q1, summaries.bounds, table1, 1)
+    torch.testing.assert_close(scores[0].float(), torch.einsum("hd,phd->hp", q1[0], one[:, 0]))
+
+
+@pytest.mark.parametrize("query_len,reduction,q_dtype,bounds_dtype", [
+    (1, "max", torch.float32, torch.float32), (3, "sum", torch.float32, torch.float32),
+    (2, "max", torch.bfloat16, torch.bfloat16), (1, "max", torch.float16, torch.float32)])
+def test_select_pages_is_a_top_k_of_the_reference_scores(generator, query_len, reduction, q_dtype, bounds_dtype):
+    """The op keeps the budget best pages of every (sequence, kv head) by the float64 reference score, sinks and
+    recent pages always, padding never before the real pages run out; picks in key order."""
+    hkv, group, d, max_pages = 3, 2, 12, 23
+    lengths_in_pages = [23, 5, 17, 1]
+    num_pages = sum(lengths_in_pages) + 4
+    cols = torch.randperm(num_pages, generator=generator)[:sum(lengths_in_pages)].to(torch.int32)
+    counts = torch.randint(1, 9, (cols.numel(),), dtype=torch.int32, generator=generator)
+    offsets = torch.tensor([0, *torch.tensor(lengths_in_pages).cumsum(0).tolist()], dtype=torch.int32)
+    layout = fc.PageLayout(offsets, cols, counts, torch.full_like(cols, -1))
+    table = padded_page_table(layout, max_pages, sink_pages=1, recent_pages=2)
+    bounds = torch.randn(num_pages, hkv, 2 * d, generator=generator).to(bounds_dtype)
+    q = torch.randn(len(lengths_in_pages) * query_len, hkv * group, d, generator=generator).to(q_dtype)
+    scores = reference_page_scores(q, bounds, table, query_len, reduction)
+    for budget in (1, 4, 7, max_pages):
+        picked, picked_counts = select_pages(q, bounds, table.pages, table.counts, table.bias, budget, query_len,
+                                             reduction)
+        assert picked.dtype == picked_counts.dtype == torch.int32
+        assert_topk_picks(picked, picked_counts, scores, table, budget, atol=1e-4)
+    sparse = topk_layout(q, bounds, table, budget_pages=4, query_len=query_len, head_reduction=reduction)
+    batch = len(lengths_in_pages)
+    assert sparse.row_offsets.tolist() == list(range(0, batch * hkv * 4 + 1, 4))
+    assert sparse.cols.shape == sparse.token_counts.shape == sparse.staging_ids.shape == (batch * hkv * 4,)
+
+
+def test_select_pages_ties_go_to_the_lower_index():
+    """Equal scores: the lower table index wins (a deterministic order both backends follow)."""
+    table_pages = torch.arange(8, dtype=torch.int32)[None]
+    bounds = torch.ones(8, 1, 4)                                            # every page scores the same
+    picked, _ = select_pages(torch.ones(1, 1, 2), bounds, table_pages, torch.ones_like(table_pages),
+                             torch.zeros(1, 8), 3)
+    assert picked.tolist() == [[[0, 1, 2]]]
+
+
+def test_select_pages_rejects_bad_input():
+    q, bounds = torch.randn(2, 4, 8), torch.randn(10, 2, 16)
+    pages = torch.zeros(2, 5, dtype=torch.int32)
+    counts, bias = torch.ones_like(pages), torch.zeros(2, 5)
+    with pytest.raises(RuntimeError, match="budget must be in"):
+        select_pages(q, bounds, pages, counts, bias, 6)
+    with pytest.raises(RuntimeError, match="page id 10"):
+        select_pages(q, bounds, torch.full_like(pages, 10), counts, bias, 2)
+    with pytest.raises(RuntimeError, match="head_reduction"):
+        select_pages(q, bounds, pages, counts, bias, 2, 1, "mean")
+    with pytest.raises(RuntimeError, match=r"q.size\(0\)"):
+        select_pages(q, bounds, pages, counts, bias, 2, query_len=2)
+    with pytest.raises(RuntimeError, match="bounds must be"):
+        select_pages(q, bounds[..., :8], pages, counts, bias, 2)
+    with pytest.raises(RuntimeError, match="multiple of num_kv_heads"):
+        select_pages(q, torch.randn(10, 3, 16), pages, counts, bias, 2)
 
 
 # ---- selection ---------------------------------------------------------------------------------------------------
@@ -158,29 +249,6 @@ def test_streaming_keeps_sinks_and_most_recent_pages():
     assert rows[0] == ([c[0], c[1], c[6], c[7], c[8]], [8, 8, 8, 8, 5])    # 2 sinks + 3 newest, in key order
     assert sorted(zip(*rows[1]), key=lambda e: -e[1])[:3] == [(c[9], 8), (c[10], 8), (c[11], 2)]
     assert sum(rows[1][1]) == 18                                           # the rest are empty padding pages
-
-
-def test_topk_picks_best_pages_per_head_within_budget(generator):
-    batch, hkv, max_pages = 2, 3, 10
-    cols = torch.randperm(20).to(torch.int32)
-    counts = torch.full((20,), 4, dtype=torch.int32)
-    layout = fc.PageLayout(torch.tensor([0, 10, 20], dtype=torch.int32), cols, counts, torch.full((20,), -1))
-    table = padded_page_table(layout, max_pages, sink_pages=1, recent_pages=1)
-    scores = torch.randn(batch, hkv, max_pages, generator=generator)
-    picked, picked_counts = select_top_pages(scores, table.pages, table.counts, table.bias, budget_pages=4)
-    assert picked.shape == picked_counts.shape == (batch, hkv, 4)
-    for b in range(batch):
-        for h in range(hkv):
-            middle = scores[b, h, 1:-1]
-            expect = [0, *(1 + middle.topk(2).indices.sort().values).tolist(), max_pages - 1]
-            assert picked[b, h].tolist() == [int(cols[b * max_pages + j]) for j in expect]
-    unordered, _ = select_top_pages(scores, table.pages, table.counts, table.bias, budget_pages=4, keep_order=False)
-    assert torch.equal(unordered.sort(dim=2).values, picked.sort(dim=2).values)
-    q = torch.randn(batch, 1, hkv, 8, generator=generator)                  # as a layout: per-head rows
-    bounds = torch.randn(21, hkv, 16, generator=generator)
-    sparse = topk_layout(q, bounds, table, budget_pages=4)
-    assert sparse.row_offsets.tolist() == list(range(0, batch * hkv * 4 + 1, 4))
-    assert sparse.cols.shape == sparse.token_counts.shape == sparse.staging_ids.shape == (batch * hkv * 4,)
 
 
 def test_selection_shapes_depend_only_on_sizes(generator):
@@ -213,7 +281,7 @@ def test_selection_compiles_fullgraph_without_host_sync(generator):
     k_cache, _, layout = _dense_layout([30, 11], page_size, hkv, d, generator)
     summaries = PageKeySummaries()
     summaries.refresh(k_cache, *refresh_slots(layout.cols, layout.token_counts, page_size))
-    q = torch.randn(2, 1, 2 * hkv, d, generator=generator)
+    q = torch.randn(2, 2 * hkv, d, generator=generator)
     torch._dynamo.reset()
     compiled = torch.compile(_selection_fn, fullgraph=True, backend="eager")
     args = (layout, q, summaries.bounds, 8, 4, 1, 1)
@@ -285,8 +353,8 @@ def _check_summaries(cache, layer_idx):
     for row, length in enumerate(cache.sequence_lengths()):
         for j, page in enumerate(cache.page_table(row)):
             valid = layer.k_pool[page, :min(page_size, length - j * page_size)]
-            torch.testing.assert_close(bounds[page + 1, :, :d], valid.amax(0), rtol=0, atol=0)
-            torch.testing.assert_close(bounds[page + 1, :, d:], valid.amin(0), rtol=0, atol=0)
+            torch.testing.assert_close(bounds[page, :, :d], valid.amax(0), rtol=0, atol=0)
+            torch.testing.assert_close(bounds[page, :, d:], valid.amin(0), rtol=0, atol=0)
 
 
 def test_cache_keeps_summaries_fresh_through_decode_beams_crop_and_reuse(generator):

@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "bindings/checks.h"
+#include "bindings/sparse_checks.h"
 #include "kernels/cuda/launchers.h"
 
 namespace flashcore::binding {
@@ -74,6 +75,34 @@ void append_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& 
   check_launch(launch_append_kv(p, at::cuda::getCurrentCUDAStream()), "append_kv kernel");
 }
 
+std::tuple<at::Tensor, at::Tensor> select_pages_cuda(const at::Tensor& q, const at::Tensor& bounds,
+                                                     const at::Tensor& table_pages, const at::Tensor& table_counts,
+                                                     const at::Tensor& table_bias, int64_t budget, int64_t query_len,
+                                                     const std::string& head_reduction) {
+  SelectPagesParams p = make_select_pages_params(q, bounds, table_pages, table_counts, table_bias, budget,
+                                                 query_len, head_reduction);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto int_options = table_pages.options();
+  at::Tensor cols = at::empty({p.batch, p.num_kv_heads, budget}, int_options);
+  at::Tensor counts = at::empty({p.batch, p.num_kv_heads, budget}, int_options);
+  at::Tensor scores = at::empty({int64_t(p.batch) * p.num_kv_heads, p.max_pages}, table_bias.options());
+  p.out_cols = cols.data_ptr<int32_t>();
+  p.out_counts = counts.data_ptr<int32_t>();
+  p.scores = scores.data_ptr<float>();
+  if (p.batch == 0) return {cols, counts};
+  FC_CHECK(select_pages_supported(p), "select_pages: the CUDA kernels need head_dim % 4 == 0 and <= 256, q and "
+           "bounds aligned to 4 elements, and batch * num_kv_heads <= 65535; got head_dim=", p.head_dim,
+           ", batch * num_kv_heads=", int64_t(p.batch) * p.num_kv_heads);
+  check_launch(launch_select_pages(p, at::cuda::getCurrentCUDAStream()), "select_pages kernels");
+  return {cols, counts};
+}
+
+void update_page_bounds_cuda(at::Tensor& bounds, const at::Tensor& k_cache, const at::Tensor& slot_mapping) {
+  const UpdatePageBoundsParams p = make_update_page_bounds_params(bounds, k_cache, slot_mapping);
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  check_launch(launch_update_page_bounds(p, at::cuda::getCurrentCUDAStream()), "update_page_bounds kernel");
+}
+
 }  // namespace
 
 bool cuda_kernels_support(DType dtype, int64_t head_dim, int64_t page_size, int64_t max_q_len, int64_t num_q_heads,
@@ -94,4 +123,6 @@ bool cuda_kernels_support(DType dtype, int64_t head_dim, int64_t page_size, int6
 TORCH_LIBRARY_IMPL(flashcore, CUDA, m) {
   m.impl("paged_attention", &flashcore::binding::paged_attention_cuda);
   m.impl("append_kv", &flashcore::binding::append_kv_cuda);
+  m.impl("select_pages", &flashcore::binding::select_pages_cuda);
+  m.impl("update_page_bounds", &flashcore::binding::update_page_bounds_cuda);
 }

@@ -92,4 +92,63 @@ struct BuildLayoutParams {
   int32_t num_pages = 0;
 };
 
+// Sparse "topk" page selection (Quest) for one decode step of one layer: score every page of every (sequence, kv
+// head) by an upper bound of q.k over the page, then keep the `budget` best.
+//
+//   q            [batch * query_len, num_q_heads, head_dim]  strides q_stride_token / q_stride_head, last dim contiguous
+//   bounds       [num_bound_rows, num_kv_heads, 2 * head_dim] contiguous, bounds_dtype (float32 or bfloat16): row
+//                `page` holds that page's element-wise key max ([..., :D]) and min ([..., D:])
+//   table_pages  [batch, max_pages] int32   sequence b's j-th page (entries past its end repeat a valid page)
+//   table_counts [batch, max_pages] int32   valid tokens on it (0 past the end)
+//   table_bias   [batch, max_pages] float32 +inf: always keep (sinks, recent pages); -inf: never (past the end)
+//   scores       [batch * num_kv_heads, max_pages] float32 workspace (the score pass writes, the select pass reads)
+//   out_cols, out_counts [batch, num_kv_heads, budget] int32
+// score(b, h, j) = bias + reduce over the query_len * (Hq / Hkv) query heads g of kv head h of
+//   sum_d relu(q_g[d]) * max[d] + min(q_g[d], 0) * min[d], with reduce = max (head_reduce_sum false) or sum.
+// A page id outside [0, num_bound_rows) scores -inf. Row (b, h) of the outputs lists the `budget` entries with
+// the largest scores (ties: the lower j first) in increasing j (key order); budget <= max_pages.
+struct SelectPagesParams {
+  const void* q = nullptr;
+  const void* bounds = nullptr;
+  const int32_t* table_pages = nullptr;
+  const int32_t* table_counts = nullptr;
+  const float* table_bias = nullptr;
+  float* scores = nullptr;
+  int32_t* out_cols = nullptr;
+  int32_t* out_counts = nullptr;
+  int64_t q_stride_token = 0;
+  int64_t q_stride_head = 0;
+  int32_t batch = 0;
+  int32_t query_len = 0;
+  int32_t num_q_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t num_bound_rows = 0;
+  int32_t max_pages = 0;
+  int32_t budget = 0;
+  bool head_reduce_sum = false;
+  DType q_dtype = DType::kBFloat16;
+  DType bounds_dtype = DType::kBFloat16;
+};
+
+// Decode-step update of the page key bounds (layout as in SelectPagesParams) after append_kv wrote one new token
+// into each of some pages: for slot s >= 0 (page s / page_size, offset s % page_size) the page's bounds become the
+// token's key when the offset is 0 (a page starting over), else the element-wise max / min of the old bounds and
+// the key. Pages fill in slot order, so this equals the bounds of the page's valid tokens. Slots must name distinct
+// pages (one new token per sequence); slots < 0 or outside the pool, and pages without a bounds row, are skipped.
+struct UpdatePageBoundsParams {
+  void* bounds = nullptr;
+  const void* k_cache = nullptr;        // [num_pages, page_size, num_kv_heads, head_dim] contiguous, k_dtype
+  const void* slot_mapping = nullptr;   // [num_tokens] int32 or int64 (slot_is_int64)
+  bool slot_is_int64 = false;
+  int32_t num_tokens = 0;
+  int32_t num_pages = 0;
+  int32_t page_size = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t num_bound_rows = 0;
+  DType k_dtype = DType::kBFloat16;
+  DType bounds_dtype = DType::kBFloat16;
+};
+
 }  // namespace flashcore

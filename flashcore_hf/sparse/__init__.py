@@ -17,10 +17,9 @@ Prefill stays dense; decode steps read the selected pages. Selection runs on the
 sync, and only changes the PageLayout the kernels read (the kernels know nothing about policies).
 """
 from .config import SparseConfig
-from .selection import (PaddedPageTable, SparsePagedKVHandle, StepSelection, padded_page_table, page_upper_bounds,
-                        select_top_pages, step_is_sparse, streaming_layout, topk_layout, topk_pages)
-from .summaries import PageKeySummaries, decode_refresh_slots, refresh_slots
+from .selection import (PaddedPageTable, SparsePagedKVHandle, StepSelection, padded_page_table, step_is_sparse,
+                        streaming_layout, topk_layout)
+from .summaries import PageKeySummaries, refresh_slots
 
 __all__ = ["PaddedPageTable", "PageKeySummaries", "SparseConfig", "SparsePagedKVHandle", "StepSelection",
-           "decode_refresh_slots", "padded_page_table", "page_upper_bounds", "refresh_slots", "select_top_pages",
-           "step_is_sparse", "streaming_layout", "topk_layout", "topk_pages"]
+           "padded_page_table", "refresh_slots", "step_is_sparse", "streaming_layout", "topk_layout"]

@@ -3,11 +3,13 @@
 - At construction: which layers select pages, and a `PageKeySummaries` per such layer under "topk".
 - Once per step (`plan_step` on the host; `fixed_decode_plan` for CUDA-graph decode steps): whether this step
   selects pages, and which pages' summaries to refresh. A step of one new token per sequence needs no host data:
-  the pages to refresh follow from the step's slot_mapping on the device, so eager decode steps and CUDA-graph
-  replays run the very same ops. Longer steps (prefill) list their written pages on the host.
-- Per layer (`layer_handle`, after the layer's K/V were appended): refresh the layer's summaries of the written
-  pages (every step, prefill included, so decode always scores fresh bounds), then hand attention a
+  each layer folds the new keys into their pages' bounds on the device (`PageKeySummaries.update_decode`), so
+  eager decode steps and CUDA-graph replays run the very same ops. Longer steps (prefill) list their written pages
+  on the host and recompute those pages' bounds.
+- Per layer (`layer_handle`, after the layer's K/V were appended): bring the layer's summaries of the written
+  pages up to date (every step, prefill included, so decode always scores fresh bounds), then hand attention a
   `SparsePagedKVHandle` on sparse steps of sparse layers, the plain handle otherwise.
+- Copy-on-write page copies (`copy_page_bounds`) carry the copied pages' bounds along.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 from ..cache_handle import PagedKVHandle
 from .config import SparseConfig
 from .selection import SparsePagedKVHandle, StepSelection, step_is_sparse
-from .summaries import PageKeySummaries, decode_refresh_slots, refresh_slots
+from .summaries import PageKeySummaries, refresh_slots
 
 
 @dataclass
@@ -29,8 +31,8 @@ class SparseStepPlan:
 
     query_len: new tokens per sequence. select: whether sparse layers select pages this step (a function of the
     step's page-count bucket, so a CUDA graph captured for a bucket stays right for every step it replays).
-    written: None for steps of one token per sequence (pages to refresh come from slot_mapping on the device), else
-    [2, n] int32 on the host (pinned when CUDA is used): the distinct pages written (row 0) and their valid tokens
+    written: None for steps of one token per sequence (their keys update the bounds on the device), else [2, n]
+    int32 on the host (pinned when CUDA is used): the distinct pages written (row 0) and their valid tokens
     afterwards (row 1). The per-device parts (refresh slots, StepSelection) are made on first use.
     """
 
@@ -40,17 +42,20 @@ class SparseStepPlan:
     _refresh: dict = field(default_factory=dict)
     _selections: dict = field(default_factory=dict)
 
-    def refresh_on(self, device: torch.device, slot_mapping: torch.Tensor, page_size: int):
-        """(rows, page_slots) for PageKeySummaries.refresh on `device`; slot_mapping: the step's, on that device."""
+    def update_summaries(self, summaries: PageKeySummaries, k_pool: torch.Tensor, slot_mapping: torch.Tensor,
+                         page_size: int) -> None:
+        """Bring one layer's bounds of the pages this step wrote up to date. k_pool: the layer's key pool after the
+        append; slot_mapping: the step's [B * query_len] slots on that device."""
+        if self.written is None:
+            summaries.update_decode(k_pool, slot_mapping)
+            return
+        device = k_pool.device
         found = self._refresh.get(device)
         if found is None:
-            if self.written is None:
-                found = decode_refresh_slots(slot_mapping, page_size)
-            else:
-                written = self.written if device.type == "cpu" else self.written.to(device, non_blocking=True)
-                found = refresh_slots(written[0], written[1], page_size)
-            self._refresh[device] = found
-        return found
+            written = self.written if device.type == "cpu" else self.written.to(device, non_blocking=True)
+            found = self._refresh[device] = refresh_slots(written[0], written[1], page_size)
+        if found[0].shape[0]:
+            summaries.refresh(k_pool, *found)
 
     def selection_on(self, handle: PagedKVHandle, config: SparseConfig, page_size: int) -> StepSelection:
         """The StepSelection of the device of `handle` (whose layout is the step's dense layout there)."""
@@ -118,12 +123,17 @@ class SparseCachePlanner:
             return handle
         summaries = self.summaries.get(layer_idx)
         if summaries is not None:
-            rows, slots = plan.refresh_on(handle.k_cache.device, slot_mapping, self.page_size)
-            if rows.shape[0]:
-                summaries.refresh(handle.k_cache, rows, slots)
+            plan.update_summaries(summaries, handle.k_cache, slot_mapping, self.page_size)
         if not plan.select:
             return handle
         selection = plan.selection_on(handle, self.config, self.page_size)
         return SparsePagedKVHandle(handle.k_cache, handle.v_cache, handle.layout, handle.q_indptr,
                                    handle.max_q_len, handle.max_pages_per_seq, handle.workspace,
                                    selection=selection, summaries=summaries)
+
+    def copy_page_bounds(self, layer_idx: int, k_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy-on-write of pages src -> dst (int64, on the device of the layer's key pool k_pool): their bounds
+        rows too."""
+        summaries = self.summaries.get(layer_idx)
+        if summaries is not None:
+            summaries.copy_pages(k_pool, src, dst)

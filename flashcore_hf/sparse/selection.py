@@ -1,20 +1,19 @@
 """Page selection on the device: from a step's dense page lists to the sparse PageLayout each policy reads.
 
-Everything here is torch ops on fixed shapes (sizes known on the host: batch, pages of the longest sequence,
-budget), without a host sync, so it can run inside a captured CUDA graph or torch.compile(fullgraph=True):
+Everything here runs on fixed shapes (sizes known on the host: batch, pages of the longest sequence, budget)
+without a host sync, so it can run inside a captured CUDA graph or torch.compile(fullgraph=True):
 
 - `padded_page_table`: the dense CSR layout as a [B, max_pages] table (once per step and device), with a bias that
   forces the sink and recent pages in (+inf) and the padding entries of shorter sequences out (-inf).
 - `streaming_layout`: sinks + the most recent pages, one row per sequence (every head and layer reads the same).
-- `page_upper_bounds` + `select_top_pages` (together `topk_pages`, as a layout `topk_layout`): Quest scores per
-  (sequence, kv head) and the best pages within the budget, one row per (sequence, kv head) (row b * Hkv + h, the
-  per-head layout paged_attention accepts).
+- `topk_layout` / `StepSelection.layout_for` under "topk": the `select_pages` op (two compiled kernels per layer:
+  Quest scores per (sequence, kv head), then a radix top-k that writes the picks in key order) gives one row per
+  (sequence, kv head) (row b * Hkv + h, the per-head layout paged_attention accepts).
 - `StepSelection`: the per-step, per-device object the sparse layers of a decode step share.
 
 When a sequence has fewer pages than the budget, the surplus picks are padding entries that get token count 0: empty
-pages the kernels skip, so rows keep a fixed length. Picks are sorted into key order when a step has several queries
-per sequence (causal masking reads key positions from the order); a single query sees every key, so the order is
-free and the sort is skipped.
+pages the kernels skip, so rows keep a fixed length. Picks come in key order (causal masking of steps with several
+queries per sequence reads key positions from the order).
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ import torch
 
 from ..cache_handle import PagedKVHandle
 from ..layout import PageLayout
+from ..ops import select_pages
 from .config import SparseConfig
 from .summaries import PageKeySummaries
 
@@ -37,13 +37,11 @@ class PaddedPageTable:
         the batch's valid page ids, so any gather stays in bounds).
     counts [B, M] int32: valid tokens on that page (0 for the entries past the end).
     bias [B, M] float32: +inf for pages every policy keeps (sinks, recent), -inf for entries past the end, else 0.
-    bound_rows [B, M] int64: pages + 1, the pages' rows in PageKeySummaries.bounds.
     """
 
     pages: torch.Tensor
     counts: torch.Tensor
     bias: torch.Tensor
-    bound_rows: torch.Tensor
 
     @property
     def max_pages(self) -> int:
@@ -66,7 +64,7 @@ def padded_page_table(layout: PageLayout, max_pages: int, sink_pages: int, recen
     counts = torch.where(valid, layout.token_counts[entry], 0)
     forced = (j < sink_pages) | (j >= num_pages - recent_pages)
     bias = torch.where(valid, torch.where(forced, math.inf, 0.0), -math.inf).float()
-    return PaddedPageTable(pages, counts, bias, pages.long() + 1)
+    return PaddedPageTable(pages, counts, bias)
 
 
 def streaming_layout(table: PaddedPageTable, budget_pages: int) -> PageLayout:
@@ -84,62 +82,14 @@ def streaming_layout(table: PaddedPageTable, budget_pages: int) -> PageLayout:
                       torch.full((batch * k,), -1, dtype=torch.int32, device=pages.device))
 
 
-def page_upper_bounds(q: torch.Tensor, bounds: torch.Tensor, bound_rows: torch.Tensor,
-                      head_reduction: str = "max") -> torch.Tensor:
-    """Quest scores: an upper bound of q.k over each page's keys, per (sequence, kv head).
-
-    q [B, n_q, Hq, D]; bounds [num_pages + 1, Hkv, 2D] (PageKeySummaries.bounds); bound_rows [B, M] int64 (the
-    pages' rows in bounds: PaddedPageTable.bound_rows). Hq = Hkv * G: the n_q * G query rows of each kv head are
-    combined by `head_reduction` ("max" or "sum"). Returns scores [B, Hkv, M] in bounds' dtype.
-    """
-    batch, n_q, hq, d = q.shape
-    hkv = bounds.shape[1]
-    group = hq // hkv
-    max_pages = bound_rows.shape[1]
-    qh = q.to(bounds.dtype).reshape(batch, n_q, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(
-        batch, hkv, n_q * group, d)
-    q_parts = torch.cat([qh.clamp(min=0), qh.clamp(max=0)], dim=-1)                # [B, Hkv, n_q * G, 2D]
-    page_bounds = bounds.index_select(0, bound_rows.reshape(-1)).view(batch, max_pages, hkv, 2 * d)
-    # One small GEMM per (sequence, kv head); for B == 1 the transposed view needs no copy.
-    scores = torch.matmul(q_parts, page_bounds.permute(0, 2, 3, 1))                # [B, Hkv, n_q * G, M]
-    return scores.amax(dim=2) if head_reduction == "max" else scores.sum(dim=2)
-
-
-def select_top_pages(scores: torch.Tensor, table_pages: torch.Tensor, table_counts: torch.Tensor,
-                     table_bias: torch.Tensor, budget_pages: int, keep_order: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (sequence, kv head), the budget_pages best pages by score + bias: (cols, counts) [B, Hkv, k] int32,
-    k = min(budget_pages, M).
-
-    scores [B, Hkv, M]; table_* [B, M] (PaddedPageTable). keep_order: sort the picks into key order (needed when a
-    step has several queries per sequence: causal masking reads key positions from the order; one query sees every
-    key, so single-query steps skip the sort).
-    """
-    batch, hkv, max_pages = scores.shape
-    k = min(budget_pages, max_pages)
-    picked = torch.topk(table_bias[:, None] + scores, k, dim=2, sorted=False).indices   # float32 scores
-    if keep_order:
-        picked = picked.sort(dim=2).values
-    cols = table_pages[:, None].expand(batch, hkv, max_pages).gather(2, picked)
-    counts = table_counts[:, None].expand(batch, hkv, max_pages).gather(2, picked)
-    return cols, counts
-
-
-def topk_pages(q: torch.Tensor, bounds: torch.Tensor, table_pages: torch.Tensor, table_counts: torch.Tensor,
-               table_bias: torch.Tensor, table_bound_rows: torch.Tensor, budget_pages: int,
-               head_reduction: str = "max", keep_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole per-layer "topk" selection, a pure function of tensors (torch.compile(fullgraph=True) traces it
-    whole): `page_upper_bounds` then `select_top_pages`. q [B, n_q, Hq, D]; returns (cols, counts) [B, Hkv, k]."""
-    scores = page_upper_bounds(q, bounds, table_bound_rows, head_reduction)
-    return select_top_pages(scores, table_pages, table_counts, table_bias, budget_pages, keep_order)
-
-
 def topk_layout(q: torch.Tensor, bounds: torch.Tensor, table: PaddedPageTable, budget_pages: int,
-                head_reduction: str = "max", keep_order: bool = True) -> PageLayout:
-    """`topk_pages` as a PageLayout with B * Hkv rows of k pages (row b * Hkv + h: kv head h of sequence b)."""
-    cols, counts = topk_pages(q, bounds, table.pages, table.counts, table.bias, table.bound_rows, budget_pages,
-                              head_reduction, keep_order)
-    rows, k = cols.shape[0] * cols.shape[1], cols.shape[2]
+                query_len: int = 1, head_reduction: str = "max") -> PageLayout:
+    """Quest "topk" selection (flashcore_hf.ops.select_pages: scores, top-k and the picks in key order, in compiled
+    kernels) as a PageLayout with B * Hkv rows of k = min(budget_pages, M) pages (row b * Hkv + h: kv head h of
+    sequence b). q [B * query_len, Hq, D]; bounds: PageKeySummaries.bounds."""
+    k = min(budget_pages, table.max_pages)
+    cols, counts = select_pages(q, bounds, table.pages, table.counts, table.bias, k, query_len, head_reduction)
+    rows = cols.shape[0] * cols.shape[1]
     return PageLayout(_row_offsets(rows, k, cols.device), cols.reshape(-1), counts.reshape(-1),
                       torch.full((rows * k,), -1, dtype=torch.int32, device=cols.device))
 
@@ -178,11 +128,9 @@ class StepSelection:
             if self._streaming is None:
                 self._streaming = streaming_layout(self.table, self.budget_pages)
             return self._streaming
-        batch = self.table.pages.shape[0]
-        cols, counts = topk_pages(q.reshape(batch, self.query_len, *q.shape[1:]), summaries.bounds,
-                                  self.table.pages, self.table.counts, self.table.bias, self.table.bound_rows,
-                                  self.budget_pages, self.config.head_reduction, keep_order=self.query_len > 1)
-        hkv, k = cols.shape[1], cols.shape[2]
+        cols, counts = select_pages(q, summaries.bounds, self.table.pages, self.table.counts, self.table.bias,
+                                    self.max_pages_per_row, self.query_len, self.config.head_reduction)
+        batch, hkv, k = cols.shape
         fixed = self._per_head_fixed.get(hkv)
         if fixed is None:  # the same for every layer of the step: made once
             rows = batch * hkv

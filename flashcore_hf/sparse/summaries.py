@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from ..ops import update_page_bounds
+
 # Pages gathered per chunk while refreshing (bounds the temporary copy of a long prefill's pages to
 # _REFRESH_CHUNK_ELEMENTS elements of the pool's dtype).
 _REFRESH_CHUNK_ELEMENTS = 1 << 24
@@ -18,12 +20,11 @@ _REFRESH_CHUNK_ELEMENTS = 1 << 24
 class PageKeySummaries:
     """Per-page key bounds of one layer.
 
-    bounds [num_pages + 1, Hkv, 2 * D] on the layer's device. Row p + 1 belongs to physical page p: [..., :D] is the
-    element-wise max and [..., D:] the element-wise min of the page's valid keys per kv head. Row 0 is scratch:
-    refreshes with nothing to write (padding rows of a decode step) go there, so every refresh has a fixed shape.
-    Only pages refreshed since they were last written hold meaningful values. dtype: bfloat16 for bfloat16 pools
-    (min/max of bf16 keys are exact in bf16 and scoring reads half the bytes), float32 otherwise (float16 products
-    could overflow).
+    bounds [num_pages, Hkv, 2 * D] on the layer's device. Row p belongs to physical page p: [..., :D] is the
+    element-wise max and [..., D:] the element-wise min of the page's valid keys per kv head (after a crop that cut a
+    page, possibly wider: still an upper bound). Only rows of written pages are meaningful, and every page a
+    sequence holds was written (copy-on-write copies carry their rows along), so selection reads fresh bounds. dtype: bfloat16 for bfloat16 pools (min/max of bf16 keys are exact in bf16
+    and scoring reads half the bytes), float32 otherwise (float16 products could overflow).
 
     new_buffer: optional (device, reserve_bytes) -> GrowableBuffer | None. With a buffer, `bounds` grows in place at
     a fixed address (page-major rows, so growth only appends), which captured CUDA graphs rely on; without one it is
@@ -35,14 +36,15 @@ class PageKeySummaries:
         self._new_buffer = new_buffer
         self._buffer = None
 
-    def refresh(self, k_pool: torch.Tensor, rows: torch.Tensor, page_slots: torch.Tensor) -> None:
-        """Recompute the bounds of the pages just written, from their valid tokens only.
+    def refresh(self, k_pool: torch.Tensor, pages: torch.Tensor, page_slots: torch.Tensor) -> None:
+        """Recompute the bounds of the pages just written, from their valid tokens only (any number of new tokens
+        per page: prefill and chunked prefill).
 
         k_pool [num_pages, P, Hkv, D]: the layer's key pool after this step's append.
-        rows [n] int64: bounds row of each page to refresh (page + 1; 0 = scratch, written and never read).
+        pages [n] int64: the pages to refresh.
         page_slots [n, P] int64: pool slots (page * P + offset) of each page's valid tokens, padded by repeating a
-            valid one (a repeated key changes neither the min nor the max). See `refresh_slots` and
-            `decode_refresh_slots`. A reused page therefore never keeps bounds of its old tokens.
+            valid one (a repeated key changes neither the min nor the max); see `refresh_slots`. A reused page
+            therefore never keeps bounds of its old tokens.
         Grows `bounds` when the pool grew (outside any CUDA graph capture: the first forward after a growth is an
         eager or warm-up one). No host sync.
         """
@@ -50,19 +52,32 @@ class PageKeySummaries:
         num_pages, page_size, hkv, d = k_pool.shape
         keys = k_pool.view(num_pages * page_size, hkv, d)
         chunk = max(1, _REFRESH_CHUNK_ELEMENTS // (page_size * hkv * d))
-        for start in range(0, rows.shape[0], chunk):
+        for start in range(0, pages.shape[0], chunk):
             slots = page_slots[start:start + chunk]
             tokens = keys.index_select(0, slots.reshape(-1)).view(slots.shape[0], page_size, hkv, d)
             low, high = torch.aminmax(tokens, dim=1)                                     # [n, Hkv, D] each
-            self.bounds.index_copy_(0, rows[start:start + chunk], torch.cat([high, low], dim=-1).to(self.bounds.dtype))
+            self.bounds.index_copy_(0, pages[start:start + chunk],
+                                    torch.cat([high, low], dim=-1).to(self.bounds.dtype))
+
+    def update_decode(self, k_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """A decode step wrote one new key per sequence (slot_mapping [B] int32/int64, < 0: none) into k_pool:
+        widen those pages' bounds by the new keys, or start them over for a page's first token (one kernel,
+        `flashcore_hf.ops.update_page_bounds`; fixed shapes and no host data, so CUDA graphs replay it)."""
+        self._fit(k_pool)
+        update_page_bounds(self.bounds, k_pool, slot_mapping)
+
+    def copy_pages(self, k_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy-on-write copied pages src -> dst [n] int64 of k_pool: bounds[dst] = bounds[src]."""
+        self._fit(k_pool)
+        self.bounds.index_copy_(0, dst, self.bounds.index_select(0, src))
 
     def _fit(self, k_pool: torch.Tensor) -> None:
-        """Make `bounds` cover every page of k_pool (+ the scratch row)."""
+        """Make `bounds` cover every page of k_pool."""
         num_pages, _, hkv, d = k_pool.shape
-        if self.bounds is not None and self.bounds.shape[0] > num_pages:
+        if self.bounds is not None and self.bounds.shape[0] >= num_pages:
             return
         dtype = torch.bfloat16 if k_pool.dtype == torch.bfloat16 else torch.float32
-        shape = (num_pages + 1, hkv, 2 * d)
+        shape = (num_pages, hkv, 2 * d)
         row_bytes = hkv * 2 * d * dtype.itemsize
         if self._buffer is None and self._new_buffer is not None:
             self._buffer = self._new_buffer(k_pool.device, row_bytes)
@@ -78,7 +93,7 @@ class PageKeySummaries:
 
 
 def refresh_slots(pages: torch.Tensor, counts: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows [n] int64, page_slots [n, P] int64) for `PageKeySummaries.refresh` from host-planned pages.
+    """(pages [n] int64, page_slots [n, P] int64) for `PageKeySummaries.refresh` from host-planned pages.
 
     pages [n]: distinct physical pages written this step; counts [n]: valid tokens on each afterwards (1..P).
     Row i of page_slots is pages_i * P + min(offset, counts_i - 1) for offset 0..P-1.
@@ -86,20 +101,4 @@ def refresh_slots(pages: torch.Tensor, counts: torch.Tensor, page_size: int) -> 
     offsets = torch.arange(page_size, device=pages.device)
     last = (counts.long() - 1).clamp_(min=0)[:, None]
     pages = pages.long()
-    return pages + 1, pages[:, None] * page_size + torch.minimum(offsets, last)
-
-
-def decode_refresh_slots(slot_mapping: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows [T], page_slots [T, P]) for a step of at most one new token per sequence, on the device alone.
-
-    slot_mapping [T] int32: each new token's pool slot (page * P + offset; < 0: no token). The token's page then
-    holds offset + 1 valid tokens (pages fill from slot 0). Tokens with no slot refresh the scratch row from slot 0.
-    Fixed shapes and no host data: what a CUDA-graph replay of a decode step computes.
-    """
-    slots = slot_mapping.long()
-    valid = slots >= 0
-    page = torch.where(valid, slots // page_size, -1)
-    offset = torch.where(valid, slots % page_size, 0)
-    first = (page * page_size).clamp_(min=0)
-    offsets = torch.arange(page_size, device=slots.device)
-    return page + 1, first[:, None] + torch.minimum(offsets, offset[:, None])
+    return pages, pages[:, None] * page_size + torch.minimum(offsets, last)

@@ -21,6 +21,13 @@ void paged_attention(const PagedAttentionParams& p, int64_t begin, int64_t end);
 // Copies the p.k / p.v rows of tokens [begin, end) into their page slots.
 void append_kv(const AppendKVParams& p, int64_t begin, int64_t end);
 
+// Work items of select_pages: one per (sequence, kv head); fills their rows of p.out_cols / p.out_counts.
+inline int64_t select_pages_work_items(const SelectPagesParams& p) { return int64_t(p.batch) * p.num_kv_heads; }
+void select_pages(const SelectPagesParams& p, int64_t begin, int64_t end);
+
+// Applies a decode step's new keys to the page bounds (sequential: tokens are few, one per sequence).
+void update_page_bounds(const UpdatePageBoundsParams& p);
+
 struct PageLayoutHost {
   std::vector<int32_t> row_offsets, cols, token_counts, staging_ids;
 };

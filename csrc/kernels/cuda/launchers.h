@@ -26,4 +26,11 @@ cudaError_t launch_paged_prefill(const PagedAttentionParams& p, cudaStream_t str
 // ---- cache writes --------------------------------------------------------------------------------------------
 cudaError_t launch_append_kv(const AppendKVParams& p, cudaStream_t stream);
 
+// ---- sparse "topk" page selection (csrc/kernels/cuda/sparse/) -------------------------------------------------
+// True when the selection kernels support these shapes, dtypes and alignments (head_dim % 4 == 0, <= 256, ...).
+bool select_pages_supported(const SelectPagesParams& p);
+// Scores pages into p.scores, then writes p.out_cols / p.out_counts.
+cudaError_t launch_select_pages(const SelectPagesParams& p, cudaStream_t stream);
+cudaError_t launch_update_page_bounds(const UpdatePageBoundsParams& p, cudaStream_t stream);
+
 }  // namespace flashcore

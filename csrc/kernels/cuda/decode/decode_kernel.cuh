@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "../pdl.cuh"
 #include "decode_common.cuh"
 
 namespace flashcore::decode {
@@ -41,13 +42,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t& r0, u
                                                   uint32_t& r3) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
-}
-
-// Wait for the previous kernel in the stream when launched with programmatic dependent launch (no-op otherwise).
-__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-// Let the next kernel (the split merge) be scheduled now; it still waits for this whole grid before reading.
-__device__ __forceinline__ void allow_dependent_launch() {
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }
 
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -481,23 +475,6 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs
 }
 
 // ---- host launcher ---------------------------------------------------------------------------------------------
-
-// Launch with programmatic dependent launch allowed, so this kernel's launch overlaps the previous kernel's tail
-// (each kernel waits with griddepcontrol.wait before touching memory the previous one wrote).
-template <typename Kernel>
-cudaError_t launch_pdl(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t stream, const DecodeArgs& a) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, a);
-}
 
 template <typename T, int D, int WARPS_M>
 cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {

@@ -1,0 +1,127 @@
+// Argument checks of the sparse selection ops (select_pages, update_page_bounds), shared by the CPU and CUDA
+// implementations: shapes, dtypes and devices for every backend; index values on the host (CPU tensors) only.
+#pragma once
+#include <string>
+
+#include "bindings/checks.h"
+
+namespace flashcore::binding {
+
+inline DType bounds_dtype(const at::Tensor& bounds, const char* op) {
+  FC_CHECK(bounds.scalar_type() == at::kFloat || bounds.scalar_type() == at::kBFloat16, op,
+           ": bounds must be float32 or bfloat16, got ", bounds.scalar_type());
+  return bounds.scalar_type() == at::kFloat ? DType::kFloat32 : DType::kBFloat16;
+}
+
+// Validates select_pages' arguments and fills the params; scores / outputs are set by the caller.
+inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at::Tensor& bounds,
+                                                  const at::Tensor& table_pages, const at::Tensor& table_counts,
+                                                  const at::Tensor& table_bias, int64_t budget, int64_t query_len,
+                                                  const std::string& head_reduction) {
+  constexpr const char* op = "select_pages";
+  FC_CHECK(q.dim() == 3, op, ": q must be [batch * query_len, num_q_heads, head_dim], got shape ", q.sizes());
+  FC_CHECK(q.stride(2) == 1, op, ": q must have a contiguous last dimension");
+  const DType q_dtype = to_dtype(q.scalar_type(), "select_pages: q");
+  FC_CHECK(bounds.dim() == 3 && bounds.size(2) == 2 * q.size(2), op,
+           ": bounds must be [num_pages, num_kv_heads, 2 * head_dim=", 2 * q.size(2), "], got shape ",
+           bounds.sizes());
+  FC_CHECK(bounds.is_contiguous(), op, ": bounds must be contiguous");
+  const DType b_dtype = bounds_dtype(bounds, op);
+  const int64_t hkv = bounds.size(1);
+  FC_CHECK(hkv >= 1 && q.size(1) % hkv == 0, op, ": num_q_heads (q.size(1) = ", q.size(1),
+           ") must be a multiple of num_kv_heads (bounds.size(1) = ", hkv, ")");
+  FC_CHECK(table_pages.dim() == 2, op, ": table_pages must be [batch, max_pages], got shape ", table_pages.sizes());
+  const int64_t batch = table_pages.size(0), max_pages = table_pages.size(1);
+  FC_CHECK(table_counts.sizes() == table_pages.sizes() && table_bias.sizes() == table_pages.sizes(), op,
+           ": table_pages, table_counts and table_bias must share one shape [batch, max_pages], got ",
+           table_pages.sizes(), ", ", table_counts.sizes(), ", ", table_bias.sizes());
+  FC_CHECK(table_pages.scalar_type() == at::kInt && table_counts.scalar_type() == at::kInt, op,
+           ": table_pages and table_counts must be int32");
+  FC_CHECK(table_bias.scalar_type() == at::kFloat, op, ": table_bias must be float32, got ",
+           table_bias.scalar_type());
+  for (const auto* t : {&bounds, &table_pages, &table_counts, &table_bias}) {
+    FC_CHECK(t->device() == q.device(), op, ": q, bounds and the table tensors must share one device, got ",
+             q.device(), " and ", t->device());
+  }
+  FC_CHECK(table_pages.is_contiguous() && table_counts.is_contiguous() && table_bias.is_contiguous(), op,
+           ": table_pages, table_counts and table_bias must be contiguous");
+  FC_CHECK(query_len >= 1, op, ": query_len must be >= 1, got ", query_len);
+  FC_CHECK(q.size(0) == batch * query_len, op, ": q.size(0) = ", q.size(0), " must equal batch (", batch,
+           ") * query_len (", query_len, ")");
+  FC_CHECK(budget >= 1 && budget <= max_pages, op, ": budget must be in [1, max_pages = ", max_pages, "], got ",
+           budget);
+  FC_CHECK(head_reduction == "max" || head_reduction == "sum", op,
+           ": head_reduction must be 'max' or 'sum', got '", head_reduction, "'");
+  check_fits_int32(bounds.size(0), op, "bounds.size(0)");
+  check_fits_int32(batch * max_pages, op, "batch * max_pages");
+  check_fits_int32(q.size(0), op, "q.size(0)");
+  if (table_pages.device().is_cpu()) {
+    const int32_t* pages = table_pages.data_ptr<int32_t>();
+    for (int64_t i = 0; i < table_pages.numel(); ++i) {
+      FC_CHECK(pages[i] >= 0 && pages[i] < bounds.size(0), op, ": table_pages has page id ", pages[i],
+               " at flat index ", i, ", outside the bounds' pages [0, ", bounds.size(0), ")");
+    }
+  }
+  SelectPagesParams p;
+  p.q = q.data_ptr();
+  p.bounds = bounds.data_ptr();
+  p.table_pages = table_pages.data_ptr<int32_t>();
+  p.table_counts = table_counts.data_ptr<int32_t>();
+  p.table_bias = table_bias.data_ptr<float>();
+  p.q_stride_token = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.batch = static_cast<int32_t>(batch);
+  p.query_len = static_cast<int32_t>(query_len);
+  p.num_q_heads = static_cast<int32_t>(q.size(1));
+  p.num_kv_heads = static_cast<int32_t>(hkv);
+  p.head_dim = static_cast<int32_t>(q.size(2));
+  p.num_bound_rows = static_cast<int32_t>(bounds.size(0));
+  p.max_pages = static_cast<int32_t>(max_pages);
+  p.budget = static_cast<int32_t>(budget);
+  p.head_reduce_sum = head_reduction == "sum";
+  p.q_dtype = q_dtype;
+  p.bounds_dtype = b_dtype;
+  return p;
+}
+
+// Validates update_page_bounds' arguments and fills the params.
+inline UpdatePageBoundsParams make_update_page_bounds_params(const at::Tensor& bounds, const at::Tensor& k_cache,
+                                                             const at::Tensor& slot_mapping) {
+  constexpr const char* op = "update_page_bounds";
+  FC_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous(), op,
+           ": k_cache must be a contiguous [num_pages, page_size, num_kv_heads, head_dim] tensor, got shape ",
+           k_cache.sizes());
+  const DType k_dtype = to_dtype(k_cache.scalar_type(), "update_page_bounds: k_cache");
+  FC_CHECK(bounds.dim() == 3 && bounds.size(1) == k_cache.size(2) && bounds.size(2) == 2 * k_cache.size(3), op,
+           ": bounds must be [num_pages, num_kv_heads=", k_cache.size(2), ", 2 * head_dim=", 2 * k_cache.size(3),
+           "], got shape ", bounds.sizes());
+  FC_CHECK(bounds.is_contiguous(), op, ": bounds must be contiguous");
+  const DType b_dtype = bounds_dtype(bounds, op);
+  FC_CHECK(b_dtype == DType::kFloat32 || k_dtype == DType::kBFloat16, op,
+           ": bfloat16 bounds need bfloat16 keys (the min/max must stay exact), got k_cache ", k_cache.scalar_type());
+  FC_CHECK(slot_mapping.dim() == 1 && slot_mapping.is_contiguous(), op,
+           ": slot_mapping must be a contiguous 1-D tensor, got shape ", slot_mapping.sizes());
+  FC_CHECK(slot_mapping.scalar_type() == at::kInt || slot_mapping.scalar_type() == at::kLong, op,
+           ": slot_mapping must be int32 or int64, got ", slot_mapping.scalar_type());
+  FC_CHECK(bounds.device() == k_cache.device() && slot_mapping.device() == k_cache.device(), op,
+           ": bounds, k_cache and slot_mapping must share one device");
+  check_fits_int32(k_cache.size(0), op, "num_pages");
+  check_fits_int32(bounds.size(0), op, "bounds.size(0)");
+  check_fits_int32(slot_mapping.numel(), op, "num_tokens");
+  UpdatePageBoundsParams p;
+  p.bounds = bounds.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.slot_mapping = slot_mapping.data_ptr();
+  p.slot_is_int64 = slot_mapping.scalar_type() == at::kLong;
+  p.num_tokens = static_cast<int32_t>(slot_mapping.numel());
+  p.num_pages = static_cast<int32_t>(k_cache.size(0));
+  p.page_size = static_cast<int32_t>(k_cache.size(1));
+  p.num_kv_heads = static_cast<int32_t>(k_cache.size(2));
+  p.head_dim = static_cast<int32_t>(k_cache.size(3));
+  p.num_bound_rows = static_cast<int32_t>(bounds.size(0));
+  p.k_dtype = k_dtype;
+  p.bounds_dtype = b_dtype;
+  return p;
+}
+
+}  // namespace flashcore::binding

@@ -1,0 +1,110 @@
+"""The CUDA selection kernels (flashcore_hf.ops.select_pages / update_page_bounds) against float64 references and
+the CPU op: odd page counts, scattered page ids, sinks / padding, every dtype pair, GQA groups, several queries per
+sequence, strided q, budgets from 1 to all pages, and inside a CUDA graph."""
+import pytest
+import torch
+
+import flashcore_hf as fc
+from flashcore_hf.ops import select_pages, update_page_bounds
+from flashcore_hf.sparse import padded_page_table
+from tests.sparse_reference import assert_topk_picks, reference_page_scores
+
+pytestmark = pytest.mark.gpu
+
+
+def _table(lengths_in_pages, max_pages, num_pages, generator, sinks=1, recent=2):
+    cols = torch.randperm(num_pages, generator=generator)[:sum(lengths_in_pages)].to(torch.int32)
+    counts = torch.randint(1, 17, (cols.numel(),), dtype=torch.int32, generator=generator)
+    offsets = torch.tensor([0, *torch.tensor(lengths_in_pages).cumsum(0).tolist()], dtype=torch.int32)
+    layout = fc.PageLayout(offsets, cols, counts, torch.full_like(cols, -1))
+    return padded_page_table(layout, max_pages, sinks, recent)
+
+
+def _cuda(table):
+    return type(table)(table.pages.cuda(), table.counts.cuda(), table.bias.cuda())
+
+
+CASES = [  # (pages per sequence, Hkv, group, query_len, D, q dtype, bounds dtype, reduction)
+    ([37], 8, 4, 1, 128, torch.bfloat16, torch.bfloat16, "max"),
+    ([1000, 3, 257], 2, 7, 1, 64, torch.float16, torch.float32, "max"),
+    ([2048], 8, 4, 1, 128, torch.bfloat16, torch.bfloat16, "sum"),
+    ([129, 64], 1, 1, 16, 256, torch.float32, torch.float32, "max"),
+    ([300, 5], 4, 8, 3, 96, torch.bfloat16, torch.float32, "sum"),     # 24 query heads per kv head: 3 passes
+    ([5000], 1, 2, 2, 4, torch.float16, torch.float32, "max"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{max(c[0])}-Hkv{c[1]}-G{c[2]}-nq{c[3]}-D{c[4]}")
+def test_select_pages_cuda_is_a_top_k_of_the_reference(case, generator):
+    lengths, hkv, group, query_len, d, q_dtype, bounds_dtype, reduction = case
+    max_pages = max(lengths)
+    num_pages = sum(lengths) + 7
+    table = _table(lengths, max_pages, num_pages, generator)
+    bounds = torch.randn(num_pages, hkv, 2 * d, generator=generator).to(bounds_dtype)
+    # q as a strided view (heads interleaved with something else), like a slice of a fused projection
+    wide = torch.randn(len(lengths) * query_len, hkv * group, 2 * d, generator=generator).to(q_dtype)
+    q = wide[..., :d]
+    scores = reference_page_scores(q, bounds, table, query_len, reduction)
+    atol = 1e-4 * float(scores[torch.isfinite(scores)].abs().max())
+    gpu_table = _cuda(table)
+    for budget in sorted({1, 16, 64, max_pages // 2 + 1, max_pages} - {0}):
+        if budget > max_pages:
+            continue
+        picked, counts = select_pages(q.cuda(), bounds.cuda(), gpu_table.pages, gpu_table.counts, gpu_table.bias,
+                                      budget, query_len, reduction)
+        for b in range(len(lengths)):  # every output entry written (outputs start as uninitialized memory)
+            assert set(picked[b].flatten().tolist()) <= set(table.pages[b].tolist())
+        assert_topk_picks(picked.cpu(), counts.cpu(), scores, table, budget, atol)
+        cpu_picked, cpu_counts = select_pages(q, bounds, table.pages, table.counts, table.bias, budget, query_len,
+                                              reduction)
+        same = (cpu_picked == picked.cpu()).all(dim=2).float().mean().item()
+        assert same >= 0.9, f"CPU and CUDA picks agree on only {same:.0%} of the rows (budget {budget})"
+
+
+def test_select_pages_cuda_in_a_graph_follows_new_queries(generator):
+    lengths, hkv, group, d = [700, 120], 8, 4, 128
+    table = _cuda(_table(lengths, 700, 900, generator))
+    bounds = torch.randn(900, hkv, 2 * d, generator=generator).to(torch.bfloat16).cuda()
+    q = torch.randn(2, hkv * group, d, generator=generator).to(torch.bfloat16).cuda()
+    select = lambda: select_pages(q, bounds, table.pages, table.counts, table.bias, 32)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        select()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = select()
+    for _ in range(3):
+        q.copy_(torch.randn(q.shape, generator=generator).to(torch.bfloat16))
+        graph.replay()
+        eager = select()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+
+
+@pytest.mark.parametrize("k_dtype,bounds_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                                  (torch.float32, torch.float32)])
+def test_update_page_bounds_cuda_equals_cpu(k_dtype, bounds_dtype, generator):
+    num_pages, page_size, hkv, d = 40, 16, 8, 128
+    pool = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(k_dtype)
+    bounds = torch.randn(num_pages, hkv, 2 * d, generator=generator).to(bounds_dtype)
+    gpu_pool, gpu_bounds = pool.cuda(), bounds.cuda()
+    for step in range(3):   # offsets 0 (restart), then widening; one token per page; padding slots skipped
+        pages = torch.randperm(num_pages, generator=generator)[:9]
+        offset = torch.randint(0, page_size, (9,), generator=generator) * (step > 0)
+        slots = torch.cat([pages * page_size + offset, torch.tensor([-1, -5])]).to(torch.int32)
+        update_page_bounds(bounds, pool, slots)
+        update_page_bounds(gpu_bounds, gpu_pool, slots.cuda().long())
+        torch.testing.assert_close(gpu_bounds.cpu(), bounds, rtol=0, atol=0)
+    untouched = torch.zeros(num_pages + 1, hkv, 2 * d, device="cuda")
+    update_page_bounds(untouched[:num_pages], gpu_pool, torch.tensor([num_pages * page_size], device="cuda"))
+    assert not untouched.any()  # a slot outside the pool writes nothing
+
+
+def test_select_pages_cuda_rejects_unsupported_head_dim():
+    q = torch.randn(1, 2, 6, device="cuda")
+    bounds = torch.randn(4, 1, 12, device="cuda")
+    pages = torch.zeros(1, 4, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="head_dim % 4"):
+        select_pages(q, bounds, pages, torch.ones_like(pages), torch.zeros(1, 4, device="cuda"), 2)

@@ -1,0 +1,49 @@
+"""Float64 oracles for the sparse selection op (flashcore_hf.ops.select_pages), shared by CPU and GPU tests."""
+import math
+
+import torch
+
+
+def reference_page_scores(q, bounds, table, query_len, head_reduction="max"):
+    """Quest scores in float64, [B, Hkv, M]: bias + reduce over the query_len * G query heads of each kv head of
+    sum_d relu(q_d) max_d + min(q_d, 0) min_d; bias +-inf wins; page ids without a bounds row score -inf.
+
+    q [B * query_len, Hq, D]; bounds [num_pages, Hkv, 2D]; table: a PaddedPageTable (pages / counts / bias [B, M]).
+    """
+    batch, m = table.pages.shape
+    hkv, d = bounds.shape[1], bounds.shape[2] // 2
+    group = q.shape[1] // hkv
+    qd = q.double().reshape(batch, query_len, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(batch, hkv, -1, d)
+    pages = table.pages.long()
+    valid = (pages >= 0) & (pages < bounds.shape[0])
+    rows = bounds.double()[pages.clamp(0, bounds.shape[0] - 1)]                     # [B, M, Hkv, 2D]
+    hi, lo = rows[..., :d].permute(0, 2, 1, 3), rows[..., d:].permute(0, 2, 1, 3)   # [B, Hkv, M, D]
+    per_head = qd.clamp(min=0) @ hi.transpose(-1, -2) + qd.clamp(max=0) @ lo.transpose(-1, -2)  # [B, Hkv, QG, M]
+    scores = per_head.amax(dim=2) if head_reduction == "max" else per_head.sum(dim=2)
+    bias = table.bias.double()[:, None].expand_as(scores)
+    scores = torch.where(torch.isinf(bias), bias, scores + bias)
+    return torch.where(valid[:, None], scores, -math.inf)
+
+
+def assert_topk_picks(cols, counts, scores, table, budget, atol):
+    """cols / counts [B, Hkv, budget] (select_pages' output) hold a top-`budget` set of the scores [B, Hkv, M] of
+    table's entries in key order: every pick scores >= the budget-th best - atol and every entry scoring above it +
+    atol is picked. Padding entries (count 0) are interchangeable, so picks are matched by (page, count)."""
+    batch, hkv, m = scores.shape
+    assert cols.shape == counts.shape == (batch, hkv, budget)
+    for b in range(batch):
+        entry_of = {(int(p), int(c)): j for j, (p, c) in enumerate(zip(table.pages[b], table.counts[b])) if c > 0}
+        for h in range(hkv):
+            row = scores[b, h]
+            kth = row.sort(descending=True).values[budget - 1]
+            picked = [entry_of.get((int(p), int(c))) for p, c in zip(cols[b, h], counts[b, h]) if c > 0]
+            assert None not in picked, f"row ({b}, {h}) picked a page that is not in its table"
+            assert picked == sorted(picked) and len(set(picked)) == len(picked), f"row ({b}, {h}) not in key order"
+            padding = budget - len(picked)
+            for j in picked:
+                assert row[j] >= kth - atol or row[j] == math.inf, (b, h, j, float(row[j]), float(kth))
+            must = [j for j in range(m) if table.counts[b, j] > 0 and row[j] > kth + atol]
+            assert set(must) <= set(picked), f"row ({b}, {h}) missed {sorted(set(must) - set(picked))}"
+            if padding:  # empty picks only once the real pages run out (or score -inf)
+                real = [j for j in range(m) if table.counts[b, j] > 0 and row[j] > -math.inf]
+                assert len(picked) >= min(len(real), budget) or kth == -math.inf
