@@ -1,13 +1,16 @@
 """Prefill attention throughput: flashcore's paged CUDA kernel against SDPA (flash, cuDNN) and compiled FlexAttention.
 
-Shapes (issue 4): B16 H16 S2048 D64 fp16 causal and non-causal; B1 Hq32/Hkv8 D128 bf16 causal at S 8K and 32K;
-B4 x 4K Hq32/Hkv8 D128 bf16 causal. flashcore reads K/V from a paged cache (pages scattered by a random permutation)
-at page sizes 128 and 16; the references run on dense contiguous [B, H, S, D] copies (SDPA with K/V expanded to Hq
-heads, as in ANCHORS.md; FlexAttention with enable_gqa and a causal block mask), all in the same run.
+Shapes (issues 4, 7): B16 H16 S2048 D64 fp16 causal and non-causal; B1 Hq32/Hkv8 D128 bf16 causal at S 8K, 32K,
+64K and 128K; B4 x 4K Hq32/Hkv8 D128 bf16 causal. flashcore reads K/V from a paged cache (pages scattered by a random
+permutation) at page sizes 128 and 16 with its default kernel choice (the wgmma kernel on an H100/H200 at head dim
+128), and at page size 128 once more with FLASHCORE_PREFILL_KERNEL=mma (column flashcore_mma_ps128_TF). The
+references run on dense contiguous [B, H, S, D] copies (SDPA with K/V expanded to Hq heads, as in ANCHORS.md;
+FlexAttention with enable_gqa and a causal block mask, skipped above 32K keys where building the mask takes too
+long), all in the same run.
 TFLOP/s counts 4 * B * Hq * S^2 * D, halved for causal. Writes bench_prefill.csv and bench_prefill.png under $OUT
 (or ./benchmark_results) and prints a table last.
 
-    python benchmarks/bench_prefill.py [--quick]
+    python benchmarks/bench_prefill.py [--quick] [--no-refs] [--only TEXT]
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ SHAPES = [  # name, B, Hq, Hkv, S, D, causal, dtype
     ("B1 32/8 S8K D128 bf16 causal", 1, 32, 8, 8192, 128, True, torch.bfloat16),
     ("B1 32/8 S32K D128 bf16 causal", 1, 32, 8, 32768, 128, True, torch.bfloat16),
     ("B4 32/8 S4K D128 bf16 causal", 4, 32, 8, 4096, 128, True, torch.bfloat16),
+    ("B1 32/8 S64K D128 bf16 causal", 1, 32, 8, 65536, 128, True, torch.bfloat16),
+    ("B1 32/8 S128K D128 bf16 causal", 1, 32, 8, 131072, 128, True, torch.bfloat16),
 ]
 PAGE_SIZES = (128, 16)
 
@@ -50,7 +55,7 @@ def paged_copy(k, v, page_size, generator):
     return k_cache, v_cache, fc.PageLayout(row_offsets, cols, counts, torch.full_like(cols, -1))
 
 
-def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, flex, rep_ms):
+def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, flex, rep_ms, refs=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     gen = torch.Generator().manual_seed(0)
@@ -66,7 +71,8 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, flex, rep_ms):
     kd, vd = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
     ke, ve = (kd, vd) if Hq == Hkv else (kd.repeat_interleave(Hq // Hkv, 1), vd.repeat_interleave(Hq // Hkv, 1))
     sdpa_out = None
-    for label, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+    backends = (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)) if refs else ()
+    for label, backend in backends:
         try:
             with sdpa_kernel(backend):
                 fn = lambda: F.scaled_dot_product_attention(qd, ke, ve, is_causal=causal)  # noqa: E731
@@ -76,7 +82,9 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, flex, rep_ms):
         except Exception as err:  # a backend missing on this machine is reported, not fatal
             row[label + "_err"] = repr(err)[:120]
     del ke, ve
-    if flex is not None:
+    if flex is not None and S > 32768:
+        row["flex_err"] = "not run above 32K keys (building the causal block mask takes too long)"
+    elif flex is not None:
         try:
             from torch.nn.attention.flex_attention import create_block_mask
 
@@ -98,6 +106,16 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, flex, rep_ms):
         if sdpa_out is not None:
             row[f"ps{page_size}_maxdiff_vs_flash"] = (out.float() - sdpa_out.float()).abs().max().item()
         row[f"flashcore_ps{page_size}_TF"] = tflops(median_ms(fn, rep_ms=rep_ms))
+        if page_size == 128:
+            previous = os.environ.get("FLASHCORE_PREFILL_KERNEL")
+            os.environ["FLASHCORE_PREFILL_KERNEL"] = "mma"
+            try:
+                row["flashcore_mma_ps128_TF"] = tflops(median_ms(fn, rep_ms=rep_ms))
+            finally:
+                if previous is None:
+                    del os.environ["FLASHCORE_PREFILL_KERNEL"]
+                else:
+                    os.environ["FLASHCORE_PREFILL_KERNEL"] = previous
         del k_cache, v_cache, out
     for page_size in PAGE_SIZES:
         for ref in ("sdpa_flash", "sdpa_cudnn", "flex"):
@@ -135,10 +153,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter timing, no FlexAttention")
     parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--only", default="", help="run only the shapes whose name contains this text")
+    parser.add_argument("--no-refs", action="store_true", help="time flashcore only (no SDPA, no FlexAttention)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     flex = None
-    if not (args.quick or args.no_flex):
+    if not (args.quick or args.no_flex or args.no_refs):
         try:
             from torch.nn.attention.flex_attention import flex_attention
 
@@ -147,14 +167,16 @@ def main():
             traceback.print_exc()
     rows = []
     for shape in SHAPES:
-        row = bench_shape(*shape, flex=flex, rep_ms=50 if args.quick else 200)
+        if args.only not in shape[0]:
+            continue
+        row = bench_shape(*shape, flex=flex, rep_ms=50 if args.quick else 200, refs=not args.no_refs)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         rows.append(row)
     csv_path = write_csv(rows, "bench_prefill.csv")
     plot(rows, output_dir() / "bench_prefill.png")
     print(f"\n{device_name()}; CSV: {csv_path}")
-    print_table(rows, ["shape", "flashcore_ps128_TF", "flashcore_ps16_TF", "sdpa_flash_TF", "sdpa_cudnn_TF",
-                       "flex_TF", "ps128_vs_flash", "ps16_vs_flash", "ps128_vs_cudnn", "ps128_vs_flex"])
+    print_table(rows, ["shape", "flashcore_ps128_TF", "flashcore_ps16_TF", "flashcore_mma_ps128_TF", "sdpa_flash_TF",
+                       "sdpa_cudnn_TF", "flex_TF", "ps128_vs_flash", "ps16_vs_flash", "ps128_vs_cudnn", "ps128_vs_flex"])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ Accuracy rule: the kernel's largest error against float64 must stay within 2x th
 torch implementation (matmuls in the input dtype, softmax in float32: what eager attention does) plus a small atol.
 Outputs come from an allocator primed with NaN-filled blocks of the same sizes, so an element the kernel forgets to
 write shows up as NaN.
+
+Every test runs once per prefill kernel, chosen through FLASHCORE_PREFILL_KERNEL: "wgmma" (the Hopper kernel where it
+applies: head dim 128 on an sm_90 device; the mma.sync kernel elsewhere) and "mma" (the mma.sync kernel everywhere).
 """
 import math
 
@@ -17,6 +20,17 @@ from tests.reference import random_paged_kv, reference_paged_attention
 pytestmark = pytest.mark.gpu
 
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 4e-3}
+
+
+@pytest.fixture(autouse=True, params=["wgmma", "mma"])
+def prefill_kernel(request, monkeypatch):
+    """Runs the test under each prefill kernel (the dispatcher reads the variable at every call)."""
+    monkeypatch.setenv("FLASHCORE_PREFILL_KERNEL", request.param)
+    return request.param
+
+
+def _wgmma_applies():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------------
@@ -283,3 +297,30 @@ def test_cuda_graph_replay(generator):
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(graph_out, call(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_size,group", [(16, 8), (64, 1), (128, 4), (256, 8), (48, 4)])
+def test_many_tiles_ragged(generator, dtype, page_size, group):
+    """Several 128-key tiles per CTA with ragged ends: odd lengths (1, 97, 1000, 4097), a chunk after cached keys,
+    an empty sequence; causal, non-causal and a window that cuts through tiles."""
+    n_q, n_k = [4097, 1, 97, 0, 700, 1000], [4097, 1, 97, 300, 2500, 1000]
+    case = make_batch(generator, n_k, n_q, page_size=page_size, hkv=2, group=group, head_dim=128, dtype=dtype)
+    check_case(*case)
+    check_case(*case, causal=False)
+    check_case(*case, window=1500)
+
+
+def test_kernels_agree_and_differ_bitwise(generator, prefill_kernel, monkeypatch):
+    """Both kernels are correct on the same inputs, and on an sm_90 device the variable really switches kernels (the
+    two accumulate in different orders, so some bf16 outputs differ in the last bit)."""
+    if prefill_kernel != "wgmma":
+        pytest.skip("compares both kernels in one run")
+    case = make_batch(generator, [3000, 1500], [3000, 900], page_size=64, hkv=2, group=4, head_dim=128,
+                      dtype=torch.bfloat16)
+    out_wgmma, _ = check_case(*case)
+    monkeypatch.setenv("FLASHCORE_PREFILL_KERNEL", "mma")
+    out_mma, _ = check_case(*case)
+    torch.testing.assert_close(out_wgmma, out_mma, atol=2e-2, rtol=0)
+    if _wgmma_applies():
+        assert not torch.equal(out_wgmma, out_mma), "FLASHCORE_PREFILL_KERNEL did not change the kernel"

@@ -1,14 +1,38 @@
-// Host entry points of the prefill kernel (see launchers.h): what it supports, and the dtype dispatch.
+// Host entry points of the prefill kernels (see launchers.h): what they support, and the kernel / dtype dispatch.
+//
+// Two kernels: the Hopper wgmma kernel (../prefill_sm90/, head dim 128, fp16/bf16, compute capability 9.0, sm_90a
+// build) and the mma.sync kernel here (everything else). FLASHCORE_PREFILL_KERNEL picks one for tests and
+// comparisons, read at every call: "mma" forces the mma.sync kernel; "wgmma" or unset uses the wgmma kernel wherever
+// it applies and the mma.sync kernel elsewhere.
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "../launchers.h"
+#include "../prefill_sm90/prefill_sm90.h"
 #include "prefill_launch.cuh"
 
 namespace flashcore {
 
 namespace {
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+bool mma_kernel_forced() {
+  const char* choice = std::getenv("FLASHCORE_PREFILL_KERNEL");
+  return choice != nullptr && std::strcmp(choice, "mma") == 0;
+}
+
+bool current_device_is_sm90() {
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major == 9 && minor == 0;
+}
 }  // namespace
 
 bool paged_prefill_supported(const PagedAttentionParams& p) {
@@ -20,14 +44,19 @@ bool paged_prefill_supported(const PagedAttentionParams& p) {
   // 16-byte cp.async / vector stores: every row start must be 16-byte aligned.
   const bool align_ok = aligned16(p.q) && aligned16(p.k_cache) && aligned16(p.v_cache) && aligned16(p.out) &&
                         p.q_stride_token % 8 == 0 && p.q_stride_head % 8 == 0;
-  // Grid (KV head, sequence, query tile): at most 65535 sequences and 65535 tiles of 128 (query, head) rows, i.e.
-  // max_q_len * Hq / Hkv <= 8,388,480 (a 1M-token prompt chunk at 8 query heads per KV head).
+  // Grid (KV head, sequence, query tile) for both kernels: at most 65535 sequences and 65535 tiles of 128 (query,
+  // head) rows, i.e. max_q_len * Hq / Hkv <= 8,388,480 (a 1M-token prompt chunk at 8 query heads per KV head).
   const bool grid_ok = !shape_ok || (p.batch <= 65535 && prefill::query_tiles(p) <= 65535);
   return dtype_ok && shape_ok && scale_ok && align_ok && grid_ok;
 }
 
 cudaError_t launch_paged_prefill(const PagedAttentionParams& p, cudaStream_t stream) {
   if (!paged_prefill_supported(p)) return cudaErrorInvalidValue;
+  if (prefill_sm90::supports(p) && !mma_kernel_forced() && current_device_is_sm90()) {
+    const cudaError_t err = p.dtype == DType::kFloat16 ? prefill_sm90::launch_fp16(p, stream)
+                                                      : prefill_sm90::launch_bf16(p, stream);
+    if (err != cudaErrorNotSupported) return err;  // else: no sm_90a code in this build
+  }
   return p.dtype == DType::kFloat16 ? prefill::launch_prefill_fp16(p, stream) : prefill::launch_prefill_bf16(p, stream);
 }
 

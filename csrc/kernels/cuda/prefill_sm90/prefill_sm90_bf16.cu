@@ -1,0 +1,10 @@
+// bf16 instantiation of the sm_90a prefill kernel.
+#include "prefill_sm90_launch.cuh"
+
+namespace flashcore {
+namespace prefill_sm90 {
+
+cudaError_t launch_bf16(const PagedAttentionParams& p, cudaStream_t stream) { return launch<__nv_bfloat16>(p, stream); }
+
+}  // namespace prefill_sm90
+}  // namespace flashcore

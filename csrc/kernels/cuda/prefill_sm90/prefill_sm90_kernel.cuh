@@ -1,0 +1,390 @@
+// Hopper (sm_90a) paged prefill attention, head dim 128: warp-specialized, wgmma, same semantics as the mma.sync
+// kernel in ../prefill/prefill_kernel.cuh (packed (query, head-in-group) rows, any page list, causal / window,
+// LSE always written, no host sync).
+//
+// One CTA = 3 warpgroups over a tile of 128 (query, head) rows of one KV head of one sequence:
+//   warpgroup 0, producer (registers lowered with setmaxnreg): warp 0 resolves each key of the next K/V tile to its
+//     token slot through the page list (the page-window walk of the mma.sync kernel); all 128 threads gather the
+//     K and V rows with 16-byte cp.async into a ring of kStages K and V stages, each signalled by a "full" mbarrier
+//     (cp.async.mbarrier.arrive.noinc) and recycled through an "empty" mbarrier that the consumers arrive on.
+//   warpgroups 1 and 2, consumers (registers raised): 64 rows each. S = Q K^T is wgmma m64n128k16 with Q and K in
+//     shared memory; the online softmax runs in fp32 registers; O += P V is wgmma with P from registers (bf16/fp16)
+//     and V read transposed (MN-major) from shared memory.
+//   Schedule: S_{j+1} is issued together with P_j V_j, and the softmax of j+1 runs while P_j V_j is in flight; the
+//   two consumer warpgroups take turns issuing their GEMMs (named barriers), so one warpgroup's softmax overlaps
+//   the other's GEMMs.
+// Shared tiles use the 128-byte swizzle that wgmma descriptors read: a [rows][128] tile is two [rows][64] halves,
+// each made of 8-row x 128-byte atoms in which 16-byte chunk c of row r sits at position c ^ (r & 7).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../../params.h"
+#include "../prefill/prefill_kernel.cuh"
+#include "prefill_sm90_ptx.cuh"
+
+namespace flashcore {
+namespace prefill_sm90 {
+
+constexpr int kHeadDim = 128;
+constexpr int kBlockM = 128;  // (query, head) rows per CTA: 64 per consumer warpgroup
+constexpr int kBlockN = 128;  // keys per K/V tile
+constexpr int kThreads = 384;
+// K/V stages in the ring (224 KB of shared memory with Q). Measured: 2 stages run as fast (the producer is not the
+// limit); 3 leaves the producer more slack on scattered pages.
+constexpr int kStages = 3;
+constexpr int kProducerRegs = 56;
+constexpr int kConsumerRegs = 224;  // 128 * 56 + 256 * 224 = 64512 <= 65536
+static_assert(kBlockM == prefill::kBlockM, "same query tiling as the mma.sync kernel (grid sizing)");
+
+// Dynamic shared memory, byte offsets from a 1024-byte aligned base.
+constexpr uint32_t kTileBytes = kBlockN * kHeadDim * 2;  // 32 KB, also the Q tile
+constexpr uint32_t kHalfBytes = kTileBytes / 2;          // one [128 rows][64] half
+constexpr uint32_t kOffQ = 0;
+constexpr uint32_t kOffK = kOffQ + kTileBytes;
+constexpr uint32_t kOffV = kOffK + kStages * kTileBytes;
+constexpr uint32_t kOffSlots = kOffV + kStages * kTileBytes;  // int [2][kBlockN]
+constexpr uint32_t kOffWindow = kOffSlots + 2 * kBlockN * 4;  // int4 [32]
+constexpr uint32_t kOffReduce = kOffWindow + 32 * 16;         // int [12]
+constexpr uint32_t kSmemBytes = kOffReduce + 64 + 1024;       // + slack to align the base
+static_assert(kSmemBytes + 4 * kStages * 8 <= 227 * 1024, "shared memory per block");
+
+// Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a swizzled [rows][128] tile of `rows` rows.
+__device__ __forceinline__ uint32_t tile_offset(int row, int chunk, uint32_t half_bytes) {
+  return (chunk >> 3) * half_bytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+}
+
+// Named barrier ids (0 is __syncthreads).
+enum : int { kBarProducer = 1, kBarConsumer0 = 2, kBarTurn0 = 4 };
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const PagedAttentionParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
+  constexpr int D = kHeadDim, M = kBlockM, N = kBlockN;
+  // mbarriers full_k, full_v, empty_k, empty_v [kStages] each: K and V stages are filled and recycled separately
+  // (K as soon as S = Q K^T is done, V after P V), which lets the producer run further ahead. Static shared memory
+  // also tells the host that this body was built (an sm_90a build); see prefill_sm90_launch.cuh.
+  __shared__ __align__(8) uint64_t bars[4 * kStages];
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw_addr = prefill::smem_addr(smem_raw);
+  const uint32_t base = (raw_addr + 1023) & ~1023u;
+  unsigned char* smem = smem_raw + (base - raw_addr);
+  int* sSlots = reinterpret_cast<int*>(smem + kOffSlots);
+  int4* sWindow = reinterpret_cast<int4*>(smem + kOffWindow);
+  int* sReduce = reinterpret_cast<int*>(smem + kOffReduce);
+  const uint32_t bar_full_k = prefill::smem_addr(&bars[0]);
+  const uint32_t bar_full_v = bar_full_k + 8 * kStages;
+  const uint32_t bar_empty_k = bar_full_v + 8 * kStages;
+  const uint32_t bar_empty_v = bar_empty_k + 8 * kStages;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // Grid (KV head, sequence, query tile), tile reversed: the heaviest causal tiles start first.
+  const int hkv = blockIdx.x, b = blockIdx.y;
+  const int tile = gridDim.z - 1 - blockIdx.z;
+  const int G = p.num_q_heads / p.num_kv_heads;
+  const int q0 = min(max(p.q_indptr[b], 0), p.total_q);
+  const int n_q = min(max(p.q_indptr[b + 1], q0), p.total_q) - q0;
+  const int rows_total = n_q * G;
+  const int m0 = tile * M;
+  if (m0 >= rows_total) return;
+  const int page_begin = min(max(p.row_offsets[b], 0), p.nnz);
+  const int n_pages = min(max(p.row_offsets[b + 1], page_begin), p.nnz) - page_begin;
+
+  // n_k = keys of this sequence (invalid pages count as empty).
+  int part = 0;
+  for (int j = tid; j < n_pages; j += kThreads) {
+    int page;
+    part += prefill::checked_count(p, page_begin + j, &page);
+  }
+#pragma unroll
+  for (int s = 16; s >= 1; s >>= 1) part += __shfl_xor_sync(0xffffffffu, part, s);
+  if (lane == 0) sReduce[warp] = part;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_full_k + 8 * s, 128);  // one cp.async-tracking arrival per producer thread
+      mbar_init(bar_full_v + 8 * s, 128);
+      mbar_init(bar_empty_k + 8 * s, 8);   // one arrival per consumer warp
+      mbar_init(bar_empty_v + 8 * s, 8);
+    }
+  }
+  __syncthreads();
+  int n_k = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) n_k += sReduce[w];
+
+  const int qpos_base = n_k - n_q;
+  const int qpos_lo = qpos_base + m0 / G;
+  const int qpos_hi = qpos_base + (min(rows_total, m0 + M) - 1) / G;
+  int k_hi = n_k, k_lo = 0;
+  if (p.causal) k_hi = min(k_hi, qpos_hi + 1);
+  if (p.window > 0) k_lo = max(0, qpos_lo - p.window + 1);
+  const int nb_begin = k_lo / N;
+  const int nb_end = k_hi > k_lo ? (k_hi + N - 1) / N : nb_begin;
+  const int n_tiles = nb_end - nb_begin;
+
+  if (warp < 4) {
+    // ---------------- producer ----------------
+    regs_dealloc<kProducerRegs>();
+    if (n_tiles == 0) return;
+    const int64_t kv_token_stride = (int64_t)p.num_kv_heads * D;
+    const T* k_cache = static_cast<const T*>(p.k_cache) + (int64_t)hkv * D;
+    const T* v_cache = static_cast<const T*>(p.v_cache) + (int64_t)hkv * D;
+    if (warp == 0) {
+      prefill::PageWindow win;
+      prefill::load_window(win, 0, 0, p, page_begin, n_pages, lane);
+      sWindow[lane] = make_int4(win.j, win.slot0, win.begin, win.end);
+      __syncwarp();
+      prefill::fill_slots<N>(sWindow, nb_begin * N, n_k, sSlots, p, page_begin, n_pages, lane);
+    }
+    // Thread t copies chunk t % 16 of rows t / 16 + 8 i: all its rows share (row & 7), so the swizzled destinations
+    // differ by multiples of 1024 bytes.
+    const int chunk = tid & 15, row0 = tid >> 4;
+    const uint32_t dst0 = tile_offset(row0, chunk, kHalfBytes);
+    for (int t = 0; t < n_tiles; ++t) {
+      const int nb = nb_begin + t, stage = t % kStages;
+      named_bar_sync(kBarProducer, 128);  // slots of tile t written by warp 0
+      mbar_wait(bar_empty_k + 8 * stage, ((t / kStages) & 1) ^ 1);
+      const int* slots = sSlots + (t & 1) * N + row0;
+      const uint32_t k_dst = base + kOffK + stage * kTileBytes + dst0;
+      const uint32_t v_dst = base + kOffV + stage * kTileBytes + dst0;
+#pragma unroll 4
+      for (int i = 0; i < N / 8; ++i) {
+        const int slot = slots[8 * i];
+        prefill::cp_async_16(k_dst + i * 1024, k_cache + (int64_t)max(slot, 0) * kv_token_stride + chunk * 8,
+                             slot >= 0 ? 16 : 0);
+      }
+      mbar_arrive_on_cp_async(bar_full_k + 8 * stage);
+      mbar_wait(bar_empty_v + 8 * stage, ((t / kStages) & 1) ^ 1);
+#pragma unroll 4
+      for (int i = 0; i < N / 8; ++i) {
+        const int slot = slots[8 * i];
+        prefill::cp_async_16(v_dst + i * 1024, v_cache + (int64_t)max(slot, 0) * kv_token_stride + chunk * 8,
+                             slot >= 0 ? 16 : 0);
+      }
+      mbar_arrive_on_cp_async(bar_full_v + 8 * stage);
+      if (warp == 0 && t + 1 < n_tiles)
+        prefill::fill_slots<N>(sWindow, (nb + 1) * N, n_k, sSlots + ((t + 1) & 1) * N, p, page_begin, n_pages,
+                               lane);
+    }
+    prefill::cp_async_wait_all();
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  regs_alloc<kConsumerRegs>();
+  using Ops = prefill::MmaOps<T>;
+  const int wg = warp / 4 - 1;          // consumer warpgroup 0 / 1: tile rows [64 wg, 64 wg + 64)
+  const int wtid = tid - 128 * (wg + 1);
+  const int wwarp = wtid >> 5;
+
+  // Q rows of this warpgroup.
+  {
+    const T* q = static_cast<const T*>(p.q);
+#pragma unroll
+    for (int it = 0; it < 64 * 16 / 128; ++it) {
+      const int idx = it * 128 + wtid;
+      const int row = wg * 64 + (idx >> 4), chunk = idx & 15;
+      const int m = m0 + row;
+      const bool valid = m < rows_total;
+      const int i = valid ? m / G : 0, g = valid ? m - i * G : 0;
+      const T* src = q + (int64_t)(q0 + i) * p.q_stride_token + (int64_t)(hkv * G + g) * p.q_stride_head + chunk * 8;
+      prefill::cp_async_16(base + kOffQ + tile_offset(row, chunk, kHalfBytes), valid ? src : q, valid ? 16 : 0);
+    }
+    prefill::cp_async_commit();
+    prefill::cp_async_wait_all();
+    fence_proxy_async();
+    named_bar_sync(kBarConsumer0 + wg, 128);
+  }
+
+  // This thread's two rows (h = 0, 1): tile row wg*64 + wwarp*16 + lane/4 + 8h.
+  const int my_row = wg * 64 + wwarp * 16 + (lane >> 2);
+  const float scale_log2 = p.sm_scale * 1.4426950408889634f;
+  const int nb_full_hi = min(n_k / N, p.causal ? max(qpos_lo + 1, 0) / N : n_k / N);
+  const int nb_full_lo = p.window > 0 ? (max(qpos_hi - p.window + 1, 0) + N - 1) / N : 0;
+
+  float acc_o[64], acc_s[64];
+  uint32_t pa[8][4];
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc_o[i] = 0.f;
+
+  // Descriptors: Q / K K-major (LBO unused), V MN-major (LBO = the next 64 d-columns, SBO = the next 8 keys).
+  const uint32_t q_base = base + kOffQ + wg * 64 * 128;
+  auto issue_s = [&](int stage) {
+    const uint32_t k_base = base + kOffK + stage * kTileBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t off = (ks >> 2) * kHalfBytes + (ks & 3) * 32;
+      wgmma_ss<kBf16>(acc_s, make_desc(q_base + off, 16, 1024), make_desc(k_base + off, 16, 1024), ks > 0);
+    }
+    wgmma_commit();
+  };
+  auto issue_pv = [&](int stage) {
+    const uint32_t v_base = base + kOffV + stage * kTileBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) wgmma_rs<kBf16>(acc_o, pa[kk], make_desc(v_base + kk * 2048, kHalfBytes, 1024), 1);
+    wgmma_commit();
+  };
+  auto release = [&](uint32_t bar, int t) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar + 8 * (t % kStages));
+  };
+  // The mbarrier completes only once the cp.async data has landed; wgmma then reads it with no proxy fence (as
+  // CUTLASS's cp.async + wgmma pipelines do; an added fence.proxy.async per wait measured no different).
+  auto wait_full = [&](uint32_t bar, int t) { mbar_wait(bar + 8 * (t % kStages), (t / kStages) & 1); };
+  // Mask (boundary tiles only), online softmax of acc_s in place (probabilities, fp32); returns the O correction.
+  auto softmax = [&](int nb, float (&corr)[2]) {
+    if (nb < nb_full_lo || nb >= nb_full_hi) {
+      const int k0 = nb * N;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int qp = qpos_base + (m0 + my_row + 8 * h) / G;
+        const int col0 = k0 + (lane & 3) * 2;
+        const int hi = (p.causal ? min(n_k, qp + 1) : n_k) - col0;
+        const int lo = (p.window > 0 ? qp - p.window + 1 : INT32_MIN / 2) - col0;
+#pragma unroll
+        for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int c = j * 8 + e;
+            if (c < lo || c >= hi) acc_s[j * 4 + 2 * h + e] = -INFINITY;
+          }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = row_max[h];
+#pragma unroll
+      for (int j = 0; j < N / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[j * 4 + 2 * h], acc_s[j * 4 + 2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
+      corr[h] = prefill::fast_exp2(row_max[h] * scale_log2 - mx_scaled);
+      row_max[h] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pr = prefill::fast_exp2(fmaf(acc_s[j * 4 + 2 * h + e], scale_log2, -mx_scaled));
+          acc_s[j * 4 + 2 * h + e] = pr;
+          sum += pr;
+        }
+      row_sum[h] = row_sum[h] * corr[h] + sum;
+    }
+  };
+  auto rescale_o = [&](const float (&corr)[2]) {
+    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+      for (int j = 0; j < N / 8; ++j) {
+        acc_o[j * 4 + 0] *= corr[0];
+        acc_o[j * 4 + 1] *= corr[0];
+        acc_o[j * 4 + 2] *= corr[1];
+        acc_o[j * 4 + 3] *= corr[1];
+      }
+    }
+  };
+  // P (accumulator layout of S) -> A fragments of P V: k-step kk covers S columns [16 kk, 16 kk + 16).
+  auto convert_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < N / 16; ++kk) {
+      pa[kk][0] = Ops::pack(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
+      pa[kk][1] = Ops::pack(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
+      pa[kk][2] = Ops::pack(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
+      pa[kk][3] = Ops::pack(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
+    }
+  };
+
+  if (n_tiles > 0) {
+    // Turn-taking: warpgroup wg waits on barrier kBarTurn0 + wg before issuing its GEMMs and then opens the
+    // other's. Both run n_tiles + 1 GEMM phases; the second warpgroup skips its last opening, so every barrier
+    // ends balanced.
+    const int phases = n_tiles + 1;
+    auto turn_begin = [&]() { named_bar_sync(kBarTurn0 + wg, 256); };
+    auto turn_end = [&](int phase) {
+      if (!(wg == 1 && phase == phases - 1)) named_bar_arrive(kBarTurn0 + (wg ^ 1), 256);
+    };
+    if (wg == 1) named_bar_arrive(kBarTurn0, 256);
+    float corr[2];
+    wait_full(bar_full_k, 0);
+    turn_begin();
+    issue_s(0);
+    turn_end(0);
+    wgmma_wait<0>();
+    fence_regs(acc_s);
+    release(bar_empty_k, 0);
+    softmax(nb_begin, corr);
+    convert_p();
+    for (int t = 1; t < n_tiles; ++t) {
+      wait_full(bar_full_k, t);
+      turn_begin();
+      issue_s(t % kStages);
+      wait_full(bar_full_v, t - 1);
+      issue_pv((t - 1) % kStages);
+      turn_end(t);
+      wgmma_wait<1>();
+      fence_regs(acc_s);
+      release(bar_empty_k, t);
+      softmax(nb_begin + t, corr);
+      wgmma_wait<0>();
+      fence_regs(acc_o);
+      fence_regs(pa);
+      release(bar_empty_v, t - 1);
+      rescale_o(corr);
+      convert_p();
+    }
+    turn_begin();
+    wait_full(bar_full_v, n_tiles - 1);
+    issue_pv((n_tiles - 1) % kStages);
+    turn_end(n_tiles);
+    wgmma_wait<0>();
+    fence_regs(acc_o);
+    release(bar_empty_v, n_tiles - 1);
+  }
+
+  // Epilogue: normalise, stage this warpgroup's 64 rows in its own rows of the Q tile (no wgmma reads them any
+  // more), then 16-byte stores and the LSE.
+  T* out = static_cast<T*>(p.out);
+  unsigned char* sQ = smem + kOffQ;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = row_sum[h];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int row = my_row + 8 * h;
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+      const uint32_t packed = Ops::pack(acc_o[j * 4 + 2 * h] * inv, acc_o[j * 4 + 2 * h + 1] * inv);
+      *reinterpret_cast<uint32_t*>(sQ + tile_offset(row, j, kHalfBytes) + (lane & 3) * 4) = packed;
+    }
+    const int m = m0 + row;
+    if ((lane & 3) == 0 && m < rows_total) {
+      const int i = m / G, g = m - i * G;
+      p.lse[(int64_t)(q0 + i) * p.num_q_heads + hkv * G + g] =
+          sum > 0.f ? row_max[h] * p.sm_scale + logf(sum) : -INFINITY;
+    }
+  }
+  named_bar_sync(kBarConsumer0 + wg, 128);
+#pragma unroll
+  for (int it = 0; it < 64 * 16 / 128; ++it) {
+    const int idx = it * 128 + wtid;
+    const int row = wg * 64 + (idx >> 4), chunk = idx & 15;
+    const int m = m0 + row;
+    if (m < rows_total) {
+      const int i = m / G, g = m - i * G;
+      const uint4 v = *reinterpret_cast<const uint4*>(sQ + tile_offset(row, chunk, kHalfBytes));
+      *reinterpret_cast<uint4*>(out + ((int64_t)(q0 + i) * p.num_q_heads + hkv * G + g) * D + chunk * 8) = v;
+    }
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+}  // namespace prefill_sm90
+}  // namespace flashcore
