@@ -1,16 +1,18 @@
 """End-to-end generate() on a Llama-3-8B-shaped model (random bf16 weights): flashcore vs stock transformers.
 
 Paths, measured in the same run: flashcore (default PagedKVCache, CUDA-graph decode), flashcore_eager (the same
-without CUDA graphs), sdpa + DynamicCache, sdpa + static cache (generate's auto-compile), and transformers'
-`generate_batch` continuous batching where available.
+without CUDA graphs; prompts <= 32K), sdpa + DynamicCache, sdpa + static cache (generate's auto-compile; 1 x 32K),
+and transformers' `generate_batch` continuous batching where available (64 x 1K).
 Cases: B=1 x 32K prompt, B=1 x 128K, B=32 x 2K, B=64 x 1K. Reports prefill seconds, decode tok/s, ms per decode
-step and peak GiB. Peak memory is sampled after every forward: torch's peak allocated bytes since the last sample
-plus the bytes of flashcore's page pools (mapped outside torch's allocator; they only grow between samples), so the
-peak of each interval is bounded tightly. Warm runs: each path first generates a few tokens on the same prompt (for
-flashcore this includes capturing its decode graphs, reported in captures / capture_s). flashcore's greedy tokens
-are checked against flashcore_eager's (identical_to_eager).
+step and peak GiB, all from one timed generate() per path and case: a logits processor runs after every forward,
+syncs and timestamps it (generate() syncs every step anyway) and samples memory: torch's peak allocated bytes since
+the last sample plus the bytes of flashcore's page pools (mapped outside torch's allocator; they only grow between
+samples), so the peak of each interval is bounded tightly. prefill_s = call start to the first logits; decode =
+first to last logits. Warm runs: each path first generates 2 tokens on the same prompt (for flashcore this captures
+its decode graph for the timed run's shape, reported in captures / capture_s). flashcore's greedy tokens are checked
+against flashcore_eager's (identical_to_eager).
 
-    python benchmarks/bench_e2e.py                       # everything (about 6 minutes on an H200)
+    python benchmarks/bench_e2e.py                       # everything (about 4 minutes on an H200)
     python benchmarks/bench_e2e.py --cases 1x32768 64x1024 --paths flashcore sdpa_dynamic --new 32
 """
 from __future__ import annotations
@@ -53,12 +55,13 @@ def _sync_time() -> float:
     return time.perf_counter()
 
 
-class PeakMemory(LogitsProcessor):
-    """Samples device memory after every forward of a generate() call (a logits processor: no host sync)."""
+class StepProbe(LogitsProcessor):
+    """After every forward of a generate() call: a synced timestamp and a memory sample."""
 
     def __init__(self, count_pools: bool):
         self.count_pools = count_pools
         self.peak = 0
+        self.times: list[float] = []
         torch.cuda.reset_peak_memory_stats()
 
     def sample(self) -> None:
@@ -67,6 +70,7 @@ class PeakMemory(LogitsProcessor):
         torch.cuda.reset_peak_memory_stats()
 
     def __call__(self, input_ids, scores):
+        self.times.append(_sync_time())
         self.sample()
         return scores
 
@@ -81,28 +85,25 @@ def run_generate_case(model, path: str, batch: int, prompt: int, new: int) -> di
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device="cuda", generator=generator)
     mask = torch.ones_like(ids)
 
-    def generate(n, peak=None):
-        processors = LogitsProcessorList([peak] if peak is not None else [])
-        t0 = _sync_time()
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                             logits_processor=processors, **kwargs)
-        return _sync_time() - t0, out
+    def generate(n, probe=None):
+        processors = LogitsProcessorList([probe] if probe is not None else [])
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                              logits_processor=processors, **kwargs)
 
-    warm_new = 2 if prompt >= 65536 else 4          # long prompts: one warm-up prefill is enough
-    generate(new if path == "flashcore" else warm_new)  # flashcore: captures its graphs for this shape here
-    if prompt < 65536:
-        generate(warm_new)
+    # Warm: one prefill and one decode step (the page-count bucket of a 2-token run is the timed run's, so
+    # flashcore captures the timed run's decode graph here).
+    generate(2)
     gc.collect()
     torch.cuda.empty_cache()
-    t_prefill, _ = generate(1)
     stats_before = flashcore_hf.decode_graph_stats(model)
     captures_before = (stats_before.captures, stats_before.capture_seconds) if stats_before else (0, 0.0)
-    peak = PeakMemory(count_pools=path.startswith("flashcore"))
-    t_all, tokens = generate(new, peak)
-    peak.sample()
-    decode_s = t_all - t_prefill
-    row = dict(prefill_s=t_prefill, decode_tok_s=batch * (new - 1) / decode_s, ms_per_step=1e3 * decode_s / (new - 1),
-               peak_GiB=peak.peak / 2**30)
+    probe = StepProbe(count_pools=path.startswith("flashcore"))
+    t0 = _sync_time()
+    tokens = generate(new, probe)
+    probe.sample()
+    decode_s = probe.times[-1] - probe.times[0]
+    row = dict(prefill_s=probe.times[0] - t0, decode_tok_s=batch * (new - 1) / decode_s,
+               ms_per_step=1e3 * decode_s / (new - 1), peak_GiB=probe.peak / 2**30)
     stats = flashcore_hf.decode_graph_stats(model)
     if path == "flashcore" and stats is not None:
         row.update(captures=stats.captures, capture_s=stats.capture_seconds,
@@ -155,6 +156,8 @@ def main() -> None:
                 continue
             if path == "sdpa_static" and case not in ("1x32768",):
                 continue   # the static-cache reference is measured once (it recompiles per shape)
+            if path == "flashcore_eager" and prompt > 32768:
+                continue   # two more 128K prefills for the graph-vs-eager check, made on the shorter cases
             row = dict(case=case, path=path, B=batch, prompt=prompt, new=args.new)
             try:
                 result = (run_generate_batch(model, batch, prompt, 256) if path == "generate_batch"

@@ -1,22 +1,23 @@
 """Sparse page selection benchmark: long-context decode with topk / streaming pages vs dense flashcore decode.
 
 1. Attention per layer, B=1 x 128K context, Hq 32 / Hkv 8, D 128, bf16, page size 64, budget 4096 tokens (64 pages):
-   dense flashcore decode vs topk (Quest scores + top-k + paged_attention over per-kv-head page lists) and streaming,
-   with the parts (selection, attention, summary refresh of the written page, the once-per-step page table) and the
-   whole of it captured in a CUDA graph (launch overhead removed, as in a graph-captured decode step). Two clocks:
+   dense flashcore decode vs topk (the select_pages kernels: Quest scores + radix top-k, then paged_attention over
+   per-kv-head page lists) and streaming, with the parts (selection, attention, the bounds update of the written
+   page, the once-per-step page table) and the whole of it; graph_us: 16 calls captured in one CUDA graph, per call
+   (no launch overhead, as inside a graph-captured decode step). Two more clocks:
    `gpu_us` is triton's do_bench median (device time, L2 flushed), `wall_us` back-to-back calls on the host clock
    (includes Python and launch overhead, what an eager decode step pays). SDPA cuDNN on a contiguous copy of the
    same K/V is the reference.
 2. End to end: a Llama-3-8B-shaped model with random bf16 weights (32 layers, hidden 4096, 32/8 heads, D128, vocab
    128256), generate() on one 128K-token prompt through the cache generate() builds (set_default_cache_options(
-   page_size=64, sparse=...)): dense with and without flashcore's CUDA-graph decode, and topk (--policies
-   dense,topk,streaming adds streaming: one more 128K prefill). Prefill seconds and decode tokens/s (median step time
+   page_size=64, sparse=...)): dense and topk with flashcore's CUDA-graph decode (--policies dense,topk,streaming
+   adds streaming, --eager-too every policy without graphs: one more 128K prefill each). Prefill seconds and decode tokens/s (median step time
    from a stopping criterion that timestamps every step after a device sync, which generate() does each step
    anyway); speedups compare runs with the same decode mode (graphs or eager).
 
 Writes sparse_layer.csv, sparse_e2e.csv and sparse.png under $OUT (or ./benchmark_results); prints the tables last.
 
-    python benchmarks/bench_sparse.py [--context 131072] [--budget 4096] [--new-tokens 48] [--skip-e2e]
+    python benchmarks/bench_sparse.py [--context 131072] [--budget 4096] [--new-tokens 48] [--skip-e2e] [--eager-too]
 """
 from __future__ import annotations
 
@@ -35,8 +36,7 @@ from common import device_name, median_ms, output_dir, print_table, write_csv  #
 
 import flashcore_hf as fc  # noqa: E402
 from flashcore_hf.paged_cache import page_count_bucket  # noqa: E402
-from flashcore_hf.sparse import (PageKeySummaries, StepSelection, decode_refresh_slots, refresh_slots,  # noqa: E402
-                                 topk_pages)
+from flashcore_hf.sparse import PageKeySummaries, StepSelection, refresh_slots  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -86,8 +86,8 @@ def layer_benchmark(context: int, budget: int, page_size: int) -> list[dict]:
     summaries = PageKeySummaries()
     all_slots = refresh_slots(cols, counts, page_size)
     refresh_all_ms = median_ms(lambda: summaries.refresh(k_pool, *all_slots))
-    # A decode step wrote the last slot of the last page: the slots to refresh follow on the device (once per step).
-    last_slots = decode_refresh_slots(cols[-1:] * page_size + page_size - 1, page_size)
+    # A decode step wrote the last slot of the last page: its key widens that page's bounds.
+    last_slot = cols[-1:] * page_size + page_size - 1
 
     def dense():
         return fc.paged_attention(q, k_pool, v_pool, layout, q_indptr, max_q_len=1, max_pages_per_seq=max_pages)
@@ -138,47 +138,20 @@ def layer_benchmark(context: int, budget: int, page_size: int) -> list[dict]:
                                             max_pages_per_seq=k)
         speedup(add(f"{policy}: attention on {k} selected pages", attend))
         if policy == "topk":
+            add("topk: bounds update of the written page (per layer)",
+                lambda: summaries.update_decode(k_pool, last_slot))
+
             def per_layer():
-                summaries.refresh(k_pool, *last_slots)
+                summaries.update_decode(k_pool, last_slot)
                 return fc.paged_attention(q, k_pool, v_pool, step.layout_for(q, summaries), q_indptr, max_q_len=1,
                                           max_pages_per_seq=k)
-            speedup(add("topk: refresh + selection + attention (per layer)", per_layer,
+            speedup(add("topk: update + selection + attention (per layer)", per_layer,
                         note="the whole per-layer cost of a topk decode step"))
-            rows.extend(compiled_selection(step, summaries, last_slots, q, q_indptr, k_pool, v_pool, speedup))
     rows.append(dict(what="topk: summary refresh of the whole context (prefill, per layer)",
                      gpu_us=1e3 * refresh_all_ms, note=f"{num_pages} pages"))
     for row in rows:
         row.update(context=context, budget=budget, page_size=page_size)
     return rows
-
-
-def compiled_selection(step, summaries, last_slots, q, q_indptr, k_pool, v_pool, speedup) -> list[dict]:
-    """The per-layer topk path with `topk_pages` under torch.compile(fullgraph=True) (fused selection kernels)."""
-    table, k = step.table, step.max_pages_per_row
-    row_offsets = torch.arange(0, HKV * k + 1, k, device="cuda", dtype=torch.int32)
-    staging = torch.full((HKV * k,), -1, device="cuda", dtype=torch.int32)
-    try:
-        start = time.perf_counter()
-        select = torch.compile(topk_pages, fullgraph=True, dynamic=False)
-
-        def per_layer():
-            summaries.refresh(k_pool, *last_slots)
-            cols, counts = select(q[:, None], summaries.bounds, table.pages, table.counts, table.bias,
-                                  table.bound_rows, step.budget_pages, "max", False)
-            layout = fc.PageLayout(row_offsets, cols.reshape(-1), counts.reshape(-1), staging)
-            return fc.paged_attention(q, k_pool, v_pool, layout, q_indptr, max_q_len=1, max_pages_per_seq=k)
-        per_layer()
-        compile_s = time.perf_counter() - start
-    except Exception as err:  # noqa: BLE001  (report, do not stop the benchmark)
-        return [dict(what="topk, torch.compile'd selection", note=f"compile failed: {str(err).splitlines()[0][:100]}")]
-    row = dict(what="topk: refresh + compiled selection + attention (per layer)", gpu_us=1e3 * median_ms(per_layer),
-               wall_us=wall_us(per_layer), note=f"torch.compile(topk_pages) took {compile_s:.0f} s")
-    replay, why = graph_of(per_layer)
-    row["graph_us"] = 1e3 * median_ms(replay) if replay else None
-    if why:
-        row["note"] += f"; graph capture failed: {why}"
-    speedup(row)
-    return [row]
 
 
 class StepClock:
@@ -193,10 +166,9 @@ class StepClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def e2e_benchmark(context: int, budget: int, new_tokens: int, policies: list[str]) -> list[dict]:
+def e2e_benchmark(context: int, budget: int, new_tokens: int, policies: list[str], eager_too: bool) -> list[dict]:
     """generate() through the default cache (what set_default_cache_options configures) for each policy, with
-    flashcore's CUDA-graph decode where the cache allows it, and dense also without graphs (eager steps, as sparse
-    caches run while decode graphs refuse them)."""
+    flashcore's CUDA-graph decode, and with eager_too also every policy without graphs."""
     from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteriaList
 
     config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -220,9 +192,7 @@ def e2e_benchmark(context: int, budget: int, new_tokens: int, policies: list[str
         steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
         return clock.times[0] - start, statistics.median(steps)
 
-    cases = [(policy, True) for policy in policies]
-    if "dense" in policies:
-        cases.insert(policies.index("dense") + 1, ("dense", False))
+    cases = [(policy, graphs) for policy in policies for graphs in ((True, False) if eager_too else (True,))]
     rows = []
     for policy, graphs in cases:
         fc.set_default_cache_options(page_size=64, sparse=fc.SparseConfig(policy=policy, token_budget=budget))
@@ -277,6 +247,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--policies", default="dense,topk", help="comma-separated; streaming too if time allows")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--eager-too", action="store_true", help="end to end also without CUDA-graph decode")
     args = parser.parse_args()
     print(f"{device_name()}, torch {torch.__version__}", flush=True)
 
@@ -284,7 +255,7 @@ def main():
     write_csv(layer_rows, "sparse_layer.csv")
     torch.cuda.empty_cache()
     e2e_rows = [] if args.skip_e2e else e2e_benchmark(args.context, args.budget, args.new_tokens,
-                                                      args.policies.split(","))
+                                                      args.policies.split(","), args.eager_too)
     write_csv(e2e_rows, "sparse_e2e.csv")
     plot(layer_rows, e2e_rows, output_dir() / "sparse.png")
 

@@ -25,7 +25,8 @@ SUMMARIES = {
     "sparse_layer.csv": ("sparse page selection: attention per layer (B=1 x 128K, 4K-token budget)",
                          ["what", "gpu_us", "wall_us", "graph_us", "speedup_vs_dense", "note"]),
     "sparse_e2e.csv": ("sparse page selection: generate() decode on the Llama-3-8B-shaped model",
-                       ["policy", "budget", "prefill_s", "ms_per_step", "decode_tok_s", "speedup_vs_dense"]),
+                       ["policy", "cuda_graphs", "budget", "prefill_s", "ms_per_step", "decode_tok_s",
+                        "speedup_vs_dense_same_mode"]),
 }
 
 
