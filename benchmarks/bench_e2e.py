@@ -8,7 +8,7 @@ step and peak GiB, all from one timed generate() per path and case: a logits pro
 syncs and timestamps it (generate() syncs every step anyway) and samples memory: torch's peak allocated bytes since
 the last sample plus the bytes of flashcore's page pools (mapped outside torch's allocator; they only grow between
 samples), so the peak of each interval is bounded tightly. prefill_s = call start to the first logits; decode =
-first to last logits. Warm runs: each path first generates 2 tokens on the same prompt (for flashcore this captures
+first to last logits. Warm runs: each path first generates 4 tokens on the same prompt (for flashcore this captures
 its decode graph for the timed run's shape, reported in captures / capture_s). flashcore's greedy tokens are checked
 against flashcore_eager's (identical_to_eager).
 
@@ -90,9 +90,9 @@ def run_generate_case(model, path: str, batch: int, prompt: int, new: int) -> di
         return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                               logits_processor=processors, **kwargs)
 
-    # Warm: one prefill and one decode step (the page-count bucket of a 2-token run is the timed run's, so
-    # flashcore captures the timed run's decode graph here).
-    generate(2)
+    # Warm: one prefill and a few decode steps (the page-count bucket of a short run is the timed run's, so flashcore
+    # captures the timed run's decode graph here; the static cache's torch.compile needs a few decode steps).
+    generate(4)
     gc.collect()
     torch.cuda.empty_cache()
     stats_before = flashcore_hf.decode_graph_stats(model)
@@ -160,7 +160,7 @@ def main() -> None:
                 continue   # two more 128K prefills for the graph-vs-eager check, made on the shorter cases
             row = dict(case=case, path=path, B=batch, prompt=prompt, new=args.new)
             try:
-                result = (run_generate_batch(model, batch, prompt, 256) if path == "generate_batch"
+                result = (run_generate_batch(model, batch, prompt, args.new) if path == "generate_batch"
                           else run_generate_case(model, path, batch, prompt, args.new))
                 row.update(result)
             except Exception as err:  # a reference that fails (OOM, missing API) is reported, not fatal
@@ -168,6 +168,7 @@ def main() -> None:
                 row["error"] = repr(err)[:200]
             print(row, flush=True)
             rows.append(row)
+            write_csv(rows, "bench_e2e.csv")   # rows so far, should a later case not finish
             gc.collect()
             torch.cuda.empty_cache()
     for row in rows:          # ratios against sdpa + DynamicCache of the same case

@@ -6,7 +6,7 @@
 #   GPU_CHECK_STEPS="build tests decode" bash scripts/gpu_check.sh
 #
 # It keeps to one 10-minute device call: every step runs under `timeout` with what is left of GPU_CHECK_SECONDS
-# (default 570), and a step that would start with under a minute left is skipped and reported, so the summary and
+# (default 575), and a step that would start with under a minute left is skipped and reported, so the summary and
 # the results always come back.
 # Results (CSV, PNG, logs) go to $OUT/gpu_check/ (default ./benchmark_results/gpu_check); when $OUT is set they are
 # also packed into $OUT/gpu_check.tar.gz. Exits non-zero if the build or a test fails.
@@ -20,7 +20,7 @@ export OUT=$RESULTS PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} FLASHCORE_CUDA_A
 STEPS=${GPU_CHECK_STEPS:-"build tests decode prefill e2e sparse"}
 E2E_ARGS=${GPU_CHECK_E2E_ARGS:-"--new 32"}
 SPARSE_ARGS=${GPU_CHECK_SPARSE_ARGS:-"--new-tokens 32"}
-DEADLINE=${GPU_CHECK_SECONDS:-570}
+DEADLINE=${GPU_CHECK_SECONDS:-575}
 RESERVE=25  # seconds kept for the summary and packing the results
 failed=()
 skipped=()
@@ -52,9 +52,9 @@ run_step tests python -m pytest tests -q -rs
 run_step decode python benchmarks/bench_decode.py
 run_step prefill python benchmarks/bench_prefill.py
 # shellcheck disable=SC2086
-run_step e2e python benchmarks/bench_e2e.py $E2E_ARGS
-# shellcheck disable=SC2086
 run_step sparse python benchmarks/bench_sparse.py $SPARSE_ARGS
+# shellcheck disable=SC2086
+run_step e2e python benchmarks/bench_e2e.py $E2E_ARGS
 
 echo "== summary =="
 python benchmarks/summarize.py "$RESULTS" | tee "$RESULTS/summary.txt"
