@@ -1,15 +1,14 @@
 // "topk" page selection on the GPU (see SelectPagesParams in params.h for the contract), in two PDL-chained kernels:
 //
-// 1. score_pages_kernel, grid (page chunks, batch * Hkv): each warp scores up to 8 pages at a time with all their
-//    loads in flight together (the kernel is latency-bound: measured 21 us at 2 pages per warp
-//    for 2048 pages x 8 heads, whose 8 MB of bounds take ~3 us to read). Each lane holds 4 consecutive dims of
-//    up to 8 query heads in registers and reads the same 4 dims of the page's max and min (8 bytes of bfloat16
-//    bounds, 16 of float32), so a warp reads a 128-dim bounds row in one coalesced pass.
-// 2. select_top_pages_kernel, one block per (sequence, kv head): radix select of the budget-th largest score
-//    (up to 4 passes of 8 bits over an order-preserving uint32 image of the floats, kept in shared memory when the
-//    row fits; it stops early once the bucket holding the threshold is taken whole; warp-aggregated histogram
-//    increments, since similar scores share their top bits and would serialize on one counter), then an in-order compaction
-//    (block prefix sums), which yields the picks in key order with ties to the lower index, without sorting.
+// 1. score_pages_kernel, grid (page chunks, batch * Hkv): one thread scores one page, streaming its bounds row
+//    (max then min, 4 dims per load, 4 loads in flight) against the query heads' positive and negative parts, which
+//    the block keeps in shared memory (read as broadcasts). No cross-lane reductions: a first version with one warp
+//    per page spent ~7x the instructions on shuffles and icache misses (ncu: 23 us for 2048 pages x 8 heads).
+// 2. select_top_pages_kernel, one block per (sequence, kv head): radix select of the budget-th largest score over an
+//    order-preserving uint32 image of the floats (kept in shared memory when the row fits): 8-bit digits from the
+//    highest bit in which the row's keys differ (similar scores share their top bits, which would pile every
+//    histogram increment onto one counter), stopping once the bucket holding the threshold is taken whole; then an
+//    in-order compaction (block prefix sums), which yields the picks in key order with ties to the lower index.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -24,151 +23,91 @@
 namespace flashcore {
 namespace {
 
-constexpr int kScoreThreads = 256;
-constexpr int kScoreWarps = kScoreThreads / 32;
-constexpr int kQueryHeadsPerPass = 8;   // query heads held in registers per pass over the block's pages
-constexpr int kDimsPerLane = 4;
-constexpr int kMaxDimChunks = 2;        // head_dim <= 2 * 32 * 4 = 256
-
-// Pages a warp scores at once (their bounds stay in registers): 8 of 16-bit bounds at head dims <= 128; half as
-// many for float32 bounds or larger head dims (more would spill).
-template <typename TB, int DIM_CHUNKS>
-constexpr int pages_per_warp() { return 16 / DIM_CHUNKS / int(sizeof(TB)); }
-template <typename TB, int DIM_CHUNKS>
-constexpr int pages_per_score_block() { return kScoreWarps * pages_per_warp<TB, DIM_CHUNKS>(); }
+constexpr int kScoreThreads = 64;        // pages per score block
+constexpr int kQueryHeadsPerPass = 8;    // query heads whose parts sit in shared memory per pass over the bounds
+constexpr int kDimsPerLoad = 4;
+constexpr int kMaxHeadDim = 256;
 constexpr int kSelectThreads = 256;
 constexpr int kMaxSmemKeys = 48 * 1024;  // 192 KB of shared memory; longer rows read their scores from global
 
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// 4 consecutive elements as stored (16-byte aligned for float, 8-byte for 16-bit types: guaranteed by the
-// launcher); kept packed in registers until used, which halves the registers of bfloat16 bounds.
+// 4 consecutive elements as stored (16-byte aligned for float, 8-byte for 16-bit types: guaranteed by the launcher).
 template <typename T>
 using Quad = std::conditional_t<sizeof(T) == 4, float4, uint2>;
 
 template <typename T>
-__device__ __forceinline__ void unpack4(const Quad<T>& raw, float (&dst)[kDimsPerLane]) {
+__device__ __forceinline__ float4 load_quad(const T* src) {
+  const Quad<T> raw = *reinterpret_cast<const Quad<T>*>(src);
   if constexpr (sizeof(T) == 4) {
-    dst[0] = raw.x, dst[1] = raw.y, dst[2] = raw.z, dst[3] = raw.w;
+    return raw;
   } else {
     const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < kDimsPerLane; ++i) dst[i] = to_float(e[i]);
+    return make_float4(to_float(e[0]), to_float(e[1]), to_float(e[2]), to_float(e[3]));
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void load4(const T* src, float (&dst)[kDimsPerLane]) {
-  unpack4<T>(*reinterpret_cast<const Quad<T>*>(src), dst);
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-template <typename TQ, typename TB, int DIM_CHUNKS>
+template <typename TQ, typename TB>
 __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(const SelectPagesParams p) {
-  constexpr int kPagesPerWarp = pages_per_warp<TB, DIM_CHUNKS>();
-  constexpr int kPagesPerScoreBlock = pages_per_score_block<TB, DIM_CHUNKS>();
+  // q_pos / q_neg [kQueryHeadsPerPass][head_dim]: max(q, 0) and min(q, 0) of the pass's query heads.
+  __shared__ float4 q_pos[kQueryHeadsPerPass * kMaxHeadDim / kDimsPerLoad];
+  __shared__ float4 q_neg[kQueryHeadsPerPass * kMaxHeadDim / kDimsPerLoad];
   grid_dependency_wait();
   allow_dependent_launch();
-  __shared__ float partial[kPagesPerScoreBlock];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.y;  // b * Hkv + h
   const int b = row / p.num_kv_heads, h = row % p.num_kv_heads;
-  const int d = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
+  const int d = p.head_dim, quads = d / kDimsPerLoad, group = p.num_q_heads / p.num_kv_heads;
   const int query_heads = p.query_len * group;
-  const int first_page = blockIdx.x * kPagesPerScoreBlock;
-  const int pages_here = min(kPagesPerScoreBlock, p.max_pages - first_page);
+  const int j = blockIdx.x * kScoreThreads + threadIdx.x;
+  const int page = j < p.max_pages ? p.table_pages[(int64_t)b * p.max_pages + j] : -1;
+  const bool has_row = page >= 0 && page < p.num_bound_rows;
+  const TB* hi_row = static_cast<const TB*>(p.bounds) + ((int64_t)(has_row ? page : 0) * p.num_kv_heads + h) * 2 * d;
+  const TB* lo_row = hi_row + d;
   const TQ* q = static_cast<const TQ*>(p.q);
-  const TB* bounds = static_cast<const TB*>(p.bounds);
 
+  float score = 0.f;
   for (int first_head = 0; first_head < query_heads; first_head += kQueryHeadsPerPass) {
     const int heads = min(kQueryHeadsPerPass, query_heads - first_head);
-    float qv[kQueryHeadsPerPass][DIM_CHUNKS][kDimsPerLane];
+    __syncthreads();  // the previous pass is done with q_pos / q_neg
+    for (int i = threadIdx.x; i < heads * quads; i += kScoreThreads) {
+      const int qh = first_head + i / quads;  // (query qh / group, head-in-group qh % group)
+      const int64_t token = (int64_t)b * p.query_len + qh / group;
+      const float4 v = load_quad(q + token * p.q_stride_token + (int64_t)(h * group + qh % group) * p.q_stride_head +
+                                 (i % quads) * kDimsPerLoad);
+      q_pos[i] = make_float4(fmaxf(v.x, 0.f), fmaxf(v.y, 0.f), fmaxf(v.z, 0.f), fmaxf(v.w, 0.f));
+      q_neg[i] = make_float4(fminf(v.x, 0.f), fminf(v.y, 0.f), fminf(v.z, 0.f), fminf(v.w, 0.f));
+    }
+    __syncthreads();
+    if (!has_row) continue;
+    float dot[kQueryHeadsPerPass] = {};
+#pragma unroll 4
+    for (int c = 0; c < quads; ++c) {
+      const float4 hi = load_quad(hi_row + c * kDimsPerLoad);
+      const float4 lo = load_quad(lo_row + c * kDimsPerLoad);
+#pragma unroll
+      for (int g = 0; g < kQueryHeadsPerPass; ++g) {
+        if (g < heads) {  // block-uniform
+          const float4 qp = q_pos[g * quads + c], qn = q_neg[g * quads + c];
+          dot[g] += qp.x * hi.x + qp.y * hi.y + qp.z * hi.z + qp.w * hi.w +
+                    qn.x * lo.x + qn.y * lo.y + qn.z * lo.z + qn.w * lo.w;
+        }
+      }
+    }
 #pragma unroll
     for (int g = 0; g < kQueryHeadsPerPass; ++g) {
-      const int qh = first_head + g;  // (query i, head-in-group j) = (qh / group, qh % group)
-      const int64_t token = (int64_t)b * p.query_len + (g < heads ? qh / group : 0);
-      const int head = h * group + (g < heads ? qh % group : 0);
-#pragma unroll
-      for (int c = 0; c < DIM_CHUNKS; ++c) {
-        const int dim = (c * 32 + lane) * kDimsPerLane;
-        if (g < heads && dim < d) {
-          load4(q + token * p.q_stride_token + head * p.q_stride_head + dim, qv[g][c]);
-        } else {
-#pragma unroll
-          for (int i = 0; i < kDimsPerLane; ++i) qv[g][c][i] = 0.f;
-        }
-      }
-    }
-    for (int first = warp * kPagesPerWarp; first < pages_here; first += kPagesPerScoreBlock) {
-      bool has_row[kPagesPerWarp];
-      Quad<TB> lo[kPagesPerWarp][DIM_CHUNKS], hi[kPagesPerWarp][DIM_CHUNKS];
-#pragma unroll
-      for (int pi = 0; pi < kPagesPerWarp; ++pi) {
-        const int local = first + pi;
-        const int page = local < pages_here ? p.table_pages[(int64_t)b * p.max_pages + first_page + local] : -1;
-        has_row[pi] = page >= 0 && page < p.num_bound_rows;
-#pragma unroll
-        for (int c = 0; c < DIM_CHUNKS; ++c) {
-          const int dim = (c * 32 + lane) * kDimsPerLane;
-          if (has_row[pi] && dim < d) {
-            const TB* bound_row = bounds + ((int64_t)page * p.num_kv_heads + h) * 2 * d;
-            hi[pi][c] = *reinterpret_cast<const Quad<TB>*>(bound_row + dim);
-            lo[pi][c] = *reinterpret_cast<const Quad<TB>*>(bound_row + d + dim);
-          } else {
-            hi[pi][c] = lo[pi][c] = Quad<TB>{};  // all-zero bits: 0.0 in every format
-          }
-        }
-      }
-#pragma unroll
-      for (int pi = 0; pi < kPagesPerWarp; ++pi) {
-        const int local = first + pi;
-        float page_hi[DIM_CHUNKS][kDimsPerLane], page_lo[DIM_CHUNKS][kDimsPerLane];
-#pragma unroll
-        for (int c = 0; c < DIM_CHUNKS; ++c) {
-          unpack4<TB>(hi[pi][c], page_hi[c]);
-          unpack4<TB>(lo[pi][c], page_lo[c]);
-        }
-        float reduced = 0.f;
-#pragma unroll
-        for (int g = 0; g < kQueryHeadsPerPass; ++g) {
-          if (g < heads) {  // warp-uniform
-            float dot = 0.f;
-#pragma unroll
-            for (int c = 0; c < DIM_CHUNKS; ++c)
-#pragma unroll
-              for (int i = 0; i < kDimsPerLane; ++i)
-                dot += fmaxf(qv[g][c][i], 0.f) * page_hi[c][i] + fminf(qv[g][c][i], 0.f) * page_lo[c][i];
-            dot = warp_sum(dot);
-            reduced = g == 0 ? dot : (p.head_reduce_sum ? reduced + dot : fmaxf(reduced, dot));
-          }
-        }
-        if (lane == 0 && local < pages_here) {
-          if (first_head == 0) {
-            partial[local] = has_row[pi] ? reduced : -INFINITY;
-          } else if (has_row[pi]) {
-            partial[local] = p.head_reduce_sum ? partial[local] + reduced : fmaxf(partial[local], reduced);
-          }
-        }
+      if (g < heads) {
+        const bool first = first_head == 0 && g == 0;
+        score = first ? dot[g] : (p.head_reduce_sum ? score + dot[g] : fmaxf(score, dot[g]));
       }
     }
   }
-  __syncthreads();
-  for (int local = threadIdx.x; local < pages_here; local += kScoreThreads) {
-    const int64_t entry = (int64_t)b * p.max_pages + first_page + local;
-    const float bias = p.table_bias[entry];
-    float score = partial[local];
-    if (score != -INFINITY) {
-      // Forced pages (+inf) and entries past the end (-inf) ignore the score; a NaN bound (inf * 0) keeps its page.
-      score = isinf(bias) ? bias : (isnan(score) ? INFINITY : score + bias);
-    }
-    p.scores[(int64_t)row * p.max_pages + first_page + local] = score;
-  }
+  if (j >= p.max_pages) return;
+  const float bias = p.table_bias[(int64_t)b * p.max_pages + j];
+  // Pages without a bounds row never win; forced pages (+inf) and entries past the end (-inf) ignore the score;
+  // a NaN bound (inf * 0) keeps its page.
+  score = !has_row ? -INFINITY : isinf(bias) ? bias : isnan(score) ? INFINITY : score + bias;
+  p.scores[(int64_t)row * p.max_pages + j] = score;
 }
 
 // Order-preserving image of a float: a > b (as floats, -inf < finite < +inf) iff key(a) > key(b) (as uint32).
@@ -184,7 +123,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_top_pages_kernel(const 
   using Scan = cub::BlockScan<int, kSelectThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int histogram[256];
-  __shared__ uint32_t chosen_prefix;
+  __shared__ uint32_t chosen_prefix, warp_and[kSelectThreads / 32], warp_or[kSelectThreads / 32];
   __shared__ int still_needed, bucket_size;
   extern __shared__ uint32_t smem_keys[];
   grid_dependency_wait();
@@ -199,25 +138,40 @@ __global__ void __launch_bounds__(kSelectThreads) select_top_pages_kernel(const 
     for (int j = tid; j < m; j += kSelectThreads) smem_keys[j] = order_key(scores[j]);
   }
   const auto key_at = [&](int j) { return KEYS_IN_SMEM ? smem_keys[j] : order_key(scores[j]); };
-  if (tid == 0) {
-    chosen_prefix = 0;
-    still_needed = budget;
+  // The bits above the highest one in which the row's keys differ are common to all: start the digits below them.
+  uint32_t all_and = 0xffffffffu, all_or = 0u;
+  for (int j = tid; j < m; j += kSelectThreads) {
+    const uint32_t key = key_at(j);
+    all_and &= key;
+    all_or |= key;
   }
-  // Radix select, most significant digit first: after the pass at `shift`, the picks are every key whose bits
-  // under `mask` exceed chosen_prefix, plus the first still_needed keys (by index) equal to it there.
-  uint32_t mask = 0;
-  for (int shift = 24; shift >= 0; shift -= 8) {
+  all_and = __reduce_and_sync(0xffffffffu, all_and);
+  all_or = __reduce_or_sync(0xffffffffu, all_or);
+  if ((tid & 31) == 0) warp_and[tid / 32] = all_and, warp_or[tid / 32] = all_or;
+  __syncthreads();
+  all_and = 0xffffffffu, all_or = 0u;
+#pragma unroll
+  for (int w = 0; w < kSelectThreads / 32; ++w) all_and &= warp_and[w], all_or |= warp_or[w];
+  const uint32_t differ = all_and ^ all_or;
+  const int top_bit = differ == 0 ? 0 : 31 - __clz(differ);
+  uint32_t mask = top_bit == 31 ? 0u : ~((2u << top_bit) - 1u);  // the common bits
+  if (tid == 0) {
+    chosen_prefix = all_and & mask;
+    still_needed = budget;
+    bucket_size = 0;
+  }
+  // Radix select, most significant digit first: after each pass, the picks are every key whose bits under `mask`
+  // exceed chosen_prefix, plus the first still_needed keys (by index) equal to it there.
+  for (int low = top_bit - 7; low > -8; low -= 8) {
+    const int shift = max(low, 0);
+    const uint32_t digit_mask = (1u << (8 + min(low, 0))) - 1u;  // the last digit may be narrower
     histogram[tid] = 0;  // kSelectThreads == 256 bins
     __syncthreads();
     const uint32_t prefix = chosen_prefix;
-    for (int base = 0; base < m; base += kSelectThreads) {  // whole warps iterate together (match_any)
-      const int j = base + tid;
-      const uint32_t key = j < m ? key_at(j) : 0u;
-      const bool counted = j < m && (key & mask) == prefix;
-      // Lanes with the same digit add once, through their lowest lane; others get a value no lane shares.
-      const uint32_t bin = counted ? (key >> shift) & 255u : 256u + (tid & 31);
-      const uint32_t same = __match_any_sync(0xffffffffu, bin);
-      if (counted && (tid & 31) == __ffs(same) - 1) atomicAdd(&histogram[bin], __popc(same));
+    if (still_needed == bucket_size) break;  // the threshold's bucket was taken whole: no tie to break below it
+    for (int j = tid; j < m; j += kSelectThreads) {
+      const uint32_t key = key_at(j);
+      if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & digit_mask], 1);
     }
     __syncthreads();
     // Thread t looks at digit 255 - t: an inclusive scan in that order gives the count of keys >= that digit.
@@ -233,10 +187,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_top_pages_kernel(const 
       still_needed = needed - above;
       bucket_size = count;
     }
-    mask |= 255u << shift;
-    __syncthreads();
-    if (still_needed == bucket_size) break;  // the threshold's bucket is taken whole: no tie to break below it
+    mask |= digit_mask << shift;
   }
+  __syncthreads();
   const uint32_t threshold = chosen_prefix;
   const int ties_taken = still_needed;  // keys equal to the threshold (under mask) that are picked, lowest first
 
@@ -268,16 +221,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_top_pages_kernel(const 
   }
 }
 
-template <typename TQ, typename TB, int DIM_CHUNKS>
-cudaError_t launch_score_chunks(const SelectPagesParams& p, cudaStream_t stream) {
-  constexpr int per_block = pages_per_score_block<TB, DIM_CHUNKS>();
-  const dim3 grid((p.max_pages + per_block - 1) / per_block, p.batch * p.num_kv_heads);
-  return launch_pdl(score_pages_kernel<TQ, TB, DIM_CHUNKS>, grid, dim3(kScoreThreads), 0, stream, p);
-}
-
 template <typename TQ, typename TB>
 cudaError_t launch_score(const SelectPagesParams& p, cudaStream_t stream) {
-  return p.head_dim <= 128 ? launch_score_chunks<TQ, TB, 1>(p, stream) : launch_score_chunks<TQ, TB, 2>(p, stream);
+  const dim3 grid((p.max_pages + kScoreThreads - 1) / kScoreThreads, p.batch * p.num_kv_heads);
+  return launch_pdl(score_pages_kernel<TQ, TB>, grid, dim3(kScoreThreads), 0, stream, p);
 }
 
 template <typename TB>
@@ -295,10 +242,10 @@ bool select_pages_supported(const SelectPagesParams& p) {
   const auto aligned = [](const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; };
   const int q_bytes = p.q_dtype == DType::kFloat32 ? 4 : 2;
   const int bound_bytes = p.bounds_dtype == DType::kFloat32 ? 4 : 2;
-  return p.head_dim % kDimsPerLane == 0 && p.head_dim <= 32 * kDimsPerLane * kMaxDimChunks &&
+  return p.head_dim % kDimsPerLoad == 0 && p.head_dim <= kMaxHeadDim &&
          (p.bounds_dtype == DType::kFloat32 || p.bounds_dtype == DType::kBFloat16) &&
-         aligned(p.q, kDimsPerLane * q_bytes) && p.q_stride_token % kDimsPerLane == 0 &&
-         p.q_stride_head % kDimsPerLane == 0 && aligned(p.bounds, kDimsPerLane * bound_bytes) &&
+         aligned(p.q, kDimsPerLoad * q_bytes) && p.q_stride_token % kDimsPerLoad == 0 &&
+         p.q_stride_head % kDimsPerLoad == 0 && aligned(p.bounds, kDimsPerLoad * bound_bytes) &&
          p.batch * (int64_t)p.num_kv_heads <= 65535 && p.budget >= 1 && p.budget <= p.max_pages;
 }
 
