@@ -54,6 +54,31 @@ __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
+// What one CTA of either prefill kernel works on. Grid (KV head, sequence, query tile) with the tile slowest and
+// reversed: every (sequence, KV head) pair's last tile -- the heaviest under a causal mask -- is scheduled before any
+// earlier one (longest first keeps the tail of the grid short). Layout indices are clamped into range.
+struct TileWork {
+  int hkv, b, tile, G;
+  int q0, n_q, rows_total, m0;  // the sequence's queries [q0, q0 + n_q); tile rows [m0, m0 + M) of n_q * G
+  int page_begin, n_pages;      // its layout entries
+};
+
+__device__ __forceinline__ TileWork tile_work(const PagedAttentionParams& p, int M) {
+  TileWork w;
+  w.hkv = blockIdx.x;
+  w.b = blockIdx.y;
+  w.tile = gridDim.z - 1 - blockIdx.z;
+  w.G = p.num_q_heads / p.num_kv_heads;
+  w.q0 = min(max(p.q_indptr[w.b], 0), p.total_q);
+  w.n_q = min(max(p.q_indptr[w.b + 1], w.q0), p.total_q) - w.q0;
+  w.rows_total = w.n_q * w.G;
+  w.m0 = w.tile * M;
+  w.page_begin = min(max(p.row_offsets[w.b], 0), p.nnz);
+  w.n_pages = min(max(p.row_offsets[w.b + 1], w.page_begin), p.nnz) - w.page_begin;
+  return w;
+}
+
+
 // 16-byte async copy global -> shared; src_bytes = 0 writes zeros without reading src.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
@@ -224,20 +249,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
   enum { kNk, kQposBase, kPageBegin, kNPages, kFullLo, kFullHi };
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // Grid (KV head, sequence, query tile) with the tile slowest and reversed: every (sequence, KV head) pair's last
-  // tile -- the heaviest under a causal mask -- is scheduled before any earlier one (longest first keeps the tail of
-  // the grid short).
-  const int hkv = blockIdx.x, b = blockIdx.y;
-  const int tile = gridDim.z - 1 - blockIdx.z;
-  const int G = p.num_q_heads / p.num_kv_heads;
-
-  const int q0 = min(max(p.q_indptr[b], 0), p.total_q);
-  const int n_q = min(max(p.q_indptr[b + 1], q0), p.total_q) - q0;
-  const int rows_total = n_q * G;
-  const int m0 = tile * M;
-  if (m0 >= rows_total) return;
-  const int page_begin = min(max(p.row_offsets[b], 0), p.nnz);
-  const int n_pages = min(max(p.row_offsets[b + 1], page_begin), p.nnz) - page_begin;
+  const TileWork work = tile_work(p, M);
+  if (work.m0 >= work.rows_total) return;
+  const int hkv = work.hkv, G = work.G;
+  const int q0 = work.q0, n_q = work.n_q, rows_total = work.rows_total, m0 = work.m0;
+  const int page_begin = work.page_begin, n_pages = work.n_pages;
 
   // Q tile first so that its load overlaps the page scan below.
   {

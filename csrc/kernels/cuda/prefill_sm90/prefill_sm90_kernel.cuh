@@ -82,17 +82,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const PagedAt
   const uint32_t bar_empty_v = bar_empty_k + 8 * kStages;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // Grid (KV head, sequence, query tile), tile reversed: the heaviest causal tiles start first.
-  const int hkv = blockIdx.x, b = blockIdx.y;
-  const int tile = gridDim.z - 1 - blockIdx.z;
-  const int G = p.num_q_heads / p.num_kv_heads;
-  const int q0 = min(max(p.q_indptr[b], 0), p.total_q);
-  const int n_q = min(max(p.q_indptr[b + 1], q0), p.total_q) - q0;
-  const int rows_total = n_q * G;
-  const int m0 = tile * M;
-  if (m0 >= rows_total) return;
-  const int page_begin = min(max(p.row_offsets[b], 0), p.nnz);
-  const int n_pages = min(max(p.row_offsets[b + 1], page_begin), p.nnz) - page_begin;
+  const prefill::TileWork work = prefill::tile_work(p, M);
+  if (work.m0 >= work.rows_total) return;
+  const int hkv = work.hkv, G = work.G;
+  const int q0 = work.q0, n_q = work.n_q, rows_total = work.rows_total, m0 = work.m0;
+  const int page_begin = work.page_begin, n_pages = work.n_pages;
 
   // n_k = keys of this sequence (invalid pages count as empty).
   int part = 0;
