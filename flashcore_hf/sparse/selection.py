@@ -78,25 +78,28 @@ def streaming_layout(table: PaddedPageTable, budget_pages: int) -> PageLayout:
     recency = torch.arange(max_pages, device=table.bias.device, dtype=torch.float32)
     picked = torch.topk(table.bias + recency, k, dim=1, sorted=False).indices.sort(dim=1).values
     pages, counts = table.pages.gather(1, picked), table.counts.gather(1, picked)
-    return PageLayout(_row_offsets(batch, k, pages.device), pages.reshape(-1), counts.reshape(-1),
-                      torch.full((batch * k,), -1, dtype=torch.int32, device=pages.device))
+    row_offsets, staging_ids = fixed_layout_parts(batch, k, pages.device)
+    return PageLayout(row_offsets, pages.reshape(-1), counts.reshape(-1), staging_ids)
 
 
 def topk_layout(q: torch.Tensor, bounds: torch.Tensor, table: PaddedPageTable, budget_pages: int,
-                query_len: int = 1, head_reduction: str = "max") -> PageLayout:
+                query_len: int = 1, head_reduction: str = "max",
+                fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> PageLayout:
     """Quest "topk" selection (flashcore_hf.ops.select_pages: scores, top-k and the picks in key order, in compiled
     kernels) as a PageLayout with B * Hkv rows of k = min(budget_pages, M) pages (row b * Hkv + h: kv head h of
-    sequence b). q [B * query_len, Hq, D]; bounds: PageKeySummaries.bounds."""
+    sequence b). q [B * query_len, Hq, D]; bounds: PageKeySummaries.bounds. fixed: the layout's data-independent
+    parts (row offsets, staging ids; `fixed_layout_parts`) when the caller keeps them across layers."""
     k = min(budget_pages, table.max_pages)
     cols, counts = select_pages(q, bounds, table.pages, table.counts, table.bias, k, query_len, head_reduction)
-    rows = cols.shape[0] * cols.shape[1]
-    return PageLayout(_row_offsets(rows, k, cols.device), cols.reshape(-1), counts.reshape(-1),
-                      torch.full((rows * k,), -1, dtype=torch.int32, device=cols.device))
+    row_offsets, staging_ids = fixed if fixed is not None else fixed_layout_parts(
+        cols.shape[0] * cols.shape[1], k, cols.device)
+    return PageLayout(row_offsets, cols.reshape(-1), counts.reshape(-1), staging_ids)
 
 
-def _row_offsets(rows: int, k: int, device) -> torch.Tensor:
-    """[rows + 1] int32 offsets of rows of k entries each."""
-    return torch.arange(rows + 1, dtype=torch.int32, device=device) * k
+def fixed_layout_parts(rows: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_offsets [rows + 1], staging_ids [rows * k] all -1) of a layout of `rows` rows of k resident pages."""
+    return (torch.arange(rows + 1, dtype=torch.int32, device=device) * k,
+            torch.full((rows * k,), -1, dtype=torch.int32, device=device))
 
 
 class StepSelection:
@@ -128,15 +131,13 @@ class StepSelection:
             if self._streaming is None:
                 self._streaming = streaming_layout(self.table, self.budget_pages)
             return self._streaming
-        cols, counts = select_pages(q, summaries.bounds, self.table.pages, self.table.counts, self.table.bias,
-                                    self.max_pages_per_row, self.query_len, self.config.head_reduction)
-        batch, hkv, k = cols.shape
+        hkv = summaries.bounds.shape[1]
         fixed = self._per_head_fixed.get(hkv)
         if fixed is None:  # the same for every layer of the step: made once
-            rows = batch * hkv
-            fixed = self._per_head_fixed[hkv] = (
-                _row_offsets(rows, k, cols.device), torch.full((rows * k,), -1, dtype=torch.int32, device=cols.device))
-        return PageLayout(fixed[0], cols.reshape(-1), counts.reshape(-1), fixed[1])
+            fixed = self._per_head_fixed[hkv] = fixed_layout_parts(
+                self.table.pages.shape[0] * hkv, self.max_pages_per_row, self.table.pages.device)
+        return topk_layout(q, summaries.bounds, self.table, self.budget_pages, self.query_len,
+                           self.config.head_reduction, fixed)
 
 
 def step_recent_pages(query_len: int, page_size: int) -> int:
