@@ -24,10 +24,12 @@ def gather_sequence_kv(k_cache, v_cache, row_offsets, cols, token_counts, b):
 
 
 def reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, token_counts, q_indptr, *, causal=True,
-                              sm_scale=None, sliding_window=None):
+                              sm_scale=None, sliding_window=None, softcap=None, sinks=None):
     """Float64 (out [total_q, Hq, D], lse [total_q, Hq]) following the contract in DESIGN.md.
 
     row_offsets has B + 1 entries (one page list per sequence) or B * Hkv + 1 (one per sequence and kv head).
+    softcap: scores s -> softcap * tanh(s / softcap). sinks [Hq]: a logit per query head in every row's softmax
+    denominator (no value); lse includes it, and rows that see no key get lse = sink.
     """
     row_offsets, cols, token_counts, q_indptr = (t.cpu() for t in (row_offsets, cols, token_counts, q_indptr))
     total_q, hq, d = q.shape
@@ -36,6 +38,9 @@ def reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, token_coun
     scale = d ** -0.5 if sm_scale is None else sm_scale
     out = torch.zeros(total_q, hq, d, dtype=torch.float64)
     lse = torch.full((total_q, hq), -math.inf, dtype=torch.float64)
+    sink = None if sinks is None else sinks.double().cpu()
+    if sink is not None:
+        lse[:] = sink
     batch = len(q_indptr) - 1
     per_head = len(row_offsets) - 1 != batch
     for b, h in [(b, h) for b in range(batch) for h in range(hkv)] if per_head else [(b, None) for b in range(batch)]:
@@ -54,6 +59,8 @@ def reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, token_coun
         k_rep = k.repeat_interleave(group, dim=1)                      # [n_k, Hq (or group), D]
         v_rep = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", qb, k_rep) * scale       # [Hq, n_q, n_k]
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         q_pos = torch.arange(n_q, dtype=torch.int64) + (n_k - n_q)
         k_pos = torch.arange(n_k, dtype=torch.int64)
         visible = torch.ones(n_q, n_k, dtype=torch.bool)
@@ -63,6 +70,8 @@ def reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, token_coun
             visible &= (q_pos[:, None] - k_pos[None, :]) < sliding_window
         scores = scores.masked_fill(~visible, -math.inf)
         row_lse = torch.logsumexp(scores, dim=-1)                      # [Hq, n_q]
+        if sink is not None:
+            row_lse = torch.logaddexp(row_lse, sink[heads, None])
         probs = torch.exp(scores - row_lse[..., None])
         probs = torch.nan_to_num(probs, nan=0.0)                       # rows with no visible key
         out[q0:q1, heads] = torch.einsum("hqk,khd->qhd", probs, v_rep)

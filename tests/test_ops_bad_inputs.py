@@ -67,6 +67,12 @@ def test_paged_attention_rejects_bad_options():
         fc.paged_attention(*args, max_pages_per_seq=1)
     with pytest.raises(RuntimeError, match="sm_scale must be finite"):
         fc.paged_attention(*args, sm_scale=float("nan"))
+    with pytest.raises(RuntimeError, match="softcap must be a finite number >= 0"):
+        fc.paged_attention(*args, softcap=-1.0)
+    with pytest.raises(RuntimeError, match="sinks must be \\[num_q_heads=4\\]"):
+        fc.paged_attention(*args, sinks=torch.zeros(3))
+    with pytest.raises(RuntimeError, match="sinks must be float32"):
+        fc.paged_attention(*args, sinks=torch.zeros(4, dtype=torch.float16))
 
 
 def _append_args():

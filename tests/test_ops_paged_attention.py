@@ -11,16 +11,18 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _run_case(generator, lengths, q_lens, *, page_size, hkv, group, head_dim, dtype, causal=True, window=None,
-              sm_scale=None):
+              sm_scale=None, softcap=None, sinks=False):
     k_cache, v_cache, row_offsets, cols, counts = random_paged_kv(lengths, page_size, hkv, head_dim, dtype=dtype,
                                                                   generator=generator)
     q_indptr = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(int(q_indptr[-1]), hkv * group, head_dim, generator=generator).to(dtype)
     layout = fc.PageLayout(row_offsets, cols, counts, torch.full_like(cols, -1))
+    sink_logits = 3 * torch.randn(hkv * group, generator=generator) if sinks else None
     out, lse = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, causal=causal, sm_scale=sm_scale,
-                                  sliding_window=window, return_lse=True)
+                                  sliding_window=window, softcap=softcap, sinks=sink_logits, return_lse=True)
     ref_out, ref_lse = reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr,
-                                                 causal=causal, sm_scale=sm_scale, sliding_window=window)
+                                                 causal=causal, sm_scale=sm_scale, sliding_window=window,
+                                                 softcap=softcap, sinks=sink_logits)
     assert out.dtype == dtype and out.shape == q.shape and lse.dtype == torch.float32
     # Low-precision outputs are compared against the reference rounded to the same dtype, plus a tolerance of a
     # few ulps, so that the check is as strict as the storage format allows.
@@ -53,6 +55,24 @@ def test_causal_offsets_and_sliding_window(generator, causal, window):
     # chunked prefill: n_q queries after n_k - n_q cached keys
     _run_case(generator, [97, 257, 30], q_lens=[33, 257, 1], page_size=16, hkv=2, group=2, head_dim=40,
               dtype=torch.float32, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap, sinks", [(5.0, False), (None, True), (2.0, True)])
+@pytest.mark.parametrize("window", [None, 7])
+def test_softcap_and_sinks(generator, dtype, softcap, sinks, window):
+    """Gemma 2/3 logit softcapping and GPT-OSS attention sinks, decode and chunked prefill; large scores (sm_scale
+    3) so that the cap bites."""
+    for q_lens in ([1, 1, 1], [33, 97, 1]):
+        _run_case(generator, [97, 257, 30], q_lens=q_lens, page_size=16, hkv=2, group=4, head_dim=64, dtype=dtype,
+                  window=window, sm_scale=3.0 * 64 ** -0.5, softcap=softcap, sinks=sinks)
+
+
+def test_sinks_on_rows_without_keys(generator):
+    """A row that sees no key gives zeros and lse = its sink logit."""
+    out, lse = _run_case(generator, [3], q_lens=[5], page_size=4, hkv=1, group=2, head_dim=16, dtype=torch.float32,
+                         sinks=True)
+    assert torch.all(out[:2] == 0) and torch.all(torch.isfinite(lse))
 
 
 def test_more_queries_than_keys_gives_zero_rows(generator):
@@ -102,7 +122,7 @@ def test_opcheck(generator):
     q = torch.randn(6, 4, 16, generator=generator)
     q_indptr = torch.tensor([0, 2, 6], dtype=torch.int32)
     torch.library.opcheck(torch.ops.flashcore.paged_attention,
-                          (q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, True, 0.25, 0, 6, 5, None))
+                          (q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, True, 0.25, 0, 0.0, None, 6, 5, None))
 
 
 @pytest.mark.parametrize("causal", [True, False])

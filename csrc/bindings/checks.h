@@ -46,7 +46,8 @@ inline void check_offsets_host(const at::Tensor& offsets, int64_t limit, bool mu
 inline PagedAttentionParams make_paged_attention_params(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& row_offsets,
     const at::Tensor& cols, const at::Tensor& token_counts, const at::Tensor& q_indptr, bool causal, double sm_scale,
-    int64_t window, int64_t max_q_len, int64_t max_pages_per_seq) {
+    int64_t window, double softcap, const std::optional<at::Tensor>& sinks, int64_t max_q_len,
+    int64_t max_pages_per_seq) {
   constexpr const char* op = "paged_attention";
   FC_CHECK(q.dim() == 3, op, ": q must be [total_q, num_q_heads, head_dim], got shape ", q.sizes());
   FC_CHECK(k_cache.dim() == 4, op, ": k_cache must be [num_pages, page_size, num_kv_heads, head_dim], got shape ",
@@ -86,6 +87,16 @@ inline PagedAttentionParams make_paged_attention_params(
               token_counts.numel(), ") must have the same length");
   FC_CHECK(std::isfinite(sm_scale), op, ": sm_scale must be finite, got ", sm_scale);
   FC_CHECK(window >= 0, op, ": sliding_window must be positive (0 = none), got ", window);
+  FC_CHECK(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be a finite number >= 0 (0 = none), got ",
+           softcap);
+  if (sinks.has_value()) {
+    const at::Tensor& s = *sinks;
+    FC_CHECK(s.dim() == 1 && s.numel() == num_q_heads, op, ": sinks must be [num_q_heads=", num_q_heads,
+             "], got shape ", s.sizes());
+    FC_CHECK(s.scalar_type() == at::kFloat, op, ": sinks must be float32, got ", s.scalar_type());
+    FC_CHECK(s.device() == device, op, ": sinks must be on ", device, ", got ", s.device());
+    FC_CHECK(s.is_contiguous(), op, ": sinks must be contiguous");
+  }
   FC_CHECK(max_q_len >= 0, op, ": max_q_len must be >= 0, got ", max_q_len);
   FC_CHECK(max_pages_per_seq >= 0, op, ": max_pages_per_seq must be >= 0, got ", max_pages_per_seq);
   check_fits_int32(q.size(0), op, "total_q");
@@ -115,6 +126,8 @@ inline PagedAttentionParams make_paged_attention_params(
   p.causal = causal;
   p.window = static_cast<int32_t>(window);
   p.sm_scale = static_cast<float>(sm_scale);
+  p.softcap = static_cast<float>(softcap);
+  p.sinks = sinks.has_value() ? sinks->data_ptr<float>() : nullptr;
   p.dtype = dtype;
   p.max_q_len = static_cast<int32_t>(std::min<int64_t>(max_q_len, INT32_MAX));
   p.max_pages_per_seq = static_cast<int32_t>(std::min<int64_t>(max_pages_per_seq, INT32_MAX));

@@ -42,10 +42,12 @@ void check_layout_values_host(const PagedAttentionParams& p, const at::Tensor& r
 std::tuple<at::Tensor, at::Tensor> paged_attention_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& row_offsets,
     const at::Tensor& cols, const at::Tensor& token_counts, const at::Tensor& q_indptr, bool causal, double sm_scale,
-    int64_t window, int64_t max_q_len, int64_t max_pages_per_seq, const std::optional<at::Tensor>& workspace) {
+    int64_t window, double softcap, const std::optional<at::Tensor>& sinks, int64_t max_q_len,
+    int64_t max_pages_per_seq, const std::optional<at::Tensor>& workspace) {
   (void)workspace;  // split-KV partials exist only on the GPU
   PagedAttentionParams p = make_paged_attention_params(q, k_cache, v_cache, row_offsets, cols, token_counts, q_indptr,
-                                                       causal, sm_scale, window, max_q_len, max_pages_per_seq);
+                                                       causal, sm_scale, window, softcap, sinks, max_q_len,
+                                                       max_pages_per_seq);
   check_layout_values_host(p, row_offsets, q_indptr);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
@@ -155,8 +157,8 @@ bool cuda_kernels_support(DType, int64_t, int64_t, int64_t, int64_t, int64_t) { 
 
 TORCH_LIBRARY(flashcore, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor row_offsets, Tensor cols, "
-        "Tensor token_counts, Tensor q_indptr, bool causal, float sm_scale, int window, int max_q_len, "
-        "int max_pages_per_seq, Tensor? workspace) -> (Tensor, Tensor)");
+        "Tensor token_counts, Tensor q_indptr, bool causal, float sm_scale, int window, float softcap, "
+        "Tensor? sinks, int max_q_len, int max_pages_per_seq, Tensor? workspace) -> (Tensor, Tensor)");
   m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
   m.def("build_layout(Tensor token_to_page, Tensor seq_starts, Tensor seq_ends, Tensor page_resident_bitmap, "
         "int page_tokens, int num_pages) -> (Tensor, Tensor, Tensor, Tensor)");

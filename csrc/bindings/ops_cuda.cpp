@@ -23,9 +23,11 @@ const char* dtype_name(DType d) {
 std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& row_offsets,
     const at::Tensor& cols, const at::Tensor& token_counts, const at::Tensor& q_indptr, bool causal, double sm_scale,
-    int64_t window, int64_t max_q_len, int64_t max_pages_per_seq, const std::optional<at::Tensor>& workspace) {
+    int64_t window, double softcap, const std::optional<at::Tensor>& sinks, int64_t max_q_len,
+    int64_t max_pages_per_seq, const std::optional<at::Tensor>& workspace) {
   PagedAttentionParams p = make_paged_attention_params(q, k_cache, v_cache, row_offsets, cols, token_counts, q_indptr,
-                                                       causal, sm_scale, window, max_q_len, max_pages_per_seq);
+                                                       causal, sm_scale, window, softcap, sinks, max_q_len,
+                                                       max_pages_per_seq);
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));

@@ -26,6 +26,10 @@ enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 //   q_indptr     [batch + 1] int32   sequence b's queries are q[q_indptr[b] : q_indptr[b+1]]
 // Positions: with n_k keys and n_q queries in a sequence, key i sits at position i and query i at n_k - n_q + i.
 // causal: key visible iff key_pos <= query_pos; window > 0: also query_pos - key_pos < window.
+// Scores: s = sm_scale * q.k; with softcap > 0, s becomes softcap * tanh(s / softcap) (Gemma 2/3 logit softcapping)
+// before the softmax. sinks (GPT-OSS): a per-query-head logit that joins every row's softmax denominator and
+// contributes no value: out = sum_k exp(s_k) v_k / (sum_k exp(s_k) + exp(sink)); lse includes exp(sink), so a row
+// that sees no key gives zeros and lse = sink.
 struct PagedAttentionParams {
   const void* q = nullptr;
   const void* k_cache = nullptr;
@@ -53,6 +57,8 @@ struct PagedAttentionParams {
   bool causal = true;
   int32_t window = 0;  // <= 0: no sliding window
   float sm_scale = 1.0f;
+  float softcap = 0.0f;            // <= 0: no softcapping
+  const float* sinks = nullptr;    // [num_q_heads] float32 sink logits, or nullptr (none)
   DType dtype = DType::kFloat16;
 
   // Host-known upper bounds used for grid sizing without a device sync. Kernels must stay correct when the real

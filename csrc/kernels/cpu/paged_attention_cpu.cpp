@@ -58,9 +58,10 @@ void paged_attention(const PagedAttentionParams& p, int64_t begin, int64_t end) 
         if (p.causal) hi = std::min<int64_t>(hi, q_pos + 1);
         if (p.window > 0) lo = std::max<int64_t>(lo, q_pos - p.window + 1);
         const int64_t out_base = (token * p.num_q_heads + qh) * D;
+        const float sink = p.sinks ? p.sinks[qh] : -std::numeric_limits<float>::infinity();
         if (lo >= hi) {
           for (int64_t d = 0; d < D; ++d) store_from_float(p.out, out_base + d, 0.f, p.dtype);
-          p.lse[token * p.num_q_heads + qh] = -std::numeric_limits<float>::infinity();
+          p.lse[token * p.num_q_heads + qh] = sink;
           continue;
         }
         const int64_t q_base = token * p.q_stride_token + qh * p.q_stride_head;
@@ -70,11 +71,13 @@ void paged_attention(const PagedAttentionParams& p, int64_t begin, int64_t end) 
           const float* key = keys.data() + k * D;
           float s = 0.f;
           for (int64_t d = 0; d < D; ++d) s += q_row[d] * key[d];
+          if (p.softcap > 0.f) s = p.softcap * std::tanh(s / p.softcap);
           scores[k] = s;
           row_max = std::max(row_max, s);
         }
+        row_max = std::max(row_max, sink);  // the sink joins the denominator only
         std::fill(acc.begin(), acc.end(), 0.f);
-        float denom = 0.f;
+        float denom = p.sinks ? std::exp(sink - row_max) : 0.f;
         for (int64_t k = lo; k < hi; ++k) {
           const float w = std::exp(scores[k] - row_max);
           denom += w;
