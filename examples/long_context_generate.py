@@ -93,12 +93,12 @@ def run(model, implementation: str, input_ids: torch.Tensor, new_tokens: int) ->
     decode_s = streamer.last_token - streamer.first_token
     return {
         "implementation": implementation,
-        "cache": type(out.past_key_values).__name__,
+        "cache": type(getattr(out, flashcore_hf.CACHE_KWARG)).__name__,
         "prefill_s": streamer.first_token - streamer.start,
         "decode_tok_s": (streamer.count - 1) / decode_s if decode_s > 0 else float("nan"),
         "peak_gib": peak_memory_gib(device),
         "tokens": out.sequences[0, input_ids.shape[1]:].cpu(),
-        "cache_obj": out.past_key_values,
+        "cache_obj": getattr(out, flashcore_hf.CACHE_KWARG),
     }
 
 

@@ -39,11 +39,12 @@ import torch
 from .growable import GrowableBuffer
 from .layout import PageLayout
 from .paged_cache import PagedKVCache, _DeviceStep, _StepPlan
+from .patches import CACHE_KWARG
 
 _ENABLED = os.environ.get("FLASHCORE_CUDA_GRAPHS", "1") != "0"
 _MAX_GRAPHS_PER_MODEL = 8
 # Keyword arguments generate() passes to a decode step that the captured forward can stand for.
-_ALLOWED_KWARGS = frozenset({"input_ids", "past_key_values", "attention_mask", "use_cache", "return_dict",
+_ALLOWED_KWARGS = frozenset({"input_ids", CACHE_KWARG, "attention_mask", "use_cache", "return_dict",
                              "position_ids", "logits_to_keep", "output_attentions", "output_hidden_states"})
 
 
@@ -168,7 +169,7 @@ class DecodeGraphRunner:
     # ---- eligibility -------------------------------------------------------------------------------------------
 
     def _eligible(self, kwargs) -> bool:
-        ids, cache = kwargs.get("input_ids"), kwargs.get("past_key_values")
+        ids, cache = kwargs.get("input_ids"), kwargs.get(CACHE_KWARG)
         if not (_ENABLED and self.enabled_for_call and isinstance(cache, PagedKVCache)
                 and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1 and ids.is_cuda):
             return False
@@ -188,7 +189,7 @@ class DecodeGraphRunner:
     # ---- replay and capture ------------------------------------------------------------------------------------
 
     def _replay(self, kwargs):
-        ids, cache = kwargs["input_ids"], kwargs["past_key_values"]
+        ids, cache = kwargs["input_ids"], kwargs[CACHE_KWARG]
         batch, device = ids.shape[0], ids.device
         plan = cache.plan_decode_step(device)          # may grow the pools: part of the key below
         pools = tuple((layer.k_pool.data_ptr(), layer.v_pool.data_ptr(), layer.k_pool.shape[0])
@@ -210,7 +211,7 @@ class DecodeGraphRunner:
         cache.finish_replayed_step(plan)
         self.stats.replays += 1
         # A copy: the graph's output buffer is overwritten by the next replay, while generate() may keep logits.
-        return step.output_type(logits=step.logits.clone(), past_key_values=cache)
+        return step.output_type(logits=step.logits.clone(), **{CACHE_KWARG: cache})
 
     def _capture(self, cache: PagedKVCache, batch: int, plan: _StepPlan, device: torch.device, key) -> _FixedStep:
         torch.cuda.synchronize(device)
@@ -218,8 +219,8 @@ class DecodeGraphRunner:
         step = _FixedStep(batch, batch * plan.max_pages_per_seq, device)
         step.load_noop()
         step.position_ids.fill_(plan.padded_len - 1)
-        forward_kwargs = dict(input_ids=step.input_ids, position_ids=step.position_ids, past_key_values=cache,
-                              use_cache=True, return_dict=True)
+        forward_kwargs = {"input_ids": step.input_ids, "position_ids": step.position_ids, CACHE_KWARG: cache,
+                          "use_cache": True, "return_dict": True}
         # Warm-up outside the capture (library handles, lazy initialisation) on a side stream, as CUDA graphs
         # require; the no-op step reads no page and writes no slot, so the cache is unchanged.
         side = torch.cuda.Stream(device)
@@ -245,6 +246,17 @@ class DecodeGraphRunner:
         return step
 
 
+_MODELS_WITH_RUNNERS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def remove_runners() -> None:
+    """Give every model its own forward back (flashcore_hf.unpatch): no decode step replays a graph afterwards."""
+    for model in list(_MODELS_WITH_RUNNERS):
+        if _runner(model) is not None:
+            del model.forward
+    _MODELS_WITH_RUNNERS.clear()
+
+
 def _runner(model) -> DecodeGraphRunner | None:
     forward = model.__dict__.get("forward")
     return forward if isinstance(forward, DecodeGraphRunner) else None
@@ -268,6 +280,7 @@ def prepare_for_generate(model, generation_config) -> None:
             return
         runner = DecodeGraphRunner(model, model.forward)
         model.forward = runner
+        _MODELS_WITH_RUNNERS.add(model)
     runner.enabled_for_call = not getattr(generation_config, "disable_compile", False)
 
 

@@ -26,11 +26,11 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from .attention import FlashCoreAttention
-from .decode_graphs import pool_arena, prepare_for_generate
+from .decode_graphs import pool_arena, prepare_for_generate, remove_runners
 from .paged_cache import SUPPORTED_LAYER_TYPES, PagedKVCache
 from .padding import stash_padding_mask
 from .sparse.config import SparseConfig
-from .patches import apply_transformers_patches
+from .patches import apply_transformers_patches, remove_transformers_patches
 
 ATTN_IMPLEMENTATION = "flashcore"
 """The name to pass as `attn_implementation`."""
@@ -105,8 +105,8 @@ def set_default_cache_options(*, page_size: int | None = None, num_pages: int | 
 
     page_size (default 64), num_pages (default None: grows on demand), max_num_pages (growth limit), sparse (a
     flashcore_hf.SparseConfig: sparse page selection for decode steps; default None = dense; pass
-    SparseConfig() to return to dense). Pass an explicit `past_key_values=PagedKVCache(...)` to generate() for
-    per-call control. Returns the options in force.
+    SparseConfig() to return to dense). Pass an explicit PagedKVCache to generate() for per-call control
+    (`model.generate(ids, **{flashcore_hf.CACHE_KWARG: PagedKVCache(...)})`). Returns the options in force.
     """
     if page_size is not None:
         if int(page_size) < 1:
@@ -142,7 +142,19 @@ def default_generate_cache(model, generation_config, batch_size: int, max_cache_
 
 
 def register() -> None:
-    """Register "flashcore" in AttentionInterface and AttentionMaskInterface and apply the patches (idempotent)."""
+    """Register "flashcore" in AttentionInterface and AttentionMaskInterface and apply the patches (idempotent; run
+    by `import flashcore_hf`, and again after `unpatch()` to turn flashcore back on)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, flashcore_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flashcore_mask)
     apply_transformers_patches((ATTN_IMPLEMENTATION,), default_generate_cache, prepare_for_generate)
+
+
+def unpatch() -> None:
+    """Undo everything `import flashcore_hf` changed in transformers: the original functions are back, "flashcore" is
+    no longer a registered attention implementation, and models whose decode steps ran through CUDA graphs get
+    their own forward back. Models still set to "flashcore" must be switched first
+    (`model.set_attn_implementation("sdpa")`). `register()` applies everything again."""
+    remove_transformers_patches()
+    for interface in (AttentionInterface, AttentionMaskInterface):
+        interface._global_mapping.pop(ATTN_IMPLEMENTATION, None)
+    remove_runners()

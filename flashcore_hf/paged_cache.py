@@ -22,8 +22,6 @@ from array import array
 from dataclasses import dataclass, field
 
 import torch
-import transformers
-from packaging import version
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .cache_handle import PagedKVHandle
@@ -31,12 +29,10 @@ from .growable import GrowableBuffer
 from .layout import PageLayout
 from .ops import append_kv
 from .padding import take_padding_mask
+from .patches import POSITIVE_CROP_IS_LENGTH
 from .page_allocator import OutOfPagesError, PageAllocator
 from .sparse.config import SparseConfig
 from .sparse.planner import SparseCachePlanner, SparseStepPlan
-
-# transformers < 5.18 reads a positive `crop` argument as the length to keep (deprecated); later versions refuse it.
-_POSITIVE_CROP_IS_LENGTH = version.parse(transformers.__version__).release < (5, 18)
 
 # Layer types whose KV this cache can hold: sliding-window layers keep every token and the attention kernel applies
 # the window, so they are stored like full-attention layers.
@@ -578,7 +574,7 @@ class PagedKVCache(Cache):
         """
         tokens_to_remove = int(tokens_to_remove)
         if tokens_to_remove > 0:
-            if not _POSITIVE_CROP_IS_LENGTH:
+            if not POSITIVE_CROP_IS_LENGTH:
                 raise ValueError(
                     f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
                     "Please use a negative integer to remove that number of tokens from the cache instead.")

@@ -3,18 +3,26 @@
 Shipped as `flashcore_hf.patches` (setup.py package_dir). Nothing here imports flashcore_hf: the integration layer
 passes in what the patches need (the names to accept, the default-cache factory).
 
-Patches (each checks the exact function it wraps and raises RuntimeError if a transformers upgrade changed it):
+Patches (each checks the exact function it wraps before wrapping it; patches/targets.py):
 - flash_name.treat_as_not_flash: transformers >= 5.0 treats every attention name containing "flash" as a
   FlashAttention / Hub-kernel request and refuses "flashcore"; the wrapped check answers False for our names.
 - generate_cache.install_default_cache_factory: `generate()` with no cache argument asks a factory first, so a
   flashcore model gets a PagedKVCache instead of a DynamicCache; an optional hook sees every generate() call
   (flashcore uses it to route decode steps through CUDA graphs).
+
+A patch whose target changed in the installed release does not apply and does not fail the import: its error is
+kept (`failures()`) and raised by a tripwire when a model asks for flashcore. `remove_transformers_patches()` puts
+transformers' original functions back. Version facts live in versions.py.
 """
 from __future__ import annotations
 
-from .flash_name import treat_as_not_flash
-from .generate_cache import install_default_cache_factory
-from .versions import TESTED_MAX, TESTED_MIN, UntestedTransformersWarning, check_transformers_version
+from .flash_name import guard_changed_flash_check, treat_as_not_flash
+from .generate_cache import guard_changed_cache_preparation, install_default_cache_factory
+from .targets import PatchTargetChanged, restore
+from .versions import (CACHE_KWARG, POSITIVE_CROP_IS_LENGTH, TESTED_MAX, TESTED_MIN, UntestedTransformersWarning,
+                       check_transformers_version)
+
+_FAILURES: list[PatchTargetChanged] = []
 
 
 def apply_transformers_patches(attn_names, default_cache_factory, on_generate=None) -> None:
@@ -23,13 +31,38 @@ def apply_transformers_patches(attn_names, default_cache_factory, on_generate=No
     attn_names: attention-implementation names that are not FlashAttention although they contain "flash".
     default_cache_factory: factory(model, generation_config, batch_size, max_cache_length) -> Cache | None.
     on_generate: optional hook(model, generation_config) run at the start of every generate() (cache preparation).
+    A patch whose target changed is recorded in `failures()` and replaced by a tripwire (see module docstring).
     """
     import transformers
 
     check_transformers_version(transformers.__version__)
-    treat_as_not_flash(tuple(attn_names))
-    install_default_cache_factory(default_cache_factory, on_generate)
+    names = tuple(attn_names)
+    _FAILURES.clear()
+    for apply, guard in ((lambda: treat_as_not_flash(names), guard_changed_flash_check),
+                         (lambda: install_default_cache_factory(default_cache_factory, on_generate),
+                          guard_changed_cache_preparation)):
+        try:
+            apply()
+        except PatchTargetChanged as error:
+            _FAILURES.append(error)
+            guard(names, error)
 
 
-__all__ = ["TESTED_MAX", "TESTED_MIN", "UntestedTransformersWarning", "apply_transformers_patches",
-           "check_transformers_version", "install_default_cache_factory", "treat_as_not_flash"]
+def remove_transformers_patches() -> None:
+    """Put back every transformers function the patches (or their tripwires) replaced (idempotent)."""
+    from transformers import modeling_utils
+    from transformers.generation.utils import GenerationMixin
+
+    restore(modeling_utils, "is_flash_attention_requested")
+    restore(GenerationMixin, "_prepare_cache_for_generation")
+    _FAILURES.clear()
+
+
+def failures() -> list[PatchTargetChanged]:
+    """The patches that could not apply to the installed transformers (empty when all applied)."""
+    return list(_FAILURES)
+
+
+__all__ = ["CACHE_KWARG", "POSITIVE_CROP_IS_LENGTH", "PatchTargetChanged", "TESTED_MAX", "TESTED_MIN",
+           "UntestedTransformersWarning", "apply_transformers_patches", "check_transformers_version", "failures",
+           "install_default_cache_factory", "remove_transformers_patches", "treat_as_not_flash"]

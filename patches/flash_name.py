@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import functools
 
-from .targets import checked_target
+from .targets import PatchTargetChanged, checked_target, install, install_tripwire
 
 EXPECTED_PARAMETERS = ("config", "requested_attention_implementation", "version")
-"""Signature of `is_flash_attention_requested` in transformers 5.0 .. 5.23 (checked before wrapping)."""
+"""Signature of `is_flash_attention_requested` the patch was written against (patches/versions.py: tested range)."""
 
 NOT_PATCHED = {
     "transformers.generation.utils": (
@@ -46,8 +46,8 @@ NOT_PATCHED = {
 def treat_as_not_flash(names: tuple[str, ...] | list[str]) -> None:
     """Make transformers' attention-implementation resolution treat `names` as non-FlashAttention names.
 
-    Idempotent: a second call only extends the set of names. Raises RuntimeError if the wrapped function is missing
-    or has a different signature (a transformers upgrade changed what this patch relies on).
+    Idempotent: a second call only extends the set of names. Raises PatchTargetChanged if the wrapped function is
+    missing or has a different signature (a transformers upgrade changed what this patch relies on).
     """
     from transformers import modeling_utils
 
@@ -56,10 +56,8 @@ def treat_as_not_flash(names: tuple[str, ...] | list[str]) -> None:
     if wrapped_names is not None:
         wrapped_names.update(names)
         return
-    checked_target(modeling_utils, "is_flash_attention_requested", EXPECTED_PARAMETERS,
-                   "transformers.modeling_utils.is_flash_attention_requested", "patches/flash_name.py",
-                   "transformers.modeling_utils no longer imports is_flash_attention_requested")
-    original = current
+    original = checked_target(modeling_utils, "is_flash_attention_requested", EXPECTED_PARAMETERS,
+                              "transformers.modeling_utils.is_flash_attention_requested", "patches/flash_name.py")
     not_flash = set(names)
 
     @functools.wraps(original)
@@ -73,5 +71,21 @@ def treat_as_not_flash(names: tuple[str, ...] | list[str]) -> None:
                         version=version)
 
     is_flash_attention_requested.__flashcore_not_flash__ = not_flash
-    is_flash_attention_requested.__flashcore_original__ = original
-    modeling_utils.is_flash_attention_requested = is_flash_attention_requested
+    install(modeling_utils, "is_flash_attention_requested", is_flash_attention_requested, original)
+
+
+def guard_changed_flash_check(names: tuple[str, ...] | list[str], error: PatchTargetChanged) -> None:
+    """The patch could not apply: make the changed check raise `error` whenever one of `names` is asked for (by
+    name or through a config), so the user learns what changed instead of transformers' Hub-kernel error."""
+    from transformers import modeling_utils
+
+    wanted = set(names)
+
+    def asks_for_flashcore(*args, **kwargs) -> bool:
+        for value in (*args, *kwargs.values()):
+            name = getattr(value, "_attn_implementation", value)
+            if isinstance(name, str) and name in wanted:
+                return True
+        return False
+
+    install_tripwire(modeling_utils, "is_flash_attention_requested", asks_for_flashcore, error)

@@ -14,6 +14,7 @@ from transformers import (AutoModelForCausalLM, DynamicCache, LlamaConfig, Mistr
                           StaticCache)
 
 import flashcore_hf
+from flashcore_hf import CACHE_KWARG
 from flashcore_hf import FlashCoreAttention, FlashCoreFallbackWarning, PagedKVCache, PageLayout
 from flashcore_hf import attention as attention_module
 from flashcore_hf.attention import sdpa_from_pages
@@ -95,7 +96,7 @@ def test_logits_match_eager_padded_batch(family):
                 out = model(ids_, attention_mask=mask_, use_cache=use_cache).logits[valid]
                 assert rel_err(out, ref) < 1e-4, (family, use_cache)
         cache = PagedKVCache(model.config, page_size=4)
-        out = model(ids, attention_mask=mask, past_key_values=cache).logits[mask.bool()]
+        out = model(ids, attention_mask=mask, **{CACHE_KWARG: cache}).logits[mask.bool()]
         ref = eager(ids, attention_mask=mask).logits[mask.bool()]
         assert rel_err(out, ref) < 1e-4
 
@@ -106,11 +107,11 @@ def test_prefill_then_decode_logits_through_paged_cache():
     step = torch.randint(1, VOCAB, (3, 3))
     paged, dense = PagedKVCache(model.config, page_size=4), DynamicCache(config=eager.config)
     with torch.no_grad():
-        model(ids, attention_mask=mask, past_key_values=paged)
-        eager(ids, attention_mask=mask, past_key_values=dense)
+        model(ids, attention_mask=mask, **{CACHE_KWARG: paged})
+        eager(ids, attention_mask=mask, **{CACHE_KWARG: dense})
         full_mask = torch.cat([mask, torch.ones_like(step)], dim=1)
-        out = model(step, attention_mask=full_mask, past_key_values=paged).logits
-        ref = eager(step, attention_mask=full_mask, past_key_values=dense).logits
+        out = model(step, attention_mask=full_mask, **{CACHE_KWARG: paged}).logits
+        ref = eager(step, attention_mask=full_mask, **{CACHE_KWARG: dense}).logits
     assert rel_err(out, ref) < 1e-4
 
 
@@ -122,10 +123,10 @@ def test_static_cache_forward_without_mask():
     step = torch.randint(1, VOCAB, (2, 1))
     static, dense = StaticCache(config=model.config, max_cache_len=32), DynamicCache(config=eager.config)
     with torch.no_grad():
-        first = model(ids, past_key_values=static).logits
-        assert rel_err(first, eager(ids, past_key_values=dense).logits) < 1e-4
-        out = model(step, past_key_values=static).logits
-        ref = eager(step, past_key_values=dense).logits
+        first = model(ids, **{CACHE_KWARG: static}).logits
+        assert rel_err(first, eager(ids, **{CACHE_KWARG: dense}).logits) < 1e-4
+        out = model(step, **{CACHE_KWARG: static}).logits
+        ref = eager(step, **{CACHE_KWARG: dense}).logits
     assert rel_err(out, ref) < 1e-4
 
 
@@ -150,10 +151,10 @@ def test_mask_function_never_builds_a_dense_mask():
     ids, mask = left_padded([6, 3])
     embeds = model.get_input_embeddings()(ids)
     built = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=mask,
-                               past_key_values=None, position_ids=torch.arange(6)[None])
+                               **{CACHE_KWARG: None}, position_ids=torch.arange(6)[None])
     assert built.shape == (2, 6) and built.dtype == torch.bool
     full = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=torch.ones_like(mask),
-                              past_key_values=None, position_ids=torch.arange(6)[None])
+                              **{CACHE_KWARG: None}, position_ids=torch.arange(6)[None])
     assert full.shape == (2, 6) and bool(full.all())
 
 
@@ -165,11 +166,11 @@ def test_greedy_left_padded_matches_eager(family, default_page_size):
     model, eager = model_pair(family)
     ids, mask = left_padded([23, 7, 15], seed=3)
     ref = greedy(eager, ids, mask)
-    explicit = greedy(model, ids, mask, past_key_values=PagedKVCache(model.config, page_size=4))
+    explicit = greedy(model, ids, mask, **{CACHE_KWARG: PagedKVCache(model.config, page_size=4)})
     assert torch.equal(explicit, ref)
     default_page_size(4)
     out = greedy(model, ids, mask, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, PagedKVCache) and out.past_key_values.page_size == 4
+    assert isinstance(getattr(out, CACHE_KWARG), PagedKVCache) and getattr(out, CACHE_KWARG).page_size == 4
     assert torch.equal(out.sequences, ref)
 
 
@@ -177,7 +178,7 @@ def test_greedy_left_padded_matches_eager(family, default_page_size):
 def test_greedy_with_transformers_caches(cache):
     model, eager = model_pair("qwen2")
     ids, mask = left_padded([12, 5], seed=4)
-    kwargs = {"dynamic": lambda: {"past_key_values": DynamicCache(config=model.config)},
+    kwargs = {"dynamic": lambda: {CACHE_KWARG: DynamicCache(config=model.config)},
               "static": lambda: {"cache_implementation": "static"},
               "no_cache": lambda: {"use_cache": False}}[cache]
     assert torch.equal(greedy(model, ids, mask, **kwargs()), greedy(eager, ids, mask, **kwargs()))
@@ -305,7 +306,7 @@ def test_fallback_matches_kernel_with_one_warning(monkeypatch):
     ids, mask = left_padded([13, 6], seed=10)
     with torch.no_grad():
         kernel_dense = model(ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
-        kernel_paged = greedy(model, ids, mask, new_tokens=8, past_key_values=PagedKVCache(model.config, page_size=4))
+        kernel_paged = greedy(model, ids, mask, new_tokens=8, **{CACHE_KWARG: PagedKVCache(model.config, page_size=4)})
     monkeypatch.setattr(attention_module, "kernel_supports", lambda *args: False)
     monkeypatch.setattr(flashcore_hf.integration._ATTENTION, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
@@ -313,7 +314,7 @@ def test_fallback_matches_kernel_with_one_warning(monkeypatch):
         with torch.no_grad():
             fallback_dense = model(ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
             fallback_paged = greedy(model, ids, mask, new_tokens=8,
-                                    past_key_values=PagedKVCache(model.config, page_size=4))
+                                    **{CACHE_KWARG: PagedKVCache(model.config, page_size=4)})
     assert rel_err(fallback_dense, kernel_dense) < 1e-5
     assert torch.equal(fallback_paged, kernel_paged)
     fallback_warnings = [w for w in caught if issubclass(w.category, FlashCoreFallbackWarning)]

@@ -13,6 +13,7 @@ from transformers.generation.utils import GenerationMixin
 from transformers.utils import generic
 
 import flashcore_hf
+from flashcore_hf import CACHE_KWARG
 from flashcore_hf import PagedKVCache, patches
 from flashcore_hf.patches import flash_name, generate_cache
 
@@ -73,7 +74,7 @@ def test_changed_target_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="changed signature"):
         flash_name.treat_as_not_flash(("flashcore",))
     monkeypatch.delattr(modeling_utils, "is_flash_attention_requested")
-    with pytest.raises(RuntimeError, match="no longer imports"):
+    with pytest.raises(patches.PatchTargetChanged, match="is_flash_attention_requested is gone"):
         flash_name.treat_as_not_flash(("flashcore",))
 
 
@@ -104,14 +105,14 @@ def test_generate_default_cache_choice():
     def cache_of(m, **kwargs):
         with torch.no_grad():
             out = m.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, **kwargs)
-        return out.past_key_values
+        return getattr(out, CACHE_KWARG)
 
     assert isinstance(cache_of(model), PagedKVCache)
     assert type(cache_of(model, cache_implementation="dynamic")) is DynamicCache  # an explicit choice wins
     assert cache_of(model, use_cache=False) is None
     assert type(cache_of(tiny("sdpa"))) is DynamicCache                             # other implementations
     explicit = DynamicCache(config=model.config)
-    assert cache_of(model, past_key_values=explicit) is explicit
+    assert cache_of(model, **{CACHE_KWARG: explicit}) is explicit
 
 
 def test_static_cache_generate_keeps_the_mask_for_flash_names():
@@ -126,17 +127,13 @@ def test_static_cache_generate_keeps_the_mask_for_flash_names():
     assert torch.equal(out, ref)
 
 
-# ---- version guard --------------------------------------------------------------------------------------------
-
-def test_installed_version_is_in_the_tested_range():
-    version = patches.check_transformers_version(transformers.__version__)
-    assert patches.TESTED_MIN <= version and version.release[:2] <= patches.TESTED_MAX.release[:2]
-
+# ---- version policy ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("version, outcome", [
-    ("4.57.6", "error"), ("5.10.0", "warn"), ("5.17.0", "ok"), ("5.23.2", "ok"), ("5.24.0.dev0", "warn"),
-    ("6.0.0", "warn")])
+    ("4.57.6", "error"), ("5.10.0", "warn"), ("5.17.0", "ok"), (f"{patches.TESTED_MAX.major}.{patches.TESTED_MAX.minor}.3",
+                                                              "ok"), ("99.0.0", "warn")])
 def test_version_guard(version, outcome):
+    """Releases outside the tested range warn (newer ones are never an error); only pre-5.0 is refused."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if outcome == "error":
@@ -146,3 +143,125 @@ def test_version_guard(version, outcome):
         patches.check_transformers_version(version)
     untested = [w for w in caught if issubclass(w.category, patches.UntestedTransformersWarning)]
     assert len(untested) == (1 if outcome == "warn" else 0)
+
+
+def test_every_patch_applied():
+    assert patches.failures() == []
+
+
+def test_cache_kwarg_is_what_generate_uses():
+    """CACHE_KWARG is the name generate() puts the cache under for the model (the one the installed release uses)."""
+    seen = {}
+    model = tiny()
+    original = model.prepare_inputs_for_generation
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    model.prepare_inputs_for_generation = spy
+    with torch.no_grad():
+        model.generate(torch.randint(1, 128, (1, 4)), max_new_tokens=2, do_sample=False)
+    assert isinstance(seen.get(CACHE_KWARG), PagedKVCache)
+
+
+def _deprecations(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))
+            and ("cache" in str(w.message) or "past_key_values" in str(w.message))]
+
+
+def test_no_deprecation_warnings_on_our_paths():
+    """generate() with the default PagedKVCache, an explicit one, and a forward with the cache: no cache-name
+    deprecation warning from our code (stock sdpa emits none either)."""
+    model, ids = tiny(), torch.randint(1, 128, (2, 5))
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        cache = getattr(out, CACHE_KWARG)
+        model.generate(ids, max_new_tokens=3, do_sample=False, **{CACHE_KWARG: PagedKVCache(model.config)})
+        model(ids, **{CACHE_KWARG: PagedKVCache(model.config)})
+    assert isinstance(cache, PagedKVCache)
+    assert _deprecations(caught) == []
+
+
+# ---- a transformers release that changed a patched function ---------------------------------------------------
+
+@pytest.fixture
+def changed_transformers(monkeypatch):
+    """Both patched functions replaced by versions with another signature, then flashcore registered again; the
+    real patches come back afterwards."""
+    def is_flash_attention_requested(config=None, requested_attention_implementation=None, version=None,
+                                     new_argument=None):
+        return generic.is_flash_attention_requested(config, requested_attention_implementation, version)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length, new_argument=None):
+        return original_prepare(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+
+    original_prepare = GenerationMixin._prepare_cache_for_generation.__flashcore_original__
+    flashcore_hf.unpatch()
+    monkeypatch.setattr(modeling_utils, "is_flash_attention_requested", is_flash_attention_requested)
+    monkeypatch.setattr(GenerationMixin, "_prepare_cache_for_generation", _prepare_cache_for_generation)
+    flashcore_hf.register()
+    yield
+    flashcore_hf.unpatch()
+    monkeypatch.undo()
+    flashcore_hf.register()
+    assert patches.failures() == []
+
+
+def test_changed_target_keeps_import_and_ops_working(changed_transformers):
+    assert {type(e) for e in patches.failures()} == {patches.PatchTargetChanged}
+    q, k = torch.randn(3, 2, 8), torch.randn(2, 4, 1, 8)
+    layout = flashcore_hf.PageLayout(*(torch.tensor(x, dtype=torch.int32) for x in ([0, 2], [0, 1], [4, 3], [-1, -1])))
+    out = flashcore_hf.paged_attention(q, k, k, layout, torch.tensor([0, 3], dtype=torch.int32))
+    assert torch.isfinite(out).all()
+    tiny("sdpa")                                                           # other implementations are unaffected
+
+
+def test_changed_target_is_reported_when_flashcore_is_asked_for(changed_transformers):
+    with pytest.raises(patches.PatchTargetChanged, match="is_flash_attention_requested.*changed signature"):
+        tiny("flashcore")
+    model = tiny("sdpa")
+    with torch.no_grad():
+        model.generate(torch.randint(1, 128, (1, 4)), max_new_tokens=2, do_sample=False)   # stock generate works
+    model.config._attn_implementation = "flashcore"    # as if the name check had let it through
+    with pytest.raises(patches.PatchTargetChanged, match="_prepare_cache_for_generation.*changed signature"):
+        model.generate(torch.randint(1, 128, (1, 4)), max_new_tokens=2, do_sample=False)
+
+
+# ---- unpatch ---------------------------------------------------------------------------------------------------
+
+def test_unpatch_restores_stock_transformers():
+    flash_check = modeling_utils.is_flash_attention_requested
+    prepare = GenerationMixin._prepare_cache_for_generation
+    graphs_model = tiny()
+    try:
+        flashcore_hf.unpatch()
+        assert modeling_utils.is_flash_attention_requested is generic.is_flash_attention_requested
+        assert not hasattr(GenerationMixin._prepare_cache_for_generation, "__flashcore_original__")
+        assert "flashcore" not in transformers.AttentionInterface._global_mapping
+        with pytest.raises(ValueError, match="flash"):
+            tiny("flashcore")                                            # what stock transformers says
+        model, stock_ids = tiny("sdpa"), torch.randint(1, 128, (2, 5))
+        with torch.no_grad():
+            out = model.generate(stock_ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        assert type(getattr(out, CACHE_KWARG)) is DynamicCache
+        assert "forward" not in vars(graphs_model)
+    finally:
+        flashcore_hf.register()
+    assert modeling_utils.is_flash_attention_requested is not generic.is_flash_attention_requested
+    assert modeling_utils.is_flash_attention_requested.__flashcore_original__ is flash_check.__flashcore_original__
+    assert GenerationMixin._prepare_cache_for_generation.__flashcore_original__ is prepare.__flashcore_original__
+    assert isinstance(getattr(tiny().generate(torch.randint(1, 128, (1, 3)), max_new_tokens=1,
+                                              return_dict_in_generate=True), CACHE_KWARG), PagedKVCache)
+
+
+def test_pyproject_floor_is_the_tested_minimum():
+    """pyproject.toml's transformers floor is the release CI runs the suite on (patches/versions.py TESTED_MIN)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+    floor = re.search(r'"transformers>=([\d.]+)"', text).group(1)
+    assert patches.versions.TESTED_MIN.release[:len(floor.split("."))] == tuple(int(x) for x in floor.split("."))

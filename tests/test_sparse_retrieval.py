@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 import flashcore_hf as fc
+from flashcore_hf import CACHE_KWARG
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "tests" / "data" / "retrieval_llama"
@@ -58,10 +59,10 @@ def answer_logits(model, tokens, answers, sparse: fc.SparseConfig | None):
     """Prefill BOS + records + SEP densely, then decode: step j feeds [a_{j-1}, k_j] (the previous answer, teacher
     forced, and the next key; k_1 alone). Returns the logits after each k_j: [B, len(answers), vocab]."""
     cache = fc.PagedKVCache(model.config, page_size=PAGE_SIZE, sparse=sparse)
-    model(tokens[:, :CONTEXT_TOKENS], past_key_values=cache)
+    model(tokens[:, :CONTEXT_TOKENS], **{CACHE_KWARG: cache})
     logits, start = [], CONTEXT_TOKENS
     for column in answers.tolist():
-        logits.append(model(tokens[:, start:column], past_key_values=cache).logits[:, -1])
+        logits.append(model(tokens[:, start:column], **{CACHE_KWARG: cache}).logits[:, -1])
         start = column
     return torch.stack(logits, dim=1)
 
@@ -105,7 +106,7 @@ def test_budget_covering_the_context_is_exactly_dense(model, prompts):
 
 @torch.no_grad()
 def test_generate_uses_the_policy_explicit_cache_and_default_options(model, prompts):
-    """generate() decodes through the sparse policy both with past_key_values=PagedKVCache(..., sparse=...) and with
+    """generate() decodes through the sparse policy both with an explicit PagedKVCache(..., sparse=...) and with
     the automatic cache configured by set_default_cache_options(sparse=...); both agree with the manual decode."""
     tokens, answers = prompts
     config = sparse_config("topk", 8)
@@ -113,8 +114,8 @@ def test_generate_uses_the_policy_explicit_cache_and_default_options(model, prom
     manual = answer_logits(model, tokens[:8], answers[:1], config)[:, 0].argmax(-1)
 
     cache = fc.PagedKVCache(model.config, page_size=PAGE_SIZE, sparse=config)
-    model(prompt[:, :CONTEXT_TOKENS], past_key_values=cache)          # dense prefill; generate decodes the key
-    out = model.generate(prompt, past_key_values=cache, max_new_tokens=1, do_sample=False)
+    model(prompt[:, :CONTEXT_TOKENS], **{CACHE_KWARG: cache})          # dense prefill; generate decodes the key
+    out = model.generate(prompt, **{CACHE_KWARG: cache}, max_new_tokens=1, do_sample=False)
     assert torch.equal(out[:, -1], manual)
 
     previous = fc.set_default_cache_options()
@@ -122,6 +123,6 @@ def test_generate_uses_the_policy_explicit_cache_and_default_options(model, prom
         fc.set_default_cache_options(page_size=PAGE_SIZE, sparse=config)
         generated = model.generate(prompt[:, :CONTEXT_TOKENS], max_new_tokens=2, do_sample=False,
                                    return_dict_in_generate=True)
-        assert generated.past_key_values.sparse == config
+        assert getattr(generated, CACHE_KWARG).sparse == config
     finally:
         fc.set_default_cache_options(page_size=previous["page_size"], sparse=previous["sparse"] or fc.SparseConfig())

@@ -7,7 +7,7 @@
     sparse = fc.SparseConfig(policy="topk", token_budget=4096)            # sinks, recent pages, dense layers: defaults
 
     # 1. per call: pass the cache
-    model.generate(ids, past_key_values=fc.PagedKVCache(model.config, sparse=sparse), max_new_tokens=256)
+    model.generate(ids, **{fc.CACHE_KWARG: fc.PagedKVCache(model.config, sparse=sparse)}, max_new_tokens=256)
 
     # 2. process-wide: the cache generate() builds by itself for attn_implementation="flashcore" models
     fc.set_default_cache_options(sparse=sparse)

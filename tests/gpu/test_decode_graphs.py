@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import flashcore_hf as fc
+from flashcore_hf import CACHE_KWARG
 from tests.gpu.conftest import SMALL_VOCAB
 
 pytestmark = pytest.mark.gpu
@@ -62,10 +63,10 @@ def test_pool_growth_mid_decode_recaptures(model, generator):
     """An explicit growable cache without a length hint grows while decoding; graphs are re-captured."""
     ids, mask = left_padded([30, 64], generator)
     eager = generate(model, ids, mask, graphs=False, max_new_tokens=150,
-                     past_key_values=fc.PagedKVCache(model.config, page_size=16))
+                     **{CACHE_KWARG: fc.PagedKVCache(model.config, page_size=16)})
     cache = fc.PagedKVCache(model.config, page_size=16)
     captures = fc.decode_graph_stats(model).captures
-    graphed = generate(model, ids, mask, graphs=True, max_new_tokens=150, past_key_values=cache)
+    graphed = generate(model, ids, mask, graphs=True, max_new_tokens=150, **{CACHE_KWARG: cache})
     assert fc.decode_graph_stats(model).captures >= captures + 2       # first capture + at least one growth
     assert torch.equal(eager, graphed)
 

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import flashcore_hf  # noqa: F401  (registers "flashcore")
+from flashcore_hf import CACHE_KWARG
 from flashcore_hf import PagedKVCache
 
 pytestmark = pytest.mark.gpu
@@ -57,7 +58,7 @@ def test_logits_vs_sdpa(model):
     del reference
     sdpa = forward_logits(model, "sdpa", ids, mask, use_cache=False)[valid]
     for cache in (None, "paged"):
-        kwargs = {"use_cache": False} if cache is None else {"past_key_values": PagedKVCache(model.config)}
+        kwargs = {"use_cache": False} if cache is None else {CACHE_KWARG: PagedKVCache(model.config)}
         fc = forward_logits(model, "flashcore", ids, mask, **kwargs)[valid]
         err_fc, err_sdpa = (fc - ref).abs().max().item(), (sdpa - ref).abs().max().item()
         print(f"max |logit - fp32|: flashcore ({cache or 'dense'}) {err_fc:.4f}, sdpa {err_sdpa:.4f}")
@@ -85,7 +86,7 @@ def test_greedy_agrees_with_sdpa(model):
     ids, mask = left_padded(lengths, LLAMA_1B["vocab_size"], seed=2)
     runs = {name: _greedy(model, name, ids, mask) for name in ("sdpa", "flashcore", "eager")}
     model.set_attn_implementation("flashcore")
-    assert isinstance(runs["flashcore"].past_key_values, PagedKVCache)
+    assert isinstance(getattr(runs["flashcore"], CACHE_KWARG), PagedKVCache)
     agreed = _agreement(runs["flashcore"], runs["sdpa"], ids.shape[1])
     baseline = _agreement(runs["eager"], runs["sdpa"], ids.shape[1])
     print(f"greedy agreement with sdpa (tokens before the first difference, of 64): flashcore {agreed} "
@@ -113,7 +114,7 @@ def test_long_prompt_32k(model):
                              return_dict_in_generate=True)
     first = out.logits[0][0].float()
     print(f"32K prompt: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
-          f"cache {out.past_key_values.stats()}")
+          f"cache {getattr(out, CACHE_KWARG).stats()}")
     assert torch.isfinite(first).all() and out.sequences.shape == (1, 32768 + 8)
     ref = forward_logits(model, "sdpa", ids, None, use_cache=False, logits_to_keep=1)[0, -1]
     cosine = torch.nn.functional.cosine_similarity(first, ref, dim=0).item()
@@ -138,7 +139,7 @@ def test_device_map_split_over_two_gpus(tmp_path):
                              return_dict_in_generate=True)
         split.set_attn_implementation("sdpa")
         ref = split.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_KWARG)
     assert isinstance(cache, PagedKVCache)
     assert {layer.k_pool.device.index for layer in cache.layers} == {0, 1}
     agreed = (out.sequences == ref).all(1).float().mean().item()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import flashcore_hf as fc
+from flashcore_hf import CACHE_KWARG
 from tests.gpu.conftest import SMALL_VOCAB
 
 pytestmark = pytest.mark.gpu
@@ -20,7 +21,7 @@ def _generate(model, ids, cache, graphs, **kwargs):
     fc.set_cuda_graphs(graphs)
     try:
         with torch.no_grad():
-            return model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=cache,
+            return model.generate(ids, max_new_tokens=24, do_sample=False, **{CACHE_KWARG: cache},
                                   return_dict_in_generate=True, output_logits=True, **kwargs)
     finally:
         fc.set_cuda_graphs(True)
