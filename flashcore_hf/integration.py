@@ -14,8 +14,9 @@ Unsupported uses fail loudly instead of computing something else:
 - training: RuntimeError for a forward with gradients enabled on a model in training mode, or with attention dropout
   (inference only). A forward with gradients enabled in eval mode runs (eval scripts often skip no_grad), and a
   backward through the attention raises.
-- transformers' continuous batching (`generate_batch`, `cache=` kwarg) and chunked attention
-  (`attention_chunk_size`, Llama 4): NotImplementedError.
+- transformers' continuous batching (`generate_batch`), chunked attention (`attention_chunk_size`, Llama 4) and every
+  attention kwarg flashcore does not implement (attention_kwargs.py: refused and unknown names): NotImplementedError
+  naming the feature and the model.
 - custom 4-D masks / BlockMask: ValueError.
 - a dtype or head dim the CUDA kernels lack (e.g. float32 on CUDA): not an error; a one-time
   FlashCoreFallbackWarning and torch SDPA on K/V gathered from the pages (see attention.py).
@@ -26,6 +27,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from .attention import FlashCoreAttention
+from .attention_kwargs import check_attention_kwargs
 from .decode_graphs import pool_arena, prepare_for_generate, remove_runners
 from .paged_cache import SUPPORTED_LAYER_TYPES, PagedKVCache
 from .padding import stash_padding_mask
@@ -46,14 +48,16 @@ def flashcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     """transformers attention function: (out [B, S, Hq, D], None).
 
     query [B, Hq, S, D]; key/value: what the cache's update returned (dense [B, Hkv, S_kv, D] or a PagedKVHandle);
-    attention_mask: what `flashcore_mask` built (None or 2-D). kwargs: position_ids, cu_seq_lens_q (packed
-    sequences without a cache), output_attentions, cache (continuous batching, refused).
+    attention_mask: what `flashcore_mask` built (None or 2-D). kwargs: classified in attention_kwargs.py (anything
+    refused or unknown raises NotImplementedError naming it and the model before any work).
     """
     config = getattr(module, "config", None)
-    if kwargs.get("cache") is not None:
-        raise NotImplementedError(
-            "flashcore does not implement transformers' continuous-batching protocol (generate_batch / the cache= "
-            "kwarg); use model.generate(...), which runs flashcore on a PagedKVCache.")
+    cu_seq_lens_q = kwargs.get("cu_seq_lens_q")
+    cu_seq_lens_k = kwargs.get("cu_seq_lens_k")
+    if cu_seq_lens_k is not None and cu_seq_lens_q is not None and (
+            cu_seq_lens_k is cu_seq_lens_q or torch.equal(cu_seq_lens_k, cu_seq_lens_q)):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("cu_seq_lens_k", "max_length_k")}  # packed, no cache
+    check_attention_kwargs(module, kwargs)
     if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
         raise ValueError(
             "flashcore never materializes attention weights, so output_attentions=True is not supported; call "
