@@ -32,7 +32,7 @@ import os
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,12 +60,18 @@ def cuda_graphs_enabled() -> bool:
 
 @dataclass
 class DecodeGraphStats:
-    """What the graph runner of one model did: captures (and their seconds), replays, decode steps run eagerly."""
+    """What the graph runner of one model did: captures (and their seconds), replays, decode steps run eagerly and
+    why (eager_reasons: reason -> steps)."""
 
     captures: int = 0
     capture_seconds: float = 0.0
     replays: int = 0
     eager_decode_steps: int = 0
+    eager_reasons: dict[str, int] = field(default_factory=dict)
+
+    def count_eager(self, reason: str) -> None:
+        self.eager_decode_steps += 1
+        self.eager_reasons[reason] = self.eager_reasons.get(reason, 0) + 1
 
 
 class PoolArena:
@@ -169,32 +175,43 @@ class DecodeGraphRunner:
     # ---- eligibility -------------------------------------------------------------------------------------------
 
     def _eligible(self, kwargs) -> bool:
+        """Whether this forward is a decode step to replay. A one-token step over a PagedKVCache on CUDA that cannot
+        be replayed runs eagerly and its reason is counted in stats.eager_reasons."""
         ids, cache = kwargs.get("input_ids"), kwargs.get(CACHE_KWARG)
         if not (_ENABLED and self.enabled_for_call and isinstance(cache, PagedKVCache)
                 and isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] == 1 and ids.is_cuda):
             return False
-        model = self._model()
-        decode_step = (model is not None and model.config._attn_implementation == "flashcore"
-                       and not torch.is_grad_enabled() and not torch.cuda.is_current_stream_capturing()
-                       and _ALLOWED_KWARGS.issuperset(kwargs) and kwargs.get("use_cache") is not False
-                       and not kwargs.get("output_attentions") and not kwargs.get("output_hidden_states")
-                       and kwargs.get("logits_to_keep") in (None, 0, 1))
-        if not decode_step:
+        if torch.cuda.is_current_stream_capturing():   # our own capture's forward
             return False
-        if not cache.supports_fixed_decode_step(ids.shape[0], ids.device):
-            self.stats.eager_decode_steps += 1
+        blocker = self._decode_step_blocker(kwargs) or cache.fixed_decode_step_blocker(ids.shape[0], ids.device)
+        if blocker is not None:
+            self.stats.count_eager(blocker)
             return False
         return True
+
+    def _decode_step_blocker(self, kwargs) -> str | None:
+        """Why a one-token forward is not a plain decode step a captured graph stands for (None: it is)."""
+        model = self._model()
+        if model is None or model.config._attn_implementation != "flashcore":
+            return "the model's attention implementation is not flashcore"
+        if torch.is_grad_enabled():
+            return "gradients are enabled"
+        unknown = sorted(set(kwargs) - _ALLOWED_KWARGS)
+        if unknown:
+            return f"forward kwargs a graph does not cover: {unknown}"
+        if kwargs.get("use_cache") is False or kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            return "use_cache=False, output_attentions or output_hidden_states"
+        if kwargs.get("logits_to_keep") not in (None, 0, 1):
+            return "logits_to_keep > 1"
+        return None
 
     # ---- replay and capture ------------------------------------------------------------------------------------
 
     def _replay(self, kwargs):
         ids, cache = kwargs["input_ids"], kwargs[CACHE_KWARG]
         batch, device = ids.shape[0], ids.device
-        plan = cache.plan_decode_step(device)          # may grow the pools: part of the key below
-        pools = tuple((layer.k_pool.data_ptr(), layer.v_pool.data_ptr(), layer.k_pool.shape[0])
-                      for layer in cache.layers)
-        key = (batch, plan.max_pages_per_seq, pools, cache.sparse)
+        plan = cache.plan_decode_step(device)          # may grow the pools (and bounds): part of the key below
+        key = (batch, plan.max_pages_per_seq, cache.device_buffers(), cache.sparse)
         step = self._graphs.get(key)
         if step is None:
             step = self._capture(cache, batch, plan, device, key)

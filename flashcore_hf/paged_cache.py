@@ -459,8 +459,11 @@ class PagedKVCache(Cache):
         error = None
         for attempt in dict.fromkeys((target, capacity + shortfall)):  # try generous growth, then the minimum
             try:
-                for layer in pooled:
-                    layer.grow(attempt)
+                for layer_idx, layer in enumerate(self.layers):
+                    if layer.k_pool is not None:
+                        layer.grow(attempt)
+                        if self._sparse is not None:
+                            self._sparse.fit_summaries(layer_idx, layer.k_pool)
             except (RuntimeError, MemoryError) as err:  # pools grown so far stay larger than needed: harmless
                 error = err
                 continue
@@ -519,15 +522,25 @@ class PagedKVCache(Cache):
         rows = layer._k_buffer.reserved_bytes // layer.page_bytes + 1
         return self._new_pool_buffer(layer_idx, "key_bounds", device, rows * row_bytes)
 
-    def supports_fixed_decode_step(self, batch_size: int, device: torch.device) -> bool:
-        """Whether a decode step of `batch_size` rows can run from fixed device buffers (a CUDA-graph replay): the
-        rows all hold tokens (no padding left to decide), every layer has its pools on `device`, and a sparse policy's
-        per-page key bounds have stable addresses (they come from the pool arena, like the pools)."""
-        if len(self._rows) != batch_size or (self._sparse is not None and self._arena is None):
-            return False
+    def fixed_decode_step_blocker(self, batch_size: int, device: torch.device) -> str | None:
+        """Why a decode step of `batch_size` rows cannot run from fixed device buffers (a CUDA-graph replay), or None
+        when it can: the rows all hold tokens (no padding left to decide) and every layer has its pools on
+        `device`. (Pools and page key bounds keep their addresses while they grow, or are re-keyed: device_buffers.)"""
+        if len(self._rows) != batch_size:
+            return f"the cache holds {len(self._rows)} rows for a batch of {batch_size}"
         if any(self.allocator.length(r) == 0 for r in self._rows):
-            return False
-        return all(layer.k_pool is not None and layer.k_pool.device == device for layer in self.layers)
+            return "a row holds no token yet"
+        if not all(layer.k_pool is not None and layer.k_pool.device == device for layer in self.layers):
+            return f"not every layer's pools are on {device}"
+        return None
+
+    def device_buffers(self) -> tuple[tuple[int, int], ...]:
+        """(address, bytes) of every device buffer a captured decode step reads or writes besides its own inputs:
+        each layer's pools and, with sparse selection, its page key bounds. A replay is valid only for these."""
+        tensors = [t for layer in self.layers for t in (layer.k_pool, layer.v_pool) if t is not None]
+        if self._sparse is not None:
+            tensors += self._sparse.device_buffers()
+        return tuple((t.data_ptr(), t.numel() * t.element_size()) for t in tensors)
 
     def plan_decode_step(self, device: torch.device) -> _StepPlan:
         """Host half of a decode step (one new token per row): page allocation and the step's page lists, with no

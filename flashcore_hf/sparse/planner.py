@@ -131,6 +131,16 @@ class SparseCachePlanner:
                                    handle.max_q_len, handle.max_pages_per_seq, handle.workspace,
                                    selection=selection, summaries=summaries)
 
+    def fit_summaries(self, layer_idx: int, k_pool: torch.Tensor) -> None:
+        """The layer's pool now has k_pool.shape[0] pages: its page key bounds must cover them all."""
+        summaries = self.summaries.get(layer_idx)
+        if summaries is not None:
+            summaries.fit(k_pool)
+
+    def device_buffers(self) -> list[torch.Tensor]:
+        """The page key bounds of every layer (what a captured step reads and writes besides the pools)."""
+        return [s.bounds for s in self.summaries.values() if s.bounds is not None]
+
     def copy_page_bounds(self, layer_idx: int, k_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy-on-write of pages src -> dst (int64, on the device of the layer's key pool k_pool): their bounds
         rows too."""

@@ -48,7 +48,7 @@ class PageKeySummaries:
         Grows `bounds` when the pool grew (outside any CUDA graph capture: the first forward after a growth is an
         eager or warm-up one). No host sync.
         """
-        self._fit(k_pool)
+        self.fit(k_pool)
         num_pages, page_size, hkv, d = k_pool.shape
         keys = k_pool.view(num_pages * page_size, hkv, d)
         chunk = max(1, _REFRESH_CHUNK_ELEMENTS // (page_size * hkv * d))
@@ -63,16 +63,18 @@ class PageKeySummaries:
         """A decode step wrote one new key per sequence (slot_mapping [B] int32/int64, < 0: none) into k_pool:
         widen those pages' bounds by the new keys, or start them over for a page's first token (one kernel,
         `flashcore_hf.ops.update_page_bounds`; fixed shapes and no host data, so CUDA graphs replay it)."""
-        self._fit(k_pool)
+        self.fit(k_pool)
         update_page_bounds(self.bounds, k_pool, slot_mapping)
 
     def copy_pages(self, k_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy-on-write copied pages src -> dst [n] int64 of k_pool: bounds[dst] = bounds[src]."""
-        self._fit(k_pool)
+        self.fit(k_pool)
         self.bounds.index_copy_(0, dst, self.bounds.index_select(0, src))
 
-    def _fit(self, k_pool: torch.Tensor) -> None:
-        """Make `bounds` cover every page of k_pool."""
+    def fit(self, k_pool: torch.Tensor) -> None:
+        """Make `bounds` cover every page of k_pool. The cache calls this whenever its pools grow, before any step
+        runs on the new pages: a CUDA-graph replay runs no Python, so bounds grown only on the eager path would
+        leave a replay reading and writing rows that were never mapped."""
         num_pages, _, hkv, d = k_pool.shape
         if self.bounds is not None and self.bounds.shape[0] >= num_pages:
             return

@@ -1,0 +1,140 @@
+"""What users do: many generate() calls in one process, every policy after another, long contexts.
+
+The bug these tests exist for: a second topk generate() at 32K replayed the graph captured by the first call while
+the new cache's page key bounds only covered the prompt's pages (bounds grew lazily on the eager path, which a
+replay skips), so the replay read and wrote bounds rows that were never mapped: an illegal memory access at 32K,
+64K and 128K (where the rows of the first decode page start a new 2 MiB mapping granule). The model here has
+Hkv 8 x D 128 (4 KiB of bounds per page), so with 64-token pages the first decode page at 32K is exactly such a row.
+
+FLASHCORE_TEST_CONTEXT / FLASHCORE_TEST_PAGE_SIZE shrink the contexts for runs under compute-sanitizer
+(scripts/gpu_check.sh: 8192 tokens in 16-token pages cross the same granule boundary).
+"""
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import flashcore_hf as fc
+from flashcore_hf import CACHE_KWARG
+
+pytestmark = pytest.mark.gpu
+
+CONTEXT = int(os.environ.get("FLASHCORE_TEST_CONTEXT", 32768))
+PAGE = int(os.environ.get("FLASHCORE_TEST_PAGE_SIZE", 64))
+VOCAB = 512
+NEW = 8
+POLICIES = ("dense", "streaming", "topk")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=1024, intermediate_size=2048, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=4 * CONTEXT, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    built = AutoModelForCausalLM.from_config(config, attn_implementation="flashcore", dtype=torch.bfloat16)
+    yield built.to("cuda").eval()
+    fc.set_default_cache_options(page_size=64, sparse=fc.SparseConfig())
+    fc.release_decode_graphs(built)
+
+
+def sparse_config(policy):
+    return fc.SparseConfig(policy=policy, token_budget=64 * PAGE, dense_layers=1)
+
+
+def prompt(length, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (1, length), generator=generator).cuda()
+
+
+def generate(model, ids, *, graphs=True, cache=None):
+    """Greedy NEW tokens; returns (tokens, replays, eager decode steps) of this call."""
+    fc.set_cuda_graphs(graphs)
+    stats = fc.decode_graph_stats(model)
+    replays, eager = (stats.replays, stats.eager_decode_steps) if stats else (0, 0)
+    try:
+        with torch.no_grad():
+            extra = {} if cache is None else {CACHE_KWARG: cache}
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                                 do_sample=False, **extra)
+    finally:
+        fc.set_cuda_graphs(True)
+    torch.cuda.synchronize()
+    stats = fc.decode_graph_stats(model)
+    return out[0, ids.shape[1]:], stats.replays - replays, stats.eager_decode_steps - eager
+
+
+def assert_every_step_replayed(model, replays, eager):
+    assert eager == 0, f"decode steps ran eagerly: {fc.decode_graph_stats(model).eager_reasons}"
+    assert replays == NEW - 1
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_repeated_default_cache_generate(model, policy):
+    """Default cache (pool arena): the same prompt three times, then other lengths (other page buckets), each
+    equal to eager decoding and every decode step replayed."""
+    fc.set_default_cache_options(page_size=PAGE, sparse=sparse_config(policy))
+    lengths = [CONTEXT, CONTEXT, CONTEXT, CONTEXT + 3 * PAGE + 5, CONTEXT // 2 + 7, CONTEXT]
+    for i, length in enumerate(lengths):
+        ids = prompt(length, seed=length)
+        tokens, replays, eager = generate(model, ids)
+        assert_every_step_replayed(model, replays, eager)
+        if i in (0, 3, 4):
+            expected, _, _ = generate(model, ids, graphs=False)
+            assert torch.equal(tokens, expected), f"call {i} ({length} tokens) differs from eager decoding"
+
+
+def test_every_policy_after_another(model):
+    """dense -> topk -> streaming -> topk -> dense on one prompt through the default cache: each call's tokens
+    equal a fresh eager run of its policy."""
+    ids = prompt(CONTEXT, seed=1)
+    expected = {}
+    for policy in POLICIES:
+        fc.set_default_cache_options(page_size=PAGE, sparse=sparse_config(policy))
+        expected[policy], _, _ = generate(model, ids, graphs=False)
+    for policy in ("dense", "topk", "streaming", "topk", "dense"):
+        fc.set_default_cache_options(page_size=PAGE, sparse=sparse_config(policy))
+        tokens, replays, eager = generate(model, ids)
+        assert_every_step_replayed(model, replays, eager)
+        assert torch.equal(tokens, expected[policy]), policy
+
+
+@pytest.mark.parametrize("policy", ("streaming", "topk"))
+def test_repeated_user_cache_generate(model, policy):
+    """A PagedKVCache(sparse=...) passed by the user, a new one per call, while the default cache is dense."""
+    fc.set_default_cache_options(page_size=PAGE, sparse=fc.SparseConfig())
+    ids = prompt(CONTEXT, seed=2)
+    expected, _, _ = generate(model, ids, graphs=False,
+                              cache=fc.PagedKVCache(model.config, page_size=PAGE, sparse=sparse_config(policy)))
+    for _ in range(3):
+        cache = fc.PagedKVCache(model.config, page_size=PAGE, sparse=sparse_config(policy))
+        tokens, replays, eager = generate(model, ids, cache=cache)
+        assert_every_step_replayed(model, replays, eager)
+        assert torch.equal(tokens, expected)
+
+
+def test_kept_cache_does_not_block_graphs(model):
+    """A user who keeps the previous call's cache (return_dict_in_generate) still gets replayed decode steps in the
+    next call, and the kept cache is intact: continuing it gives what continuing an untouched twin gives."""
+    fc.set_default_cache_options(page_size=PAGE, sparse=sparse_config("topk"))
+    ids = prompt(CONTEXT // 4, seed=3)
+
+    def first_call(graphs):
+        fc.set_cuda_graphs(graphs)
+        try:
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
+        finally:
+            fc.set_cuda_graphs(True)
+        return out.sequences, getattr(out, CACHE_KWARG)
+
+    twin_tokens, twin_cache = first_call(graphs=False)
+    kept_tokens, kept_cache = first_call(graphs=True)
+    assert torch.equal(kept_tokens, twin_tokens)
+    _, replays, eager = generate(model, prompt(CONTEXT // 4, seed=4))      # while both caches are alive
+    assert_every_step_replayed(model, replays, eager)
+    with torch.no_grad():
+        continued = model(kept_tokens[:, -1:], **{CACHE_KWARG: kept_cache}).logits
+        expected = model(twin_tokens[:, -1:], **{CACHE_KWARG: twin_cache}).logits
+    assert torch.equal(continued, expected)
