@@ -58,7 +58,8 @@ def build_extension():
 
 
 setup(
-    packages=["flashcore_hf", "flashcore_hf.patches", "flashcore_hf.sparse"],
+    packages=["flashcore_hf", "flashcore_hf.cache", "flashcore_hf.hf", "flashcore_hf.ops", "flashcore_hf.patches",
+              "flashcore_hf.sparse"],
     package_dir={"flashcore_hf": "flashcore_hf", "flashcore_hf.patches": "patches"},
     ext_modules=[build_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, median_ms, output_dir, print_table, write_csv  # noqa: E402
 
 import flashcore_hf as fc  # noqa: E402
-from flashcore_hf.paged_cache import page_count_bucket  # noqa: E402
+from flashcore_hf.cache import page_count_bucket  # noqa: E402
 from flashcore_hf.sparse import PageKeySummaries, StepSelection, refresh_slots  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128

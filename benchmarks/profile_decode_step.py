@@ -22,7 +22,7 @@ from common import print_table  # noqa: E402
 
 import flashcore_hf  # noqa: E402
 from flashcore_hf import decode_graphs  # noqa: E402
-from flashcore_hf.paged_cache import PagedKVCache  # noqa: E402
+from flashcore_hf.cache import PagedKVCache  # noqa: E402
 
 HOST = defaultdict(float)
 

@@ -16,9 +16,9 @@ from transformers import (AutoModelForCausalLM, DynamicCache, LlamaConfig, Mistr
 import flashcore_hf
 from flashcore_hf import CACHE_KWARG
 from flashcore_hf import FlashCoreAttention, FlashCoreFallbackWarning, PagedKVCache, PageLayout
-from flashcore_hf import attention as attention_module
-from flashcore_hf.attention import sdpa_from_pages
-from flashcore_hf.integration import flashcore_attention_forward
+from flashcore_hf.hf import integration
+from flashcore_hf.hf.integration import flashcore_attention_forward
+from flashcore_hf.ops import AttentionPlan, sdpa_from_pages
 from tests.reference import random_paged_kv, reference_paged_attention
 
 VOCAB = 128
@@ -306,9 +306,10 @@ def test_fallback_matches_kernel_with_one_warning(monkeypatch):
     ids, mask = left_padded([13, 6], seed=10)
     with torch.no_grad():
         kernel_dense = model(ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
-        kernel_paged = greedy(model, ids, mask, new_tokens=8, **{CACHE_KWARG: PagedKVCache(model.config, page_size=4)})
-    monkeypatch.setattr(attention_module, "kernel_supports", lambda *args: False)
-    monkeypatch.setattr(flashcore_hf.integration._ATTENTION, "_warned", set())
+        kernel_paged = greedy(model, ids, mask, new_tokens=8,
+                              **{CACHE_KWARG: PagedKVCache(model.config, page_size=4)})
+    monkeypatch.setattr(AttentionPlan, "supported", property(lambda plan: False))
+    monkeypatch.setattr(integration._ATTENTION, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad():

@@ -121,8 +121,12 @@ def test_opcheck(generator):
     k_cache, v_cache, row_offsets, cols, counts = random_paged_kv([13, 40], 8, 2, 16, generator=generator)
     q = torch.randn(6, 4, 16, generator=generator)
     q_indptr = torch.tensor([0, 2, 6], dtype=torch.int32)
+    layout = fc.PageLayout(row_offsets, cols, counts, torch.full_like(cols, -1))
+    plan = fc.plan_attention(layout, q_indptr, num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=8,
+                             dtype=q.dtype, causal=True, sm_scale=0.25)
     torch.library.opcheck(torch.ops.flashcore.paged_attention,
-                          (q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, True, 0.25, 0, 0.0, None, 6, 5, None))
+                          (q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, True, 0.25, 0, 0.0, None,
+                           list(plan.data), None))
 
 
 @pytest.mark.parametrize("causal", [True, False])

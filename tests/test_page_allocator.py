@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from flashcore_hf.page_allocator import OutOfPagesError, PageAllocator
+from flashcore_hf.cache.allocator import OutOfPagesError, PageAllocator
 
 
 class AllocatorMachine(RuleBasedStateMachine):

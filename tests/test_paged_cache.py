@@ -15,11 +15,11 @@ import transformers
 from packaging import version
 from transformers import DynamicCache, LlamaConfig
 
-import flashcore_hf.paged_cache as paged_cache
+from flashcore_hf.cache import OutOfPagesError, PagedKVCache, page_count_bucket
+from flashcore_hf.cache.pools import LayerPools
+from flashcore_hf.cache.step_plan import build_layouts, query_runs
+from flashcore_hf.growable import GrowableBuffer
 from flashcore_hf.ops import build_layout, paged_attention
-from flashcore_hf.padding import stash_padding_mask, take_padding_mask
-from flashcore_hf.page_allocator import OutOfPagesError
-from flashcore_hf.paged_cache import PagedKVCache
 from tests.reference import gather_sequence_kv, reference_paged_attention
 
 NUM_LAYERS, HQ, HKV, HEAD_DIM = 3, 4, 2, 12
@@ -32,7 +32,7 @@ def make_config(num_layers=NUM_LAYERS, **kw):
 
 def growable_pools_available() -> bool:
     try:
-        paged_cache.GrowableBuffer("cpu", 1 << 20)
+        GrowableBuffer("cpu", 1 << 20)
     except RuntimeError:
         return False
     return True
@@ -66,10 +66,10 @@ class Twin:
                 handle, handle_v = self.paged.update(k, v, layer, attention_mask=self.mask)
             elif self.mask_via == "new_columns":
                 handle, handle_v = self.paged.update(k, v, layer, attention_mask=new_mask)
-            else:  # what the flashcore mask function does once per forward, before the layers run
-                if layer == self.layers[0]:
-                    stash_padding_mask(None if bool(self.mask.all()) else self.mask)
-                handle, handle_v = self.paged.update(k, v, layer)
+            else:  # what the flashcore attention function does: resolve update()'s handle with the forward's mask
+                pending, pending_v = self.paged.update(k, v, layer)
+                assert pending is pending_v
+                handle = handle_v = pending.resolve(None if bool(self.mask.all()) else self.mask)
             assert handle is handle_v
             dense_k, dense_v = self.dense.update(k, v, layer)
             self.check_layer(handle, dense_k, dense_v, q, new_mask)
@@ -81,7 +81,7 @@ class Twin:
         assert torch.equal(handle.q_indptr, torch.arange(b + 1, dtype=torch.int32) * s)
         pages_per_row = (layout.row_offsets[1:] - layout.row_offsets[:-1]).tolist()
         # a power-of-two upper bound, so eager steps and CUDA-graph replays run the same kernel plan
-        assert handle.max_pages_per_seq == paged_cache.page_count_bucket(max(pages_per_row))
+        assert handle.max_pages_per_seq == page_count_bucket(max(pages_per_row))
         assert handle.max_pages_per_seq >= max(pages_per_row)
         assert torch.equal(layout.staging_ids, torch.full_like(layout.cols, -1))
         valid = self.mask.bool()
@@ -153,7 +153,7 @@ def ones(batch_size, s=1):
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])
-@pytest.mark.parametrize("mask_via", ["argument", "new_columns", "stash"])
+@pytest.mark.parametrize("mask_via", ["argument", "new_columns", "resolve"])
 def test_matches_dynamic_cache_with_left_padding(page_size, mask_via):
     twin = Twin(page_size, mask_via=mask_via)
     twin.step(left_padded([7, 3, 0], 7))          # prefill; the last row is all padding so far
@@ -161,7 +161,6 @@ def test_matches_dynamic_cache_with_left_padding(page_size, mask_via):
         twin.step(ones(3))
     twin.step(left_padded([3, 3, 3], 3))          # a multi-token step after decode (e.g. a verified draft)
     assert twin.paged.sequence_lengths() == [15, 11, 8]
-    assert take_padding_mask() is None            # the first layer took the stash of the last forward
 
 
 @pytest.mark.parametrize("page_size", [1, 4, 16])
@@ -255,7 +254,10 @@ def test_layout_equals_build_layout():
     twin.reorder([0, 0, 1])
     twin.step(ones(3))
     cache = twin.paged
-    layout, max_pages = cache._plan_layout()
+    lengths = cache.sequence_lengths()
+    runs = query_runs([n - 1 for n in lengths], None, 1)              # every stored token is a key of the run
+    layouts, largest = build_layouts(runs, [cache.page_table(r) for r in range(3)], cache.page_size, window=None)
+    layout, max_pages = layouts["full"], largest["full"]
     token_to_page, starts, ends = [], [], []
     for row, n in enumerate(cache.sequence_lengths()):
         pages = cache.page_table(row)
@@ -279,7 +281,7 @@ def test_out_of_pages_fixed_budget_and_recovery():
     before = (cache.get_seq_length(), cache.sequence_lengths(), cache.stats(), cache.page_table(0))
     k = torch.randn(2, HKV, 9, HEAD_DIM)
     with pytest.raises(OutOfPagesError) as info:
-        cache.update(k, k, 0)                      # needs 3 + 2 more pages, 3 are free
+        cache.update(k, k, 0)[0].resolve()         # needs 3 + 2 more pages, 3 are free
     err = info.value
     assert isinstance(err, RuntimeError)
     assert "page" in str(err) and "needs 5 free page(s)" in str(err) and "only 3 of the cache's 6" in str(err)
@@ -299,7 +301,7 @@ def test_out_of_pages_fixed_budget_and_recovery():
     twin.paged = cache
     twin.step(ones(1, 24))                         # all 6 pages
     with pytest.raises(OutOfPagesError, match="page"):
-        cache.update(torch.randn(1, HKV, 1, HEAD_DIM), torch.randn(1, HKV, 1, HEAD_DIM), 0)
+        cache.update(torch.randn(1, HKV, 1, HEAD_DIM), torch.randn(1, HKV, 1, HEAD_DIM), 0)[0].resolve()
 
 
 def test_hf_bookkeeping_and_properties():
@@ -326,20 +328,15 @@ def test_rejects_bad_input():
         PagedKVCache(make_config(layer_types=["full_attention", "linear_attention", "full_attention"]))
     cache = PagedKVCache(make_config(), page_size=4, num_pages=8)
     k = torch.randn(2, HKV, 3, HEAD_DIM)
-    with pytest.raises(ValueError, match="left padding"):
-        cache.update(k, k, 0, attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
     for bad in (torch.ones(2, 2), torch.ones(3, 3), torch.ones(2)):
         with pytest.raises(ValueError, match="attention_mask must be"):
             cache.update(k, k, 0, attention_mask=bad)
     cache.update(k, k, 0, attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]]))
     with pytest.raises(ValueError, match="planned for"):
-        cache.update(torch.randn(2, HKV, 1, HEAD_DIM), torch.randn(2, HKV, 1, HEAD_DIM), 1)
-    cache.update(k, k, 1)
-    with pytest.raises(ValueError, match="left padding"):     # padding after row 1's real tokens
-        cache.update(torch.randn(2, HKV, 1, HEAD_DIM), torch.randn(2, HKV, 1, HEAD_DIM), 0,
-                     attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+        cache.update(torch.randn(2, HKV, 1, HEAD_DIM), torch.randn(2, HKV, 1, HEAD_DIM), 1)[0].resolve()
+    cache.update(k, k, 1)[0].resolve()
     with pytest.raises(ValueError, match="batch of 3"):
-        cache.update(torch.randn(3, HKV, 1, HEAD_DIM), torch.randn(3, HKV, 1, HEAD_DIM), 0)
+        cache.update(torch.randn(3, HKV, 1, HEAD_DIM), torch.randn(3, HKV, 1, HEAD_DIM), 0)[0].resolve()
     with pytest.raises(IndexError):
         cache.reorder_cache(torch.tensor([0, 2]))
     assert cache.sequence_lengths() == [0, 3] and cache.get_seq_length() == 3
@@ -367,7 +364,7 @@ def test_growable_pools_respect_max_num_pages():
     twin = Twin(4, batch_size=1, max_num_pages=5)
     twin.step(ones(1, 12))
     with pytest.raises(OutOfPagesError, match="grow to at most 5 pages"):
-        twin.paged.update(torch.randn(1, HKV, 9, HEAD_DIM), torch.randn(1, HKV, 9, HEAD_DIM), 0)
+        twin.paged.update(torch.randn(1, HKV, 9, HEAD_DIM), torch.randn(1, HKV, 9, HEAD_DIM), 0)[0].resolve()
     assert twin.paged.sequence_lengths() == [12]
     twin.step(ones(1, 8))                          # exactly fills the 5 pages
     assert twin.paged.stats().pages_free == 0
@@ -384,10 +381,58 @@ def test_growth_failure_is_out_of_pages(monkeypatch):
     def refuse(layer, num_pages):
         raise RuntimeError("cuMemCreate: out of memory")
 
-    monkeypatch.setattr(paged_cache.PagedKVLayer, "grow", refuse)
+    monkeypatch.setattr(LayerPools, "grow", refuse)
     k = torch.randn(1, HKV, 4 * cache.stats().pages_total, HEAD_DIM)
     with pytest.raises(OutOfPagesError, match="mapping memory .* failed: cuMemCreate"):
-        cache.update(k, k, 0)
+        cache.update(k, k, 0)[0].resolve()
     assert (cache.stats(), cache.sequence_lengths(), cache.get_seq_length()) == before
     monkeypatch.undo()
     twin.step(ones(1, 4 * cache.stats().pages_total))
+
+
+def masked_causal_reference(q, keys, values, mask):
+    """Float64 attention of every query column over the real keys at columns <= it (eager attention with a 2-D
+    padding mask): q [B, Hq, S, D], keys/values [B, Hkv, M, D] over the M columns of mask [B, M] (the queries are
+    its last S columns). Columns that see no key give zeros."""
+    b, hq, s, d = q.shape
+    group = hq // keys.shape[1]
+    k = keys.double().repeat_interleave(group, dim=1)
+    v = values.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k) * d ** -0.5
+    m = mask.shape[1]
+    cols = torch.arange(m)
+    visible = mask.bool()[:, None, None, :] & (cols[None, None, None, :] <= (cols[m - s:])[None, None, :, None])
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_right_padding_and_holes_match_masked_attention(page_size):
+    """Any 2-D mask (right padding, holes, rows that are all padding so far): padding tokens take no slot and every
+    query column, padding ones included, attends to the real keys at columns <= it, as eager attention does."""
+    cache = PagedKVCache(make_config(), page_size=page_size)
+    generator = torch.Generator().manual_seed(7)
+    keys = values = None
+    mask = torch.zeros(3, 0, dtype=torch.int64)
+    steps = [torch.tensor([[1, 1, 1, 1, 0, 0], [1, 0, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0]]),   # right, holes, empty
+             torch.tensor([[1], [1], [1]]), torch.tensor([[0, 1], [1, 0], [1, 1]]), torch.tensor([[1], [0], [1]])]
+    for new in steps:
+        b, s = new.shape
+        mask = torch.cat([mask, new], dim=1)
+        for layer in range(NUM_LAYERS):
+            k, v = (torch.randn(b, HKV, s, HEAD_DIM, generator=generator) for _ in range(2))
+            q = torch.randn(b, HQ, s, HEAD_DIM, generator=generator)
+            step = cache.update(k, v, layer)[0].resolve(mask)
+            if layer == 0:                         # every layer plans the same way; check the first
+                keys = k if keys is None else torch.cat([keys, k], dim=2)
+                values = v if values is None else torch.cat([values, v], dim=2)
+                q_packed = q.transpose(1, 2).reshape(b * s, HQ, HEAD_DIM)
+                out = paged_attention(q_packed, step.k_cache, step.v_cache, step.layout, step.q_indptr)
+                expected = masked_causal_reference(q, keys, values, mask)
+                torch.testing.assert_close(out.view(b, s, HQ, HEAD_DIM).transpose(1, 2).double(), expected,
+                                           rtol=1e-5, atol=1e-5)
+        assert cache.sequence_lengths() == mask.sum(dim=1).tolist()
+        assert cache.get_seq_length() == mask.shape[1]
+    cache.crop(-2)                                 # the last two columns: row 1 loses one real token, rows 0/2 two
+    assert cache.sequence_lengths() == mask[:, :-2].sum(dim=1).tolist()

@@ -348,7 +348,7 @@ def _check_summaries(cache, layer_idx):
     """Every page of every row holds the min/max of its valid tokens in that layer's pool."""
     layer = cache.layers[layer_idx]
     bounds = cache._sparse.summaries[layer_idx].bounds
-    d = layer.head_dim
+    d = layer.pools.head_dim
     page_size = cache.page_size
     for row, length in enumerate(cache.sequence_lengths()):
         for j, page in enumerate(cache.page_table(row)):
@@ -359,8 +359,6 @@ def _check_summaries(cache, layer_idx):
 
 def test_cache_keeps_summaries_fresh_through_decode_beams_crop_and_reuse(generator):
     from transformers import Qwen2Config
-
-    from flashcore_hf.sparse import SparsePagedKVHandle
 
     config = Qwen2Config(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                          layer_types=["full_attention", "full_attention", "sliding_attention", "full_attention"],
@@ -374,18 +372,18 @@ def test_cache_keeps_summaries_fresh_through_decode_beams_crop_and_reuse(generat
         handles = []
         for layer in range(4):
             k = torch.randn(batch, hkv, new, d, generator=generator)
-            handles.append(cache.update(k, torch.randn_like(k), layer)[0])
+            handles.append(cache.update(k, torch.randn_like(k), layer)[0].resolve())
         return handles
 
     handles = step(2, 10)                                           # prefill: dense everywhere, summaries built
-    assert not any(isinstance(h, SparsePagedKVHandle) for h in handles)
+    assert not any(h.selector is not None for h in handles)
     _check_summaries(cache, 1)
     _check_summaries(cache, 3)
     for _ in range(6):                                              # up to 16 tokens: page bucket 4 <= budget 4
         handles = step(2, 1)
-        assert not any(isinstance(h, SparsePagedKVHandle) for h in handles)
+        assert not any(h.selector is not None for h in handles)
     handles = step(2, 1)                                            # 17 tokens: bucket 8 > 4, sparse layers select
-    assert [isinstance(h, SparsePagedKVHandle) for h in handles] == [False, True, False, True]
+    assert [h.selector is not None for h in handles] == [False, True, False, True]
     _check_summaries(cache, 1)
     cache.reorder_cache(torch.tensor([1, 1]))                       # beams share pages; next append copies on write
     step(2, 1)
@@ -410,9 +408,9 @@ def test_cache_sparse_handle_attention_matches_selected_pages(generator):
     k = torch.randn(2, 2, 15, 8, generator=generator)
     cache.update(k, torch.randn_like(k), 0)
     k = torch.randn(2, 2, 1, 8, generator=generator)
-    handle, _ = cache.update(k, torch.randn_like(k), 0)
+    handle = cache.update(k, torch.randn_like(k), 0)[0].resolve()
     q = torch.randn(2, 4, 8, generator=generator)
-    layout, max_pages = handle.select_layout(q)
+    layout, max_pages = handle.selector.select(q), handle.selector.max_pages_per_row
     assert max_pages == 4 and layout.row_offsets.tolist() == [0, 4, 8, 12, 16]
     out = fc.paged_attention(q, handle.k_cache, handle.v_cache, layout, handle.q_indptr, max_pages_per_seq=max_pages)
     ref, _ = reference_paged_attention(q, handle.k_cache, handle.v_cache, layout.row_offsets, layout.cols,
@@ -429,37 +427,32 @@ def test_fixed_buffer_decode_step_selects_like_an_eager_step(generator):
     flashcore_hf/decode_graphs.py) refreshes and selects exactly like an eager step: same attention output."""
     from transformers import LlamaConfig
 
-    from flashcore_hf.paged_cache import _DeviceStep
-
     config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
     sparse = SparseConfig(policy="topk", token_budget=12, sink_tokens=2, recent_tokens=2, dense_layers=1)
     eager, fixed = (fc.PagedKVCache(config, page_size=2, sparse=sparse) for _ in range(2))
     prompt = [torch.randn(3, 2, 21, 8, generator=generator) for _ in range(2)]
     for cache in (eager, fixed):
         for layer in range(2):
-            cache.update(prompt[layer], prompt[layer] + 1, layer)
+            cache.update(prompt[layer], prompt[layer] + 1, layer)[0].resolve()
     new = [torch.randn(3, 2, 1, 8, generator=generator) for _ in range(2)]
-    eager_handles = [eager.update(new[layer], new[layer] + 1, layer)[0] for layer in range(2)]
+    eager_handles = [eager.update(new[layer], new[layer] + 1, layer)[0].resolve() for layer in range(2)]
 
     plan = fixed.plan_decode_step(torch.device("cpu"))
-    capacity = 3 * plan.max_pages_per_seq
-    b, nnz = 3, plan.nnz
-    pieces = torch.split(plan.host, [b + 1, nnz, nnz, nnz, b + 1, b])
-    padded = [torch.cat([p, torch.zeros(size - p.numel(), dtype=torch.int32)])
-              for p, size in zip(pieces, [b + 1, capacity, capacity, capacity, b + 1, b])]
-    fixed.begin_fixed_step(_DeviceStep(fc.PageLayout(*padded[:4]), padded[4], padded[5]), plan.padded_len,
-                           plan.max_pages_per_seq)
-    fixed_handles = [fixed.update(new[layer], new[layer] + 1, layer)[0] for layer in range(2)]
+    bucket = plan.max_pages["full"]
+    shape = fixed.fixed_decode_shape(3, bucket)                      # capacity-padded, as a captured step's buffers
+    device_step = shape.split(shape.pack(*plan.host_parts, pin=False))
+    fixed.begin_fixed_step(device_step, shape, plan.padded_len, bucket)
+    fixed_handles = [fixed.update(new[layer], new[layer] + 1, layer)[0].resolve() for layer in range(2)]
     fixed.finish_replayed_step(plan)
 
     q = torch.randn(3, 4, 8, generator=generator)
     for e, f in zip(eager_handles, fixed_handles):
-        assert type(e) is type(f)
-        layouts = [(h.layout, h.max_pages_per_seq) if not hasattr(h, "select_layout") else h.select_layout(q)
-                   for h in (e, f)]
+        assert (e.selector is None) == (f.selector is None)
+        layouts = [(h.layout, h.max_pages_per_seq) if h.selector is None else
+                   (h.selector.select(q), h.selector.max_pages_per_row) for h in (e, f)]
         outs = [fc.paged_attention(q, h.k_cache, h.v_cache, layout, h.q_indptr, max_pages_per_seq=m)
                 for h, (layout, m) in zip((e, f), layouts)]
         assert torch.equal(outs[0], outs[1])
-    assert isinstance(fixed_handles[1], fc.sparse.SparsePagedKVHandle)
+    assert fixed_handles[1].selector is not None
     torch.testing.assert_close(fixed._sparse.summaries[1].bounds[1:], eager._sparse.summaries[1].bounds[1:],
                                rtol=0, atol=0)

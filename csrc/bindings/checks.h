@@ -42,12 +42,12 @@ inline void check_offsets_host(const at::Tensor& offsets, int64_t limit, bool mu
               limit_name, " = ", limit);
 }
 
-// Validates paged_attention's arguments (all backends) and fills the kernel params. out/lse are set by the caller.
+// Validates paged_attention's arguments (all backends) and fills the kernel params. out/lse are set by the caller,
+// the bounds by the plan (AttentionPlanData::apply_to).
 inline PagedAttentionParams make_paged_attention_params(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& row_offsets,
     const at::Tensor& cols, const at::Tensor& token_counts, const at::Tensor& q_indptr, bool causal, double sm_scale,
-    int64_t window, double softcap, const std::optional<at::Tensor>& sinks, int64_t max_q_len,
-    int64_t max_pages_per_seq) {
+    int64_t window, double softcap, const std::optional<at::Tensor>& sinks) {
   constexpr const char* op = "paged_attention";
   FC_CHECK(q.dim() == 3, op, ": q must be [total_q, num_q_heads, head_dim], got shape ", q.sizes());
   FC_CHECK(k_cache.dim() == 4, op, ": k_cache must be [num_pages, page_size, num_kv_heads, head_dim], got shape ",
@@ -97,8 +97,6 @@ inline PagedAttentionParams make_paged_attention_params(
     FC_CHECK(s.device() == device, op, ": sinks must be on ", device, ", got ", s.device());
     FC_CHECK(s.is_contiguous(), op, ": sinks must be contiguous");
   }
-  FC_CHECK(max_q_len >= 0, op, ": max_q_len must be >= 0, got ", max_q_len);
-  FC_CHECK(max_pages_per_seq >= 0, op, ": max_pages_per_seq must be >= 0, got ", max_pages_per_seq);
   check_fits_int32(q.size(0), op, "total_q");
   check_fits_int32(k_cache.size(0), op, "num_pages");
   check_fits_int32(cols.numel(), op, "len(cols)");
@@ -129,9 +127,7 @@ inline PagedAttentionParams make_paged_attention_params(
   p.softcap = static_cast<float>(softcap);
   p.sinks = sinks.has_value() ? sinks->data_ptr<float>() : nullptr;
   p.dtype = dtype;
-  p.max_q_len = static_cast<int32_t>(std::min<int64_t>(max_q_len, INT32_MAX));
-  p.max_pages_per_seq = static_cast<int32_t>(std::min<int64_t>(max_pages_per_seq, INT32_MAX));
-  return p;
+  return p;  // max_q_len / max_pages_per_seq come from the plan (plan.h)
 }
 
 // Validates append_kv's arguments (all backends) and fills the kernel params.
@@ -184,8 +180,10 @@ inline AppendKVParams make_append_kv_params(const at::Tensor& k_cache, const at:
   return p;
 }
 
-// Whether the CUDA kernels handle this configuration (false in a CPU-only build). Defined in ops_cuda.cpp.
-bool cuda_kernels_support(DType dtype, int64_t head_dim, int64_t page_size, int64_t max_q_len, int64_t num_q_heads,
-                          int64_t num_kv_heads);
+// The plan of a paged-attention call on CUDA (kernel, bounds, split-KV partition, workspace) from host-known
+// metadata: `p` has shapes, dtype, options and bounds, no pointers. Defined in ops_cuda.cpp (a CPU-only build plans
+// every CUDA call as unsupported).
+struct AttentionPlanData;
+AttentionPlanData plan_cuda(const PagedAttentionParams& p, int64_t device_index, bool exact);
 
 }  // namespace flashcore::binding

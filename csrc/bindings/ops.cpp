@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include "bindings/checks.h"
+#include "bindings/plan.h"
 #include "kernels/cpu/cpu_kernels.h"
 
 // A Python module named _C so that `import flashcore_hf._C` loads this library and runs its registrations.
@@ -42,12 +43,15 @@ void check_layout_values_host(const PagedAttentionParams& p, const at::Tensor& r
 std::tuple<at::Tensor, at::Tensor> paged_attention_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& row_offsets,
     const at::Tensor& cols, const at::Tensor& token_counts, const at::Tensor& q_indptr, bool causal, double sm_scale,
-    int64_t window, double softcap, const std::optional<at::Tensor>& sinks, int64_t max_q_len,
-    int64_t max_pages_per_seq, const std::optional<at::Tensor>& workspace) {
+    int64_t window, double softcap, const std::optional<at::Tensor>& sinks, at::IntArrayRef plan,
+    const std::optional<at::Tensor>& workspace) {
   (void)workspace;  // split-KV partials exist only on the GPU
   PagedAttentionParams p = make_paged_attention_params(q, k_cache, v_cache, row_offsets, cols, token_counts, q_indptr,
-                                                       causal, sm_scale, window, softcap, sinks, max_q_len,
-                                                       max_pages_per_seq);
+                                                       causal, sm_scale, window, softcap, sinks);
+  const AttentionPlanData planned = AttentionPlanData::decode(plan);
+  FC_CHECK(planned.kernel == PlanKernel::kCpu, "paged_attention: the plan was made for another device (kernel ",
+           static_cast<int64_t>(planned.kernel), "); plan again for the CPU");
+  planned.apply_to(p, row_offsets.numel() - 1);
   check_layout_values_host(p, row_offsets, q_indptr);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
@@ -57,6 +61,59 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cpu(
   at::parallel_for(0, cpu::paged_attention_work_items(p), 1,
                    [&](int64_t begin, int64_t end) { cpu::paged_attention(p, begin, end); });
   return {out, lse};
+}
+
+// The host half of a paged-attention call (flashcore_hf/ops/plan.py): which kernel runs it and with which bounds,
+// split-KV partition and workspace. No tensor is touched; max_q_len / max_pages_per_seq are bounds on the metadata
+// (exact maxima when `exact`, else bounds derived from the shapes).
+std::vector<int64_t> plan_paged_attention(const std::string& device_type, int64_t device_index, at::ScalarType dtype,
+                                          int64_t head_dim, int64_t page_size, int64_t num_q_heads,
+                                          int64_t num_kv_heads, int64_t batch, int64_t layout_rows, int64_t total_q,
+                                          int64_t nnz, int64_t max_q_len, int64_t max_pages_per_seq, bool exact,
+                                          bool causal, int64_t window) {
+  AttentionPlanData d;
+  d.max_q_len = std::max<int64_t>(0, std::min(max_q_len, total_q));
+  d.max_pages_per_seq = std::max<int64_t>(0, std::min(max_pages_per_seq, nnz));
+  d.batch = batch;
+  d.layout_rows = layout_rows;
+  d.total_q = total_q;
+  d.nnz = nnz;
+  d.num_q_heads = num_q_heads;
+  d.num_kv_heads = num_kv_heads;
+  d.head_dim = head_dim;
+  d.page_size = page_size;
+  d.causal = causal ? 1 : 0;
+  d.window = window;
+  const bool dtype_ok = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+  const bool shape_ok = head_dim >= 1 && head_dim <= 256 && page_size >= 1 && num_kv_heads >= 1 && num_q_heads >= 1 &&
+                        num_q_heads % num_kv_heads == 0 && batch >= 0 && total_q >= 0 && nnz >= 0 &&
+                        total_q <= INT32_MAX && nnz <= INT32_MAX && batch <= INT32_MAX;
+  if (!dtype_ok || !shape_ok) return d.encode();
+  d.dtype = static_cast<int64_t>(to_dtype(dtype, "dtype"));
+  if (device_type == "cpu") {
+    d.kernel = PlanKernel::kCpu;
+    return d.encode();
+  }
+  if (device_type != "cuda") return d.encode();
+  PagedAttentionParams p;
+  p.batch = static_cast<int32_t>(batch);
+  p.total_q = static_cast<int32_t>(total_q);
+  p.nnz = static_cast<int32_t>(nnz);
+  p.num_q_heads = static_cast<int32_t>(num_q_heads);
+  p.num_kv_heads = static_cast<int32_t>(num_kv_heads);
+  p.head_dim = static_cast<int32_t>(head_dim);
+  p.page_size = static_cast<int32_t>(page_size);
+  p.per_kv_head_rows = layout_rows != batch;
+  p.causal = causal;
+  p.window = static_cast<int32_t>(std::min<int64_t>(window, INT32_MAX));
+  p.dtype = static_cast<DType>(d.dtype);
+  p.max_q_len = static_cast<int32_t>(d.max_q_len);
+  p.max_pages_per_seq = static_cast<int32_t>(d.max_pages_per_seq);
+  const AttentionPlanData cuda = plan_cuda(p, device_index, exact);
+  d.kernel = cuda.kernel;
+  d.splits = cuda.splits;
+  d.workspace_bytes = cuda.workspace_bytes;
+  return d.encode();
 }
 
 void append_kv_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
@@ -138,19 +195,18 @@ bool has_cuda_kernels() {
 
 bool kernel_supports(const std::string& device_type, at::ScalarType dtype, int64_t head_dim, int64_t page_size,
                      int64_t max_q_len, int64_t num_q_heads, int64_t num_kv_heads) {
-  const bool dtype_ok = dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
-  const bool shape_ok = head_dim >= 1 && head_dim <= 256 && page_size >= 1 && num_kv_heads >= 1 &&
-                        num_q_heads % num_kv_heads == 0;
-  if (!dtype_ok || !shape_ok) return false;
-  if (device_type == "cpu") return true;
-  if (device_type != "cuda") return false;
-  return cuda_kernels_support(to_dtype(dtype, "dtype"), head_dim, page_size, max_q_len, num_q_heads, num_kv_heads);
+  // One sequence of max_q_len queries over a long row of pages: what the planner answers for such a call.
+  const int64_t pages = 1024;
+  const std::vector<int64_t> plan = plan_paged_attention(device_type, -1, dtype, head_dim, page_size, num_q_heads,
+                                                         num_kv_heads, 1, 1, max_q_len, pages, max_q_len, pages,
+                                                         /*exact=*/true, /*causal=*/true, /*window=*/0);
+  return AttentionPlanData::decode(plan).kernel != PlanKernel::kUnsupported;
 }
 
 }  // namespace
 
 #ifndef FLASHCORE_WITH_CUDA
-bool cuda_kernels_support(DType, int64_t, int64_t, int64_t, int64_t, int64_t) { return false; }
+AttentionPlanData plan_cuda(const PagedAttentionParams&, int64_t, bool) { return {}; }
 #endif
 
 }  // namespace flashcore::binding
@@ -158,7 +214,11 @@ bool cuda_kernels_support(DType, int64_t, int64_t, int64_t, int64_t, int64_t) { 
 TORCH_LIBRARY(flashcore, m) {
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor row_offsets, Tensor cols, "
         "Tensor token_counts, Tensor q_indptr, bool causal, float sm_scale, int window, float softcap, "
-        "Tensor? sinks, int max_q_len, int max_pages_per_seq, Tensor? workspace) -> (Tensor, Tensor)");
+        "Tensor? sinks, int[] plan, Tensor? workspace) -> (Tensor, Tensor)");
+  m.def("plan_paged_attention(str device_type, int device_index, ScalarType dtype, int head_dim, int page_size, "
+        "int num_q_heads, int num_kv_heads, int batch, int layout_rows, int total_q, int nnz, int max_q_len, "
+        "int max_pages_per_seq, bool exact, bool causal, int window) -> int[]",
+        &flashcore::binding::plan_paged_attention);
   m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
   m.def("build_layout(Tensor token_to_page, Tensor seq_starts, Tensor seq_ends, Tensor page_resident_bitmap, "
         "int page_tokens, int num_pages) -> (Tensor, Tensor, Tensor, Tensor)");

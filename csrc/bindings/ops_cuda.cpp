@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "bindings/checks.h"
+#include "bindings/plan.h"
 #include "bindings/sparse_checks.h"
 #include "kernels/cuda/launchers.h"
 
@@ -20,34 +21,45 @@ const char* dtype_name(DType d) {
   return d == DType::kFloat32 ? "float32" : d == DType::kFloat16 ? "float16" : "bfloat16";
 }
 
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
 std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& row_offsets,
     const at::Tensor& cols, const at::Tensor& token_counts, const at::Tensor& q_indptr, bool causal, double sm_scale,
-    int64_t window, double softcap, const std::optional<at::Tensor>& sinks, int64_t max_q_len,
-    int64_t max_pages_per_seq, const std::optional<at::Tensor>& workspace) {
+    int64_t window, double softcap, const std::optional<at::Tensor>& sinks, at::IntArrayRef plan,
+    const std::optional<at::Tensor>& workspace) {
   PagedAttentionParams p = make_paged_attention_params(q, k_cache, v_cache, row_offsets, cols, token_counts, q_indptr,
-                                                       causal, sm_scale, window, softcap, sinks, max_q_len,
-                                                       max_pages_per_seq);
+                                                       causal, sm_scale, window, softcap, sinks);
+  const AttentionPlanData planned = AttentionPlanData::decode(plan);
+  planned.apply_to(p, row_offsets.numel() - 1);
+  FC_CHECK(planned.kernel != PlanKernel::kCpu, "paged_attention: the plan was made for the CPU; plan again for ",
+           q.device());
+  FC_CHECK(planned.kernel != PlanKernel::kUnsupported, "paged_attention: the CUDA kernels do not support dtype=",
+           dtype_name(p.dtype), ", head_dim=", p.head_dim, ", page_size=", p.page_size, ", num_q_heads/num_kv_heads=",
+           p.num_q_heads, "/", p.num_kv_heads, " with these shapes (see the README support matrix; "
+           "flashcore_hf.kernel_supports tells in advance)");
   const c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
+  FC_CHECK(aligned16(p.k_cache) && aligned16(p.v_cache), "paged_attention: the CUDA kernels need k_cache and v_cache "
+           "16-byte aligned");
   if (p.total_q == 0) return {out, lse};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  if (p.max_q_len <= kDecodeMaxQueriesPerSeq && paged_decode_supported(p)) {
-    const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const size_t bytes = paged_decode_workspace_bytes(p, num_sms);
+  if (planned.kernel == PlanKernel::kDecode) {
+    const size_t bytes = static_cast<size_t>(planned.workspace_bytes);
     at::Tensor scratch;
     void* ws_ptr = nullptr;
     if (bytes > 0) {
       if (workspace.has_value()) {
         const at::Tensor& ws = *workspace;
         FC_CHECK(ws.device() == q.device() && ws.scalar_type() == at::kFloat && ws.is_contiguous(),
-                    "paged_attention: workspace must be a contiguous float32 tensor on ", q.device());
+                 "paged_attention: workspace must be a contiguous float32 tensor on ", q.device());
         FC_CHECK(static_cast<size_t>(ws.numel()) * sizeof(float) >= bytes, "paged_attention: workspace has ",
-                    ws.numel() * sizeof(float), " bytes but this call needs ", bytes);
+                 static_cast<int64_t>(ws.numel() * sizeof(float)), " bytes but the plan needs ",
+                 static_cast<int64_t>(bytes));
         ws_ptr = ws.data_ptr();
       } else {
         scratch = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
@@ -55,17 +67,15 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
         ws_ptr = scratch.data_ptr();
       }
     }
-    check_launch(launch_paged_decode(p, ws_ptr, bytes, num_sms, stream), "paged decode kernel");
+    check_launch(launch_paged_decode(p, static_cast<int>(planned.splits), ws_ptr, bytes, stream),
+                 "paged decode kernel");
     return {out, lse};
   }
-  FC_CHECK(!p.per_kv_head_rows, "paged_attention: per-kv-head layouts (row_offsets with batch * num_kv_heads + 1 "
-              "entries) are supported by the CUDA decode kernel only (at most ", kDecodeMaxQueriesPerSeq,
-              " queries per sequence, fp16/bf16, head_dim 64/128); got max_q_len=", p.max_q_len);
-  FC_CHECK(paged_prefill_supported(p), "paged_attention: the CUDA kernels do not support dtype=", dtype_name(p.dtype),
-              ", head_dim=", p.head_dim, ", page_size=", p.page_size, ", num_q_heads/num_kv_heads=", p.num_q_heads,
-              "/", p.num_kv_heads, ", sm_scale=", p.sm_scale, " (the prefill kernel needs sm_scale > 0; see the README support "
-              "matrix; flashcore_hf.kernel_supports tells in advance)");
-  check_launch(launch_paged_prefill(p, stream), "paged prefill kernel");
+  FC_CHECK(aligned16(p.q) && p.q_stride_token % 8 == 0 && p.q_stride_head % 8 == 0, "paged_attention: the CUDA "
+           "prefill kernels need q 16-byte aligned with token and head strides that are multiples of 8 elements");
+  const PrefillKernel kernel =
+      planned.kernel == PlanKernel::kPrefillWgmma ? PrefillKernel::kWgmma : PrefillKernel::kMma;
+  check_launch(launch_paged_prefill(p, kernel, stream), "paged prefill kernel");
   return {out, lse};
 }
 
@@ -107,17 +117,27 @@ void update_page_bounds_cuda(at::Tensor& bounds, const at::Tensor& k_cache, cons
 
 }  // namespace
 
-bool cuda_kernels_support(DType dtype, int64_t head_dim, int64_t page_size, int64_t max_q_len, int64_t num_q_heads,
-                          int64_t num_kv_heads) {
-  PagedAttentionParams p;
-  p.dtype = dtype;
-  p.head_dim = static_cast<int32_t>(head_dim);
-  p.page_size = static_cast<int32_t>(page_size);
-  p.max_q_len = static_cast<int32_t>(max_q_len);
-  p.num_q_heads = static_cast<int32_t>(num_q_heads);
-  p.num_kv_heads = static_cast<int32_t>(num_kv_heads);
-  if (max_q_len <= kDecodeMaxQueriesPerSeq && paged_decode_supported(p)) return true;
-  return paged_prefill_supported(p);
+AttentionPlanData plan_cuda(const PagedAttentionParams& p, int64_t device_index, bool exact) {
+  AttentionPlanData d;
+  const int device = device_index >= 0 ? static_cast<int>(device_index) : at::cuda::current_device();
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(device);
+  // Decode: few queries per sequence (exactly known, or on average when the plan only knows the shapes: the decode
+  // kernel covers any count), and always for per-(sequence, kv head) page lists, which only it reads.
+  const bool few_queries = p.max_q_len <= kDecodeMaxQueriesPerSeq ||
+                           (!exact && p.total_q <= kDecodeQueriesPerSequence * std::max(p.batch, 1));
+  if ((few_queries || p.per_kv_head_rows) && paged_decode_supported(p)) {
+    // Split-KV partition from the longest row when it is known, else from the average row.
+    const int rows = p.per_kv_head_rows ? p.batch * p.num_kv_heads : p.batch;
+    const int pages = exact ? p.max_pages_per_seq : static_cast<int>((int64_t(p.nnz) + rows - 1) / std::max(rows, 1));
+    d.kernel = PlanKernel::kDecode;
+    d.splits = paged_decode_splits(p, props->multiProcessorCount, pages);
+    d.workspace_bytes = static_cast<int64_t>(paged_decode_workspace_bytes(p, static_cast<int>(d.splits)));
+    return d;
+  }
+  if (p.per_kv_head_rows || !paged_prefill_supported(p)) return d;
+  d.kernel = paged_prefill_wgmma_applies(p, props->major, props->minor) ? PlanKernel::kPrefillWgmma
+                                                                         : PlanKernel::kPrefillMma;
+  return d;
 }
 
 }  // namespace flashcore::binding

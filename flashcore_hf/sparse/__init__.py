@@ -17,9 +17,9 @@ Prefill stays dense; decode steps read the selected pages. Selection runs on the
 sync, and only changes the PageLayout the kernels read (the kernels know nothing about policies).
 """
 from .config import SparseConfig
-from .selection import (PaddedPageTable, SparsePagedKVHandle, StepSelection, padded_page_table, step_is_sparse,
+from .selection import (LayerSelector, PaddedPageTable, StepSelection, padded_page_table, step_is_sparse,
                         streaming_layout, topk_layout)
 from .summaries import PageKeySummaries, refresh_slots
 
-__all__ = ["PaddedPageTable", "PageKeySummaries", "SparseConfig", "SparsePagedKVHandle", "StepSelection",
+__all__ = ["LayerSelector", "PaddedPageTable", "PageKeySummaries", "SparseConfig", "StepSelection",
            "padded_page_table", "refresh_slots", "step_is_sparse", "streaming_layout", "topk_layout"]

@@ -6,9 +6,9 @@
   each layer folds the new keys into their pages' bounds on the device (`PageKeySummaries.update_decode`), so
   eager decode steps and CUDA-graph replays run the very same ops. Longer steps (prefill) list their written pages
   on the host and recompute those pages' bounds.
-- Per layer (`layer_handle`, after the layer's K/V were appended): bring the layer's summaries of the written
-  pages up to date (every step, prefill included, so decode always scores fresh bounds), then hand attention a
-  `SparsePagedKVHandle` on sparse steps of sparse layers, the plain handle otherwise.
+- Per layer (`layer_selector`, after the layer's K/V were appended): bring the layer's summaries of the written
+  pages up to date (every step, prefill included, so decode always scores fresh bounds), then give attention a
+  `LayerSelector` (the pages this layer reads) on sparse steps of sparse layers, None otherwise.
 - Copy-on-write page copies (`copy_page_bounds`) carry the copied pages' bounds along.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from ..cache_handle import PagedKVHandle
+from ..layout import PageLayout
 from .config import SparseConfig
-from .selection import SparsePagedKVHandle, StepSelection, step_is_sparse
+from .selection import LayerSelector, StepSelection, step_is_sparse
 from .summaries import PageKeySummaries, refresh_slots
 
 
@@ -57,13 +57,15 @@ class SparseStepPlan:
         if found[0].shape[0]:
             summaries.refresh(k_pool, *found)
 
-    def selection_on(self, handle: PagedKVHandle, config: SparseConfig, page_size: int) -> StepSelection:
-        """The StepSelection of the device of `handle` (whose layout is the step's dense layout there)."""
-        device = handle.k_cache.device
+    def selection_on(self, layout: PageLayout, max_pages: int, config: SparseConfig,
+                     page_size: int) -> StepSelection:
+        """The StepSelection of the device of `layout` (the step's dense per-sequence layout there; max_pages: the
+        step's bound on its rows)."""
+        device = layout.cols.device
         selection = self._selections.get(device)
         if selection is None:
-            selection = self._selections[device] = StepSelection(
-                config, handle.layout, handle.max_pages_per_seq, self.query_len, page_size)
+            selection = self._selections[device] = StepSelection(config, layout, max_pages, self.query_len,
+                                                                 page_size)
         return selection
 
 
@@ -115,21 +117,19 @@ class SparseCachePlanner:
         """The plan of a decode step (one token per sequence) whose metadata sits in fixed device buffers."""
         return SparseStepPlan(1, step_is_sparse(self.config, 1, max_pages_per_seq, self.page_size))
 
-    def layer_handle(self, layer_idx: int, handle: PagedKVHandle, plan: SparseStepPlan,
-                     slot_mapping: torch.Tensor) -> PagedKVHandle:
-        """After layer `layer_idx` appended its K/V: refresh its summaries; the handle attention should get.
-        slot_mapping: the step's [B * S] slots on the layer's device."""
+    def layer_selector(self, layer_idx: int, k_pool: torch.Tensor, plan: SparseStepPlan, layout: PageLayout,
+                       max_pages: int, slot_mapping: torch.Tensor) -> LayerSelector | None:
+        """After layer `layer_idx` appended its K/V: refresh its summaries; on sparse steps of sparse layers, the
+        selector of the pages it reads (None: it reads every page of `layout`). layout / max_pages: the step's dense
+        per-sequence layout on the layer's device and its bound; slot_mapping: the step's [B * S] slots there."""
         if layer_idx not in self.sparse_layers:
-            return handle
+            return None
         summaries = self.summaries.get(layer_idx)
         if summaries is not None:
-            plan.update_summaries(summaries, handle.k_cache, slot_mapping, self.page_size)
+            plan.update_summaries(summaries, k_pool, slot_mapping, self.page_size)
         if not plan.select:
-            return handle
-        selection = plan.selection_on(handle, self.config, self.page_size)
-        return SparsePagedKVHandle(handle.k_cache, handle.v_cache, handle.layout, handle.q_indptr,
-                                   handle.max_q_len, handle.max_pages_per_seq, handle.workspace,
-                                   selection=selection, summaries=summaries)
+            return None
+        return LayerSelector(plan.selection_on(layout, max_pages, self.config, self.page_size), summaries)
 
     def fit_summaries(self, layer_idx: int, k_pool: torch.Tensor) -> None:
         """The layer's pool now has k_pool.shape[0] pages: its page key bounds must cover them all."""

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache_handle import PagedKVHandle
 from ..layout import PageLayout
 from ..ops import select_pages
 from .config import SparseConfig
@@ -159,18 +158,23 @@ def step_is_sparse(config: SparseConfig, query_len: int, max_pages: int, page_si
     return max_pages > budget and sinks + max(recent, step_recent_pages(query_len, page_size)) <= budget
 
 
-@dataclass
-class SparsePagedKVHandle(PagedKVHandle):
-    """A PagedKVHandle whose layer reads a selected subset of pages on this decode step.
+@dataclass(frozen=True)
+class LayerSelector:
+    """The pages one sparse layer reads on this decode step: `select(q)` (q [B * S_q, Hq, D] packed queries) gives
+    the layout (rows per sequence for "streaming", per (sequence, kv head) for "topk") of `max_pages_per_row` pages
+    each. selection: the step's shared StepSelection; summaries: this layer's page key bounds ("topk"), else None."""
 
-    The attention function calls `select_layout(q)` (q [B * S_q, Hq, D] packed queries) and runs paged_attention
-    on the returned (layout, max_pages_per_seq) instead of the dense `layout`; sliding-window attention keeps
-    `layout` (a window counted in positions needs all pages). selection: the step's shared StepSelection;
-    summaries: this layer's page key bounds ("topk"), else None.
-    """
+    selection: StepSelection
+    summaries: PageKeySummaries | None
 
-    selection: StepSelection | None = None
-    summaries: PageKeySummaries | None = None
+    @property
+    def max_pages_per_row(self) -> int:
+        return self.selection.max_pages_per_row
 
-    def select_layout(self, q: torch.Tensor) -> tuple[PageLayout, int]:
-        return self.selection.layout_for(q, self.summaries), self.selection.max_pages_per_row
+    def rows(self, num_kv_heads: int) -> int:
+        """Layout rows of the selected layout."""
+        batch = self.selection.table.pages.shape[0]
+        return batch if self.selection.config.policy == "streaming" else batch * num_kv_heads
+
+    def select(self, q: torch.Tensor) -> PageLayout:
+        return self.selection.layout_for(q, self.summaries)

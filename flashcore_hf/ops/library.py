@@ -1,14 +1,15 @@
-"""Python API of the `flashcore` op library (torch.ops.flashcore.*), with fake kernels for torch.compile.
+"""Python wrappers of the `flashcore` op library (torch.ops.flashcore.*), with fake kernels for torch.compile.
 
 The ops are declared once in C++ (csrc/bindings/ops.cpp) with a CPU implementation and, when built with CUDA, a
-CUDA implementation under the same names. These wrappers resolve defaults and give the documented signatures.
+CUDA implementation under the same names. These wrappers resolve defaults and give the documented signatures;
+paged attention itself goes through a plan (plan.py).
 """
 from __future__ import annotations
 
 import torch
 
-from . import _ext  # noqa: F401  (loads the extension, registering torch.ops.flashcore)
-from .layout import PageLayout
+from .. import _ext  # noqa: F401  (loads the extension, registering torch.ops.flashcore)
+from ..layout import PageLayout
 
 _ops = torch.ops.flashcore
 
@@ -35,44 +36,6 @@ def build_layout(token_to_page: torch.Tensor, seq_starts: torch.Tensor, seq_ends
                                int(page_tokens), int(num_pages))
     layout = PageLayout(*result)
     return layout if device.type == "cpu" else layout.to(device)
-
-
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: PageLayout,
-                    q_indptr: torch.Tensor, *, causal: bool = True, sm_scale: float | None = None,
-                    sliding_window: int | None = None, softcap: float | None = None,
-                    sinks: torch.Tensor | None = None, return_lse: bool = False, max_q_len: int | None = None,
-                    max_pages_per_seq: int | None = None, workspace: torch.Tensor | None = None):
-    """Attention of packed varlen queries over per-sequence page lists.
-
-    q [total_q, Hq, D] (fp32/fp16/bf16; last dim contiguous); k_cache, v_cache [num_pages, page_size, Hkv, D]
-    contiguous, same dtype; layout: PageLayout (sequence b's keys are, in order, the first token_counts[j] tokens
-    of each page cols[j] of its row; rows are per sequence, or per (sequence, kv head) when row_offsets has
-    B * Hkv + 1 entries); q_indptr [B + 1] int32.
-    Positions are bottom-right aligned: with n_k keys and n_q queries, key i is at i and query i at n_k - n_q + i.
-    causal: key visible iff key_pos <= query_pos; sliding_window w: also query_pos - key_pos < w.
-    sm_scale defaults to D ** -0.5; Hq must be a multiple of Hkv.
-    softcap: logit softcapping (Gemma 2/3): each scaled score s becomes softcap * tanh(s / softcap) before the
-    softmax; None or 0: off. sinks [Hq] float32: attention sinks (GPT-OSS), a per-head logit that joins every row's
-    softmax denominator and contributes no value (the returned lse includes it).
-    max_q_len / max_pages_per_seq: optional host-known upper bounds on queries / pages per sequence (default:
-    total_q / nnz; pages are counted per layout row); they size the CUDA grid without a device sync and must not be smaller than the real values.
-    workspace: optional float32 CUDA buffer for split-KV partials (makes the call allocation-free).
-
-    Returns out [total_q, Hq, D] in q's dtype, and lse [total_q, Hq] float32 (natural log) when return_lse.
-    Rows with no visible key give zeros (lse -inf, or the sink logit with sinks).
-    """
-    if sm_scale is None:
-        sm_scale = q.shape[-1] ** -0.5
-    if sliding_window is not None and int(sliding_window) <= 0:
-        raise ValueError(f"sliding_window must be a positive number of tokens or None, got {sliding_window}")
-    window = 0 if sliding_window is None else int(sliding_window)
-    softcap = 0.0 if softcap is None else float(softcap)
-    max_q_len = q.shape[0] if max_q_len is None else int(max_q_len)
-    max_pages_per_seq = layout.cols.numel() if max_pages_per_seq is None else int(max_pages_per_seq)
-    out, lse = _ops.paged_attention(q, k_cache, v_cache, layout.row_offsets, layout.cols, layout.token_counts,
-                                    q_indptr, bool(causal), float(sm_scale), window, softcap, sinks, max_q_len,
-                                    max_pages_per_seq, workspace)
-    return (out, lse) if return_lse else out
 
 
 def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -139,7 +102,7 @@ def _build_layout_fake(token_to_page, seq_starts, seq_ends, page_resident_bitmap
 
 @torch.library.register_fake("flashcore::paged_attention")
 def _paged_attention_fake(q, k_cache, v_cache, row_offsets, cols, token_counts, q_indptr, causal, sm_scale, window,
-                          softcap, sinks, max_q_len, max_pages_per_seq, workspace):
+                          softcap, sinks, plan, workspace):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     return out, lse

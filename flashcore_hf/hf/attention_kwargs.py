@@ -14,6 +14,8 @@ IMPLEMENTED = frozenset({
     "scaling",          # softmax scale
     "sliding_window",   # window in positions, applied by the kernels
     "is_causal",        # causal (bottom-right) or not
+    "softcap",          # Gemma 2/3 attention-logit softcapping, in the kernels
+    "s_aux",            # GPT-OSS per-head attention sinks, in the kernels
     "position_ids",     # only read to detect packed sequences in one row (cu_seq_lens_q's role)
     "cu_seq_lens_q",    # packed sequences without a cache
     "output_attentions",  # refused when true by the attention function (no weights are materialised)
@@ -31,8 +33,6 @@ _CONTINUOUS_BATCHING = ("transformers' continuous-batching protocol (generate_ba
 _OTHER_ATTENTION = "load this model with attn_implementation='sdpa' or 'eager'"
 
 REFUSED = {
-    "softcap": ("attention-logit softcapping (Gemma 2/3)", _OTHER_ATTENTION),
-    "s_aux": ("attention sinks (GPT-OSS)", _OTHER_ATTENTION),
     "cache": _CONTINUOUS_BATCHING,
     "block_table": _CONTINUOUS_BATCHING,
     "read_index": _CONTINUOUS_BATCHING,

@@ -3,8 +3,7 @@
 - `AttentionInterface.register("flashcore", flashcore_attention_forward)`: the attention function, one call of
   `FlashCoreAttention`.
 - `AttentionMaskInterface.register("flashcore", flashcore_mask)`: never a dense [B, 1, S, S] mask; None or the 2-D
-  padding mask, which it also hands to `PagedKVCache` (`padding.stash_padding_mask`) because the cache plans a
-  step's pages before any attention function sees the mask.
+  padding mask, which reaches the attention function and, through it, the PagedKVCache step plan.
 - the transformers patches (flashcore_hf.patches): the "flash" name check, and `generate()` building a
   `PagedKVCache` when a flashcore model is given no cache (options: `set_default_cache_options`).
 
@@ -26,13 +25,12 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
+from ..cache import SUPPORTED_LAYER_TYPES, PagedKVCache
+from ..patches import apply_transformers_patches, remove_transformers_patches
+from ..sparse.config import SparseConfig
 from .attention import FlashCoreAttention
 from .attention_kwargs import check_attention_kwargs
 from .decode_graphs import pool_arena, prepare_for_generate, remove_runners
-from .paged_cache import SUPPORTED_LAYER_TYPES, PagedKVCache
-from .padding import stash_padding_mask
-from .sparse.config import SparseConfig
-from .patches import apply_transformers_patches, remove_transformers_patches
 
 ATTN_IMPLEMENTATION = "flashcore"
 """The name to pass as `attn_implementation`."""
@@ -77,8 +75,8 @@ def flashcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     out = _ATTENTION(query, key, value, attention_mask, scaling=scaling, sliding_window=sliding_window,
-                     is_causal=is_causal, position_ids=kwargs.get("position_ids"),
-                     cu_seq_lens=kwargs.get("cu_seq_lens_q"))
+                     is_causal=is_causal, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"),
+                     position_ids=kwargs.get("position_ids"), cu_seq_lens=kwargs.get("cu_seq_lens_q"))
     return out, None
 
 
@@ -90,9 +88,7 @@ def flashcore_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
     slots past them hold nothing yet). Without one: None, unless the cache hands attention more slots than it has
     filled (StaticCache), then ones [B, filled]; a StaticCache reports its length as a device tensor, so that case
     costs one host sync per forward. Causality and sliding windows are applied by the kernels, not by a mask.
-    The incoming padding mask is stashed for PagedKVCache, which plans the step's pages before attention runs.
     """
-    stash_padding_mask(attention_mask)
     if attention_mask is not None:
         return attention_mask[:, -kv_length:]
     filled = q_offset + q_length - kv_offset

@@ -27,7 +27,6 @@ captures, their cost and replays; `release_decode_graphs(model)` frees the graph
 from __future__ import annotations
 
 import functools
-import gc
 import os
 import time
 import weakref
@@ -36,10 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .growable import GrowableBuffer
-from .layout import PageLayout
-from .paged_cache import PagedKVCache, _DeviceStep, _StepPlan
-from .patches import CACHE_KWARG
+from ..cache import PagedKVCache, PoolArena, StepPlan
+from ..cache.step_plan import StepShape
+from ..patches import CACHE_KWARG
 
 _ENABLED = os.environ.get("FLASHCORE_CUDA_GRAPHS", "1") != "0"
 _MAX_GRAPHS_PER_MODEL = 8
@@ -74,80 +72,33 @@ class DecodeGraphStats:
         self.eager_reasons[reason] = self.eager_reasons.get(reason, 0) + 1
 
 
-class PoolArena:
-    """Page-pool memory of one model, lent to one PagedKVCache at a time and kept when that cache is gone, so the
-    next generate() call gets the same addresses and replays the graphs captured before (no re-capture).
-
-    A new tenant starts with the memory unmapped (the addresses stay reserved) and maps what it needs, so a
-    generate() call never holds the previous call's pages; `release_decode_graphs` frees the address space too.
-    """
-
-    def __init__(self):
-        self._buffers: dict[tuple, GrowableBuffer] = {}
-        self._tenant = None
-
-    def lease(self, cache) -> bool:
-        """Lend the arena to `cache` unless another live cache holds it (a cache held only by a reference cycle is
-        collected first); the new tenant starts with no memory mapped."""
-        if self._tenant is not None and self._tenant() is not None:
-            gc.collect()
-            if self._tenant() is not None:
-                return False
-        self._tenant = weakref.ref(cache)
-        for buf in self._buffers.values():
-            buf.release_memory()
-        return True
-
-    def buffer(self, key: tuple, device: torch.device, reserve_bytes: int) -> GrowableBuffer:
-        """The arena's buffer for `key` (e.g. (layer, "k")), new if absent or too small for reserve_bytes."""
-        buf = self._buffers.get(key)
-        if buf is None or buf.device != torch.device(device) or buf.reserved_bytes < reserve_bytes:
-            buf = GrowableBuffer(device, reserve_bytes)
-            self._buffers[key] = buf
-        return buf
-
-
 class _FixedStep:
-    """The fixed device buffers of one captured decode step, its graph and its output.
+    """The fixed device buffers of one captured decode step (packed like a step's metadata at the bucket's
+    capacities: flashcore_hf.cache.step_plan.StepShape), its graph and its output."""
 
-    meta packs, like `_StepPlan.host`: row_offsets [B+1], cols [cap], token_counts [cap], staging_ids [cap],
-    q_indptr [B+1], slot_mapping [B]; cap = B * (page bucket) entries, those past a step's pages unused.
-    """
-
-    def __init__(self, batch: int, capacity: int, device: torch.device):
-        self.batch, self.capacity = batch, capacity
-        self.sizes = [batch + 1, capacity, capacity, capacity, batch + 1, batch]
-        self.meta = torch.zeros(sum(self.sizes), dtype=torch.int32, device=device)
-        parts = torch.split(self.meta, self.sizes)
-        self.device_step = _DeviceStep(PageLayout(*parts[:4]), parts[4], parts[5])
-        self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    def __init__(self, shape: StepShape, device: torch.device):
+        self.shape = shape
+        self.meta = torch.zeros(sum(shape.sizes()), dtype=torch.int32, device=device)
+        self.device_step = shape.split(self.meta)
+        self.input_ids = torch.zeros(shape.batch, 1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(shape.batch, 1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None   # the graph's output buffer
         self.output_type = None                   # the model's output class
 
     def load_noop(self) -> None:
-        """A step that reads no page and writes no slot (for the warm-up and the capture)."""
-        b = self.batch
+        """A step that reads no page and writes no slot (for the warm-up and the capture): every query run of every
+        layout reads nothing, every slot is -1."""
+        b = self.shape.batch
         host = torch.zeros(self.meta.numel(), dtype=torch.int32)
-        offsets = torch.cumsum(torch.tensor([0, *self.sizes]), 0).tolist()
-        host[offsets[3]:offsets[4]] = -1                            # staging ids
-        host[offsets[4]:offsets[5]] = torch.arange(b + 1, dtype=torch.int32)
-        host[offsets[5]:offsets[6]] = -1                            # slots: write nothing
+        sizes = self.shape.sizes()
+        host[:sizes[0]] = torch.arange(b + 1, dtype=torch.int32)        # q_indptr: one query per row
+        host[sizes[0]:sizes[0] + sizes[1]] = -1                          # slot_mapping
         self.meta.copy_(host)
 
-    def load(self, plan: _StepPlan) -> None:
+    def load(self, plan: StepPlan) -> None:
         """Copy a host plan into the buffers (one host-to-device copy; no sync)."""
-        b, nnz, cap = self.batch, plan.nnz, self.capacity
-        pieces = torch.split(plan.host, [b + 1, nnz, nnz, nnz, b + 1, b])
-        host = torch.empty(self.meta.numel(), dtype=torch.int32, pin_memory=True)
-        at = 0
-        for piece, size in zip(pieces, self.sizes):
-            host[at:at + piece.numel()] = piece
-            if size > piece.numel():
-                host[at + piece.numel():at + size] = 0
-            at += size
-        self.meta.copy_(host, non_blocking=True)
+        self.meta.copy_(self.shape.pack(*plan.host_parts, pin=True), non_blocking=True)
 
 
 class DecodeGraphRunner:
@@ -211,10 +162,11 @@ class DecodeGraphRunner:
         ids, cache = kwargs["input_ids"], kwargs[CACHE_KWARG]
         batch, device = ids.shape[0], ids.device
         plan = cache.plan_decode_step(device)          # may grow the pools (and bounds): part of the key below
-        key = (batch, plan.max_pages_per_seq, cache.device_buffers(), cache.sparse)
+        bucket = plan.max_pages["full"]
+        key = (batch, bucket, cache.device_buffers(), cache.sparse)
         step = self._graphs.get(key)
         if step is None:
-            step = self._capture(cache, batch, plan, device, key)
+            step = self._capture(cache, batch, bucket, plan, device, key)
         else:
             self._graphs.move_to_end(key)
         step.load(plan)
@@ -230,10 +182,11 @@ class DecodeGraphRunner:
         # A copy: the graph's output buffer is overwritten by the next replay, while generate() may keep logits.
         return step.output_type(logits=step.logits.clone(), **{CACHE_KWARG: cache})
 
-    def _capture(self, cache: PagedKVCache, batch: int, plan: _StepPlan, device: torch.device, key) -> _FixedStep:
+    def _capture(self, cache: PagedKVCache, batch: int, bucket: int, plan: StepPlan, device: torch.device,
+                 key) -> _FixedStep:
         torch.cuda.synchronize(device)
         start = time.perf_counter()
-        step = _FixedStep(batch, batch * plan.max_pages_per_seq, device)
+        step = _FixedStep(cache.fixed_decode_shape(batch, bucket), device)
         step.load_noop()
         step.position_ids.fill_(plan.padded_len - 1)
         forward_kwargs = {"input_ids": step.input_ids, "position_ids": step.position_ids, CACHE_KWARG: cache,
@@ -243,11 +196,11 @@ class DecodeGraphRunner:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            cache.begin_fixed_step(step.device_step, plan.padded_len, plan.max_pages_per_seq)
+            cache.begin_fixed_step(step.device_step, step.shape, plan.padded_len, bucket)
             self._forward(**forward_kwargs)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        cache.begin_fixed_step(step.device_step, plan.padded_len, plan.max_pages_per_seq)
+        cache.begin_fixed_step(step.device_step, step.shape, plan.padded_len, bucket)
         with torch.cuda.graph(graph):
             output = self._forward(**forward_kwargs)
         # Keep only the logits buffer: the output also references the cache, which must not outlive its generate()
