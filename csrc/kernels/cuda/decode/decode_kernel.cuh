@@ -423,11 +423,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(co
 
 // One warp per (sequence, query, q head): out = sum_s exp(lse_s - lse) * out_s, lse = log sum_s exp(lse_s).
 // Only the splits that the main kernel ran (pages left for them) are read; lse_s == -inf means "saw no key".
-// With sinks, the head's sink logit joins as one more term with lse_s = sink and out_s = 0 (the partials have none),
-// so a row that no split saw gets zeros and lse = sink.
+// With sinks (kSinks, chosen at launch), the head's sink logit joins as one more term with lse_s = sink and out_s = 0
+// (the partials have none), so a row that no split saw gets zeros and lse = sink.
 // Launched with PDL right behind the main kernel, which triggers at its start: these blocks become resident early
 // and wait in griddepcontrol.wait, so the merge starts as soon as the last split finishes.
-template <typename T, int D>
+template <typename T, int D, bool kSinks>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs a) {
   constexpr int V = D / 32;  // floats per lane
   static_assert(V == 2 || V == 4, "head dim");
@@ -451,16 +451,18 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs
   for (int s = lane; s < active; s += 32) lse_max = fmaxf(lse_max, a.part_lse[s * split_stride + row]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, off));
-  const bool has_sink = p.sinks != nullptr;
-  const float sink = has_sink ? __ldg(p.sinks + hq) : -INFINITY;
-  if (has_sink) lse_max = fmaxf(lse_max, sink);
+  float sink = -INFINITY;
+  if constexpr (kSinks) {
+    sink = __ldg(p.sinks + hq);
+    lse_max = fmaxf(lse_max, sink);
+  }
 
   float acc[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) acc[e] = 0.f;
   float w_sum = 0.f;
-  constexpr float kLog2e = 1.4426950408889634f;
   if (lse_max != -INFINITY) {
+    constexpr float kLog2e = 1.4426950408889634f;
     // Every active split wrote finite partials for every row of the sequence (zeros where it saw no key, with
     // lse -inf, whose weight is exactly 0), so the loads are unconditional and can all be in flight at once.
 #pragma unroll 16
@@ -477,7 +479,7 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs
       }
     }
     // The sink's weight (no value); exactly 1 when it is the largest term (e.g. a row that no split saw).
-    if (has_sink) w_sum += fast_exp2((sink - lse_max) * kLog2e);
+    if constexpr (kSinks) w_sum += fast_exp2((sink - lse_max) * kLog2e);
   }
   const float inv = w_sum > 0.f ? 1.f / w_sum : 0.f;
   T* out = static_cast<T*>(p.out) + row * D + lane * V;
@@ -522,8 +524,9 @@ cudaError_t launch_decode_typed(const DecodeArgs& a, int warps_m, cudaStream_t s
 template <typename T, int D>
 cudaError_t launch_merge_typed(const DecodeArgs& a, cudaStream_t stream) {
   const int64_t warps = (int64_t)a.p.batch * a.p.max_q_len * a.p.num_q_heads;
-  const int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
-  return launch_pdl(merge_splits_kernel<T, D>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, a);
+  const dim3 grid(static_cast<unsigned>((warps + kThreads / 32 - 1) / (kThreads / 32)));
+  return a.p.sinks != nullptr ? launch_pdl(merge_splits_kernel<T, D, true>, grid, dim3(kThreads), 0, stream, a)
+                              : launch_pdl(merge_splits_kernel<T, D, false>, grid, dim3(kThreads), 0, stream, a);
 }
 
 }  // namespace flashcore::decode
