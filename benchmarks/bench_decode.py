@@ -8,6 +8,7 @@ Writes decode.csv and decode.png under $OUT (or ./benchmark_results) and prints 
     python benchmarks/bench_decode.py [--quick]
     python benchmarks/bench_decode.py --profile      # per-kernel device time (torch.profiler) for small batches
     python benchmarks/bench_decode.py --one 1 8192 16  # just flashcore at B, context, page size (for ncu)
+    python benchmarks/bench_decode.py --softcap        # cost of logit softcapping and sinks (decode_softcap.csv)
 """
 from __future__ import annotations
 
@@ -100,12 +101,51 @@ def profile_kernels(cases, iters=20):
         torch.cuda.empty_cache()
 
 
+SOFTCAP_SHAPES = [(1, 32768, 16), (64, 8192, 16)]  # split page lists (+ merge kernel); one split per sequence
+SOFTCAP = 30.0
+
+
+def softcap_cost(shapes=SOFTCAP_SHAPES):
+    """flashcore alone, in one run: plain, softcap, sinks and both, for each (B, context, page size); median us and
+    the ratio to plain. Softcap switches to the kernels' softcap instantiations; sinks only touch the epilogue."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    rows = []
+    for batch, ctx, page_size in shapes:
+        k_cache, v_cache, layout, q, q_indptr, pps = make_paged(batch, ctx, page_size, gen)
+        workspace = torch.empty(64 << 20, device="cuda")
+        sinks = torch.randn(HQ, device="cuda", generator=gen)
+        kv_bytes = 2 * batch * ctx * HKV * D * torch.finfo(DTYPE).bits // 8
+        row = {"gpu": device_name(), "batch": batch, "context": ctx, "page": page_size}
+        for name, softcap, sink in (("plain", None, None), ("softcap", SOFTCAP, None), ("sinks", None, sinks),
+                                    ("softcap_sinks", SOFTCAP, sinks)):
+            run = lambda: fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, max_q_len=1,  # noqa: E731
+                                             max_pages_per_seq=pps, workspace=workspace, softcap=softcap,
+                                             sinks=sink)
+            run()
+            row[f"{name}_us"] = median_ms(run) * 1e3
+            row[f"{name}_TBs"] = kv_bytes / (row[f"{name}_us"] * 1e-6) / 1e12
+        for name in ("softcap", "sinks", "softcap_sinks"):
+            row[f"{name}_vs_plain"] = row[f"{name}_us"] / row["plain_us"]
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        del k_cache, v_cache, layout, workspace
+        torch.cuda.empty_cache()
+    print(f"wrote {write_csv(rows, 'decode_softcap.csv')}")
+    print_table(rows, ["batch", "context", "page", "plain_us", "softcap_us", "sinks_us", "softcap_sinks_us",
+                       "softcap_vs_plain", "sinks_vs_plain", "softcap_sinks_vs_plain"])
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="only B in {1, 16} x context in {8K, 32K}")
     parser.add_argument("--profile", action="store_true", help="per-kernel device times for a few cases")
     parser.add_argument("--one", type=int, nargs=3, metavar=("B", "CTX", "PAGE"), help="run only flashcore, 10x")
+    parser.add_argument("--softcap", action="store_true",
+                        help=f"only the cost of softcap {SOFTCAP} and sinks at (B, context, page) {SOFTCAP_SHAPES}")
     args = parser.parse_args()
+    if args.softcap:
+        softcap_cost()
+        return
     if args.profile:
         profile_kernels([(1, 8192, 16), (1, 8192, 128), (1, 32768, 16), (1, 131072, 16), (16, 32768, 16)])
         return

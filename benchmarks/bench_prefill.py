@@ -11,6 +11,7 @@ TFLOP/s counts 4 * B * Hq * S^2 * D, halved for causal. Writes bench_prefill.csv
 (or ./benchmark_results) and prints a table last.
 
     python benchmarks/bench_prefill.py [--quick] [--no-refs] [--only TEXT]
+    python benchmarks/bench_prefill.py --softcap   # cost of logit softcapping and sinks (bench_prefill_softcap.csv)
 """
 from __future__ import annotations
 
@@ -125,6 +126,58 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, flex, rep_ms, refs=True):
     return row
 
 
+SOFTCAP_SHAPES = ["B1 32/8 S8K D128 bf16 causal", "B16 H16 S2K D64 fp16 causal"]
+SOFTCAP = 30.0
+
+
+def softcap_cost(rep_ms):
+    """flashcore alone, in one run: plain, softcap, sinks and both on SOFTCAP_SHAPES (page size 128), with the default
+    kernel and (head dim 128) with FLASHCORE_PREFILL_KERNEL=mma; TFLOP/s and the time ratio to plain."""
+    rows = []
+    for shape in SHAPES:
+        name, B, Hq, Hkv, S, D, causal, dtype = shape
+        if name not in SOFTCAP_SHAPES:
+            continue
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(B * S, Hq, D, generator=gen).to(dtype).cuda()
+        k = torch.randn(B, S, Hkv, D, generator=gen).to(dtype).cuda()
+        v = torch.randn(B, S, Hkv, D, generator=gen).to(dtype).cuda()
+        sinks = torch.randn(Hq, generator=gen).cuda()
+        k_cache, v_cache, layout = paged_copy(k, v, 128, gen)
+        q_indptr = (torch.arange(B + 1, dtype=torch.int32) * S).cuda()
+        flops = 4 * B * Hq * S * S * D * (0.5 if causal else 1.0)
+        previous = os.environ.get("FLASHCORE_PREFILL_KERNEL")
+        try:
+            for kernel in ("default", "mma") if D == 128 else ("default",):  # D64: the mma.sync kernel only
+                if kernel == "mma":
+                    os.environ["FLASHCORE_PREFILL_KERNEL"] = "mma"
+                row = dict(shape=name, kernel=kernel)
+                for variant, softcap, sink in (("plain", None, None), ("softcap", SOFTCAP, None),
+                                               ("sinks", None, sinks), ("softcap_sinks", SOFTCAP, sinks)):
+                    fn = lambda: fc.paged_attention(q, k_cache, v_cache, layout, q_indptr,  # noqa: E731
+                                                    causal=causal, softcap=softcap, sinks=sink, max_q_len=S,
+                                                    max_pages_per_seq=S // 128)
+                    fn()
+                    ms = median_ms(fn, rep_ms=rep_ms)
+                    row[f"{variant}_ms"] = ms
+                    row[f"{variant}_TF"] = flops / ms / 1e9
+                for variant in ("softcap", "sinks", "softcap_sinks"):
+                    row[f"{variant}_vs_plain"] = row[f"{variant}_ms"] / row["plain_ms"]
+                rows.append(row)
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        finally:
+            if previous is None:
+                os.environ.pop("FLASHCORE_PREFILL_KERNEL", None)
+            else:
+                os.environ["FLASHCORE_PREFILL_KERNEL"] = previous
+        del q, k, v, k_cache, v_cache
+        torch.cuda.empty_cache()
+    csv_path = write_csv(rows, "bench_prefill_softcap.csv")
+    print(f"\n{device_name()}; softcap {SOFTCAP}; CSV: {csv_path}")
+    print_table(rows, ["shape", "kernel", "plain_TF", "softcap_TF", "sinks_TF", "softcap_sinks_TF", "softcap_vs_plain",
+                       "sinks_vs_plain", "softcap_sinks_vs_plain"])
+
+
 def plot(rows, path):
     try:
         import matplotlib
@@ -155,8 +208,13 @@ def main():
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--only", default="", help="run only the shapes whose name contains this text")
     parser.add_argument("--no-refs", action="store_true", help="time flashcore only (no SDPA, no FlexAttention)")
+    parser.add_argument("--softcap", action="store_true",
+                        help=f"only the cost of softcap {SOFTCAP} and sinks on {SOFTCAP_SHAPES} (flashcore alone)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.softcap:
+        softcap_cost(rep_ms=50 if args.quick else 200)
+        return
     flex = None
     if not (args.quick or args.no_flex or args.no_refs):
         try:

@@ -64,7 +64,7 @@ def random_problem(lengths, n_qs, hq, hkv, d, page_size, dtype, generator, *, pa
 
 
 def run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal=True, window=None, workspace=None,
-               max_q_len=None, max_pages_per_seq=None):
+               max_q_len=None, max_pages_per_seq=None, sm_scale=None, softcap=None, sinks=None):
     layout = fc.PageLayout(row_offsets.to(DEV), cols.to(DEV), counts.to(DEV),
                            torch.full_like(cols, -1).to(DEV))
     n_q = (q_indptr[1:] - q_indptr[:-1])
@@ -79,15 +79,19 @@ def run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, caus
     del poison
     out, lse = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr.to(DEV), causal=causal,
                                   sliding_window=window, return_lse=True, max_q_len=max_q_len,
-                                  max_pages_per_seq=max_pages_per_seq, workspace=workspace)
+                                  max_pages_per_seq=max_pages_per_seq, workspace=workspace, sm_scale=sm_scale,
+                                  softcap=softcap, sinks=sinks)
     torch.cuda.synchronize()
     return out, lse
 
 
-def lowp_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal=True, window=None):
-    """Plain PyTorch attention computed in q's dtype on the GPU (the precision yardstick)."""
+def lowp_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal=True, window=None,
+                         sm_scale=None, softcap=None, sinks=None):
+    """Plain PyTorch attention computed in q's dtype on the GPU (the precision yardstick). softcap as in eager Gemma 2
+    (tanh of the low-precision scores), sinks as in eager GPT-OSS (an extra softmax column, dropped afterwards)."""
     out = torch.zeros_like(q)
     hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
+    scale = d ** -0.5 if sm_scale is None else sm_scale
     for b in range(len(q_indptr) - 1):
         q0, q1 = int(q_indptr[b]), int(q_indptr[b + 1])
         p0, p1 = int(row_offsets[b]), int(row_offsets[b + 1])
@@ -98,7 +102,9 @@ def lowp_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indpt
         n_k, n_q = ks.shape[0], q1 - q0
         kr = ks.repeat_interleave(hq // hkv, dim=1)
         vr = vs.repeat_interleave(hq // hkv, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[q0:q1], kr) * (d ** -0.5)
+        scores = torch.einsum("qhd,khd->hqk", q[q0:q1], kr) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         q_pos = torch.arange(n_q, device=DEV) + n_k - n_q
         k_pos = torch.arange(n_k, device=DEV)
         visible = torch.ones(n_q, n_k, dtype=torch.bool, device=DEV)
@@ -106,28 +112,43 @@ def lowp_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indpt
             visible &= k_pos[None] <= q_pos[:, None]
         if window is not None:
             visible &= (q_pos[:, None] - k_pos[None]) < window
-        probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+        scores = scores.masked_fill(~visible, -math.inf)
+        if sinks is not None:
+            sink_col = sinks.to(DEV, q.dtype)[:, None, None].expand(hq, n_q, 1)
+            probs = torch.softmax(torch.cat([scores, sink_col], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", probs, vr)
     return out
 
 
 def check_against_reference(out, lse, q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal=True,
-                            window=None):
+                            window=None, sm_scale=None, softcap=None, sinks=None):
+    options = dict(causal=causal, sliding_window=window, sm_scale=sm_scale, softcap=softcap)
     ref_out, ref_lse = reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr,
-                                                 causal=causal, sliding_window=window)
+                                                 sinks=sinks, **options)
     lowp = lowp_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, causal=causal,
-                                window=window)
+                                window=window, sm_scale=sm_scale, softcap=softcap, sinks=sinks)
     out64, lse64 = out.double().cpu(), lse.double().cpu()
     assert not torch.isnan(out64).any(), "NaN in out (an unwritten or poisoned element)"
     assert not torch.isnan(lse64).any(), "NaN in lse"
     err = (out64 - ref_out).abs().max().item() if out.numel() else 0.0
     lowp_err = (lowp.double().cpu() - ref_out).abs().max().item() if out.numel() else 0.0
     assert err <= 2 * lowp_err + 1e-4, f"kernel error {err:.3e} vs plain {q.dtype} error {lowp_err:.3e}"
-    empty = torch.isinf(ref_lse)
-    assert torch.equal(torch.isinf(lse64), empty), "lse must be -inf exactly where a row sees no key"
+    # rows that see no key: lse -inf without sinks
+    empty = torch.isinf(ref_lse if sinks is None else
+                        reference_paged_attention(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr,
+                                                  **options)[1])
     assert (out64[empty[..., None].expand_as(out64)] == 0).all(), "rows with no visible key must be zero"
-    if (~empty).any():
-        lse_err = (lse64[~empty] - ref_lse[~empty]).abs().max().item()
+    if sinks is None:
+        assert torch.equal(torch.isinf(lse64), empty), "lse must be -inf exactly where a row sees no key"
+    else:
+        sink64 = sinks.double().cpu()[None, :].expand_as(lse64)
+        assert torch.isfinite(lse64).all(), "with (finite) sinks every lse is finite"
+        assert torch.allclose(lse64[empty], sink64[empty], rtol=1e-6, atol=1e-6), "rows with no key: lse = sink"
+    seen = torch.isfinite(ref_lse)
+    if seen.any():
+        lse_err = (lse64[seen] - ref_lse[seen]).abs().max().item()
         assert lse_err <= 2e-3, f"lse error {lse_err:.3e}"
     return err, lowp_err
 
@@ -332,3 +353,114 @@ def test_per_kv_head_page_lists(n_q, causal, window, generator):
                                 k_cache[:, :, h:h + 1].contiguous(), v_cache[:, :, h:h + 1].contiguous(),
                                 i32(sub_offsets), i32(sub_cols), i32(sub_counts), q_indptr, causal=causal,
                                 window=window)
+
+
+# ---- logit softcapping and attention sinks ---------------------------------------------------------------------
+# Large scores (sm_scale = 3 / sqrt(D)) so that softcap 5 bites hard and 50 a little; sinks are random logits of
+# scale 3 with head 0's at +20 (it dominates its rows: outputs near zero, lse near 20) and head 1's at -20 (no effect).
+
+SOFTCAP_SINKS = [(5.0, False), (50.0, True), (None, True)]
+
+
+def random_sinks(hq, generator):
+    sinks = 3 * torch.randn(hq, generator=generator)
+    sinks[0], sinks[1] = 20.0, -20.0
+    return sinks.to(DEV)
+
+
+def splits_page_lists(prob, **kwargs):
+    """True when the decode kernel splits this call's page lists (then it needs a workspace). Only meaningful for
+    n_q = 1 without a window, where nothing else uses the workspace."""
+    try:
+        run_kernel(*prob, workspace=torch.empty(0, device=DEV), **kwargs)
+        return False
+    except RuntimeError as err:
+        if "this call needs" in str(err):
+            return True
+        raise
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("softcap,with_sinks", SOFTCAP_SINKS)
+def test_softcap_and_sinks(dtype, head_dim, softcap, with_sinks, generator):
+    """Split page lists (long contexts, small batch: the sink joins in the merge kernel) and unsplit ones (short
+    contexts: the sink joins in the main kernel); rows that see no key (n_k = 0, n_q > n_k); GQA 4, odd sizes."""
+    hkv, group = 2, 4
+    hq = hkv * group
+    opts = dict(sm_scale=3.0 * head_dim ** -0.5, softcap=softcap,
+                sinks=random_sinks(hq, generator) if with_sinks else None)
+    long_lengths = [int(x) for x in torch.randint(2000, 4000, (2,), generator=generator)] + [1, 0]
+    prob = random_problem(long_lengths, [1] * 4, hq, hkv, head_dim, 16, dtype, generator)
+    assert splits_page_lists(prob, **opts), "expected the split-KV path"
+    out, lse = run_kernel(*prob, **opts)
+    check_against_reference(out, lse, *prob, **opts)
+
+    # At most 8 full pages (two key tiles or less): one split. n_q 12 over 5 keys: the first 7 queries see nothing.
+    short_lengths = [120, 5, 0, 77]
+    assert not splits_page_lists(random_problem(short_lengths, [1] * 4, hq, hkv, head_dim, 16, dtype, generator),
+                                 **opts), "expected a single split"
+    prob = random_problem(short_lengths, [16, 12, 2, 1], hq, hkv, head_dim, 16, dtype, generator)
+    out, lse = run_kernel(*prob, **opts)
+    check_against_reference(out, lse, *prob, **opts)
+
+
+@pytest.mark.parametrize("window,n_q", [(7, 1), (300, 16), (64, 4)])
+def test_softcap_and_sinks_with_window(window, n_q, generator):
+    """Sliding windows: whole splits fall outside the window (partial lse -inf next to a finite sink)."""
+    hq, hkv, d = 32, 8, 128
+    opts = dict(sm_scale=3.0 * d ** -0.5, softcap=30.0, sinks=random_sinks(hq, generator))
+    prob = random_problem([2000, 10, 513], [n_q] * 3, hq, hkv, d, 16, torch.bfloat16, generator, partial_pages=True)
+    out, lse = run_kernel(*prob, window=window, **opts)
+    check_against_reference(out, lse, *prob, window=window, **opts)
+
+
+def test_softcap_and_sinks_large_batch_no_split(generator):
+    """B = 256 fills the GPU: no split, the sink joins in the main kernel at every context length."""
+    lengths = [int(x) for x in torch.randint(0, 1200, (256,), generator=generator)]
+    hq = 32
+    opts = dict(sm_scale=3.0 * 128 ** -0.5, softcap=20.0, sinks=random_sinks(hq, generator))
+    prob = random_problem(lengths, [1] * 256, hq, 8, 128, 16, torch.bfloat16, generator, partial_pages=True)
+    assert not splits_page_lists(prob, **opts)
+    out, lse = run_kernel(*prob, **opts)
+    check_against_reference(out, lse, *prob, **opts)
+
+
+def test_sinks_at_minus_inf_change_nothing(generator):
+    """A sink of -inf adds exp(-inf) = 0: bit for bit the result without sinks, split (merge kernel) or not."""
+    hq = 16
+    sinks = torch.full((hq,), -math.inf, device=DEV)
+    for lengths in ([3000, 2500], [100, 60]):
+        prob = random_problem(lengths, [1, 1], hq, 4, 128, 16, torch.bfloat16, generator)
+        out, lse = run_kernel(*prob, softcap=10.0)
+        out_s, lse_s = run_kernel(*prob, softcap=10.0, sinks=sinks)
+        assert torch.equal(out, out_s) and torch.equal(lse, lse_s)
+
+
+@pytest.mark.parametrize("n_q,causal,window", [(1, True, None), (3, True, 40)])
+def test_softcap_and_sinks_per_kv_head_page_lists(n_q, causal, window, generator):
+    """Per-(sequence, kv head) page lists: each kv head's query heads use their own sinks."""
+    batch, hkv, group, d, page_size = 3, 4, 4, 64, 16
+    lengths = [int(x) for x in torch.randint(0, 3000, (batch * hkv,), generator=generator)]
+    num_pages, row_offsets, cols, counts = make_layout(lengths, page_size, generator, partial_pages=True)
+    k_cache = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(torch.float16).to(DEV)
+    v_cache = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(torch.float16).to(DEV)
+    q = torch.randn(batch * n_q, hkv * group, d, generator=generator).to(torch.float16).to(DEV)
+    q_indptr = torch.arange(batch + 1, dtype=torch.int32) * n_q
+    sinks = random_sinks(hkv * group, generator)
+    opts = dict(sm_scale=3.0 * d ** -0.5, softcap=5.0)
+    out, lse = run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, causal=causal, window=window,
+                          sinks=sinks, **opts)
+    for h in range(hkv):
+        rows = [b * hkv + h for b in range(batch)]
+        sub_offsets, sub_cols, sub_counts = [0], [], []
+        for r in rows:
+            sub_cols += cols[row_offsets[r]:row_offsets[r + 1]].tolist()
+            sub_counts += counts[row_offsets[r]:row_offsets[r + 1]].tolist()
+            sub_offsets.append(len(sub_cols))
+        i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+        heads = slice(h * group, (h + 1) * group)
+        check_against_reference(out[:, heads], lse[:, heads], q[:, heads].contiguous(),
+                                k_cache[:, :, h:h + 1].contiguous(), v_cache[:, :, h:h + 1].contiguous(),
+                                i32(sub_offsets), i32(sub_cols), i32(sub_counts), q_indptr, causal=causal,
+                                window=window, sinks=sinks[heads], **opts)

@@ -60,17 +60,21 @@ def _sequence_slots(row_offsets, cols, counts, page_size, num_pages, b):
     return torch.tensor(slots, dtype=torch.int64, device="cuda")
 
 
-def dense_attention(q, k, v, *, causal, window, scale, lowp):
+def dense_attention(q, k, v, *, causal, window, scale, lowp, softcap=None, sinks=None):
     """One sequence on the GPU. q [n_q, Hq, D]; k, v [n_k, Hkv, D] -> out [n_q, Hq, D] float64, lse [n_q, Hq].
 
     lowp=False: float64 throughout (the reference). lowp=True: matmuls in the input dtype, softmax in float32,
     probabilities cast back to the input dtype (the plain low-precision implementation the kernel is judged against).
+    softcap: scores s -> softcap * tanh(s / softcap); sinks [Hq] float32: one more logit per head in the softmax
+    denominator (no value), included in lse.
     """
     n_q, hq, d = q.shape
     n_k, hkv = k.shape[0], k.shape[1]
     if n_k == 0:
-        return torch.zeros(n_q, hq, d, dtype=torch.float64, device=q.device), \
-            torch.full((n_q, hq), -math.inf, dtype=torch.float64, device=q.device)
+        lse = torch.full((n_q, hq), -math.inf, dtype=torch.float64, device=q.device)
+        if sinks is not None:
+            lse[:] = sinks.double()
+        return torch.zeros(n_q, hq, d, dtype=torch.float64, device=q.device), lse
     k = k.repeat_interleave(hq // hkv, dim=1).transpose(0, 1)      # [Hq, n_k, D]
     v = v.repeat_interleave(hq // hkv, dim=1).transpose(0, 1)
     qh = q.transpose(0, 1)                                         # [Hq, n_q, D]
@@ -78,6 +82,8 @@ def dense_attention(q, k, v, *, causal, window, scale, lowp):
         scores = (qh @ k.transpose(1, 2)).float() * scale
     else:
         scores = (qh.double() @ k.double().transpose(1, 2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     q_pos = torch.arange(n_q, device=q.device) + (n_k - n_q)
     k_pos = torch.arange(n_k, device=q.device)
     visible = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device)
@@ -87,6 +93,8 @@ def dense_attention(q, k, v, *, causal, window, scale, lowp):
         visible &= (q_pos[:, None] - k_pos[None, :]) < window
     scores = scores.masked_fill(~visible, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)                          # [Hq, n_q]
+    if sinks is not None:
+        lse = torch.logaddexp(lse, sinks.to(scores.dtype)[:, None])
     probs = torch.nan_to_num(torch.exp(scores - lse[..., None]), nan=0.0)
     if lowp:
         out = (probs.to(q.dtype) @ v).double()
@@ -95,7 +103,8 @@ def dense_attention(q, k, v, *, causal, window, scale, lowp):
     return out.transpose(0, 1), lse.transpose(0, 1).double()
 
 
-def batch_reference(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal, window, scale, lowp):
+def batch_reference(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal, window, scale, lowp,
+                    softcap=None, sinks=None):
     ro, cl, ct, qi = (t.cpu() for t in (row_offsets, cols, counts, q_indptr))
     num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
     k_flat = k_cache.reshape(-1, *k_cache.shape[2:])
@@ -108,33 +117,44 @@ def batch_reference(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *,
             continue
         slots = _sequence_slots(ro, cl, ct, page_size, num_pages, b)
         out[q0:q1], lse[q0:q1] = dense_attention(q[q0:q1], k_flat[slots], v_flat[slots], causal=causal,
-                                                 window=window, scale=scale, lowp=lowp)
+                                                 window=window, scale=scale, lowp=lowp, softcap=softcap,
+                                                 sinks=sinks)
     return out, lse
 
 
 def check_case(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal=True, window=None, scale=None,
-               max_q_len=None, max_pages_per_seq=None):
+               max_q_len=None, max_pages_per_seq=None, softcap=None, sinks=None):
     """Run the op and check it against float64 under the 2x-low-precision rule; returns (out, lse)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     _poison(q, q[..., 0].float())
     out, lse = fc.paged_attention(q, k_cache, v_cache, _layout(row_offsets, cols, counts), q_indptr, causal=causal,
-                                  sm_scale=scale, sliding_window=window, return_lse=True, max_q_len=max_q_len,
-                                  max_pages_per_seq=max_pages_per_seq)
+                                  sm_scale=scale, sliding_window=window, softcap=softcap, sinks=sinks,
+                                  return_lse=True, max_q_len=max_q_len, max_pages_per_seq=max_pages_per_seq)
     torch.cuda.synchronize()
-    ref, ref_lse = batch_reference(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, causal=causal,
-                                   window=window, scale=scale, lowp=False)
-    low, _ = batch_reference(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, causal=causal, window=window,
-                             scale=scale, lowp=True)
+    options = dict(causal=causal, window=window, scale=scale, softcap=softcap)
+    ref, ref_lse = batch_reference(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, lowp=False,
+                                   sinks=sinks, **options)
+    low, _ = batch_reference(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, lowp=True, sinks=sinks,
+                             **options)
     assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == q.shape[:2]
     assert torch.isfinite(out).all(), "NaN/inf in the output (an unwritten or poisoned element)"
     kernel_err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
     lowp_err = (low - ref).abs().max().item() if out.numel() else 0.0
     assert kernel_err <= 2 * lowp_err + ATOL[q.dtype], f"kernel err {kernel_err:.3g} vs torch lowp {lowp_err:.3g}"
-    seen = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), seen), "lse must be -inf exactly where a query sees no key"
-    assert torch.all(lse[~seen] == -math.inf)
+    # queries that see a key (without sinks: exactly where lse is finite)
+    seen = torch.isfinite(ref_lse if sinks is None else
+                          batch_reference(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, lowp=False,
+                                          **options)[1])
     assert torch.all(out[~seen] == 0)
-    torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=2e-3, rtol=1e-4)
+    if sinks is None:
+        assert torch.equal(torch.isfinite(lse), seen), "lse must be -inf exactly where a query sees no key"
+        assert torch.all(lse[~seen] == -math.inf)
+        torch.testing.assert_close(lse.double()[seen], ref_lse[seen], atol=2e-3, rtol=1e-4)
+    else:
+        sink = sinks.double()[None, :].expand(lse.shape)
+        assert torch.isfinite(lse).all(), "with (finite) sinks every lse is finite"
+        torch.testing.assert_close(lse.double()[~seen], sink[~seen], atol=1e-6, rtol=1e-6)  # no key: lse = sink
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-3, rtol=1e-4)
     return out, lse
 
 
@@ -321,6 +341,78 @@ def test_kernels_agree_and_differ_bitwise(generator, prefill_kernel, monkeypatch
     out_wgmma, _ = check_case(*case)
     monkeypatch.setenv("FLASHCORE_PREFILL_KERNEL", "mma")
     out_mma, _ = check_case(*case)
+    torch.testing.assert_close(out_wgmma, out_mma, atol=2e-2, rtol=0)
+    if _wgmma_applies():
+        assert not torch.equal(out_wgmma, out_mma), "FLASHCORE_PREFILL_KERNEL did not change the kernel"
+
+
+# ---- logit softcapping and attention sinks ------------------------------------------------------------------------
+# Large scores (sm_scale = 3 / sqrt(D)) so that softcap 5 bites hard and 50 a little; sinks are random logits of
+# scale 3 with head 0's at +20 (it dominates its rows: outputs near zero, lse near 20) and head 1's at -20.
+
+SOFTCAP_SINKS = [(5.0, False), (50.0, True), (None, True)]
+
+
+def random_sinks(hq, generator):
+    sinks = 3 * torch.randn(hq, generator=generator)
+    sinks[0], sinks[1] = 20.0, -20.0
+    return sinks.cuda()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("softcap,with_sinks", SOFTCAP_SINKS)
+def test_softcap_and_sinks(generator, dtype, head_dim, softcap, with_sinks):
+    """The MIXED batch: full prompts, chunked prefill (n_q < n_k), single queries, an empty sequence, queries that
+    see no key (zeros, lse = the sink); GQA 4."""
+    n_q, n_k = zip(*MIXED)
+    case = make_batch(generator, list(n_k), list(n_q), page_size=64, hkv=2, group=4, head_dim=head_dim, dtype=dtype)
+    sinks = random_sinks(8, generator) if with_sinks else None
+    check_case(*case, scale=3.0 * head_dim ** -0.5, softcap=softcap, sinks=sinks)
+
+
+@pytest.mark.parametrize("causal,window", [(True, 1), (True, 100), (False, 1000)])
+def test_softcap_and_sinks_with_window(generator, causal, window):
+    n_q, n_k = zip(*MIXED)
+    case = make_batch(generator, list(n_k), list(n_q), page_size=16, hkv=2, group=4, head_dim=128,
+                      dtype=torch.bfloat16)
+    check_case(*case, causal=causal, window=window, scale=3.0 * 128 ** -0.5, softcap=30.0,
+               sinks=random_sinks(8, generator))
+
+
+@pytest.mark.parametrize("dtype,head_dim,group", [(torch.bfloat16, 128, 4), (torch.float16, 64, 1)])
+def test_softcap_and_sinks_long_sequences(generator, dtype, head_dim, group):
+    """Many K/V tiles per CTA (the running max moves in capped units): a 4097-key prompt and a 1000-query chunk after
+    3097 cached keys."""
+    case = make_batch(generator, [4097, 4097], [4097, 1000], page_size=16, hkv=2, group=group, head_dim=head_dim,
+                      dtype=dtype)
+    check_case(*case, scale=3.0 * head_dim ** -0.5, softcap=20.0, sinks=random_sinks(2 * group, generator))
+
+
+def test_sinks_at_minus_inf_change_nothing(generator):
+    """A sink of -inf adds exp(-inf) = 0: bit for bit the result without sinks (rows without keys included)."""
+    q, k_cache, v_cache, row_offsets, cols, counts, q_indptr = make_batch(
+        generator, [700, 300, 5], [700, 100, 9], page_size=64, hkv=2, group=4, head_dim=128, dtype=torch.bfloat16)
+    layout = _layout(row_offsets, cols, counts)
+    sinks = torch.full((8,), -math.inf, device="cuda")
+    for softcap in (None, 10.0):
+        out, lse = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, softcap=softcap, return_lse=True)
+        out_s, lse_s = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, softcap=softcap, sinks=sinks,
+                                          return_lse=True)
+        assert torch.equal(out, out_s) and torch.equal(lse, lse_s)
+
+
+def test_softcap_kernels_agree_and_differ_bitwise(generator, prefill_kernel, monkeypatch):
+    """The softcap variants of both kernels are correct on the same inputs, and on an sm_90 device the wgmma one
+    really runs (its outputs differ from the mma.sync kernel's in some last bits)."""
+    if prefill_kernel != "wgmma":
+        pytest.skip("compares both kernels in one run")
+    case = make_batch(generator, [3000, 1500], [3000, 900], page_size=64, hkv=2, group=4, head_dim=128,
+                      dtype=torch.bfloat16)
+    opts = dict(scale=3.0 * 128 ** -0.5, softcap=15.0, sinks=random_sinks(8, generator))
+    out_wgmma, _ = check_case(*case, **opts)
+    monkeypatch.setenv("FLASHCORE_PREFILL_KERNEL", "mma")
+    out_mma, _ = check_case(*case, **opts)
     torch.testing.assert_close(out_wgmma, out_mma, atol=2e-2, rtol=0)
     if _wgmma_applies():
         assert not torch.equal(out_wgmma, out_mma), "FLASHCORE_PREFILL_KERNEL did not change the kernel"

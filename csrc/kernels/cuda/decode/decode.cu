@@ -1,5 +1,6 @@
 // Host side of the split-KV paged decode: support check, launch plan, workspace size, key-position pre-pass and
-// dispatch to the per-dtype kernels (decode_bf16.cu / decode_fp16.cu). No host sync, no allocation.
+// dispatch to the per-dtype kernels (decode_{bf16,fp16}.cu, and decode_{bf16,fp16}_softcap.cu when p.softcap > 0).
+// No host sync, no allocation.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -54,6 +55,19 @@ __global__ void __launch_bounds__(kPosThreads) key_positions_kernel(const PagedA
     __syncthreads();
   }
   if (tid == 0) seq_len[r] = carry;
+}
+
+// Main kernel of one dtype (head dim and softcap picked here), then the split merge when the page lists are split.
+template <typename T>
+cudaError_t launch_kernels(const DecodeArgs& a, int warps_m, cudaStream_t stream) {
+  const bool d64 = a.p.head_dim == 64;
+  cudaError_t err = a.p.softcap > 0.f
+                        ? (d64 ? launch_decode_typed<T, 64, true>(a, warps_m, stream)
+                               : launch_decode_typed<T, 128, true>(a, warps_m, stream))
+                        : (d64 ? launch_decode_typed<T, 64, false>(a, warps_m, stream)
+                               : launch_decode_typed<T, 128, false>(a, warps_m, stream));
+  if (err != cudaSuccess || a.splits == 1) return err;
+  return d64 ? launch_merge_typed<T, 64>(a, stream) : launch_merge_typed<T, 128>(a, stream);
 }
 
 }  // namespace
@@ -134,6 +148,8 @@ cudaError_t launch_paged_decode(const PagedAttentionParams& p, void* workspace, 
   a.need_pos = plan.need_pos;
   a.page_shift = (p.page_size & (p.page_size - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(p.page_size)) : -1;
   a.scale_log2 = p.sm_scale * 1.4426950408889634f;
+  a.cap_in = p.softcap > 0.f ? p.sm_scale / p.softcap : 0.f;
+  a.cap_log2 = p.softcap > 0.f ? p.softcap * 1.4426950408889634f : 0.f;
   a.part_out = plan.splits > 1 ? reinterpret_cast<float*>(ws + plan.part_out_offset) : nullptr;
   a.part_lse = plan.splits > 1 ? reinterpret_cast<float*>(ws + plan.part_lse_offset) : nullptr;
   a.page_pos = plan.need_pos ? reinterpret_cast<int32_t*>(ws + plan.page_pos_offset) : nullptr;
@@ -144,14 +160,8 @@ cudaError_t launch_paged_decode(const PagedAttentionParams& p, void* workspace, 
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  cudaError_t err;
-  if (p.dtype == DType::kBFloat16) {
-    err = p.head_dim == 64 ? launch_decode_typed<__nv_bfloat16, 64>(a, plan.warps_m, stream)
-                           : launch_decode_typed<__nv_bfloat16, 128>(a, plan.warps_m, stream);
-  } else {
-    err = p.head_dim == 64 ? launch_decode_typed<__half, 64>(a, plan.warps_m, stream)
-                           : launch_decode_typed<__half, 128>(a, plan.warps_m, stream);
-  }
+  const cudaError_t err = p.dtype == DType::kBFloat16 ? launch_kernels<__nv_bfloat16>(a, plan.warps_m, stream)
+                                                      : launch_kernels<__half>(a, plan.warps_m, stream);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

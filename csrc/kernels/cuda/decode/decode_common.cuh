@@ -37,7 +37,8 @@ struct DecodePlan {
   bool need_pos = false;    // masks need key positions (causal with several queries, or a sliding window)
   // Workspace layout (bytes from the start): split partials (only when splits > 1), then key positions.
   size_t part_out_offset = 0;   // float [splits, total_q, Hq, D]: normalised partial outputs
-  size_t part_lse_offset = 0;   // float [splits, total_q, Hq]: natural-log partial LSE (-inf: no visible key)
+  size_t part_lse_offset = 0;   // float [splits, total_q, Hq]: natural-log partial LSE (-inf: no visible key);
+                                //   partials never include the sink (the merge adds it once)
   size_t page_pos_offset = 0;   // int32 [nnz]: position of the first key of page entry j within its sequence
   size_t seq_len_offset = 0;    // int32 [layout rows]: n_k of each layout row
   size_t total_bytes = 0;
@@ -56,6 +57,10 @@ struct DecodeArgs {
   float* part_lse;
   int32_t* page_pos;
   int32_t* seq_len;  // [layout rows]
+  // Softcap (p.softcap > 0, the kSoftcap kernels only): log2-domain score = tanh(raw * cap_in) * cap_log2, with
+  // cap_in = sm_scale / softcap and cap_log2 = softcap * log2(e). Last, so the fields above keep their offsets.
+  float cap_in;
+  float cap_log2;
 };
 
 #ifdef __CUDACC__
@@ -96,8 +101,14 @@ __device__ __forceinline__ int effective_count(const PagedAttentionParams& p, in
 
 #endif  // __CUDACC__
 
-// Main kernel (+ merge kernel when plan.splits > 1) for one dtype / head dim; instantiated in decode_{bf16,fp16}.cu.
-template <typename T, int D>
+// Main kernel for one dtype / head dim, with (kSoftcap) or without logit softcapping; instantiated in
+// decode_{bf16,fp16}.cu (kSoftcap false) and decode_{bf16,fp16}_softcap.cu (true), so each file builds what it did
+// before the flag.
+template <typename T, int D, bool kSoftcap>
 cudaError_t launch_decode_typed(const DecodeArgs& args, int warps_m, cudaStream_t stream);
+// Split merge kernel, launched right behind the main kernel when plan.splits > 1 (the same for both softcap
+// variants); instantiated in decode_{bf16,fp16}.cu.
+template <typename T, int D>
+cudaError_t launch_merge_typed(const DecodeArgs& args, cudaStream_t stream);
 
 }  // namespace flashcore::decode

@@ -8,6 +8,8 @@
 // Compute per warp: 16 query rows (its m-tile) x the warp's share of the tile's keys; S = Q K^T and O += P V on
 // tensor cores, online softmax in fp32 in registers. Warps that share rows but saw different keys are merged
 // through shared memory at the end; blocks of different key splits are merged by merge_splits_kernel.
+// Softcap (kSoftcap instantiations) changes only the score scaling; the sink of a row joins once: in this kernel's
+// output when the page list is not split, else in merge_splits_kernel (partials stay sink-free).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -16,6 +18,7 @@
 #include <cstdint>
 
 #include "../pdl.cuh"
+#include "../softcap_sinks.cuh"
 #include "decode_common.cuh"
 
 namespace flashcore::decode {
@@ -90,8 +93,8 @@ __device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
 // ---- main kernel -----------------------------------------------------------------------------------------------
 
 // Grid: one block per (b, kv head, split, row chunk), row chunk fastest so blocks sharing K/V run together.
-// Dynamic shared memory: smem_bytes(D, sizeof(T)).
-template <typename T, int D, int WARPS_M>
+// Dynamic shared memory: smem_bytes(D, sizeof(T)). kSoftcap: scores go through softcap * tanh(. / softcap).
+template <typename T, int D, int WARPS_M, bool kSoftcap>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(const DecodeArgs a) {
   constexpr int N = tile_keys(D);           // key slots per tile
   constexpr int WARPS_N = kWarps / WARPS_M; // warps sharing one m-tile, each on its own keys of every tile
@@ -271,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(co
         }
       }
 
-      // Mask, scale into the log2 domain, online softmax (each row lives in one quad of lanes).
+      // Mask, scale into the log2 domain (softcap first), online softmax (each row lives in one quad of lanes).
       const int32_t* pos = s_pos + ring * N;
       float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -285,7 +288,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(co
           if (a.need_pos) {
             visible = visible && (!p.causal || key_pos <= qp) && (p.window <= 0 || qp - key_pos < p.window);
           }
-          s[n][e] = visible ? s[n][e] * a.scale_log2 : -INFINITY;
+          float x;
+          if constexpr (kSoftcap) {
+            x = tanh_approx(s[n][e] * a.cap_in) * a.cap_log2;
+          } else {
+            x = s[n][e] * a.scale_log2;
+          }
+          s[n][e] = visible ? x : -INFINITY;
           mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
         }
       }
@@ -389,12 +398,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(co
         acc[4] += scale * x1.x; acc[5] += scale * x1.y; acc[6] += scale * x1.z; acc[7] += scale * x1.w;
       }
     }
-    const float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] *= inv;
-    const float lse = l_sum > 0.f ? (m_max + __log2f(l_sum)) * kLn2 : -INFINITY;
+    float inv = l_sum > 0.f ? 1.f / l_sum : 0.f;
+    float lse = l_sum > 0.f ? (m_max + __log2f(l_sum)) * kLn2 : -INFINITY;
     const int tok = sb.q0 + r / a.group, hq = kvh * a.group + r % a.group;
     const int64_t out_row = (int64_t)tok * p.num_q_heads + hq;
+    // The sink joins the final row here only when there is no split merge (which adds it itself).
+    if (a.splits == 1 && p.sinks != nullptr) inv *= add_sink(lse, __ldg(p.sinks + hq));
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[e] *= inv;
     if (a.splits == 1) {
       *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + out_row * D + c8 * 8) = pack8<T>(acc);
       if (c8 == 0) p.lse[out_row] = lse;
@@ -412,9 +423,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(co
 
 // One warp per (sequence, query, q head): out = sum_s exp(lse_s - lse) * out_s, lse = log sum_s exp(lse_s).
 // Only the splits that the main kernel ran (pages left for them) are read; lse_s == -inf means "saw no key".
+// With sinks (kSinks, chosen at launch), the head's sink logit joins as one more term with lse_s = sink and out_s = 0
+// (the partials have none), so a row that no split saw gets zeros and lse = sink.
 // Launched with PDL right behind the main kernel, which triggers at its start: these blocks become resident early
 // and wait in griddepcontrol.wait, so the merge starts as soon as the last split finishes.
-template <typename T, int D>
+template <typename T, int D, bool kSinks>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs a) {
   constexpr int V = D / 32;  // floats per lane
   static_assert(V == 2 || V == 4, "head dim");
@@ -438,6 +451,11 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs
   for (int s = lane; s < active; s += 32) lse_max = fmaxf(lse_max, a.part_lse[s * split_stride + row]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, off));
+  float sink = -INFINITY;
+  if constexpr (kSinks) {
+    sink = __ldg(p.sinks + hq);
+    lse_max = fmaxf(lse_max, sink);
+  }
 
   float acc[V];
 #pragma unroll
@@ -460,6 +478,8 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs
         acc[0] += w * x.x; acc[1] += w * x.y;
       }
     }
+    // The sink's weight (no value); exactly 1 when it is the largest term (e.g. a row that no split saw).
+    if constexpr (kSinks) w_sum += fast_exp2((sink - lse_max) * kLog2e);
   }
   const float inv = w_sum > 0.f ? 1.f / w_sum : 0.f;
   T* out = static_cast<T*>(p.out) + row * D + lane * V;
@@ -476,10 +496,10 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs
 
 // ---- host launcher ---------------------------------------------------------------------------------------------
 
-template <typename T, int D, int WARPS_M>
+template <typename T, int D, int WARPS_M, bool kSoftcap>
 cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
   constexpr size_t smem = smem_bytes(D, sizeof(T));
-  auto kernel = paged_decode_kernel<T, D, WARPS_M>;
+  auto kernel = paged_decode_kernel<T, D, WARPS_M, kSoftcap>;
   // Opt in to > 48 KB of shared memory once per device (cheap host call, no stream work, capture-safe).
   static bool configured[64] = {};
   int dev = 0;
@@ -494,15 +514,19 @@ cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
   return launch_pdl(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream, a);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kSoftcap>
 cudaError_t launch_decode_typed(const DecodeArgs& a, int warps_m, cudaStream_t stream) {
-  cudaError_t err = warps_m == 1   ? launch_main<T, D, 1>(a, stream)
-                    : warps_m == 2 ? launch_main<T, D, 2>(a, stream)
-                                   : launch_main<T, D, 4>(a, stream);
-  if (err != cudaSuccess || a.splits == 1) return err;
+  return warps_m == 1   ? launch_main<T, D, 1, kSoftcap>(a, stream)
+         : warps_m == 2 ? launch_main<T, D, 2, kSoftcap>(a, stream)
+                        : launch_main<T, D, 4, kSoftcap>(a, stream);
+}
+
+template <typename T, int D>
+cudaError_t launch_merge_typed(const DecodeArgs& a, cudaStream_t stream) {
   const int64_t warps = (int64_t)a.p.batch * a.p.max_q_len * a.p.num_q_heads;
-  const int64_t blocks = (warps + kThreads / 32 - 1) / (kThreads / 32);
-  return launch_pdl(merge_splits_kernel<T, D>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), 0, stream, a);
+  const dim3 grid(static_cast<unsigned>((warps + kThreads / 32 - 1) / (kThreads / 32)));
+  return a.p.sinks != nullptr ? launch_pdl(merge_splits_kernel<T, D, true>, grid, dim3(kThreads), 0, stream, a)
+                              : launch_pdl(merge_splits_kernel<T, D, false>, grid, dim3(kThreads), 0, stream, a);
 }
 
 }  // namespace flashcore::decode

@@ -3,7 +3,8 @@
 // Two kernels: the Hopper wgmma kernel (../prefill_sm90/, head dim 128, fp16/bf16, compute capability 9.0, sm_90a
 // build) and the mma.sync kernel here (everything else). FLASHCORE_PREFILL_KERNEL picks one for tests and
 // comparisons, read at every call: "mma" forces the mma.sync kernel; "wgmma" or unset uses the wgmma kernel wherever
-// it applies and the mma.sync kernel elsewhere.
+// it applies and the mma.sync kernel elsewhere. Each kernel has a logit-softcapping variant, chosen here when
+// p.softcap > 0 (instantiated in the *_softcap.cu files); sinks need no variant (the epilogue applies them).
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -52,12 +53,18 @@ bool paged_prefill_supported(const PagedAttentionParams& p) {
 
 cudaError_t launch_paged_prefill(const PagedAttentionParams& p, cudaStream_t stream) {
   if (!paged_prefill_supported(p)) return cudaErrorInvalidValue;
+  const bool fp16 = p.dtype == DType::kFloat16, softcap = p.softcap > 0.f;
   if (prefill_sm90::supports(p) && !mma_kernel_forced() && current_device_is_sm90()) {
-    const cudaError_t err = p.dtype == DType::kFloat16 ? prefill_sm90::launch_fp16(p, stream)
-                                                      : prefill_sm90::launch_bf16(p, stream);
+    const cudaError_t err = softcap ? (fp16 ? prefill_sm90::launch_fp16_softcap(p, stream)
+                                            : prefill_sm90::launch_bf16_softcap(p, stream))
+                                    : (fp16 ? prefill_sm90::launch_fp16(p, stream)
+                                            : prefill_sm90::launch_bf16(p, stream));
     if (err != cudaErrorNotSupported) return err;  // else: no sm_90a code in this build
   }
-  return p.dtype == DType::kFloat16 ? prefill::launch_prefill_fp16(p, stream) : prefill::launch_prefill_bf16(p, stream);
+  if (softcap) {
+    return fp16 ? prefill::launch_prefill_fp16_softcap(p, stream) : prefill::launch_prefill_bf16_softcap(p, stream);
+  }
+  return fp16 ? prefill::launch_prefill_fp16(p, stream) : prefill::launch_prefill_bf16(p, stream);
 }
 
 }  // namespace flashcore

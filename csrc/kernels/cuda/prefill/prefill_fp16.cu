@@ -1,11 +1,11 @@
-// fp16 instantiations of the prefill kernel (head dims 64 and 128).
+// fp16 instantiations of the prefill kernel (head dims 64 and 128), without softcapping (see prefill_fp16_softcap.cu).
 #include "prefill_launch.cuh"
 
 namespace flashcore {
 namespace prefill {
 
 cudaError_t launch_prefill_fp16(const PagedAttentionParams& p, cudaStream_t stream) {
-  return launch_for_head_dim<__half>(p, stream);
+  return launch_for_head_dim<__half, false>(p, stream);
 }
 
 }  // namespace prefill

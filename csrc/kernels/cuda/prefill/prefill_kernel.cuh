@@ -16,6 +16,8 @@
 // Shared tiles are XOR-swizzled in 16-byte chunks (chunk ^ (row & 7)) so ldmatrix and cp.async are conflict-free.
 // Causal tiles fully above the diagonal and window tiles fully below the band are never visited; masks are applied
 // only on tiles that touch a boundary.
+// Softcap (kSoftcap instantiations): S becomes tanh(S * sm_scale / softcap) before the mask, and the softmax scale
+// softcap (instead of sm_scale) turns it into the capped logit. Sinks join each row once, in the epilogue.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,6 +26,7 @@
 #include <cstdint>
 
 #include "../../params.h"
+#include "../softcap_sinks.cuh"
 
 namespace flashcore {
 namespace prefill {
@@ -231,7 +234,7 @@ __device__ __forceinline__ void fill_slots(int4* saved, int k0, int n_k, int* sl
 
 // ---- the kernel --------------------------------------------------------------------------------------------------
 
-template <typename T, class Cfg>
+template <typename T, class Cfg, bool kSoftcap>
 __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const PagedAttentionParams p) {
   constexpr int D = Cfg::kHeadDim, M = Cfg::kBlockM, N = Cfg::kBlockN;
   constexpr int kMT = Cfg::kMTiles, kNT = Cfg::kNTiles, kDT = Cfg::kDTiles, kCh = Cfg::kChunks;
@@ -246,7 +249,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
   int* sReduce = reinterpret_cast<int*>(sWindow + 32);       // [kWarps]
   // Per-CTA scalars the main loop needs only now and then; kept in shared memory so they cost no registers.
   int* sMeta = sReduce + Cfg::kWarps;  // [8]
-  enum { kNk, kQposBase, kPageBegin, kNPages, kFullLo, kFullHi };
+  enum { kNk, kQposBase, kPageBegin, kNPages, kFullLo, kFullHi, kCapIn };
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const TileWork work = tile_work(p, M);
@@ -302,6 +305,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
   if (tid == 0) {
     sMeta[kNk] = n_k, sMeta[kQposBase] = qpos_base, sMeta[kPageBegin] = page_begin, sMeta[kNPages] = n_pages;
     sMeta[kFullLo] = nb_full_lo, sMeta[kFullHi] = nb_full_hi;
+    if (kSoftcap) sMeta[kCapIn] = __float_as_int(__fdiv_rn(p.sm_scale, p.softcap));
   }
 
   // This thread's four rows: (mi, half) -> tile row warp*32 + mi*16 + half*8 + lane/4.
@@ -319,7 +323,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
     row_sum[mi][0] = row_sum[mi][1] = 0.f;
   }
 
-  const float scale_log2 = p.sm_scale * 1.4426950408889634f;
+  // The softmax keeps the running max of S as computed (raw q.k, or tanh(q.k * sm_scale / softcap) with softcap),
+  // so its scale is sm_scale (softcap): positive either way.
+  const float score_scale = kSoftcap ? p.softcap : p.sm_scale;
+  const float scale_log2 = score_scale * 1.4426950408889634f;
   const int64_t kv_token_stride = (int64_t)p.num_kv_heads * D;
   const T* k_cache = static_cast<const T*>(p.k_cache) + (int64_t)hkv * D;
   const T* v_cache = static_cast<const T*>(p.v_cache) + (int64_t)hkv * D;
@@ -409,6 +416,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
       }
     }
 
+    if constexpr (kSoftcap) {
+      const float cap_in = __int_as_float(sMeta[kCapIn]);  // sm_scale / softcap
+#pragma unroll
+      for (int mi = 0; mi < kMT; ++mi)
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_s[mi][nt][e] = tanh_approx(acc_s[mi][nt][e] * cap_in);
+    }
+
     // Masks only on tiles that touch the end of the keys, the causal diagonal or the window's lower edge.
     if (nb < sMeta[kFullLo] || nb >= sMeta[kFullHi]) {
       const int n_k = sMeta[kNk], qpos_base = sMeta[kQposBase];
@@ -431,7 +448,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
         }
     }
 
-    // Online softmax (base 2; scores scaled by sm_scale * log2 e inside the exponent).
+    // Online softmax (base 2; scores scaled by sm_scale (softcap) * log2 e inside the exponent).
 #pragma unroll
     for (int mi = 0; mi < kMT; ++mi)
 #pragma unroll
@@ -499,8 +516,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
       float sum = row_sum[mi][h];
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      float inv = sum > 0.f ? 1.f / sum : 0.f;
+      float lse = sum > 0.f ? row_max[mi][h] * score_scale + logf(sum) : -INFINITY;
       const int row = warp * Cfg::kWarpRows + mi * 16 + h * 8 + lane / 4;
+      if (p.sinks != nullptr) inv *= add_sink(lse, __ldg(p.sinks + hkv * G + (m0 + row) % G));  // (a head for any row)
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
         const uint32_t packed = Ops::pack(acc_o[mi][dt][2 * h] * inv, acc_o[mi][dt][2 * h + 1] * inv);
@@ -509,8 +528,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
       const int m = m0 + row;
       if ((lane & 3) == 0 && m < rows_total) {
         const int i = m / G, g = m - i * G;
-        p.lse[(int64_t)(q0 + i) * p.num_q_heads + hkv * G + g] =
-            sum > 0.f ? row_max[mi][h] * p.sm_scale + logf(sum) : -INFINITY;
+        p.lse[(int64_t)(q0 + i) * p.num_q_heads + hkv * G + g] = lse;
       }
     }
   __syncwarp();

@@ -17,12 +17,12 @@ inline int64_t query_tiles(const PagedAttentionParams& p) {
   return ((int64_t)p.max_q_len * group + kBlockM - 1) / kBlockM;
 }
 
-template <typename T, class Cfg>
+template <typename T, class Cfg, bool kSoftcap>
 cudaError_t launch_tiles(const PagedAttentionParams& p, cudaStream_t stream) {
   static_assert(Cfg::kBlockM == kBlockM, "one query tile height for grid sizing");
   const int64_t tiles = query_tiles(p);
   if (tiles == 0 || p.batch == 0 || p.total_q == 0) return cudaSuccess;
-  auto kernel = paged_prefill_kernel<T, Cfg>;
+  auto kernel = paged_prefill_kernel<T, Cfg, kSoftcap>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((unsigned)p.num_kv_heads, (unsigned)p.batch, (unsigned)tiles);
@@ -33,14 +33,18 @@ cudaError_t launch_tiles(const PagedAttentionParams& p, cudaStream_t stream) {
 // Tiles of 128 query rows x 64 keys at head dim 128 (O 128 + S 64 fp32 registers per thread, 255 registers, no
 // spills, 2 CTAs/SM) and x 128 keys at head dim 64 (O 64 + S 128): the longer tile halves the per-tile barrier,
 // page-slot and softmax bookkeeping, which weighs twice as much at D64 (measured 0.85x -> 0.96x of FA2).
-template <typename T>
+// kSoftcap: the logit-softcapping variant (p.softcap > 0), instantiated in files of its own.
+template <typename T, bool kSoftcap>
 cudaError_t launch_for_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
-  return p.head_dim == 128 ? launch_tiles<T, TileConfig<128, 64>>(p, stream)
-                           : launch_tiles<T, TileConfig<64, 128>>(p, stream);
+  return p.head_dim == 128 ? launch_tiles<T, TileConfig<128, 64>, kSoftcap>(p, stream)
+                           : launch_tiles<T, TileConfig<64, 128>, kSoftcap>(p, stream);
 }
 
+// One per dtype and softcap variant (prefill_{fp16,bf16}{,_softcap}.cu), so they build in parallel.
 cudaError_t launch_prefill_fp16(const PagedAttentionParams& p, cudaStream_t stream);
 cudaError_t launch_prefill_bf16(const PagedAttentionParams& p, cudaStream_t stream);
+cudaError_t launch_prefill_fp16_softcap(const PagedAttentionParams& p, cudaStream_t stream);
+cudaError_t launch_prefill_bf16_softcap(const PagedAttentionParams& p, cudaStream_t stream);
 
 }  // namespace prefill
 }  // namespace flashcore

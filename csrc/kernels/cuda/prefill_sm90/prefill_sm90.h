@@ -14,8 +14,11 @@ inline bool supports(const PagedAttentionParams& p) {
 }
 
 // Launches the kernel; cudaErrorNotSupported (before launching anything) when this build holds no sm_90a code for it.
+// The _softcap variants (p.softcap > 0) are instantiated in files of their own (prefill_sm90_{fp16,bf16}_softcap.cu).
 cudaError_t launch_fp16(const PagedAttentionParams& p, cudaStream_t stream);
 cudaError_t launch_bf16(const PagedAttentionParams& p, cudaStream_t stream);
+cudaError_t launch_fp16_softcap(const PagedAttentionParams& p, cudaStream_t stream);
+cudaError_t launch_bf16_softcap(const PagedAttentionParams& p, cudaStream_t stream);
 
 }  // namespace prefill_sm90
 }  // namespace flashcore

@@ -1,10 +1,12 @@
-// fp16 instantiation of the sm_90a prefill kernel.
+// fp16 instantiation of the sm_90a prefill kernel without softcapping (see prefill_sm90_fp16_softcap.cu).
 #include "prefill_sm90_launch.cuh"
 
 namespace flashcore {
 namespace prefill_sm90 {
 
-cudaError_t launch_fp16(const PagedAttentionParams& p, cudaStream_t stream) { return launch<__half>(p, stream); }
+cudaError_t launch_fp16(const PagedAttentionParams& p, cudaStream_t stream) {
+  return launch<__half, false>(p, stream);
+}
 
 }  // namespace prefill_sm90
 }  // namespace flashcore

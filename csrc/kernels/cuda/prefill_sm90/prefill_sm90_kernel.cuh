@@ -15,6 +15,8 @@
 //   the other's GEMMs.
 // Shared tiles use the 128-byte swizzle that wgmma descriptors read: a [rows][128] tile is two [rows][64] halves,
 // each made of 8-row x 128-byte atoms in which 16-byte chunk c of row r sits at position c ^ (r & 7).
+// Softcap (kSoftcap instantiation): the softmax first turns S into tanh(S * sm_scale / softcap) (before the mask)
+// and uses the scale softcap instead of sm_scale. Sinks join each row once, in the epilogue.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,6 +26,7 @@
 
 #include "../../params.h"
 #include "../prefill/prefill_kernel.cuh"
+#include "../softcap_sinks.cuh"
 #include "prefill_sm90_ptx.cuh"
 
 namespace flashcore {
@@ -60,7 +63,7 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int chunk, uint32_t hal
 // Named barrier ids (0 is __syncthreads).
 enum : int { kBarProducer = 1, kBarConsumer0 = 2, kBarTurn0 = 4 };
 
-template <typename T>
+template <typename T, bool kSoftcap>
 __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const PagedAttentionParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
@@ -196,7 +199,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const PagedAt
 
   // This thread's two rows (h = 0, 1): tile row wg*64 + wwarp*16 + lane/4 + 8h.
   const int my_row = wg * 64 + wwarp * 16 + (lane >> 2);
-  const float scale_log2 = p.sm_scale * 1.4426950408889634f;
+  // The running max is of S as computed (raw q.k, or tanh(q.k * sm_scale / softcap) with softcap), whose scale is
+  // sm_scale (softcap).
+  const float score_scale = kSoftcap ? p.softcap : p.sm_scale;
+  const float scale_log2 = score_scale * 1.4426950408889634f;
+  const float cap_in = kSoftcap ? __fdiv_rn(p.sm_scale, p.softcap) : 0.f;  // softcap: tanh argument per raw score
   const int nb_full_hi = min(n_k / N, p.causal ? max(qpos_lo + 1, 0) / N : n_k / N);
   const int nb_full_lo = p.window > 0 ? (max(qpos_hi - p.window + 1, 0) + N - 1) / N : 0;
 
@@ -232,8 +239,13 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const PagedAt
   // The mbarrier completes only once the cp.async data has landed; wgmma then reads it with no proxy fence (as
   // CUTLASS's cp.async + wgmma pipelines do; an added fence.proxy.async per wait measured no different).
   auto wait_full = [&](uint32_t bar, int t) { mbar_wait(bar + 8 * (t % kStages), (t / kStages) & 1); };
-  // Mask (boundary tiles only), online softmax of acc_s in place (probabilities, fp32); returns the O correction.
+  // Softcap, mask (boundary tiles only), online softmax of acc_s in place (probabilities, fp32); returns the O
+  // correction.
   auto softmax = [&](int nb, float (&corr)[2]) {
+    if constexpr (kSoftcap) {
+#pragma unroll
+      for (int i = 0; i < 64; ++i) acc_s[i] = tanh_approx(acc_s[i] * cap_in);
+    }
     if (nb < nb_full_lo || nb >= nb_full_hi) {
       const int k0 = nb * N;
 #pragma unroll
@@ -351,8 +363,10 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const PagedAt
     float sum = row_sum[h];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    float inv = sum > 0.f ? 1.f / sum : 0.f;
+    float lse = sum > 0.f ? row_max[h] * score_scale + logf(sum) : -INFINITY;
     const int row = my_row + 8 * h;
+    if (p.sinks != nullptr) inv *= add_sink(lse, __ldg(p.sinks + hkv * G + (m0 + row) % G));  // (a head for any row)
 #pragma unroll
     for (int j = 0; j < N / 8; ++j) {
       const uint32_t packed = Ops::pack(acc_o[j * 4 + 2 * h] * inv, acc_o[j * 4 + 2 * h + 1] * inv);
@@ -361,8 +375,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const PagedAt
     const int m = m0 + row;
     if ((lane & 3) == 0 && m < rows_total) {
       const int i = m / G, g = m - i * G;
-      p.lse[(int64_t)(q0 + i) * p.num_q_heads + hkv * G + g] =
-          sum > 0.f ? row_max[h] * p.sm_scale + logf(sum) : -INFINITY;
+      p.lse[(int64_t)(q0 + i) * p.num_q_heads + hkv * G + g] = lse;
     }
   }
   named_bar_sync(kBarConsumer0 + wg, 128);

@@ -11,11 +11,11 @@ namespace prefill_sm90 {
 
 // The kernel body exists only in sm_90a code and is the only part that declares static shared memory (its
 // mbarriers): a build for other targets yields an empty kernel with none, which must never be launched.
-template <typename T>
+template <typename T, bool kSoftcap>
 bool has_sm90a_body() {
   static const bool built = [] {
     cudaFuncAttributes attr;
-    const bool ok = cudaFuncGetAttributes(&attr, prefill_sm90_kernel<T>) == cudaSuccess;
+    const bool ok = cudaFuncGetAttributes(&attr, prefill_sm90_kernel<T, kSoftcap>) == cudaSuccess;
     if (!ok) (void)cudaGetLastError();
     return ok && attr.sharedSizeBytes > 0;
   }();
@@ -23,13 +23,13 @@ bool has_sm90a_body() {
 }
 
 // Grid (KV head, sequence, query tile of 128 (query, head) rows), 384 threads; tiles past a sequence's real length
-// exit at once. No host sync, no allocation.
-template <typename T>
+// exit at once. No host sync, no allocation. kSoftcap: the logit-softcapping variant (p.softcap > 0).
+template <typename T, bool kSoftcap>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
-  if (!has_sm90a_body<T>()) return cudaErrorNotSupported;
+  if (!has_sm90a_body<T, kSoftcap>()) return cudaErrorNotSupported;
   const int64_t tiles = prefill::query_tiles(p);
   if (tiles == 0 || p.batch == 0 || p.total_q == 0) return cudaSuccess;
-  auto kernel = prefill_sm90_kernel<T>;
+  auto kernel = prefill_sm90_kernel<T, kSoftcap>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((unsigned)p.num_kv_heads, (unsigned)p.batch, (unsigned)tiles);
