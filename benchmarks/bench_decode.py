@@ -3,6 +3,8 @@
 Shape: Hq 32 / Hkv 8, head dim 128, bf16, one query per sequence; page sizes 16 and 128 (pages scattered by a
 permutation); batch {1, 16, 64} x context {8K, 32K, 128K}. Median of triton's do_bench (L2 flushed before every
 run). TB/s counts the K and V bytes that must be read (every key of every sequence once).
+Two flashcore columns per page size: `fc` is the public op exactly as the README calls it (metadata on the GPU, no
+hints: a shape-only plan every call), `plan` is plan_attention once (exact, from host copies) and AttentionPlan.run.
 Writes decode.csv and decode.png under $OUT (or ./benchmark_results) and prints a table last.
 
     python benchmarks/bench_decode.py [--quick]
@@ -27,6 +29,13 @@ import flashcore_hf as fc  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
+
+
+def exact_plan(layout, q_indptr, page_size, softcap=None):
+    """plan_attention once, from host copies of the offsets (exact bounds)."""
+    return fc.plan_attention(layout, q_indptr, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=page_size,
+                             dtype=DTYPE, softcap=softcap,
+                             host_metadata=(layout.row_offsets.cpu(), q_indptr.cpu()))
 
 
 def make_paged(batch, ctx, page_size, gen):
@@ -77,11 +86,10 @@ def profile_kernels(cases, iters=20):
     gen = torch.Generator(device="cuda").manual_seed(1)
     for batch, ctx, page_size in cases:
         k_cache, v_cache, layout, q, q_indptr, pps = make_paged(batch, ctx, page_size, gen)
-        workspace = torch.empty(64 << 20, device="cuda")
+        plan = exact_plan(layout, q_indptr, page_size)
         kd, vd = dense_copy(k_cache, layout, batch), dense_copy(v_cache, layout, batch)
         fns = {
-            "flashcore": lambda: fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, max_q_len=1,
-                                                    max_pages_per_seq=pps, workspace=workspace),
+            "flashcore": lambda: plan.run(q, k_cache, v_cache, layout, q_indptr),
             "cudnn": lambda: F.scaled_dot_product_attention(q[:, :, None], kd, vd, enable_gqa=True),
         }
         for name, fn in fns.items():
@@ -97,7 +105,7 @@ def profile_kernels(cases, iters=20):
                 if evt.device_type == torch.autograd.DeviceType.CUDA and evt.count >= iters:
                     print(f"B{batch} x {ctx} p{page_size} {name:9s} {evt.key[:90]:90s} "
                           f"{evt.device_time_total / evt.count:8.1f} us x {evt.count // iters}", flush=True)
-        del k_cache, v_cache, kd, vd, workspace
+        del k_cache, v_cache, kd, vd, plan
         torch.cuda.empty_cache()
 
 
@@ -112,15 +120,13 @@ def softcap_cost(shapes=SOFTCAP_SHAPES):
     rows = []
     for batch, ctx, page_size in shapes:
         k_cache, v_cache, layout, q, q_indptr, pps = make_paged(batch, ctx, page_size, gen)
-        workspace = torch.empty(64 << 20, device="cuda")
         sinks = torch.randn(HQ, device="cuda", generator=gen)
         kv_bytes = 2 * batch * ctx * HKV * D * torch.finfo(DTYPE).bits // 8
         row = {"gpu": device_name(), "batch": batch, "context": ctx, "page": page_size}
         for name, softcap, sink in (("plain", None, None), ("softcap", SOFTCAP, None), ("sinks", None, sinks),
                                     ("softcap_sinks", SOFTCAP, sinks)):
-            run = lambda: fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, max_q_len=1,  # noqa: E731
-                                             max_pages_per_seq=pps, workspace=workspace, softcap=softcap,
-                                             sinks=sink)
+            plan = exact_plan(layout, q_indptr, page_size, softcap)
+            run = lambda: plan.run(q, k_cache, v_cache, layout, q_indptr, sinks=sink)  # noqa: E731
             run()
             row[f"{name}_us"] = median_ms(run) * 1e3
             row[f"{name}_TBs"] = kv_bytes / (row[f"{name}_us"] * 1e-6) / 1e12
@@ -128,7 +134,7 @@ def softcap_cost(shapes=SOFTCAP_SHAPES):
             row[f"{name}_vs_plain"] = row[f"{name}_us"] / row["plain_us"]
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-        del k_cache, v_cache, layout, workspace
+        del k_cache, v_cache, layout, plan
         torch.cuda.empty_cache()
     print(f"wrote {write_csv(rows, 'decode_softcap.csv')}")
     print_table(rows, ["batch", "context", "page", "plain_us", "softcap_us", "sinks_us", "softcap_sinks_us",
@@ -154,7 +160,7 @@ def main():
         k_cache, v_cache, layout, q, q_indptr, pps = make_paged(batch, ctx, page_size,
                                                                 torch.Generator(device="cuda").manual_seed(2))
         for _ in range(10):
-            fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, max_q_len=1, max_pages_per_seq=pps)
+            fc.paged_attention(q, k_cache, v_cache, layout, q_indptr)
         torch.cuda.synchronize()
         return
     batches = [1, 16] if args.quick else [1, 16, 64]
@@ -172,17 +178,19 @@ def main():
             k_dense = v_dense = None
             for page_size in (16, 128):
                 k_cache, v_cache, layout, q, q_indptr, pps = make_paged(batch, ctx, page_size, gen)
-                workspace = torch.empty(64 << 20, device="cuda")
-                run = lambda: fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, max_q_len=1,  # noqa: E731
-                                                 max_pages_per_seq=pps, workspace=workspace)
-                run()
-                ms = median_ms(run)
-                row[f"fc_p{page_size}_us"] = ms * 1e3
-                row[f"fc_p{page_size}_TBs"] = kv_bytes / (ms * 1e-3) / 1e12
+                plan = exact_plan(layout, q_indptr, page_size)
+                readme_call = lambda: fc.paged_attention(q, k_cache, v_cache, layout, q_indptr)  # noqa: E731
+                planned = lambda: plan.run(q, k_cache, v_cache, layout, q_indptr)  # noqa: E731
+                for name, run in (("fc", readme_call), ("plan", planned)):
+                    run()
+                    ms = median_ms(run)
+                    row[f"{name}_p{page_size}_us"] = ms * 1e3
+                    row[f"{name}_p{page_size}_TBs"] = kv_bytes / (ms * 1e-3) / 1e12
+                row[f"p{page_size}_nohint_vs_plan"] = row[f"plan_p{page_size}_us"] / row[f"fc_p{page_size}_us"]
                 if page_size == 128:  # dense copies of the same data for SDPA
                     k_dense, v_dense = dense_copy(k_cache, layout, batch), dense_copy(v_cache, layout, batch)
                     qd = q
-                del k_cache, v_cache, layout, workspace
+                del k_cache, v_cache, layout, plan
                 torch.cuda.empty_cache()
             for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
                 ms, note = time_sdpa(backend, qd, k_dense, v_dense)
@@ -220,9 +228,9 @@ def main():
     except ImportError:
         print("matplotlib missing: no plot")
     print(f"wrote {csv_path}")
-    print_table(rows, ["batch", "context", "fc_p16_us", "fc_p128_us", "sdpa_flash_us", "sdpa_cudnn_us",
-                       "fc_p16_TBs", "fc_p128_TBs", "sdpa_flash_TBs", "sdpa_cudnn_TBs", "p128_vs_cudnn",
-                       "p16_vs_p128"])
+    print_table(rows, ["batch", "context", "fc_p16_us", "plan_p16_us", "fc_p128_us", "plan_p128_us",
+                       "sdpa_cudnn_us", "fc_p128_TBs", "sdpa_flash_TBs", "sdpa_cudnn_TBs", "p128_vs_cudnn",
+                       "p16_vs_p128", "p16_nohint_vs_plan", "p128_nohint_vs_plan"])
 
 
 if __name__ == "__main__":

@@ -101,8 +101,9 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, flex, rep_ms, refs=True):
     q_indptr = (torch.arange(B + 1, dtype=torch.int32) * S).cuda()
     for page_size in PAGE_SIZES:
         k_cache, v_cache, layout = paged_copy(k, v, page_size, gen)
-        fn = lambda: fc.paged_attention(q_packed, k_cache, v_cache, layout, q_indptr, causal=causal,  # noqa: E731
-                                        max_q_len=S, max_pages_per_seq=S // page_size)
+        plan = fc.plan_attention(layout, q_indptr, num_q_heads=Hq, num_kv_heads=k_cache.shape[2], head_dim=D,
+                                 page_size=page_size, dtype=q.dtype, total_q=B * S, causal=causal)
+        fn = lambda: plan.run(q_packed, k_cache, v_cache, layout, q_indptr)  # noqa: E731
         out = fn()
         if sdpa_out is not None:
             row[f"ps{page_size}_maxdiff_vs_flash"] = (out.float() - sdpa_out.float()).abs().max().item()
@@ -154,9 +155,10 @@ def softcap_cost(rep_ms):
                 row = dict(shape=name, kernel=kernel)
                 for variant, softcap, sink in (("plain", None, None), ("softcap", SOFTCAP, None),
                                                ("sinks", None, sinks), ("softcap_sinks", SOFTCAP, sinks)):
-                    fn = lambda: fc.paged_attention(q, k_cache, v_cache, layout, q_indptr,  # noqa: E731
-                                                    causal=causal, softcap=softcap, sinks=sink, max_q_len=S,
-                                                    max_pages_per_seq=S // 128)
+                    plan = fc.plan_attention(layout, q_indptr, num_q_heads=q.shape[1], num_kv_heads=k_cache.shape[2],
+                                             head_dim=q.shape[2], page_size=128, dtype=q.dtype, total_q=q.shape[0],
+                                             causal=causal, softcap=softcap)
+                    fn = lambda: plan.run(q, k_cache, v_cache, layout, q_indptr, sinks=sink)  # noqa: E731
                     fn()
                     ms = median_ms(fn, rep_ms=rep_ms)
                     row[f"{variant}_ms"] = ms

@@ -89,8 +89,16 @@ def layer_benchmark(context: int, budget: int, page_size: int) -> list[dict]:
     # A decode step wrote the last slot of the last page: its key widens that page's bounds.
     last_slot = cols[-1:] * page_size + page_size - 1
 
+    def plan(rows_, pages_, nnz_):  # a decode step's plan (once per step; every layer and graph replay runs it)
+        shape = fc.PageLayout(*(torch.empty(n, dtype=torch.int32, device=q.device) for n in (rows_ + 1, nnz_, nnz_, nnz_)))
+        return fc.plan_attention(shape, q_indptr, num_q_heads=q.shape[1], num_kv_heads=HKV, head_dim=D,
+                                 page_size=page_size, dtype=q.dtype, total_q=q.shape[0], max_q_len=1,
+                                 max_pages_per_seq=pages_, exact=True)
+
+    dense_plan = plan(1, max_pages, layout.cols.numel())
+
     def dense():
-        return fc.paged_attention(q, k_pool, v_pool, layout, q_indptr, max_q_len=1, max_pages_per_seq=max_pages)
+        return dense_plan.run(q, k_pool, v_pool, layout, q_indptr)
 
     rows = []
 
@@ -134,8 +142,8 @@ def layer_benchmark(context: int, budget: int, page_size: int) -> list[dict]:
             chosen = step.layout_for(q, summaries)
         else:
             chosen = step.layout_for(q, None)
-        attend = lambda: fc.paged_attention(q, k_pool, v_pool, chosen, q_indptr, max_q_len=1,  # noqa: E731
-                                            max_pages_per_seq=k)
+        sparse_plan = plan(chosen.row_offsets.numel() - 1, k, chosen.cols.numel())
+        attend = lambda: sparse_plan.run(q, k_pool, v_pool, chosen, q_indptr)  # noqa: E731
         speedup(add(f"{policy}: attention on {k} selected pages", attend))
         if policy == "topk":
             add("topk: bounds update of the written page (per layer)",
@@ -143,8 +151,7 @@ def layer_benchmark(context: int, budget: int, page_size: int) -> list[dict]:
 
             def per_layer():
                 summaries.update_decode(k_pool, last_slot)
-                return fc.paged_attention(q, k_pool, v_pool, step.layout_for(q, summaries), q_indptr, max_q_len=1,
-                                          max_pages_per_seq=k)
+                return sparse_plan.run(q, k_pool, v_pool, step.layout_for(q, summaries), q_indptr)
             speedup(add("topk: update + selection + attention (per layer)", per_layer,
                         note="the whole per-layer cost of a topk decode step"))
     rows.append(dict(what="topk: summary refresh of the whole context (prefill, per layer)",

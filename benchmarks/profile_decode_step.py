@@ -21,7 +21,7 @@ from bench_e2e import CASES, build_model  # noqa: E402
 from common import print_table  # noqa: E402
 
 import flashcore_hf  # noqa: E402
-from flashcore_hf import decode_graphs  # noqa: E402
+from flashcore_hf.hf import decode_graphs  # noqa: E402
 from flashcore_hf.cache import PagedKVCache  # noqa: E402
 
 HOST = defaultdict(float)

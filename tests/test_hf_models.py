@@ -372,3 +372,25 @@ def test_continuous_batching_cache_kwarg_is_refused():
     q, kv = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="continuous-batching"):
         flashcore_attention_forward(attn, q, kv, kv, None, cache=object())
+
+
+# ---- one plan per step -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family, kinds", [("llama", 1), ("qwen2", 2)])
+def test_one_attention_plan_per_step_and_layout_kind(family, kinds, monkeypatch):
+    """Every layer of a step runs the step's plan: one plan_attention call per step and layout kind (the full layout,
+    and the window layout of models with sliding-window layers), whatever the number of layers."""
+    from flashcore_hf.cache import step_plan
+
+    model, eager = model_pair(family)
+    calls = []
+    original = step_plan.plan_attention
+    monkeypatch.setattr(step_plan, "plan_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ids, mask = left_padded([9, 5], seed=11)
+    cache = PagedKVCache(model.config, page_size=4)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **{CACHE_KWARG: cache})
+        assert len(calls) == kinds
+        step = torch.randint(1, VOCAB, (2, 1))
+        model(step, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1), **{CACHE_KWARG: cache})
+    assert len(calls) == 2 * kinds

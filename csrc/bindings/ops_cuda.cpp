@@ -71,8 +71,9 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
                  "paged decode kernel");
     return {out, lse};
   }
-  FC_CHECK(aligned16(p.q) && p.q_stride_token % 8 == 0 && p.q_stride_head % 8 == 0, "paged_attention: the CUDA "
-           "prefill kernels need q 16-byte aligned with token and head strides that are multiples of 8 elements");
+  FC_CHECK(paged_prefill_supported(p), "paged_attention: the CUDA prefill kernels need q, k_cache, v_cache 16-byte "
+           "aligned, q's token and head strides multiples of 8 elements and sm_scale > 0; got q strides ",
+           p.q_stride_token, "/", p.q_stride_head, ", sm_scale=", p.sm_scale);
   const PrefillKernel kernel =
       planned.kernel == PlanKernel::kPrefillWgmma ? PrefillKernel::kWgmma : PrefillKernel::kMma;
   check_launch(launch_paged_prefill(p, kernel, stream), "paged prefill kernel");

@@ -63,24 +63,38 @@ def random_problem(lengths, n_qs, hq, hkv, d, page_size, dtype, generator, *, pa
     return q, k_cache, v_cache, row_offsets, cols, counts, q_indptr
 
 
-def run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal=True, window=None, workspace=None,
-               max_q_len=None, max_pages_per_seq=None, sm_scale=None, softcap=None, sinks=None):
-    layout = fc.PageLayout(row_offsets.to(DEV), cols.to(DEV), counts.to(DEV),
-                           torch.full_like(cols, -1).to(DEV))
+def plan_for(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal=True, window=None,
+             max_q_len=None, max_pages_per_seq=None, sm_scale=None, softcap=None, sinks=None):
+    """The plan of a problem: exact bounds from the host metadata unless bounds are given (then trusted as they are:
+    looser than the real values is allowed). sinks: a run argument, not part of the plan."""
+    layout = fc.PageLayout(row_offsets.to(DEV), cols.to(DEV), counts.to(DEV), torch.full_like(cols, -1).to(DEV))
     n_q = (q_indptr[1:] - q_indptr[:-1])
     n_p = (row_offsets[1:] - row_offsets[:-1])
     if max_q_len is None:
         max_q_len = int(n_q.max()) if n_q.numel() else 0
     if max_pages_per_seq is None:
         max_pages_per_seq = int(n_p.max()) if n_p.numel() else 0
+    plan = fc.plan_attention(layout, q_indptr.to(DEV), num_q_heads=q.shape[1], num_kv_heads=k_cache.shape[2],
+                             head_dim=q.shape[2], page_size=k_cache.shape[1], dtype=q.dtype, total_q=q.shape[0],
+                             causal=causal, sm_scale=sm_scale, sliding_window=window, softcap=softcap,
+                             max_q_len=max_q_len, max_pages_per_seq=max_pages_per_seq, exact=True)
+    return plan, layout
+
+
+def run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, causal=True, window=None,
+               poison_workspace=False, max_q_len=None, max_pages_per_seq=None, sm_scale=None, softcap=None,
+               sinks=None):
+    plan, layout = plan_for(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, causal=causal, window=window,
+                            max_q_len=max_q_len, max_pages_per_seq=max_pages_per_seq, sm_scale=sm_scale,
+                            softcap=softcap)
+    assert plan.kernel == "decode"
+    if poison_workspace and plan.workspace is not None:
+        plan.workspace.fill_(float("nan"))
     # Poison the blocks the caching allocator will hand out for out/lse: anything unwritten shows up as NaN.
     poison = (torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV),
               torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=DEV))
     del poison
-    out, lse = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr.to(DEV), causal=causal,
-                                  sliding_window=window, return_lse=True, max_q_len=max_q_len,
-                                  max_pages_per_seq=max_pages_per_seq, workspace=workspace, sm_scale=sm_scale,
-                                  softcap=softcap, sinks=sinks)
+    out, lse = plan.run(q, k_cache, v_cache, layout, q_indptr.to(DEV), sinks=sinks, return_lse=True)
     torch.cuda.synchronize()
     return out, lse
 
@@ -216,10 +230,9 @@ def test_invalid_page_entries_are_empty(generator):
 
 
 def test_strided_q_and_nan_workspace(generator):
-    """q with padded head stride; a NaN-filled caller workspace must not leak into the output."""
+    """q with padded head stride; a NaN-filled plan workspace must not leak into the output."""
     prob = random_problem([3000, 40], [4, 4], 32, 8, 128, 16, torch.bfloat16, generator, q_strided=True)
-    workspace = torch.full((64 << 20,), float("nan"), device=DEV)
-    out, lse = run_kernel(*prob, workspace=workspace)
+    out, lse = run_kernel(*prob, poison_workspace=True)
     check_against_reference(out, lse, *prob)
 
 
@@ -232,30 +245,28 @@ def test_large_batch_no_split(generator):
 
 
 def test_loose_host_bounds(generator):
-    """max_q_len / max_pages_per_seq larger than the real values (the ops.py defaults) stay correct."""
+    """Plan bounds larger than the real values (what a CUDA-graph bucket or a shape-only plan uses) stay correct."""
     prob = random_problem([700, 1300, 0], [1, 2, 1], 16, 2, 64, 16, torch.float16, generator)
     out, lse = run_kernel(*prob, max_q_len=16, max_pages_per_seq=int(prob[4].numel()))
     check_against_reference(out, lse, *prob)
 
 
 def test_cuda_graph_replay(generator):
-    """Allocation- and sync-free: capture one call with a caller workspace, replay on new data in place."""
-    q, k_cache, v_cache, row_offsets, cols, counts, q_indptr = random_problem(
-        [5000, 100], [1, 1], 32, 8, 128, 16, torch.bfloat16, generator)
-    layout = fc.PageLayout(row_offsets.to(DEV), cols.to(DEV), counts.to(DEV), torch.full_like(cols, -1).to(DEV))
+    """Plan once, run inside a CUDA graph: allocation- and sync-free; replays on new data in place."""
+    prob = random_problem([5000, 100], [1, 1], 32, 8, 128, 16, torch.bfloat16, generator)
+    q, k_cache, v_cache, row_offsets, cols, counts, q_indptr = prob
+    plan, layout = plan_for(*prob)
     qi = q_indptr.to(DEV)
-    workspace = torch.empty(64 << 20, device=DEV)
-    kwargs = dict(return_lse=True, max_q_len=1, max_pages_per_seq=int((row_offsets[1:] - row_offsets[:-1]).max()),
-                  workspace=workspace)
-    fc.paged_attention(q, k_cache, v_cache, layout, qi, **kwargs)  # warm up outside the capture
+    plan.run(q, k_cache, v_cache, layout, qi)  # warm up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, lse = fc.paged_attention(q, k_cache, v_cache, layout, qi, **kwargs)
-    q.copy_(torch.randn(q.shape, generator=generator).to(q.dtype))
-    graph.replay()
-    torch.cuda.synchronize()
-    check_against_reference(out, lse, q, k_cache, v_cache, row_offsets, cols, counts, q_indptr)
+        out, lse = plan.run(q, k_cache, v_cache, layout, qi, return_lse=True)
+    for _ in range(2):
+        q.copy_(torch.randn(q.shape, generator=generator).to(q.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_against_reference(out, lse, q, k_cache, v_cache, row_offsets, cols, counts, q_indptr)
 
 
 # ---- SDPA on dense copies as a second oracle ------------------------------------------------------------------
@@ -369,15 +380,8 @@ def random_sinks(hq, generator):
 
 
 def splits_page_lists(prob, **kwargs):
-    """True when the decode kernel splits this call's page lists (then it needs a workspace). Only meaningful for
-    n_q = 1 without a window, where nothing else uses the workspace."""
-    try:
-        run_kernel(*prob, workspace=torch.empty(0, device=DEV), **kwargs)
-        return False
-    except RuntimeError as err:
-        if "this call needs" in str(err):
-            return True
-        raise
+    """True when the decode kernel's plan splits this call's page lists (partials merged by the merge kernel)."""
+    return plan_for(*prob, **kwargs)[0].splits > 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -464,3 +468,42 @@ def test_softcap_and_sinks_per_kv_head_page_lists(n_q, causal, window, generator
                                 k_cache[:, :, h:h + 1].contiguous(), v_cache[:, :, h:h + 1].contiguous(),
                                 i32(sub_offsets), i32(sub_cols), i32(sub_counts), q_indptr, causal=causal,
                                 window=window, sinks=sinks[heads], **opts)
+
+
+# ---- the public op without hints, and plans ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch, context, page_size", [(1, 8192, 128), (16, 2048, 16), (64, 1024, 128)])
+def test_public_op_without_hints_plans_decode(batch, context, page_size, generator):
+    """The README call (device metadata, no hints): the decode kernel, no host sync (shape-only bounds), correct."""
+    prob = random_problem([context] * batch, [1] * batch, 32, 8, 128, page_size, torch.bfloat16, generator)
+    q, k_cache, v_cache, row_offsets, cols, counts, q_indptr = prob
+    layout = fc.PageLayout(row_offsets.to(DEV), cols.to(DEV), counts.to(DEV), torch.full_like(cols, -1).to(DEV))
+    plan = fc.plan_attention(layout, q_indptr.to(DEV), num_q_heads=32, num_kv_heads=8, head_dim=128,
+                             page_size=page_size, dtype=q.dtype, total_q=q.shape[0])
+    assert plan.kernel == "decode"                       # B = 64 too: never the prefill kernel for a decode batch
+    out, lse = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr.to(DEV), return_lse=True)
+    torch.cuda.synchronize()
+    check_against_reference(out, lse, *prob)
+
+
+def test_too_small_hints_raise_on_cuda(generator):
+    prob = random_problem([700, 1300], [1, 3], 16, 2, 64, 16, torch.float16, generator)
+    q, k_cache, v_cache, row_offsets, cols, counts, q_indptr = prob
+    layout = fc.PageLayout(row_offsets.to(DEV), cols.to(DEV), counts.to(DEV), torch.full_like(cols, -1).to(DEV))
+    with pytest.raises(RuntimeError, match="max_pages_per_seq = 10 but layout row 0 reads 44 pages"):
+        fc.paged_attention(q, k_cache, v_cache, layout, q_indptr.to(DEV), max_pages_per_seq=10)
+    with pytest.raises(RuntimeError, match="max_q_len = 2 but sequence 1 has 3 queries"):
+        fc.paged_attention(q, k_cache, v_cache, layout, q_indptr.to(DEV), max_q_len=2)
+    out, lse = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr.to(DEV), max_q_len=3, return_lse=True,
+                                  max_pages_per_seq=82)
+    torch.cuda.synchronize()
+    check_against_reference(out, lse, *prob)
+
+
+def test_plan_shape_mismatch_is_refused(generator):
+    prob = random_problem([700, 130], [1, 1], 16, 2, 64, 16, torch.float16, generator)
+    plan, layout = plan_for(*prob)
+    other = random_problem([700, 130, 5], [1, 1, 1], 16, 2, 64, 16, torch.float16, generator)
+    other_layout = fc.PageLayout(*(t.to(DEV) for t in other[3:6]), torch.full_like(other[4], -1).to(DEV))
+    with pytest.raises(RuntimeError, match="the plan was made for batch"):
+        plan.run(other[0], other[1], other[2], other_layout, other[6].to(DEV))

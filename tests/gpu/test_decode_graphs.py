@@ -94,3 +94,21 @@ def test_disable_compile_turns_graphs_off_for_the_call(model, generator):
     replays = fc.decode_graph_stats(model).replays
     generate(model, ids, mask, graphs=True, max_new_tokens=8, disable_compile=True)
     assert fc.decode_graph_stats(model).replays == replays
+
+
+def test_replays_reuse_the_captured_plans(model, generator, monkeypatch):
+    """A replayed decode step plans nothing: the attention plans made while capturing are baked into the graph
+    (only the prompt's step plans)."""
+    from flashcore_hf.cache import step_plan
+
+    ids, mask = left_padded([40], generator)
+    generate(model, ids, mask, graphs=True, max_new_tokens=4)          # captures this bucket's graph
+    calls = []
+    original = step_plan.plan_attention
+    monkeypatch.setattr(step_plan, "plan_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    stats = fc.decode_graph_stats(model)
+    replays, captures = stats.replays, stats.captures
+    generate(model, ids, mask, graphs=True, max_new_tokens=12)
+    assert fc.decode_graph_stats(model).captures == captures
+    assert fc.decode_graph_stats(model).replays - replays == 11
+    assert len(calls) == 1                                              # the prefill step's plan

@@ -127,9 +127,17 @@ def check_case(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, caus
     """Run the op and check it against float64 under the 2x-low-precision rule; returns (out, lse)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     _poison(q, q[..., 0].float())
-    out, lse = fc.paged_attention(q, k_cache, v_cache, _layout(row_offsets, cols, counts), q_indptr, causal=causal,
-                                  sm_scale=scale, sliding_window=window, softcap=softcap, sinks=sinks,
-                                  return_lse=True, max_q_len=max_q_len, max_pages_per_seq=max_pages_per_seq)
+    layout = _layout(row_offsets, cols, counts)
+    if max_q_len is None and max_pages_per_seq is None:   # the public op as the README calls it
+        out, lse = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, causal=causal, sm_scale=scale,
+                                      sliding_window=window, softcap=softcap, sinks=sinks, return_lse=True)
+    else:                                                 # a plan with these (looser) bounds, trusted as given
+        plan = fc.plan_attention(layout, q_indptr, num_q_heads=q.shape[1], num_kv_heads=k_cache.shape[2],
+                                 head_dim=q.shape[2], page_size=k_cache.shape[1], dtype=q.dtype, total_q=q.shape[0],
+                                 causal=causal, sm_scale=scale, sliding_window=window, softcap=softcap,
+                                 max_q_len=max_q_len, max_pages_per_seq=max_pages_per_seq, exact=True)
+        assert plan.kernel.startswith("prefill") or max_q_len <= 16
+        out, lse = plan.run(q, k_cache, v_cache, layout, q_indptr, sinks=sinks, return_lse=True)
     torch.cuda.synchronize()
     options = dict(causal=causal, window=window, scale=scale, softcap=softcap)
     ref, ref_lse = batch_reference(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, lowp=False,
@@ -290,7 +298,8 @@ def test_strided_q_and_custom_scale(generator):
 
 
 def test_short_query_runs_on_the_prefill_path(generator):
-    """max_q_len > 16 routes to the prefill kernel even when every real run is short (n_q = 1, 0, 5, 16)."""
+    """A plan bound max_q_len > 16 routes to the prefill kernel even when every real run is short (n_q = 1, 0, 5,
+    16)."""
     n_q, n_k = [1, 0, 5, 16], [40, 3, 5, 1000]
     case = make_batch(generator, n_k, n_q, page_size=16, hkv=2, group=8, head_dim=64, dtype=torch.float16)
     check_case(*case, max_q_len=64, max_pages_per_seq=200)
@@ -303,8 +312,10 @@ def test_cuda_graph_replay(generator):
     q, k_cache, v_cache, row_offsets, cols, counts, q_indptr = make_batch(
         generator, n_k, n_q, page_size=64, hkv=2, group=4, head_dim=128, dtype=torch.bfloat16)
     layout = _layout(row_offsets, cols, counts)
-    call = lambda: fc.paged_attention(q, k_cache, v_cache, layout, q_indptr, max_q_len=300,  # noqa: E731
-                                      max_pages_per_seq=15)
+    plan = fc.plan_attention(layout, q_indptr, num_q_heads=8, num_kv_heads=2, head_dim=128, page_size=64,
+                             dtype=q.dtype, total_q=q.shape[0])          # plan once (host copy of the offsets)
+    assert plan.kernel.startswith("prefill") and (plan.max_q_len, plan.max_pages_per_seq) == (300, 15)
+    call = lambda: plan.run(q, k_cache, v_cache, layout, q_indptr)  # noqa: E731
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

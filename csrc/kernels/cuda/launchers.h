@@ -10,18 +10,27 @@
 namespace flashcore {
 
 // ---- decode (split-KV, few queries per sequence) -------------------------------------------------------------
-// Largest n_q per sequence the decode kernel handles; the binding routes longer query runs to the prefill kernel.
+// Queries per sequence up to which an exactly known batch takes the decode kernel (which covers any count; longer
+// query runs are better served by the prefill kernels).
 constexpr int kDecodeMaxQueriesPerSeq = 16;
-// True when the decode kernel supports this dtype / head_dim / page_size.
+// True when the decode kernel supports this dtype / head_dim / page_size (and, when set, 16-byte aligned pools and
+// output; a plan made without pointers only checks the rest).
 bool paged_decode_supported(const PagedAttentionParams& p);
-// Bytes of float32 workspace the decode kernel needs for its split partials (0 if it needs none).
-size_t paged_decode_workspace_bytes(const PagedAttentionParams& p, int num_sms);
-cudaError_t launch_paged_decode(const PagedAttentionParams& p, void* workspace, size_t workspace_bytes, int num_sms,
+// Split-KV blocks per (sequence, kv head) for layout rows of `pages` pages on a GPU of num_sms multiprocessors.
+int paged_decode_splits(const PagedAttentionParams& p, int num_sms, int pages);
+// Bytes of float32 workspace the decode kernel needs with `splits` splits (partials, key positions; 0 if none).
+size_t paged_decode_workspace_bytes(const PagedAttentionParams& p, int splits);
+cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void* workspace, size_t workspace_bytes,
                                 cudaStream_t stream);
 
 // ---- prefill (tensor cores, many queries per sequence) -------------------------------------------------------
+enum class PrefillKernel { kMma, kWgmma };
+// True when a prefill kernel supports this configuration (pointers and strides are checked when set).
 bool paged_prefill_supported(const PagedAttentionParams& p);
-cudaError_t launch_paged_prefill(const PagedAttentionParams& p, cudaStream_t stream);
+// Whether the Hopper wgmma kernel runs this call on a device of compute capability cc_major.cc_minor: head dim 128,
+// one layout row per sequence, an sm_90a build, and FLASHCORE_PREFILL_KERNEL not "mma" (read at every plan).
+bool paged_prefill_wgmma_applies(const PagedAttentionParams& p, int cc_major, int cc_minor);
+cudaError_t launch_paged_prefill(const PagedAttentionParams& p, PrefillKernel kernel, cudaStream_t stream);
 
 // ---- cache writes --------------------------------------------------------------------------------------------
 cudaError_t launch_append_kv(const AppendKVParams& p, cudaStream_t stream);

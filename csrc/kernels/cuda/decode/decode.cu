@@ -72,28 +72,25 @@ cudaError_t launch_kernels(const DecodeArgs& a, int warps_m, cudaStream_t stream
 
 }  // namespace
 
-DecodePlan make_decode_plan(const PagedAttentionParams& p, int num_sms) {
+int decode_splits(const PagedAttentionParams& p, int num_sms, int pages) {
+  const DecodePlan shape = make_decode_plan(p, 1);
+  const int64_t base_blocks = (int64_t)p.batch * p.num_kv_heads * shape.row_chunks;
+  const int64_t slots = (int64_t)std::max(num_sms, 1) * kBlocksPerSm;
+  if (pages <= 1 || base_blocks <= 0 || base_blocks >= slots) return 1;
+  const int64_t want = slots / base_blocks;
+  const int64_t pps = std::max<int64_t>(ceil_div(pages, want), shape.min_pages_per_split);
+  return static_cast<int>(ceil_div(pages, pps));
+}
+
+DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits) {
   DecodePlan plan;
   plan.group = p.num_q_heads / p.num_kv_heads;
   const int64_t rows = (int64_t)std::max(p.max_q_len, 1) * plan.group;
   plan.warps_m = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
   plan.row_chunks = static_cast<int>(ceil_div(rows, kRowsPerWarp * plan.warps_m));
   plan.need_pos = p.window > 0 || (p.causal && p.max_q_len > 1);
-
-  // Split the page lists only while (sequence, kv head, row chunk) blocks alone would leave resident slots empty;
-  // a batch that fills the GPU writes its output directly, with no partials and no merge.
-  const int64_t base_blocks = (int64_t)p.batch * p.num_kv_heads * plan.row_chunks;
-  const int64_t slots = (int64_t)std::max(num_sms, 1) * kBlocksPerSm;
-  const int max_pages = p.max_pages_per_seq;
-  plan.splits = 1;
-  plan.pages_per_split = std::max(max_pages, 1);
-  if (max_pages > 1 && base_blocks > 0 && base_blocks < slots) {
-    const int64_t want = slots / base_blocks;
-    const int64_t min_pages = std::max<int64_t>(1, ceil_div(2 * tile_keys(p.head_dim), p.page_size));  // >= 2 tiles
-    const int64_t pps = std::max(ceil_div(max_pages, want), min_pages);
-    plan.pages_per_split = static_cast<int>(pps);
-    plan.splits = static_cast<int>(ceil_div(max_pages, pps));
-  }
+  plan.splits = std::max(splits, 1);
+  plan.min_pages_per_split = static_cast<int>(std::max<int64_t>(1, ceil_div(2 * tile_keys(p.head_dim), p.page_size)));
 
   size_t offset = 0;
   auto take = [&offset](size_t bytes) {
@@ -125,16 +122,20 @@ bool paged_decode_supported(const PagedAttentionParams& p) {
   return aligned(p.k_cache) && aligned(p.v_cache) && aligned(p.out);  // 16-byte cp.async / stores
 }
 
-size_t paged_decode_workspace_bytes(const PagedAttentionParams& p, int num_sms) {
-  return decode::make_decode_plan(p, num_sms).total_bytes;
+int paged_decode_splits(const PagedAttentionParams& p, int num_sms, int pages) {
+  return decode::decode_splits(p, num_sms, pages);
 }
 
-cudaError_t launch_paged_decode(const PagedAttentionParams& p, void* workspace, size_t workspace_bytes, int num_sms,
+size_t paged_decode_workspace_bytes(const PagedAttentionParams& p, int splits) {
+  return decode::make_decode_plan(p, splits).total_bytes;
+}
+
+cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void* workspace, size_t workspace_bytes,
                                 cudaStream_t stream) {
   using namespace decode;
   if (!paged_decode_supported(p)) return cudaErrorInvalidValue;
   if (p.batch <= 0 || p.total_q <= 0 || p.max_q_len <= 0) return cudaSuccess;  // no query row to write
-  const DecodePlan plan = make_decode_plan(p, num_sms);
+  const DecodePlan plan = make_decode_plan(p, splits);
   if (workspace_bytes < plan.total_bytes || (plan.total_bytes > 0 && workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }
@@ -144,7 +145,7 @@ cudaError_t launch_paged_decode(const PagedAttentionParams& p, void* workspace, 
   a.group = plan.group;
   a.row_chunks = plan.row_chunks;
   a.splits = plan.splits;
-  a.pages_per_split = plan.pages_per_split;
+  a.min_pages_per_split = plan.min_pages_per_split;
   a.need_pos = plan.need_pos;
   a.page_shift = (p.page_size & (p.page_size - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(p.page_size)) : -1;
   a.scale_log2 = p.sm_scale * 1.4426950408889634f;

@@ -32,8 +32,8 @@ struct DecodePlan {
   int group = 1;            // num_q_heads / num_kv_heads
   int warps_m = 1;          // warps across query rows (1, 2 or 4); the other 4 / warps_m split each key tile
   int row_chunks = 1;       // blocks per (sequence, kv head) along query rows (warps_m * 16 rows each)
-  int splits = 1;           // blocks per (sequence, kv head, row chunk) along the page list
-  int pages_per_split = 0;  // split s reads the sequence's pages [s * pages_per_split, (s + 1) * pages_per_split)
+  int splits = 1;           // blocks per (sequence, kv head, row chunk) along the page list (from the plan)
+  int min_pages_per_split = 1;  // a split reads at least this many pages (2 tiles): see row_partition
   bool need_pos = false;    // masks need key positions (causal with several queries, or a sliding window)
   // Workspace layout (bytes from the start): split partials (only when splits > 1), then key positions.
   size_t part_out_offset = 0;   // float [splits, total_q, Hq, D]: normalised partial outputs
@@ -44,12 +44,32 @@ struct DecodePlan {
   size_t total_bytes = 0;
 };
 
-DecodePlan make_decode_plan(const PagedAttentionParams& p, int num_sms);
+// The launch plan for `splits` split-KV blocks per (sequence, kv head, row chunk) (the attention plan's choice:
+// decode_splits).
+DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits);
+
+// Split-KV blocks per (sequence, kv head, row chunk) for rows of `pages` pages: as many as leave no resident block
+// slot empty, each reading at least two tiles; 1 when (sequence, kv head, row chunk) blocks alone fill the GPU.
+int decode_splits(const PagedAttentionParams& p, int num_sms, int pages);
+
+// Pages per split of a layout row of n_pages pages: the row uses `active` of the plan's splits (no more than leave
+// every split min_pages pages), of pps pages each: split s reads pages [s * pps, min((s + 1) * pps, n_pages)).
+// Shared by the main kernel and the merge kernel, so both agree on which splits ran.
+__host__ __device__ inline void row_partition(int n_pages, int splits, int min_pages, int& active, int& pps) {
+  if (n_pages <= 0) {
+    active = 0;
+    pps = 0;
+    return;
+  }
+  const int most = (n_pages + min_pages - 1) / min_pages;
+  active = splits < most ? splits : most;
+  pps = (n_pages + active - 1) / active;
+}
 
 // Everything the device code needs, passed by value.
 struct DecodeArgs {
   PagedAttentionParams p;
-  int group, row_chunks, splits, pages_per_split;
+  int group, row_chunks, splits, min_pages_per_split;
   bool need_pos;
   int page_shift;      // log2(page_size) when it is a power of two, else -1
   float scale_log2;    // sm_scale * log2(e): scores live in the log2 domain inside the kernel

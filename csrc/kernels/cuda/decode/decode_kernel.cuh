@@ -132,9 +132,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(co
   const int M = sb.n_q * a.group;
   const int row0 = chunk * ROWS;
   if (row0 >= M) return;  // no query rows here; nobody reads rows that don't exist
-  const int pl0 = split * a.pages_per_split;
-  if (a.splits > 1 && pl0 >= sb.n_pages) return;  // inactive split: the merge kernel skips it
-  const int pages_here = max(0, min(pl0 + a.pages_per_split, sb.n_pages) - pl0);
+  int active, pps;
+  row_partition(sb.n_pages, a.splits, a.min_pages_per_split, active, pps);
+  if (a.splits > 1 && split >= active) return;  // inactive split: the merge kernel skips it
+  const int pl0 = split * pps;
+  const int pages_here = max(0, min(pl0 + pps, sb.n_pages) - pl0);
   const int n_slots = pages_here * p.page_size;
   const int num_tiles = (n_slots + N - 1) / N;
   const int n_k = a.need_pos ? a.seq_len[layout_row(p, b, kvh)] : 0;
@@ -442,7 +444,8 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs
   grid_dependency_wait();
   const SeqBounds sb = load_seq_bounds(p, b, hq / a.group);
   if (i >= sb.n_q) return;
-  const int active = sb.n_pages > 0 ? min(a.splits, (sb.n_pages + a.pages_per_split - 1) / a.pages_per_split) : 0;
+  int active, pps;
+  row_partition(sb.n_pages, a.splits, a.min_pages_per_split, active, pps);
   const int64_t row = (int64_t)(sb.q0 + i) * p.num_q_heads + hq;
   const int64_t split_stride = (int64_t)p.total_q * p.num_q_heads;
 

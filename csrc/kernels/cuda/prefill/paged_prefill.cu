@@ -1,9 +1,9 @@
 // Host entry points of the prefill kernels (see launchers.h): what they support, and the kernel / dtype dispatch.
 //
 // Two kernels: the Hopper wgmma kernel (../prefill_sm90/, head dim 128, fp16/bf16, compute capability 9.0, sm_90a
-// build) and the mma.sync kernel here (everything else). FLASHCORE_PREFILL_KERNEL picks one for tests and
-// comparisons, read at every call: "mma" forces the mma.sync kernel; "wgmma" or unset uses the wgmma kernel wherever
-// it applies and the mma.sync kernel elsewhere. Each kernel has a logit-softcapping variant, chosen here when
+// build) and the mma.sync kernel here (everything else). The attention plan picks one (paged_prefill_wgmma_applies);
+// FLASHCORE_PREFILL_KERNEL, read at every plan, picks one for tests and comparisons: "mma" forces the mma.sync
+// kernel; "wgmma" or unset uses the wgmma kernel wherever it applies and the mma.sync kernel elsewhere. Each kernel has a logit-softcapping variant, chosen here when
 // p.softcap > 0 (instantiated in the *_softcap.cu files); sinks need no variant (the epilogue applies them).
 #include <cmath>
 #include <cstdint>
@@ -24,16 +24,6 @@ bool mma_kernel_forced() {
   return choice != nullptr && std::strcmp(choice, "mma") == 0;
 }
 
-bool current_device_is_sm90() {
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return major == 9 && minor == 0;
-}
 }  // namespace
 
 bool paged_prefill_supported(const PagedAttentionParams& p) {
@@ -51,10 +41,14 @@ bool paged_prefill_supported(const PagedAttentionParams& p) {
   return dtype_ok && shape_ok && scale_ok && align_ok && grid_ok;
 }
 
-cudaError_t launch_paged_prefill(const PagedAttentionParams& p, cudaStream_t stream) {
+bool paged_prefill_wgmma_applies(const PagedAttentionParams& p, int cc_major, int cc_minor) {
+  return prefill_sm90::supports(p) && !mma_kernel_forced() && cc_major == 9 && cc_minor == 0;
+}
+
+cudaError_t launch_paged_prefill(const PagedAttentionParams& p, PrefillKernel kernel, cudaStream_t stream) {
   if (!paged_prefill_supported(p)) return cudaErrorInvalidValue;
   const bool fp16 = p.dtype == DType::kFloat16, softcap = p.softcap > 0.f;
-  if (prefill_sm90::supports(p) && !mma_kernel_forced() && current_device_is_sm90()) {
+  if (kernel == PrefillKernel::kWgmma && prefill_sm90::supports(p)) {
     const cudaError_t err = softcap ? (fp16 ? prefill_sm90::launch_fp16_softcap(p, stream)
                                             : prefill_sm90::launch_bf16_softcap(p, stream))
                                     : (fp16 ? prefill_sm90::launch_fp16(p, stream)
