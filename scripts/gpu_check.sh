@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: one command on a CUDA machine that builds the CUDA extension, runs the test suite (GPU tests
-# included), then the kernel and end-to-end benchmarks, and prints a short summary table last.
+# included), a reduced GPU set under compute-sanitizer (scripts/sanitize.sh), then the kernel and end-to-end
+# benchmarks, and prints a short summary table last.
 #
 #   bash scripts/gpu_check.sh                 # everything, about 9 minutes on an H200
 #   GPU_CHECK_STEPS="build tests decode" bash scripts/gpu_check.sh
@@ -17,7 +18,7 @@ ROOT_OUT=${OUT:-$PWD/benchmark_results}
 RESULTS=$ROOT_OUT/gpu_check
 mkdir -p "$RESULTS"
 export OUT=$RESULTS PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} FLASHCORE_CUDA_ARCHS=${FLASHCORE_CUDA_ARCHS:-90a}
-STEPS=${GPU_CHECK_STEPS:-"build tests decode prefill e2e sparse"}
+STEPS=${GPU_CHECK_STEPS:-"build tests sanitizer decode prefill sparse e2e"}
 E2E_ARGS=${GPU_CHECK_E2E_ARGS:-"--new 32"}
 SPARSE_ARGS=${GPU_CHECK_SPARSE_ARGS:-"--new-tokens 32"}
 DEADLINE=${GPU_CHECK_SECONDS:-575}
@@ -49,6 +50,7 @@ run_step build python -m pip install --no-build-isolation --no-deps -e .
 if [[ " ${failed[*]-} " == *" build "* ]]; then echo "build failed"; exit 1; fi
 python -c "import flashcore_hf as fc; assert fc.HAS_CUDA_KERNELS, 'extension built without CUDA kernels'" || exit 1
 run_step tests python -m pytest tests -q -rs
+run_step sanitizer bash scripts/sanitize.sh
 run_step decode python benchmarks/bench_decode.py
 run_step prefill python benchmarks/bench_prefill.py
 # shellcheck disable=SC2086

@@ -296,15 +296,14 @@ class PagedKVCache(Cache):
         shape = StepShape(batch_size, query_len, len(runs.rows),
                           tuple((kind, layout.cols.numel()) for kind, layout in layouts.items()))
         host_parts = (int32(runs.starts), int32(slot_mapping), layouts)
-        host = shape.pack(*host_parts, pin=device.type == "cuda")
         sparse = None
         if self._sparse is not None:
             sparse = self._sparse.plan_step(lengths, [n + c for n, c in zip(lengths, counts)], page_tables,
                                             query_len, max_pages[FULL], pin=device.type == "cuda")
             sparse.select = sparse.select and runs_are_rows
         max_q_len = max(runs.starts[r + 1] - runs.starts[r] for r in range(len(runs.rows))) if runs.rows else 0
-        return StepPlan(shape, self._padded_len, max_q_len, max_pages, runs_are_rows, host, sparse=sparse,
-                        host_parts=host_parts, window=self.window)
+        return StepPlan(shape, self._padded_len, max_q_len, max_pages, runs_are_rows, host_parts, sparse=sparse,
+                        window=self.window)
 
     def _real_new_columns(self, batch_size: int, query_len: int, mask: torch.Tensor | None
                           ) -> list[list[bool]] | None:

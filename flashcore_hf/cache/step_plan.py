@@ -99,10 +99,9 @@ class StepPlan:
     max_q_len: longest run; max_pages: kind -> bound on a layout row's pages; runs_are_rows: one run per row (no
     padding inside a row's new columns), which sparse selection and non-causal attention need; window: the sliding
     window the "window" layout was made for (None: no such layout).
-    host: the packed metadata (None for a captured step, whose device buffers are reloaded before each replay) and
-    host_parts: what it packs (q_indptr, slot_mapping, kind -> layout), which a captured step's fixed buffers load
-    (StepShape.pack at their capacities); per_device: its copies (made once per device); sparse: the sparse
-    policy's step state (flashcore_hf.sparse).
+    host_parts: the metadata on the host (q_indptr, slot_mapping, kind -> layout); None for a captured step, whose
+    device buffers are reloaded before each replay (StepShape.pack at their capacities). per_device: its copies,
+    packed in one buffer and copied once per device; sparse: the sparse policy's step state (flashcore_hf.sparse).
     """
 
     shape: StepShape
@@ -110,12 +109,12 @@ class StepPlan:
     max_q_len: int
     max_pages: dict[str, int]
     runs_are_rows: bool
-    host: torch.Tensor | None
+    host_parts: tuple | None
     per_device: dict[torch.device, DeviceStep] = field(default_factory=dict)
     layers_done: set[int] = field(default_factory=set)
     sparse: object | None = None
-    host_parts: tuple | None = None
     window: int | None = None
+    _host: torch.Tensor | None = None
     _plans: dict[tuple, AttentionPlan] = field(default_factory=dict)
 
     @property
@@ -130,7 +129,9 @@ class StepPlan:
         """The metadata on `device`, copied there on first use (once per device per step)."""
         step = self.per_device.get(device)
         if step is None:
-            buf = self.host if device.type == "cpu" else self.host.to(device, non_blocking=True)
+            if self._host is None:
+                self._host = self.shape.pack(*self.host_parts, pin=torch.cuda.is_available())
+            buf = self._host if device.type == "cpu" else self._host.to(device, non_blocking=True)
             step = self.per_device[device] = self.shape.split(buf)
         return step
 

@@ -72,6 +72,14 @@ cudaError_t launch_kernels(const DecodeArgs& a, int warps_m, cudaStream_t stream
 
 }  // namespace
 
+// Query rows of a typical sequence: the average queries per sequence, at most max_q_len (uniform batches: exactly
+// max_q_len), times the group. A plan whose max_q_len is only a bound from the shapes thus gets the warp layout and
+// grid of the batch it really is (one query per sequence for decode), not of the bound.
+int64_t typical_rows(const PagedAttentionParams& p, int group) {
+  const int64_t avg_q = p.batch > 0 ? ceil_div(p.total_q, p.batch) : 1;
+  return std::max<int64_t>(std::min<int64_t>(std::max(p.max_q_len, 1), std::max<int64_t>(avg_q, 1)), 1) * group;
+}
+
 int decode_splits(const PagedAttentionParams& p, int num_sms, int pages) {
   const DecodePlan shape = make_decode_plan(p, 1);
   const int64_t base_blocks = (int64_t)p.batch * p.num_kv_heads * shape.row_chunks;
@@ -85,7 +93,8 @@ int decode_splits(const PagedAttentionParams& p, int num_sms, int pages) {
 DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits) {
   DecodePlan plan;
   plan.group = p.num_q_heads / p.num_kv_heads;
-  const int64_t rows = (int64_t)std::max(p.max_q_len, 1) * plan.group;
+  // Blocks of the grid cover the typical sequence's rows; a longer one loops over its extra row chunks (kernel).
+  const int64_t rows = typical_rows(p, plan.group);
   plan.warps_m = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
   plan.row_chunks = static_cast<int>(ceil_div(rows, kRowsPerWarp * plan.warps_m));
   plan.need_pos = p.window > 0 || (p.causal && p.max_q_len > 1);

@@ -92,10 +92,11 @@ __device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
 
 // ---- main kernel -----------------------------------------------------------------------------------------------
 
-// Grid: one block per (b, kv head, split, row chunk), row chunk fastest so blocks sharing K/V run together.
-// Dynamic shared memory: smem_bytes(D, sizeof(T)). kSoftcap: scores go through softcap * tanh(. / softcap).
+// One row chunk (query rows [chunk * ROWS, (chunk + 1) * ROWS) of a group) of sequence b, kv head kvh, split `split`:
+// stream the split's K/V tiles through shared memory and write the chunk's rows (or their split partials).
 template <typename T, int D, int WARPS_M, bool kSoftcap>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(const DecodeArgs a) {
+__device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int b, const int kvh, const int split,
+                                                 const int chunk, const SeqBounds& sb) {
   constexpr int N = tile_keys(D);           // key slots per tile
   constexpr int WARPS_N = kWarps / WARPS_M; // warps sharing one m-tile, each on its own keys of every tile
   constexpr int KW = N / WARPS_N;           // keys per warp per tile
@@ -118,17 +119,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(co
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / WARPS_N, wn = warp % WARPS_N;
 
-  int bid = blockIdx.x;
-  const int chunk = bid % a.row_chunks;
-  bid /= a.row_chunks;
-  const int split = bid % a.splits;
-  bid /= a.splits;
-  const int kvh = bid % p.num_kv_heads;
-  const int b = bid / p.num_kv_heads;
-
-  grid_dependency_wait();
-  allow_dependent_launch();
-  const SeqBounds sb = load_seq_bounds(p, b, kvh);
   const int M = sb.n_q * a.group;
   const int row0 = chunk * ROWS;
   if (row0 >= M) return;  // no query rows here; nobody reads rows that don't exist
@@ -418,6 +408,33 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(co
       dst[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
       if (c8 == 0) a.part_lse[part_row] = lse;
     }
+  }
+}
+
+// Grid: one block per (b, kv head, split, row chunk), row chunk fastest so blocks sharing K/V run together. A plan
+// sizes the row chunks for the typical sequence; a block whose sequence has more query rows than the grid's chunks
+// cover also runs the chunks chunk + row_chunks, chunk + 2 * row_chunks, ... (each re-reads the split's K/V), so
+// any query count per sequence is computed without a grid sized for the largest one.
+// Dynamic shared memory: smem_bytes(D, sizeof(T)). kSoftcap: scores go through softcap * tanh(. / softcap).
+template <typename T, int D, int WARPS_M, bool kSoftcap>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(const DecodeArgs a) {
+  constexpr int ROWS = WARPS_M * kRowsPerWarp;
+  const PagedAttentionParams& p = a.p;
+  int bid = blockIdx.x;
+  const int first_chunk = bid % a.row_chunks;
+  bid /= a.row_chunks;
+  const int split = bid % a.splits;
+  bid /= a.splits;
+  const int kvh = bid % p.num_kv_heads;
+  const int b = bid / p.num_kv_heads;
+
+  grid_dependency_wait();
+  allow_dependent_launch();
+  const SeqBounds sb = load_seq_bounds(p, b, kvh);
+  const int M = sb.n_q * a.group;
+  for (int chunk = first_chunk; chunk * ROWS < M; chunk += a.row_chunks) {
+    if (chunk != first_chunk) __syncthreads();  // the previous chunk's shared memory is no longer read
+    decode_row_chunk<T, D, WARPS_M, kSoftcap>(a, b, kvh, split, chunk, sb);
   }
 }
 

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# compute-sanitizer over a reduced GPU set (part of scripts/gpu_check.sh, step "sanitizer"):
+# - memcheck: repeated generate() calls with sparse policies and CUDA graphs (8K tokens in 16-token pages cross the
+#   same 2 MiB bounds-granule boundary as 32K in 64-token pages), the sparse GPU tests, graph reuse across calls;
+# - racecheck: the decode kernel (split-KV + merge, windows, softcap, sinks) and both prefill kernels under graphs.
+# Exits non-zero when the sanitizer reports an error or a test fails.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export FLASHCORE_TEST_CONTEXT=${FLASHCORE_TEST_CONTEXT:-8192} FLASHCORE_TEST_PAGE_SIZE=${FLASHCORE_TEST_PAGE_SIZE:-16}
+pytest=(python -m pytest -q -x -p no:cacheprovider)
+status=0
+echo "== memcheck =="
+compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" \
+  tests/gpu/test_repeated_generate.py -k "topk or kept" || status=1
+compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_sparse_gpu.py \
+  tests/gpu/test_decode_graphs.py::test_next_generate_call_reuses_graphs || status=1
+echo "== racecheck =="
+compute-sanitizer --tool racecheck --error-exitcode 1 "${pytest[@]}" \
+  tests/gpu/test_decode_cuda.py::test_cuda_graph_replay "tests/gpu/test_decode_cuda.py::test_softcap_and_sinks_with_window" \
+  tests/gpu/test_prefill_cuda.py::test_cuda_graph_replay || status=1
+exit $status
