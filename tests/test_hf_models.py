@@ -394,3 +394,13 @@ def test_one_attention_plan_per_step_and_layout_kind(family, kinds, monkeypatch)
         step = torch.randint(1, VOCAB, (2, 1))
         model(step, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1), **{CACHE_KWARG: cache})
     assert len(calls) == 2 * kinds
+
+
+def test_padded_forward_under_inference_mode():
+    """A padded batch through DynamicCache inside torch.inference_mode (inference tensors keep no version counter)."""
+    model, eager = model_pair("llama")
+    ids, mask = left_padded([9, 5], seed=12)
+    with torch.inference_mode():
+        out = model(ids, attention_mask=mask).logits[mask.bool()]
+        ref = eager(ids, attention_mask=mask).logits[mask.bool()]
+    assert rel_err(out, ref) < 1e-4

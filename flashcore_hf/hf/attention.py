@@ -176,8 +176,8 @@ class FlashCoreAttention(nn.Module):
         """(layout, q_indptr, max_q_len, max_pages) of the query runs of a padded dense batch whose row b's valid keys
         fill pages b * pages_per_row, .... Needs the mask on the host (one copy); every layer of a forward gets the
         same mask tensor, so the answer is remembered for it."""
-        memo = self._mask_memo
-        if memo is not None and memo[0]() is mask and memo[1] == (mask._version, s_q, pages_per_row, device):
+        memo, key = self._mask_memo, (_version(mask), s_q, pages_per_row, device)
+        if memo is not None and memo[0]() is mask and memo[1] == key:
             return memo[2]
         host = mask.to("cpu", torch.bool)
         past = host[:, :host.shape[1] - s_q].sum(dim=1).tolist()
@@ -189,7 +189,7 @@ class FlashCoreAttention(nn.Module):
         q_indptr = torch.tensor(runs.starts, dtype=torch.int32).to(device)
         max_q_len = max(runs.starts[r + 1] - runs.starts[r] for r in range(len(runs.rows)))
         result = (layout, q_indptr, max_q_len, largest[FULL])
-        self._mask_memo = (weakref.ref(mask), (mask._version, s_q, pages_per_row, device), result)
+        self._mask_memo = (weakref.ref(mask), key, result)
         return result
 
     def _packed_bounds(self, position_ids, cu_seq_lens, length) -> list[int] | None:
@@ -207,12 +207,12 @@ class FlashCoreAttention(nn.Module):
         if position_ids is None or position_ids.numel() != length:
             return None
         memo = self._packed_memo
-        if memo is not None and memo[0]() is position_ids and memo[1] == position_ids._version:
+        if memo is not None and memo[0]() is position_ids and memo[1] == _version(position_ids):
             return memo[2]
         steps = torch.diff(position_ids.reshape(-1))
         starts = (torch.nonzero(steps != 1).flatten() + 1).tolist()
         bounds = [0, *starts, length] if starts else None
-        self._packed_memo = (weakref.ref(position_ids), position_ids._version, bounds)
+        self._packed_memo = (weakref.ref(position_ids), _version(position_ids), bounds)
         return bounds
 
     # ---- kernel or fallback ---------------------------------------------------------------------------------
@@ -271,6 +271,12 @@ def _valid_key_mask(mask, batch: int, s_q: int, s_kv: int, device) -> torch.Tens
     if mask.shape[1] < s_q:
         raise ValueError(f"attention_mask covers {mask.shape[1]} keys, fewer than the {s_q} queries")
     return mask.to(device=device, dtype=torch.bool).expand(batch, -1)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place modification counter (what a per-forward memo keys on); None for inference tensors,
+    which keep none (they are created under inference_mode and are then not modified in place by the model)."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _round_up(n: int, multiple: int) -> int:

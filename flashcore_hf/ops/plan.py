@@ -16,7 +16,9 @@ Caller-given hints (max_q_len, max_pages_per_seq) are checked against the metada
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -72,8 +74,8 @@ def plan_attention(layout: PageLayout, q_indptr: torch.Tensor, *, num_q_heads: i
                    head_dim: int, page_size: int, dtype: torch.dtype, total_q: int | None = None,
                    causal: bool = True, sm_scale: float | None = None, sliding_window: int | None = None,
                    softcap: float | None = None, max_q_len: int | None = None, max_pages_per_seq: int | None = None,
-                   exact: bool = False, host_metadata: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> AttentionPlan:
+                   exact: bool = False, host_metadata: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   allocate_workspace: bool = True) -> AttentionPlan:
     """An AttentionPlan for queries described by q_indptr [B + 1] over `layout` (on the device the call runs on;
     the plan is valid for any metadata of the same shapes within its bounds).
 
@@ -81,6 +83,8 @@ def plan_attention(layout: PageLayout, q_indptr: torch.Tensor, *, num_q_heads: i
     max_q_len / max_pages_per_seq: bounds the caller knows; with exact=True they are trusted (the HF cache plans
     them from its page tables; values within them may change between runs), otherwise they are hints, checked
     against the metadata. host_metadata: (row_offsets, q_indptr) copies on the CPU, if the caller has them.
+    allocate_workspace: False leaves the decode kernel's scratch to each run (the op allocates it per call, as the
+    one-shot paged_attention does); True gives the plan its own, so runs allocate nothing.
     """
     device = q_indptr.device
     if sm_scale is None:
@@ -108,17 +112,24 @@ def plan_attention(layout: PageLayout, q_indptr: torch.Tensor, *, num_q_heads: i
             max_q_len, max_pages_per_seq = total_q, nnz
     max_q_len = max(0, int(max_q_len if max_q_len is not None else total_q))
     max_pages_per_seq = max(0, int(max_pages_per_seq if max_pages_per_seq is not None else nnz))
-    data = tuple(_ops.plan_paged_attention(
-        device.type, -1 if device.index is None else device.index, dtype, head_dim, page_size, num_q_heads,
-        num_kv_heads, batch, rows, total_q, nnz, max_q_len, max_pages_per_seq, bool(exact), bool(causal),
-        0 if sliding_window is None else int(sliding_window)))
+    data = _planner(device.type, -1 if device.index is None else device.index, dtype, head_dim, page_size,
+                    num_q_heads, num_kv_heads, batch, rows, total_q, nnz, max_q_len, max_pages_per_seq, bool(exact),
+                    bool(causal), 0 if sliding_window is None else int(sliding_window),
+                    os.environ.get("FLASHCORE_PREFILL_KERNEL"))
     kernel, max_q_len, max_pages_per_seq, splits, workspace_bytes = data[:5]
     workspace = None
-    if workspace_bytes > 0:
+    if workspace_bytes > 0 and allocate_workspace:
         workspace = torch.empty(math.ceil(workspace_bytes / 4), dtype=torch.float32, device=device)
     return AttentionPlan(bool(causal), float(sm_scale), 0 if sliding_window is None else int(sliding_window),
                          float(softcap or 0.0), KERNELS[kernel], max_q_len, max_pages_per_seq, splits, data,
                          workspace)
+
+
+@functools.lru_cache(maxsize=1024)
+def _planner(*args) -> tuple[int, ...]:
+    """The compiled planner (torch.ops.flashcore.plan_paged_attention): a pure function of host-known values (the
+    last argument, FLASHCORE_PREFILL_KERNEL, is part of the key because the planner reads it), so it is memoised."""
+    return tuple(_ops.plan_paged_attention(*args[:-1]))
 
 
 def _largest_gap(offsets: torch.Tensor) -> int:
@@ -167,5 +178,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     plan = plan_attention(layout, q_indptr, num_q_heads=q.shape[1], num_kv_heads=k_cache.shape[2],
                           head_dim=q.shape[2], page_size=k_cache.shape[1], dtype=q.dtype, total_q=q.shape[0],
                           causal=causal, sm_scale=sm_scale, sliding_window=sliding_window, softcap=softcap,
-                          max_q_len=max_q_len, max_pages_per_seq=max_pages_per_seq)
+                          max_q_len=max_q_len, max_pages_per_seq=max_pages_per_seq, allocate_workspace=False)
     return plan.run(q, k_cache, v_cache, layout, q_indptr, sinks=sinks, return_lse=return_lse)
