@@ -9,8 +9,9 @@ Environment:
 Objects are kept in build/<key>/ (not a temporary directory), so ninja recompiles only what changed: a second
 `pip install -e .` (e.g. with ".[test]") relinks without compiling. The key names the Python, torch and CUDA setup
 the objects were compiled for, so another torch, CUDA toolkit or arch list builds in its own directory instead of
-reusing stale objects. `rm -rf build/` forces a full rebuild. Compiler output (with `[done/total elapsed]` per
-file) reaches the terminal with `pip install -v`; pip hides it otherwise.
+reusing stale objects. `rm -rf build/` forces a full rebuild. Progress (a line per compiled file with ninja's
+`[done/total, elapsed]`, and every 15 s a count of the objects written so far) reaches the terminal with
+`pip install -v`; pip hides a build's output otherwise.
 """
 import glob
 import hashlib
@@ -18,6 +19,7 @@ import os
 import re
 import sys
 import sysconfig
+import threading
 import time
 
 from setuptools import setup
@@ -93,9 +95,25 @@ class BuildExtension(cpp_extension.BuildExtension):
                 else "ninja's default job count (set MAX_JOBS to change)")
         print(f"flashcore_hf._C: {sources} sources, objects in {os.path.relpath(self.build_temp, ROOT)} "
               f"(reused when unchanged), {jobs}", flush=True)
-        start = time.perf_counter()
-        super().build_extensions()
-        print(f"flashcore_hf._C: compiled and linked in {time.perf_counter() - start:.0f} s", flush=True)
+        start = time.time()
+        stop = threading.Event()
+        reporter = threading.Thread(target=self._report_progress, args=(start, stop), daemon=True)
+        reporter.start()
+        try:
+            super().build_extensions()
+        finally:
+            stop.set()
+            reporter.join()
+        print(f"flashcore_hf._C: compiled and linked in {time.time() - start:.0f} s", flush=True)
+
+    def _report_progress(self, start: float, stop: threading.Event, every: float = 15.0) -> None:
+        """Every `every` seconds until `stop`: how many objects this build has written so far. ninja prints a line
+        only when a file is done, and the files that include torch's headers take minutes each on a small machine."""
+        while not stop.wait(every):
+            objects = glob.glob(os.path.join(self.build_temp, "**", "*.o"), recursive=True)
+            written = sum(1 for path in objects if os.path.getmtime(path) >= start)
+            print(f"flashcore_hf._C: compiling, {written} object(s) written so far, {time.time() - start:.0f} s "
+                  "elapsed", flush=True)
 
 
 def build_extension():
