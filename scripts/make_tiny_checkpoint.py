@@ -5,9 +5,10 @@
 
 The tokenizer is a BPE trained here with the `tokenizers` library on a small built-in text (plus the files given with
 --corpus); it is saved with a chat template (role markers around each message, then the assistant marker), so the
-example's chat-template path runs. The model is a random Llama (2 layers, hidden 64, 2 query heads / 1 KV head of 32
-dims): its answers are noise (random subwords), but every shape, dtype and special token is real, and
-`from_pretrained` loads both like any hub checkpoint. It takes about a second.
+example's chat-template path runs. The model is a random Llama (4 layers, hidden 64, 2 query heads / 1 KV head of 32
+dims; four layers so that sparse page selection, which keeps the first two layers dense, has layers to act on): its
+answers are noise (random subwords), but every shape, dtype and special token is real, and `from_pretrained` loads
+both like any hub checkpoint. It takes about a second.
 """
 from __future__ import annotations
 
@@ -56,8 +57,8 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
 
 def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int, max_positions: int) -> LlamaForCausalLM:
-    """A random 2-layer Llama over the tokenizer's vocabulary (grouped-query attention, head dim 32)."""
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    """A random 4-layer Llama over the tokenizer's vocabulary (grouped-query attention, head dim 32)."""
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32,
                          max_position_embeddings=max_positions, rope_theta=500000.0, tie_word_embeddings=True,
                          # wider than the usual 0.02, so greedy decoding of the random model varies instead of

@@ -115,7 +115,7 @@ def test_compare_json_record(runs, files):
     # the last, which no forward pass has seen.
     stats = flashcore["cache_stats"]
     stored = [n + flashcore["decode_steps"] - 1 for n in lengths]
-    assert stats["page_size"] == PAGE and stats["num_layers"] == 2
+    assert stats["page_size"] == PAGE and stats["num_layers"] == 4
     assert stats["pages_used"] == sum(math.ceil(n / PAGE) for n in stored)
     assert "generated tokens identical to sdpa: yes" in stderr
     assert "[flashcore] prefill:" in stderr and "[sdpa] prefill:" in stderr
@@ -156,23 +156,29 @@ def test_chunked_prefill_matches_unchunked(files):
     assert torch.equal(sequences[CHUNK], sequences[None]) and torch.equal(sequences[7], sequences[None])
 
 
-def test_sparse_flags_reach_the_cache():
-    """--sparse/--budget become the PagedKVCache's SparseConfig, and the smoke model decodes with it (its layers 2-3
-    select pages: 128 tokens in pages of 16, a budget of 80 tokens: a sink page and 4 recent pages)."""
-    job = example.parse_args(["--context", "128", "--new", "3", "--sparse", "topk", "--budget", "80",
-                              "--page-size", "16", "--device", "cpu"])
-    model, _ = example.load_model(job, "flashcore")
-    inputs = example.make_inputs(job, model, None)
-    cache = example.make_cache(model, job, "flashcore", 128)
-    assert cache.sparse == SparseConfig(policy="topk", token_budget=80) and cache.page_size == 16
+def test_sparse_flags_reach_the_cache(files):
+    """--sparse/--budget become the PagedKVCache's SparseConfig, and the checkpoint decodes the batch with it: its
+    layers 2-3 select pages (the first two stay dense) once a row is longer than the budget (a sink page and the 64
+    most recent tokens: 9 pages of 8 = 72 tokens; rows here are over 100)."""
+    questions = [arg for q in QUESTIONS for arg in ("--question", q)]
+    job = example.parse_args(["--model", files["checkpoint"], "--prompt-file", files["document"], *questions,
+                              "--new", "3", "--sparse", "topk", "--budget", "72", "--page-size", str(PAGE),
+                              "--device", "cpu"])
+    model, tokenizer = example.load_model(job, "flashcore")
+    inputs = example.make_inputs(job, model, tokenizer)
+    columns = inputs["input_ids"].shape[1]
+    assert int(inputs["attention_mask"].sum(dim=1).min()) > 72
+    cache = example.make_cache(model, job, "flashcore", columns)
+    assert cache.sparse == SparseConfig(policy="topk", token_budget=72) and cache.page_size == PAGE
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            out = model.generate(**inputs, **example.generation_kwargs(job, None, 128), **{CACHE_KWARG: cache})
+            out = model.generate(**inputs, **example.generation_kwargs(job, tokenizer, columns),
+                                 **{CACHE_KWARG: cache})
     finally:
         torch.set_num_threads(threads)
-    assert out.sequences.shape == (1, 128 + 3)
+    assert out.sequences.shape[0] == 2 and columns < out.sequences.shape[1] <= columns + 3
 
 
 BAD_ARGUMENTS = [
