@@ -8,7 +8,7 @@ rows report
   prefill_s      median over --prefill-runs of generate(max_new_tokens=1): call start to the first logits
   decode_tok_s   1 / median per-step time of one greedy generate() of --new tokens (first to last logits)
   e2e_s          wall time of that greedy generate() (prefill + --new tokens)
-Each path first generates 2 tokens from a 64-token prompt (warm-up). Op-level rows time flashcore.paged_attention
+Each path first generates 2 tokens from a 64-token prompt (warm-up); prefill runs alternate between the paths. Op-level rows time flashcore.paged_attention
 against torch SDPA (enable_gqa) on the same dense data: a causal prefill shape and a one-query decode shape
 (median of --op-reps calls after warm-up). The table comes last; the CSV goes to benchmark_results/bench_cpu.csv.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -61,34 +62,48 @@ def generate(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, li
     return start, clock.times + [end]
 
 
-def model_rows(model, path: str, context: int, args) -> dict:
-    model.set_attn_implementation(path)
+def model_rows(model, context: int, args) -> list[dict]:
+    """Rows of every path at one context. Runs alternate between the paths (prefill k of flashcore, of sdpa, then
+    k + 1, ...) so that a drift in machine load hits both alike."""
     generator = torch.Generator().manual_seed(args.seed + context)
     input_ids = torch.randint(1, model.config.vocab_size, (1, context), generator=generator)
-    generate(model, input_ids[:, :64], 2)  # warm-up: thread pool, allocator, first-call costs
-    prefill = []
+    prefill = {path: [] for path in args.paths}
+    for path in args.paths:
+        model.set_attn_implementation(path)
+        generate(model, input_ids[:, :64], 2)  # warm-up: thread pool, allocator, first-call costs
     for _ in range(args.prefill_runs):
-        start, times = generate(model, input_ids, 1)
-        prefill.append(times[0] - start)
+        for path in args.paths:
+            model.set_attn_implementation(path)
+            start, times = generate(model, input_ids, 1)
+            prefill[path].append(times[0] - start)
+            gc.collect()
+    rows = []
+    for path in args.paths:
+        model.set_attn_implementation(path)
+        load = os.getloadavg()[0]
+        start, times = generate(model, input_ids, args.new)
+        steps = [b - a for a, b in zip(times[:-2], times[1:-1])]  # forward k+1's logits - forward k's
+        step_s = statistics.median(steps)
+        rows.append({"case": f"model {context // 1024}K", "path": path, "context": context,
+                     "prefill_s": statistics.median(prefill[path]), "prefill_min_s": min(prefill[path]),
+                     "decode_tok_s": 1.0 / step_s, "decode_ms_step": step_s * 1e3, "e2e_s": times[-1] - start,
+                     "new_tokens": args.new, "load_avg_1m": load})
         gc.collect()
-    start, times = generate(model, input_ids, args.new)
-    steps = [b - a for a, b in zip(times[:-2], times[1:-1])]  # forward k+1's logits - forward k's
-    step_s = statistics.median(steps)
-    return {"case": f"model {context // 1024}K", "path": path, "context": context,
-            "prefill_s": statistics.median(prefill), "prefill_min_s": min(prefill),
-            "decode_tok_s": 1.0 / step_s, "decode_ms_step": step_s * 1e3, "e2e_s": times[-1] - start,
-            "new_tokens": args.new}
+    return rows
 
 
-def median_s(fn, reps: int, warmup: int = 2) -> float:
+def median_s(fns, reps: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each fn, the calls alternating between them."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def op_rows(args) -> list[dict]:
@@ -125,7 +140,7 @@ def op_rows(args) -> list[dict]:
         with torch.inference_mode():
             err = (flashcore().transpose(0, 1)[None] - sdpa()).abs().max().item()
             reps = args.op_reps if kind == "prefill" else 10 * args.op_reps
-            t_fc, t_sdpa = median_s(flashcore, reps), median_s(sdpa, reps)
+            t_fc, t_sdpa = median_s([flashcore, sdpa], reps)
         flops = 4 * hq * d * n_q * n_k / (2 if causal and n_q == n_k else 1)
         for path, t in (("flashcore", t_fc), ("sdpa", t_sdpa)):
             rows.append({"case": f"op {kind} {n_q}x{n_k}", "path": path, "context": n_k, "op_ms": t * 1e3,
@@ -149,7 +164,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     print(f"flashcore_hf from {Path(flashcore_hf.__file__).parent}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+          f"{torch.get_num_threads()} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"load average {os.getloadavg()[0]:.2f} (other processes on this machine skew every number)")
     rows = op_rows(args)
     for r in rows:
         print(r, flush=True)
@@ -158,11 +174,9 @@ def main() -> None:
                                              attn_implementation="flashcore").eval()
     model.generation_config.eos_token_id = None
     for context in args.contexts:
-        for path in args.paths:
-            row = model_rows(model, path, context, args)
+        for row in model_rows(model, context, args):
             print(row, flush=True)
             rows.append(row)
-            gc.collect()
     by_case = {}
     for r in rows:
         by_case.setdefault(r["case"], {})[r["path"]] = r
@@ -174,6 +188,7 @@ def main() -> None:
                     r[f"{key.split('_')[0]}_vs_sdpa"] = r[key] / ref[key]
             if "decode_tok_s" in r:
                 r["decode_vs_sdpa"] = r["decode_tok_s"] / ref["decode_tok_s"]
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     path = write_csv(rows, args.csv)
     print(f"\nCSV: {path}\n")
     print_table(rows, ["case", "path", "prefill_s", "prefill_vs_sdpa", "decode_tok_s", "decode_vs_sdpa", "e2e_s",

@@ -81,18 +81,17 @@ struct Simd {
   static FC_INLINE vi splati(int32_t x) { vi v = {}; return v + x; }
   static FC_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 
-  // exp(x), relative error ~2e-7 (Cephes expf). exp(x) = 0 for x < -87.3 (including -inf), so masked scores
-  // vanish exactly; x is clamped to 88 above (softmax arguments are <= 0; tanh's are clamped by the caller).
+  // exp(x) for x <= 0 (every caller's case: softmax arguments s - max, tanh's -2|x|), relative error ~2e-7
+  // (Cephes expf's polynomial). exp(x) = 0 for x < -87.3, -inf included, so masked scores vanish exactly.
+  // Rounding by the 1.5 * 2^23 (+ bias) trick: t's low mantissa bits are n + 127, shifted into 2^n's exponent.
   static FC_INLINE vf exp(vf x) {
-    const vf lo = splat(-87.3f), hi = splat(88.0f);
+    const vf lo = splat(-87.3f);
     const vi underflow = x < lo;
     x = x < lo ? lo : x;
-    x = x > hi ? hi : x;
-    const vf fx = x * 1.44269504088896341f + 0.5f;
-    vf tf = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
-    tf = tf > fx ? tf - 1.0f : tf;  // floor
-    const vi n = __builtin_convertvector(tf, vi);
-    const vf r = x - tf * 0.693359375f + tf * 2.12194440e-4f;
+    const vf magic = splat(12582912.0f + 127.0f);
+    const vf t = x * 1.44269504088896341f + magic;
+    const vf n = t - magic;
+    const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
     vf y = splat(1.9875691500e-4f);
     y = y * r + 1.3981999507e-3f;
     y = y * r + 8.3334519073e-3f;
@@ -100,8 +99,7 @@ struct Simd {
     y = y * r + 1.6666665459e-1f;
     y = y * r + 5.0000001201e-1f;
     y = y * (r * r) + r + 1.0f;
-    const vi bits = (n + 127) << 23;
-    const vf result = y * (vf)bits;
+    const vf result = y * (vf)(((vi)t) << 23);
     return underflow ? splat(0.f) : result;
   }
 
@@ -116,7 +114,7 @@ struct Simd {
 
 // Per-thread buffers of one call (sized once for the largest tile).
 struct Scratch {
-  std::vector<float> qt, s, o, m, l, alpha, kbuf, vbuf, zero;
+  std::vector<float> qt, s, o, m, l, alpha, tile_max, kbuf, vbuf, zero;
   std::vector<int32_t> lo, hi;
   std::vector<const float*> krow, vrow;
 };
@@ -149,9 +147,10 @@ struct Kernel {
   static constexpr int kRowVecs = kAcc / kKeyBlock;  // q.k^T: kKeyBlock keys x kRowVecs row vectors
 
   // S^T[c][r0 : r0 + RV * W] = sum_d Q^T[d][rows] * K[c][d] for keys c in [c0, c0 + kKeyBlock).
+  // With tile_max, also folds the block's scores into the running maxima of its row vectors (unmasked tiles).
   template <int RV>
   static FC_INLINE void qk_block(const float* qt, int64_t mp, int d_len, const float* const* krow, int c0,
-                                 int r0, float* s) {
+                                 int r0, float* s, float* tile_max) {
     vf acc[kKeyBlock][RV];
 #pragma GCC unroll 8
     for (int c = 0; c < kKeyBlock; ++c)
@@ -175,6 +174,13 @@ struct Kernel {
     for (int c = 0; c < kKeyBlock; ++c)
 #pragma GCC unroll 8
       for (int j = 0; j < RV; ++j) S::store(s + (c0 + c) * mp + r0 + j * W, acc[c][j]);
+    if (tile_max) {
+#pragma GCC unroll 8
+      for (int j = 0; j < RV; ++j) {
+        const vf m = S::vmax(S::vmax(acc[0][j], acc[1][j]), S::vmax(acc[2][j], acc[3][j]));
+        S::store(tile_max + r0 + j * W, S::vmax(S::load(tile_max + r0 + j * W), m));
+      }
+    }
   }
 
   // O[r][d0 : d0 + DV * W] = alpha[r] * O[r][...] + sum_c P^T[c][r] * V[c][...] for rows [r0, r0 + RB).
@@ -230,6 +236,7 @@ struct Kernel {
     sc.m.resize(mp);
     sc.l.resize(mp);
     sc.alpha.resize(mp);
+    sc.tile_max.resize(mp);
     sc.lo.resize(mp);
     sc.hi.resize(mp);
     sc.kbuf.resize(in_place_k ? 0 : kBlockKeys * D);
@@ -321,28 +328,34 @@ struct Kernel {
         const int kn_blocks = static_cast<int>(round_up(kn, kKeyBlock));
         for (int c = kn; c < kn_blocks; ++c) sc.krow[c] = sc.vrow[c] = sc.zero.data();
 
-        // S^T = K Q^T for the live row vectors.
+        // S^T = K Q^T for the live row vectors; on tiles without mask and softcap also the new row maxima.
+        const bool masked = !(lo_max <= kt0 && kt0 + kn_blocks <= hi_min);
+        const bool separate_max = masked || has_softcap;
+        float* const tile_max = separate_max ? nullptr : sc.tile_max.data();
+        if (!separate_max) std::copy(sc.m.begin(), sc.m.begin() + row_vecs * W, sc.tile_max.begin());
         for (int c0 = 0; c0 < kn_blocks; c0 += kKeyBlock) {
           int rv = 0;
-          for (; rv + kRowVecs <= row_vecs; rv += kRowVecs) qk_block<kRowVecs>(qt, mp, D, sc.krow.data(), c0, rv * W, s);
-          for (; rv < row_vecs; ++rv) qk_block<1>(qt, mp, D, sc.krow.data(), c0, rv * W, s);
+          for (; rv + kRowVecs <= row_vecs; rv += kRowVecs)
+            qk_block<kRowVecs>(qt, mp, D, sc.krow.data(), c0, rv * W, s, tile_max);
+          for (; rv < row_vecs; ++rv) qk_block<1>(qt, mp, D, sc.krow.data(), c0, rv * W, s, tile_max);
         }
-        const bool masked = !(lo_max <= kt0 && kt0 + kn_blocks <= hi_min);
         // Online softmax, W rows at a time: P^T overwrites S^T.
         for (int rv = 0; rv < row_vecs; ++rv) {
           float* sr = s + rv * W;
           const vi lo = S::loadi(sc.lo.data() + rv * W), hi = S::loadi(sc.hi.data() + rv * W);
           const vf m_old = S::load(sc.m.data() + rv * W);
-          vf m_new = m_old;
-          for (int c = 0; c < kn_blocks; ++c) {
-            vf x = S::load(sr + c * mp);
-            if (has_softcap) x = S::tanh(x * inv_softcap) * p.softcap;
-            if (masked) {
-              const vi key = S::splati(static_cast<int32_t>(kt0 + c));
-              x = (key >= lo) & (key < hi) ? x : S::splat(kNegInf);
+          vf m_new = separate_max ? m_old : S::load(sc.tile_max.data() + rv * W);
+          if (separate_max) {
+            for (int c = 0; c < kn_blocks; ++c) {
+              vf x = S::load(sr + c * mp);
+              if (has_softcap) x = S::tanh(x * inv_softcap) * p.softcap;
+              if (masked) {
+                const vi key = S::splati(static_cast<int32_t>(kt0 + c));
+                x = (key >= lo) & (key < hi) ? x : S::splat(kNegInf);
+              }
+              S::store(sr + c * mp, x);
+              m_new = S::vmax(m_new, x);
             }
-            S::store(sr + c * mp, x);
-            m_new = S::vmax(m_new, x);
           }
           const vf m_safe = m_new == kNegInf ? S::splat(0.f) : m_new;  // no visible key yet: p = 0, no NaN
           const vf alpha = S::exp(m_old - m_safe);
