@@ -234,6 +234,8 @@ struct Kernel {
     const bool in_place_k = p.dtype == DType::kFloat32;
     const bool in_place_v = p.dtype == DType::kFloat32 && D % W == 0;
     const bool has_softcap = p.softcap > 0.f;
+    const int64_t elem = dtype_size(p.dtype);
+    const int64_t row_bytes = D * elem;
     const float inv_softcap = has_softcap ? 1.f / p.softcap : 0.f;
 
     Scratch sc;
@@ -330,6 +332,24 @@ struct Kernel {
           } else {
             load_row(p.v_cache, src, D, static_cast<int>(dp), p.dtype, sc.vbuf.data() + c * dp);
             sc.vrow[c] = sc.vbuf.data() + c * dp;
+          }
+        }
+        // Prefetch the next tile's key / value rows (decode reads every page once, from DRAM: without this the
+        // loads wait on memory latency, the hardware prefetchers losing the stream at each page boundary).
+        {
+          int pj = j;
+          int64_t pc = cursor;
+          const int next = static_cast<int>(std::min<int64_t>(kBlockKeys, k_hi - kt0 - kn));
+          const char* kbase = static_cast<const char*>(p.k_cache);
+          const char* vbase = static_cast<const char*>(p.v_cache);
+          for (int c = 0; c < next; ++c) {
+            while (pc >= p.token_counts[pj]) { pc = 0; ++pj; }
+            const int64_t byte = (int64_t(p.cols[pj]) * page_stride + pc * token_stride + int64_t(kvh) * D) * elem;
+            ++pc;
+            for (int64_t b = 0; b < row_bytes; b += 64) {
+              __builtin_prefetch(kbase + byte + b);
+              __builtin_prefetch(vbase + byte + b);
+            }
           }
         }
         const int kn_blocks = static_cast<int>(round_up(kn, kKeyBlock));
