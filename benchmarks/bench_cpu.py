@@ -12,7 +12,7 @@ Each path first generates 2 tokens from a 64-token prompt (warm-up); prefill run
 against torch SDPA (enable_gqa) on the same dense data: a causal prefill shape and a one-query decode shape
 (median of --op-reps calls after warm-up). The table comes last; the CSV goes to benchmark_results/bench_cpu.csv.
 
-    python benchmarks/bench_cpu.py                              # about 3-5 minutes on 2 cores
+    python benchmarks/bench_cpu.py                              # about 5-8 minutes on 2 cores
     python benchmarks/bench_cpu.py --contexts 2048 --paths flashcore sdpa --new 32
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="*", default=[2048, 4096, 8192])
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--new", type=int, default=64, help="greedy new tokens of the decode / e2e run")
-    parser.add_argument("--prefill-runs", type=int, default=3)
+    parser.add_argument("--prefill-runs", type=int, default=5)
     parser.add_argument("--op-prefill", type=int, nargs="*", default=[4096], help="op-level prefill lengths")
     parser.add_argument("--op-decode", type=int, nargs="*", default=[8192], help="op-level decode key counts")
     parser.add_argument("--op-reps", type=int, default=5)
