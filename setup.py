@@ -120,11 +120,14 @@ def build_extension():
     cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc/kernels/cpu/*.cpp")))
     binding_sources = ["csrc/bindings/ops.cpp", "csrc/bindings/sparse_ops.cpp", "csrc/bindings/growable_buffer.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` compiles in our translation units;
+    # without the flag every CPU op runs on one thread. Links libgomp.so.1, i.e. the copy torch already loaded.
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if not _cuda_wanted():
         return cpp_extension.CppExtension(
             "flashcore_hf._C", binding_sources + cpu_sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags})
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc/kernels/cuda/**/*.cu"), recursive=True))
     nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
                   f"--threads={os.environ.get('NVCC_THREADS', '2')}",
@@ -132,7 +135,7 @@ def build_extension():
     return cpp_extension.CUDAExtension(
         "flashcore_hf._C", binding_sources + ["csrc/bindings/ops_cuda.cpp"] + cpu_sources + cuda_sources,
         include_dirs=include_dirs, define_macros=[("FLASHCORE_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
 
 
 setup(

@@ -57,7 +57,10 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cpu(
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  // One work item is a (sequence, kv head) pair: big enough that torch's pool pays off even for one item each.
+  // One work item is a (sequence, kv head, query tile) triple (see cpu_kernels.h): a tile is ~64 rows by up to 64
+  // keys or more, big enough that torch's pool pays off even for one item each, and B = 1 prefills get many items.
+  // The kernel orders the tiles so that torch's contiguous per-thread ranges get similar shares of a causal
+  // triangle; grain 1 lets a decode batch of B * Hkv items spread over every thread.
   at::parallel_for(0, cpu::paged_attention_work_items(p), 1,
                    [&](int64_t begin, int64_t end) { cpu::paged_attention(p, begin, end); });
   return {out, lse};
