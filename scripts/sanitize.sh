@@ -12,10 +12,13 @@ status=0
 echo "== memcheck =="
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" \
   tests/gpu/test_repeated_generate.py -k "topk or kept" || status=1
+# (Not test_next_generate_call_reuses_graphs: under compute-sanitizer the previous call's frames stay referenced, so
+# its cache is alive when the next generate() asks for the pool arena and the next call captures afresh.)
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_sparse_gpu.py \
-  tests/gpu/test_decode_graphs.py::test_next_generate_call_reuses_graphs || status=1
+  tests/gpu/test_decode_graphs.py::test_greedy_identical_with_and_without_graphs || status=1
 echo "== racecheck =="
-compute-sanitizer --tool racecheck --error-exitcode 1 "${pytest[@]}" \
+# Only flashcore's kernels (cuBLAS's own GEMM kernels report races racecheck cannot see are benign).
+compute-sanitizer --tool racecheck --kernel-name regex:flashcore --error-exitcode 1 "${pytest[@]}" \
   tests/gpu/test_decode_cuda.py::test_cuda_graph_replay "tests/gpu/test_decode_cuda.py::test_softcap_and_sinks_with_window" \
   tests/gpu/test_prefill_cuda.py::test_cuda_graph_replay || status=1
 exit $status

@@ -60,7 +60,8 @@ def files(tmp_path_factory) -> dict[str, str]:
 
 def _start(args: list[str]) -> subprocess.Popen:
     # One thread: the models are tiny, and torch's OpenMP threads crawl on a CPU shared with other jobs.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # CPU runs also on a GPU machine (the example would default to CUDA there; scripts/gpu_check.sh runs that).
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.Popen([sys.executable, str(EXAMPLE), *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 

