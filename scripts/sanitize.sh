@@ -18,7 +18,7 @@ compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/te
   tests/gpu/test_decode_graphs.py::test_greedy_identical_with_and_without_graphs || status=1
 echo "== racecheck =="
 # Only flashcore's kernels (cuBLAS's own GEMM kernels report races racecheck cannot see are benign).
-compute-sanitizer --tool racecheck --kernel-name regex:flashcore --error-exitcode 1 "${pytest[@]}" \
+compute-sanitizer --tool racecheck --kernel-name kns=flashcore --error-exitcode 1 "${pytest[@]}" \
   tests/gpu/test_decode_cuda.py::test_cuda_graph_replay "tests/gpu/test_decode_cuda.py::test_softcap_and_sinks_with_window" \
   tests/gpu/test_prefill_cuda.py::test_cuda_graph_replay || status=1
 exit $status
