@@ -18,7 +18,7 @@ compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/te
   tests/gpu/test_decode_graphs.py::test_greedy_identical_with_and_without_graphs || status=1
 echo "== racecheck =="
 # Only flashcore's kernels (cuBLAS's own GEMM kernels report races racecheck cannot tell are benign).
-compute-sanitizer --tool racecheck --kernel-name kns=flashcore --error-exitcode 1 "${pytest[@]}" \
+compute-sanitizer --tool racecheck --kernel-name kns=append_kv --error-exitcode 1 "${pytest[@]}" \
   tests/gpu/test_append_kv_cuda.py || status=1
 # Measured 2026-12-01 (H200, compute-sanitizer of CUDA 13.0): racecheck stops with "Internal Sanitizer Error: The
 # Sanitizer failed to handle a hardware exception" on the first decode or prefill kernel (graphs or not), while
