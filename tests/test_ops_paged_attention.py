@@ -151,3 +151,14 @@ def test_per_kv_head_page_lists(generator, causal):
     q1, qi1 = q[:2], torch.tensor([0, 2], dtype=torch.int32)
     torch.testing.assert_close(fc.paged_attention(q1, k_cache, v_cache, same, qi1),
                                fc.paged_attention(q1, k_cache, v_cache, shared, qi1))
+
+
+def test_decode_threshold_agrees_with_the_compiled_planner():
+    """plan.py decides whether a shape-only plan will do with the same threshold the compiled planner uses."""
+    import re
+    from pathlib import Path
+
+    from flashcore_hf.ops.plan import DECODE_QUERIES_PER_SEQUENCE
+
+    header = (Path(__file__).parents[1] / "csrc" / "bindings" / "plan.h").read_text()
+    assert int(re.search(r"kDecodeQueriesPerSequence = (\d+);", header).group(1)) == DECODE_QUERIES_PER_SEQUENCE

@@ -29,7 +29,9 @@ from .library import _ops
 KERNELS = {-1: "unsupported", 0: "cpu", 1: "decode", 2: "prefill_mma", 3: "prefill_wgmma"}
 """Kernel ids the compiled planner returns (csrc/bindings/plan.h)."""
 DECODE_QUERIES_PER_SEQUENCE = 16
-"""At most this many queries per sequence (on average, for shape-only plans) take the split-KV decode kernel."""
+"""At most this many queries per sequence (on average, for shape-only plans) take the split-KV decode kernel: the
+compiled planner's kDecodeQueriesPerSequence (csrc/bindings/plan.h; tests/test_ops_paged_attention.py checks they
+agree). Python needs it to know, before planning, whether a plan from the shapes alone will do (no host sync)."""
 
 
 @dataclass(frozen=True)
