@@ -6,9 +6,9 @@ of head dim 32), float32, seeded weights, torch.set_num_threads(2). For each con
   sdpa:      attn_implementation="sdpa" with DynamicCache
 rows report
   prefill_s      median over --prefill-runs of generate(max_new_tokens=1): call start to the first logits
-  decode_tok_s   1 / median per-step time of one greedy generate() of --new tokens (first to last logits)
-  e2e_s          wall time of that greedy generate() (prefill + --new tokens)
-Each path first generates 2 tokens from a 64-token prompt (warm-up); prefill runs alternate between the paths. Op-level rows time flashcore.paged_attention
+  decode_tok_s   1 / median per-step time over --decode-runs greedy generate() calls of --new tokens
+  e2e_s          median wall time of those calls (prefill + --new tokens)
+Each path first generates 2 tokens from a 64-token prompt (warm-up); prefill and decode runs alternate between the paths. Op-level rows time flashcore.paged_attention
 against torch SDPA (enable_gqa) on the same dense data: a causal prefill shape and a one-query decode shape
 (median of --op-reps calls after warm-up). The table comes last; the CSV goes to benchmark_results/bench_cpu.csv.
 
@@ -77,18 +77,22 @@ def model_rows(model, context: int, args) -> list[dict]:
             start, times = generate(model, input_ids, 1)
             prefill[path].append(times[0] - start)
             gc.collect()
+    decode = {path: {"steps": [], "e2e": []} for path in args.paths}
+    load = os.getloadavg()[0]
+    for _ in range(args.decode_runs):
+        for path in args.paths:
+            model.set_attn_implementation(path)
+            start, times = generate(model, input_ids, args.new)
+            decode[path]["steps"] += [b - a for a, b in zip(times[:-2], times[1:-1])]  # forward k+1 - forward k
+            decode[path]["e2e"].append(times[-1] - start)
+            gc.collect()
     rows = []
     for path in args.paths:
-        model.set_attn_implementation(path)
-        load = os.getloadavg()[0]
-        start, times = generate(model, input_ids, args.new)
-        steps = [b - a for a, b in zip(times[:-2], times[1:-1])]  # forward k+1's logits - forward k's
-        step_s = statistics.median(steps)
+        step_s = statistics.median(decode[path]["steps"])
         rows.append({"case": f"model {context // 1024}K", "path": path, "context": context,
                      "prefill_s": statistics.median(prefill[path]), "prefill_min_s": min(prefill[path]),
-                     "decode_tok_s": 1.0 / step_s, "decode_ms_step": step_s * 1e3, "e2e_s": times[-1] - start,
-                     "new_tokens": args.new, "load_avg_1m": load})
-        gc.collect()
+                     "decode_tok_s": 1.0 / step_s, "decode_ms_step": step_s * 1e3,
+                     "e2e_s": statistics.median(decode[path]["e2e"]), "new_tokens": args.new, "load_avg_1m": load})
     return rows
 
 
@@ -154,6 +158,7 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--new", type=int, default=64, help="greedy new tokens of the decode / e2e run")
     parser.add_argument("--prefill-runs", type=int, default=5)
+    parser.add_argument("--decode-runs", type=int, default=3, help="greedy generate() runs per path, alternating")
     parser.add_argument("--op-prefill", type=int, nargs="*", default=[4096], help="op-level prefill lengths")
     parser.add_argument("--op-decode", type=int, nargs="*", default=[8192], help="op-level decode key counts")
     parser.add_argument("--op-reps", type=int, default=5)

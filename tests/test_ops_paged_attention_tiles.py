@@ -135,6 +135,47 @@ def test_no_keys_many_queries(generator):
     assert torch.all(out[:100] == 0) and torch.all(lse[:100] == -math.inf)
 
 
+def _cpu_plan(lengths, q_lens, *, hkv=2, group=4, page_size=16):
+    generator = torch.Generator().manual_seed(0)
+    _, row_offsets, cols, counts = _layout(lengths, page_size, generator)
+    layout = fc.PageLayout(row_offsets, cols, counts, torch.full_like(cols, -1))
+    q_indptr = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return fc.plan_attention(layout, q_indptr, num_q_heads=hkv * group, num_kv_heads=hkv, head_dim=32,
+                             page_size=page_size, dtype=torch.float32)
+
+
+def test_decode_batches_take_the_decode_kernel_with_key_splits():
+    """Queries that fit one query tile per sequence take the decode kernel (items over key splits holding every kv
+    head); one long sequence is split so every thread has work; short rows and prefills are not split."""
+    plan = _cpu_plan([4096], [1])
+    assert plan.kernel == "cpu_decode" and plan.splits > 1 and plan.workspace is not None
+    plan = _cpu_plan([300, 200], [1, 1])
+    assert plan.kernel == "cpu_decode" and plan.splits == 1
+    assert _cpu_plan([4096], [17]).kernel == "cpu"  # 17 queries x 4 heads: more than one query tile
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("softcap, sinks, window", [(None, False, None), (5.0, True, None), (None, True, 700),
+                                                    (2.0, False, 64)])
+def test_decode_kernel_key_splits(generator, threads, softcap, sinks, window):
+    """Split-KV decode: rows over thousands of keys merged from several splits (a window leaves some splits with no
+    visible key for a row; a sequence with queries and no keys; speculative-decoding query counts)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        run_case(generator, [3000, 1500, 1, 0], [1, 4, 2, 1], group=4, head_dim=64, sm_scale=2.0 * 64 ** -0.5,
+                 softcap=softcap, sinks=sinks, window=window, key_ramp=0.3)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_kernel_per_kv_head_rows_and_half_precision(generator, dtype):
+    """Per-(sequence, kv head) page lists (sparse selection) split per kv head; 16-bit pages converted per head."""
+    run_case(generator, [2100, 1030, 0, 1600], [1, 3], hkv=2, group=4, holes=True, dtype=dtype)
+    run_case(generator, [2500, 700], [1, 1], hkv=4, group=2, head_dim=40, dtype=dtype, causal=False)
+
+
 _ISA_SCRIPT = """
 import torch
 from tests.test_ops_paged_attention_tiles import run_case
@@ -145,6 +186,8 @@ run_case(g, [300, 70], [150, 1], group=1, head_dim=100, dtype=torch.bfloat16, wi
 run_case(g, [260, 40], [61, 1], group=8, head_dim=16, dtype=torch.float16, causal=False)
 run_case(g, [400, 150], [100, 1], group=4, head_dim=64, sm_scale=0.4, softcap=5.0, sinks=True, holes=True)
 run_case(g, [0, 10], [5, 20], group=3, head_dim=8, sinks=True)
+run_case(g, [3000, 1200, 0], [1, 3, 1], group=4, head_dim=64, softcap=5.0, sinks=True, window=900)
+run_case(g, [2100, 1030, 0, 1600], [1, 2], hkv=2, group=4, holes=True, dtype=torch.bfloat16)
 """
 
 

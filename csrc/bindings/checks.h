@@ -180,6 +180,24 @@ inline AppendKVParams make_append_kv_params(const at::Tensor& k_cache, const at:
   return p;
 }
 
+// The float32 scratch a planned paged-attention call needs (split-KV partials): the caller's `workspace` when given
+// (checked: contiguous float32 on q's device, at least `bytes`), else a fresh tensor kept alive in `scratch`.
+inline float* plan_workspace(const std::optional<at::Tensor>& workspace, int64_t bytes, const at::Tensor& q,
+                             at::Tensor& scratch) {
+  if (bytes <= 0) return nullptr;
+  if (workspace.has_value()) {
+    const at::Tensor& ws = *workspace;
+    FC_CHECK(ws.device() == q.device() && ws.scalar_type() == at::kFloat && ws.is_contiguous(),
+             "paged_attention: workspace must be a contiguous float32 tensor on ", q.device());
+    FC_CHECK(ws.numel() * static_cast<int64_t>(sizeof(float)) >= bytes, "paged_attention: workspace has ",
+             static_cast<int64_t>(ws.numel() * sizeof(float)), " bytes but the plan needs ", bytes);
+    return ws.data_ptr<float>();
+  }
+  scratch = at::empty({(bytes + static_cast<int64_t>(sizeof(float)) - 1) / static_cast<int64_t>(sizeof(float))},
+                      q.options().dtype(at::kFloat));
+  return scratch.data_ptr<float>();
+}
+
 // The plan of a paged-attention call on CUDA (kernel, bounds, split-KV partition, workspace) from host-known
 // metadata: `p` has shapes, dtype, options and bounds, no pointers. Defined in ops_cuda.cpp (a CPU-only build plans
 // every CUDA call as unsupported).

@@ -40,16 +40,42 @@ void check_layout_values_host(const PagedAttentionParams& p, const at::Tensor& r
   }
 }
 
+// Bytes of the CPU decode kernel's split partials: out [splits, total_q, Hq, D] and lse [splits, total_q, Hq].
+int64_t cpu_decode_workspace_bytes(const PagedAttentionParams& p, int64_t splits) {
+  return splits * p.total_q * p.num_q_heads * (p.head_dim + 1) * static_cast<int64_t>(sizeof(float));
+}
+
+// The CPU plan: the decode kernel when every sequence's queries fit one query tile, with enough key splits that
+// torch's threads get ~2 items each (one decode sequence still uses every core) but no split under kMinSplitKeys
+// keys; else the tile kernel.
+AttentionPlanData plan_cpu(AttentionPlanData d) {
+  constexpr int64_t kMinSplitKeys = 512;
+  PagedAttentionParams p;
+  p.num_q_heads = static_cast<int32_t>(d.num_q_heads);
+  p.num_kv_heads = static_cast<int32_t>(d.num_kv_heads);
+  p.total_q = static_cast<int32_t>(d.total_q);
+  p.head_dim = static_cast<int32_t>(d.head_dim);
+  d.kernel = PlanKernel::kCpu;
+  if (d.max_q_len > cpu::paged_attention_query_block(p)) return d;
+  d.kernel = PlanKernel::kCpuDecode;
+  const bool per_head = d.layout_rows != d.batch;
+  const int64_t items = std::max<int64_t>(1, d.batch * (per_head ? d.num_kv_heads : 1));
+  const int64_t wanted = 2 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t max_keys = d.max_pages_per_seq * d.page_size;
+  d.splits = std::max<int64_t>(1, std::min((wanted + items - 1) / items, max_keys / kMinSplitKeys));
+  d.workspace_bytes = d.splits > 1 ? cpu_decode_workspace_bytes(p, d.splits) : 0;
+  return d;
+}
+
 std::tuple<at::Tensor, at::Tensor> paged_attention_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& row_offsets,
     const at::Tensor& cols, const at::Tensor& token_counts, const at::Tensor& q_indptr, bool causal, double sm_scale,
     int64_t window, double softcap, const std::optional<at::Tensor>& sinks, at::IntArrayRef plan,
     const std::optional<at::Tensor>& workspace) {
-  (void)workspace;  // split-KV partials exist only on the GPU
   PagedAttentionParams p = make_paged_attention_params(q, k_cache, v_cache, row_offsets, cols, token_counts, q_indptr,
                                                        causal, sm_scale, window, softcap, sinks);
   const AttentionPlanData planned = AttentionPlanData::decode(plan);
-  FC_CHECK(planned.kernel == PlanKernel::kCpu, "paged_attention: the plan was made for another device (kernel ",
+  FC_CHECK(is_cpu_kernel(planned.kernel), "paged_attention: the plan was made for another device (kernel ",
            static_cast<int64_t>(planned.kernel), "); plan again for the CPU");
   planned.apply_to(p, row_offsets.numel() - 1);
   check_layout_values_host(p, row_offsets, q_indptr);
@@ -57,12 +83,26 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cpu(
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  // One work item is a (sequence, kv head, query tile) triple (see cpu_kernels.h): a tile is ~64 rows by up to 64
-  // keys or more, big enough that torch's pool pays off even for one item each, and B = 1 prefills get many items.
-  // The kernel orders the tiles so that torch's contiguous per-thread ranges get similar shares of a causal
-  // triangle; grain 1 lets a decode batch of B * Hkv items spread over every thread.
-  at::parallel_for(0, cpu::paged_attention_work_items(p), 1,
-                   [&](int64_t begin, int64_t end) { cpu::paged_attention(p, begin, end); });
+  cpu::CpuAttentionSchedule sched;
+  sched.decode = planned.kernel == PlanKernel::kCpuDecode;
+  sched.key_splits = static_cast<int32_t>(planned.splits);
+  at::Tensor scratch;
+  if (sched.decode && sched.key_splits > 1) {
+    FC_CHECK(planned.workspace_bytes >= cpu_decode_workspace_bytes(p, planned.splits),
+             "paged_attention: the plan holds invalid bounds");
+    sched.partial_out = plan_workspace(workspace, planned.workspace_bytes, q, scratch);
+    sched.partial_lse = sched.partial_out + int64_t(sched.key_splits) * p.total_q * p.num_q_heads * p.head_dim;
+  }
+  // Tile items are ~64 rows by up to 64 keys or more, big enough that torch's pool pays off even for one item each,
+  // and B = 1 prefills get many items; the kernel orders the tiles so that torch's contiguous per-thread ranges get
+  // similar shares of a causal triangle. Decode items are whole key splits of a sequence. Grain 1 lets every
+  // thread take a share.
+  at::parallel_for(0, cpu::paged_attention_work_items(p, sched), 1,
+                   [&](int64_t begin, int64_t end) { cpu::paged_attention(p, sched, begin, end); });
+  if (sched.partial_out) {
+    at::parallel_for(0, int64_t(p.total_q) * p.num_q_heads, 64,
+                     [&](int64_t begin, int64_t end) { cpu::merge_key_splits(p, sched, begin, end); });
+  }
   return {out, lse};
 }
 
@@ -93,10 +133,7 @@ std::vector<int64_t> plan_paged_attention(const std::string& device_type, int64_
                         total_q <= INT32_MAX && nnz <= INT32_MAX && batch <= INT32_MAX;
   if (!dtype_ok || !shape_ok) return d.encode();
   d.dtype = static_cast<int64_t>(to_dtype(dtype, "dtype"));
-  if (device_type == "cpu") {
-    d.kernel = PlanKernel::kCpu;
-    return d.encode();
-  }
+  if (device_type == "cpu") return plan_cpu(d).encode();
   if (device_type != "cuda") return d.encode();
   PagedAttentionParams p;
   p.batch = static_cast<int32_t>(batch);

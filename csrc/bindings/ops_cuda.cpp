@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
                                                        causal, sm_scale, window, softcap, sinks);
   const AttentionPlanData planned = AttentionPlanData::decode(plan);
   planned.apply_to(p, row_offsets.numel() - 1);
-  FC_CHECK(planned.kernel != PlanKernel::kCpu, "paged_attention: the plan was made for the CPU; plan again for ",
+  FC_CHECK(!is_cpu_kernel(planned.kernel), "paged_attention: the plan was made for the CPU; plan again for ",
            q.device());
   FC_CHECK(planned.kernel != PlanKernel::kUnsupported, "paged_attention: the CUDA kernels do not support dtype=",
            dtype_name(p.dtype), ", head_dim=", p.head_dim, ", page_size=", p.page_size, ", num_q_heads/num_kv_heads=",
@@ -51,22 +51,7 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
   if (planned.kernel == PlanKernel::kDecode) {
     const size_t bytes = static_cast<size_t>(planned.workspace_bytes);
     at::Tensor scratch;
-    void* ws_ptr = nullptr;
-    if (bytes > 0) {
-      if (workspace.has_value()) {
-        const at::Tensor& ws = *workspace;
-        FC_CHECK(ws.device() == q.device() && ws.scalar_type() == at::kFloat && ws.is_contiguous(),
-                 "paged_attention: workspace must be a contiguous float32 tensor on ", q.device());
-        FC_CHECK(static_cast<size_t>(ws.numel()) * sizeof(float) >= bytes, "paged_attention: workspace has ",
-                 static_cast<int64_t>(ws.numel() * sizeof(float)), " bytes but the plan needs ",
-                 static_cast<int64_t>(bytes));
-        ws_ptr = ws.data_ptr();
-      } else {
-        scratch = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
-                            q.options().dtype(at::kFloat));
-        ws_ptr = scratch.data_ptr();
-      }
-    }
+    void* ws_ptr = plan_workspace(workspace, planned.workspace_bytes, q, scratch);
     check_launch(launch_paged_decode(p, static_cast<int>(planned.splits), ws_ptr, bytes, stream),
                  "paged decode kernel");
     return {out, lse};

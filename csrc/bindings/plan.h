@@ -10,7 +10,17 @@
 
 namespace flashcore::binding {
 
-enum class PlanKernel : int64_t { kUnsupported = -1, kCpu = 0, kDecode = 1, kPrefillMma = 2, kPrefillWgmma = 3 };
+// kCpu: the CPU tile kernel; kCpuDecode: the CPU decode kernel (items over key splits holding every kv head); see
+// csrc/kernels/cpu/cpu_kernels.h. The numbers are the keys of flashcore_hf/ops/plan.py's KERNELS.
+enum class PlanKernel : int64_t {
+  kUnsupported = -1,
+  kCpu = 0,
+  kDecode = 1,
+  kPrefillMma = 2,
+  kPrefillWgmma = 3,
+  kCpuDecode = 4,
+};
+inline bool is_cpu_kernel(PlanKernel k) { return k == PlanKernel::kCpu || k == PlanKernel::kCpuDecode; }
 
 // Average queries per sequence up to which a plan made from shapes alone (no host copy of the offsets) takes the
 // split-KV decode kernel, which covers any query count per sequence.

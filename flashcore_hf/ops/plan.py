@@ -26,7 +26,7 @@ import torch
 from ..layout import PageLayout
 from .library import _ops
 
-KERNELS = {-1: "unsupported", 0: "cpu", 1: "decode", 2: "prefill_mma", 3: "prefill_wgmma"}
+KERNELS = {-1: "unsupported", 0: "cpu", 1: "decode", 2: "prefill_mma", 3: "prefill_wgmma", 4: "cpu_decode"}
 """Kernel ids the compiled planner returns (csrc/bindings/plan.h)."""
 DECODE_QUERIES_PER_SEQUENCE = 16
 """At most this many queries per sequence (on average, for shape-only plans) take the split-KV decode kernel: the
@@ -42,7 +42,8 @@ class AttentionPlan:
     layer of a step, CUDA-graph buffers reloaded between replays, a sparse layer's own page lists) as long as they
     stay within the plan's bounds and shapes (checked by the op). kernel: a name of KERNELS. max_q_len,
     max_pages_per_seq: the bounds the kernels are sized by. splits: split-KV blocks per (sequence, kv head) of the
-    decode kernel. data: the plan as the compiled op takes it. workspace: float32 scratch of the decode kernel.
+    decode kernels (CUDA "decode", CPU "cpu_decode"). data: the plan as the compiled op takes it. workspace: float32
+    scratch of their split partials.
     """
 
     causal: bool
@@ -117,7 +118,7 @@ def plan_attention(layout: PageLayout, q_indptr: torch.Tensor, *, num_q_heads: i
     data = _planner(device.type, -1 if device.index is None else device.index, dtype, head_dim, page_size,
                     num_q_heads, num_kv_heads, batch, rows, total_q, nnz, max_q_len, max_pages_per_seq, bool(exact),
                     bool(causal), 0 if sliding_window is None else int(sliding_window),
-                    os.environ.get("FLASHCORE_PREFILL_KERNEL"))
+                    (os.environ.get("FLASHCORE_PREFILL_KERNEL"), torch.get_num_threads() if device.type == "cpu" else 0))
     kernel, max_q_len, max_pages_per_seq, splits, workspace_bytes = data[:5]
     workspace = None
     if workspace_bytes > 0 and allocate_workspace:
@@ -129,8 +130,9 @@ def plan_attention(layout: PageLayout, q_indptr: torch.Tensor, *, num_q_heads: i
 
 @functools.lru_cache(maxsize=1024)
 def _planner(*args) -> tuple[int, ...]:
-    """The compiled planner (torch.ops.flashcore.plan_paged_attention): a pure function of host-known values (the
-    last argument, FLASHCORE_PREFILL_KERNEL, is part of the key because the planner reads it), so it is memoised."""
+    """The compiled planner (torch.ops.flashcore.plan_paged_attention): a pure function of host-known values, so it
+    is memoised. The last argument is part of the key only, for what the planner also reads: FLASHCORE_PREFILL_KERNEL
+    and, on the CPU, torch's thread count (it sets the decode kernel's key splits)."""
     return tuple(_ops.plan_paged_attention(*args[:-1]))
 
 

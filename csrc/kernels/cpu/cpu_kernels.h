@@ -11,18 +11,33 @@ namespace flashcore::cpu {
 // The CPU kernels are split into independent work items so that the caller (the binding, through torch's thread
 // pool) decides the parallelism; a kernel must not start threads of its own.
 
-// Work items of paged_attention: one per (sequence, kv head, query tile). A query tile holds
-// paged_attention_query_block(p) query positions of every query head of the kv head (about kPagedAttentionTileRows
-// rows in all); the number of tiles per sequence comes from the host bound p.max_q_len (tiles past a sequence's
-// queries are empty items).
+// How a paged_attention call is cut into work items (the plan decides: flashcore_hf/ops/plan.py).
+//   tile kernel (decode = false): one item per (sequence, kv head, query tile). A query tile holds
+//     paged_attention_query_block(p) query positions of every query head of the kv head (about
+//     kPagedAttentionTileRows rows in all); the number of tiles per sequence comes from the host bound p.max_q_len
+//     (tiles past a sequence's queries are empty items).
+//   decode kernel (decode = true; every sequence's queries fit one query tile): one item per (sequence, key split)
+//     holding every kv head, or per (sequence, key split, kv head) when each kv head has its own page list
+//     (p.per_kv_head_rows). With key_splits > 1 every split writes partial rows normalised over its keys,
+//     partial_out [key_splits, total_q, Hq, D] and partial_lse [key_splits, total_q, Hq] (float32), and
+//     merge_key_splits combines them into p.out / p.lse.
+struct CpuAttentionSchedule {
+  bool decode = false;
+  int32_t key_splits = 1;
+  float* partial_out = nullptr;
+  float* partial_lse = nullptr;
+};
 constexpr int kPagedAttentionTileRows = 64;
 int paged_attention_query_block(const PagedAttentionParams& p);
-inline int64_t paged_attention_work_items(const PagedAttentionParams& p) {
+inline int64_t paged_attention_work_items(const PagedAttentionParams& p, const CpuAttentionSchedule& sched) {
+  if (sched.decode) return int64_t(p.batch) * sched.key_splits * (p.per_kv_head_rows ? p.num_kv_heads : 1);
   const int64_t block = paged_attention_query_block(p);
   return int64_t(p.batch) * p.num_kv_heads * ((int64_t(p.max_q_len) + block - 1) / block);
 }
-// Fills p.out [total_q, Hq, D] and p.lse [total_q, Hq] for work items [begin, end).
-void paged_attention(const PagedAttentionParams& p, int64_t begin, int64_t end);
+// Fills p.out [total_q, Hq, D] and p.lse [total_q, Hq] (or the split partials) for work items [begin, end).
+void paged_attention(const PagedAttentionParams& p, const CpuAttentionSchedule& sched, int64_t begin, int64_t end);
+// Decode kernel with key_splits > 1: p.out / p.lse rows [begin, end) of the total_q * Hq rows from the partials.
+void merge_key_splits(const PagedAttentionParams& p, const CpuAttentionSchedule& sched, int64_t begin, int64_t end);
 // The instruction set the paged_attention kernel dispatched to on this CPU: "avx512", "avx2" or "baseline".
 const char* paged_attention_isa();
 
