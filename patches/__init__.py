@@ -9,15 +9,19 @@ Patches (each checks the exact function it wraps before wrapping it; patches/tar
 - generate_cache.install_default_cache_factory: `generate()` with no cache argument asks a factory first, so a
   flashcore model gets a PagedKVCache instead of a DynamicCache; an optional hook sees every generate() call
   (flashcore uses it to route decode steps through CUDA graphs).
+- shared_prefill.install_shared_prefill: generate()'s prefill runs once per distinct prompt row when a hook says the
+  cache can share rows (flashcore's PagedKVCache: the copies share the prompt's pages).
 
 A patch whose target changed in the installed release does not apply and does not fail the import: its error is
-kept (`failures()`) and raised by a tripwire when a model asks for flashcore. `remove_transformers_patches()` puts
+kept (`failures()`) and, for the two patches flashcore needs, raised by a tripwire when a model asks for flashcore
+(the shared prefill only saves work: without it every row is prefilled). `remove_transformers_patches()` puts
 transformers' original functions back. Version facts live in versions.py.
 """
 from __future__ import annotations
 
 from .flash_name import guard_changed_flash_check, treat_as_not_flash
 from .generate_cache import guard_changed_cache_preparation, install_default_cache_factory
+from .shared_prefill import install_shared_prefill
 from .targets import PatchTargetChanged, restore
 from .versions import (CACHE_KWARG, POSITIVE_CROP_IS_LENGTH, TESTED_MAX, TESTED_MIN, UntestedTransformersWarning,
                        check_transformers_version)
@@ -25,12 +29,13 @@ from .versions import (CACHE_KWARG, POSITIVE_CROP_IS_LENGTH, TESTED_MAX, TESTED_
 _FAILURES: list[PatchTargetChanged] = []
 
 
-def apply_transformers_patches(attn_names, default_cache_factory, on_generate=None) -> None:
-    """Check the installed transformers version, then apply both patches (idempotent).
+def apply_transformers_patches(attn_names, default_cache_factory, on_generate=None, share_prefill_rows=None) -> None:
+    """Check the installed transformers version, then apply the patches (idempotent).
 
     attn_names: attention-implementation names that are not FlashAttention although they contain "flash".
     default_cache_factory: factory(model, generation_config, batch_size, max_cache_length) -> Cache | None.
     on_generate: optional hook(model, generation_config) run at the start of every generate() (cache preparation).
+    share_prefill_rows: optional hook(model, model_kwargs) -> expand(rows) | None of the shared prefill.
     A patch whose target changed is recorded in `failures()` and replaced by a tripwire (see module docstring).
     """
     import transformers
@@ -38,9 +43,12 @@ def apply_transformers_patches(attn_names, default_cache_factory, on_generate=No
     check_transformers_version(transformers.__version__)
     names = tuple(attn_names)
     _FAILURES.clear()
-    for apply, guard in ((lambda: treat_as_not_flash(names), guard_changed_flash_check),
-                         (lambda: install_default_cache_factory(default_cache_factory, on_generate),
-                          guard_changed_cache_preparation)):
+    patches = [(lambda: treat_as_not_flash(names), guard_changed_flash_check),
+               (lambda: install_default_cache_factory(default_cache_factory, on_generate),
+                guard_changed_cache_preparation)]
+    if share_prefill_rows is not None:
+        patches.append((lambda: install_shared_prefill(share_prefill_rows), lambda names, error: None))
+    for apply, guard in patches:
         try:
             apply()
         except PatchTargetChanged as error:
@@ -55,6 +63,7 @@ def remove_transformers_patches() -> None:
 
     restore(modeling_utils, "is_flash_attention_requested")
     restore(GenerationMixin, "_prepare_cache_for_generation")
+    restore(GenerationMixin, "_prefill")
     _FAILURES.clear()
 
 
@@ -65,4 +74,5 @@ def failures() -> list[PatchTargetChanged]:
 
 __all__ = ["CACHE_KWARG", "POSITIVE_CROP_IS_LENGTH", "PatchTargetChanged", "TESTED_MAX", "TESTED_MIN",
            "UntestedTransformersWarning", "apply_transformers_patches", "check_transformers_version", "failures",
-           "install_default_cache_factory", "remove_transformers_patches", "treat_as_not_flash"]
+           "install_default_cache_factory", "install_shared_prefill", "remove_transformers_patches",
+           "treat_as_not_flash"]

@@ -438,10 +438,9 @@ def test_fixed_buffer_decode_step_selects_like_an_eager_step(generator):
     eager_handles = [eager.update(new[layer], new[layer] + 1, layer)[0].resolve() for layer in range(2)]
 
     plan = fixed.plan_decode_step(torch.device("cpu"))
-    bucket = plan.max_pages["full"]
-    shape = fixed.fixed_decode_shape(3, bucket)                      # capacity-padded, as a captured step's buffers
+    shape = fixed.fixed_decode_shape(plan)                           # capacity-padded, as a captured step's buffers
     device_step = shape.split(shape.pack(*plan.host_parts, pin=False))
-    fixed.begin_fixed_step(device_step, shape, plan.padded_len, bucket)
+    fixed.begin_fixed_step(device_step, shape, plan)
     fixed_handles = [fixed.update(new[layer], new[layer] + 1, layer)[0].resolve() for layer in range(2)]
     fixed.finish_replayed_step(plan)
 

@@ -34,8 +34,8 @@ from ..sparse.planner import SparseCachePlanner
 from .allocator import OutOfPagesError, PageAllocator
 from .handles import PagedKVHandle, PagedLayerStep
 from .pools import LayerPools, growth_target
-from .step_plan import (FULL, WINDOW, DeviceStep, StepPlan, StepShape, build_layouts, int32, page_count_bucket,
-                        query_runs, window_page_bound)
+from .step_plan import (FULL, PREFIX, SUFFIX, WINDOW, DeviceStep, StepPlan, StepShape, build_layouts,
+                        cascade_layouts, int32, page_count_bucket, query_runs, shared_prefixes, window_page_bound)
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 """Layer types whose KV this cache can hold: sliding-window layers keep every token (windows are applied by reading
@@ -140,6 +140,10 @@ class PagedKVCache(Cache):
         length at once, so a generation grows its pools (and re-captures decode CUDA graphs) once.
     sparse: sparse page selection for decode steps (flashcore_hf.sparse.SparseConfig); None or policy "dense": every
         step reads every page.
+    share_prefixes: rows that hold the same prompt share its pages and read them once per decode step: generate()
+        prefills each distinct prompt row once (patches/shared_prefill.py) and decode steps whose rows start with the
+        same pages run as a cascade (step_plan.py). False: every row is prefilled and read on its own (forks by
+        beam search reordering still share pages).
 
     Running out of pages raises OutOfPagesError (a RuntimeError) and leaves the cache as it was before the step.
     `update` returns a PagedKVHandle (as both key and value) for the "flashcore" attention function, which resolves it
@@ -149,7 +153,7 @@ class PagedKVCache(Cache):
 
     def __init__(self, config, page_size: int = 64, num_pages: int | None = None, *,
                  max_num_pages: int | None = None, expected_max_length: int | None = None,
-                 sparse: SparseConfig | None = None, pool_arena=None):
+                 sparse: SparseConfig | None = None, share_prefixes: bool = True, pool_arena=None):
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if num_pages is not None and num_pages < 0:
@@ -179,6 +183,7 @@ class PagedKVCache(Cache):
         self.window: int | None = int(text_config.sliding_window) if windowed else None
         """The sliding window of the model's window layers (they read only the pages inside it), or None."""
         self.sparse = SparseConfig() if sparse is None else sparse
+        self.share_prefixes = bool(share_prefixes)
         sliding_everywhere = getattr(text_config, "layer_types", None) is None and windowed
         planner = SparseCachePlanner(self.sparse, layer_types, self.page_size, sliding_everywhere,
                                      self._new_bounds_buffer)
@@ -293,9 +298,18 @@ class PagedKVCache(Cache):
         if self.window is not None:
             max_pages[WINDOW] = window_page_bound(self.window, self.page_size, query_len, max_pages[FULL])
         runs_are_rows = len(runs.rows) == batch_size
+        cascade, max_group = None, 0
+        if query_len == 1 and runs_are_rows and self._sparse is None and self.share_prefixes:
+            shared = shared_prefixes(page_tables, runs.keys, self.page_size)
+            if shared is not None:
+                extra, extra_largest, cascade = cascade_layouts(shared, runs, page_tables, self.page_size)
+                layouts.update(extra)
+                max_pages.update({kind: page_count_bucket(n) for kind, n in extra_largest.items()})
+                max_group = page_count_bucket(shared.largest_group)
         shape = StepShape(batch_size, query_len, len(runs.rows),
-                          tuple((kind, layout.cols.numel()) for kind, layout in layouts.items()))
-        host_parts = (int32(runs.starts), int32(slot_mapping), layouts)
+                          tuple((kind, layout.cols.numel()) for kind, layout in layouts.items()),
+                          0 if cascade is None else len(cascade[2]) - 1)
+        host_parts = (int32(runs.starts), int32(slot_mapping), layouts, cascade)
         sparse = None
         if self._sparse is not None:
             sparse = self._sparse.plan_step(lengths, [n + c for n, c in zip(lengths, counts)], page_tables,
@@ -303,7 +317,7 @@ class PagedKVCache(Cache):
             sparse.select = sparse.select and runs_are_rows
         max_q_len = max(runs.starts[r + 1] - runs.starts[r] for r in range(len(runs.rows))) if runs.rows else 0
         return StepPlan(shape, self._padded_len, max_q_len, max_pages, runs_are_rows, host_parts, sparse=sparse,
-                        window=self.window)
+                        window=self.window, max_group=max_group)
 
     def _real_new_columns(self, batch_size: int, query_len: int, mask: torch.Tensor | None
                           ) -> list[list[bool]] | None:
@@ -497,24 +511,26 @@ class PagedKVCache(Cache):
         self.flush()
         return self._begin_step(len(self._rows), 1, None, device)
 
-    def fixed_decode_shape(self, batch_size: int, max_pages: int) -> StepShape:
-        """The packed metadata of a decode step of `batch_size` rows whose rows read at most `max_pages` pages (a
-        page-count bucket): the fixed buffers a CUDA graph is captured with."""
-        capacities = [(FULL, batch_size * max_pages)]
+    def fixed_decode_shape(self, plan: StepPlan) -> StepShape:
+        """The packed metadata of a decode step like `plan` (its batch, page-count buckets and cascade groups) at the
+        buckets' capacities: the fixed buffers a CUDA graph is captured with."""
+        batch_size, bounds = plan.batch_size, plan.max_pages
+        capacities = [(FULL, batch_size * bounds[FULL])]
         if self.window is not None:
-            capacities.append((WINDOW, batch_size * window_page_bound(self.window, self.page_size, 1, max_pages)))
-        return StepShape(batch_size, 1, batch_size, tuple(capacities))
+            capacities.append((WINDOW, batch_size * bounds[WINDOW]))
+        if plan.shape.groups:
+            capacities += [(PREFIX, plan.shape.groups * bounds[PREFIX]), (SUFFIX, batch_size * bounds[SUFFIX])]
+        return StepShape(batch_size, 1, batch_size, tuple(capacities), plan.shape.groups)
 
-    def begin_fixed_step(self, device_step: DeviceStep, shape: StepShape, padded_len: int, max_pages: int) -> None:
-        """Make the next forward's layers take `device_step` (fixed device buffers of a CUDA graph) as the step's
-        metadata instead of planning one; what the buffers hold when the graph replays is what counts."""
-        bounds = {FULL: max_pages}
-        if self.window is not None:
-            bounds[WINDOW] = window_page_bound(self.window, self.page_size, 1, max_pages)
-        sparse = None if self._sparse is None else self._sparse.fixed_decode_plan(max_pages)
-        self._step = StepPlan(shape, padded_len, 1, bounds, True, None,
+    def begin_fixed_step(self, device_step: DeviceStep, shape: StepShape, plan: StepPlan) -> None:
+        """Make the next forward's layers take `device_step` (fixed device buffers of a CUDA graph, made by
+        `fixed_decode_shape(plan)`) as the step's metadata instead of planning one, with `plan`'s bounds; what the
+        buffers hold when the graph replays is what counts."""
+        bounds = dict(plan.max_pages)
+        sparse = None if self._sparse is None else self._sparse.fixed_decode_plan(bounds[FULL])
+        self._step = StepPlan(shape, plan.padded_len, 1, bounds, True, None,
                               per_device={device_step.q_indptr.device: device_step}, sparse=sparse,
-                              window=self.window)
+                              window=self.window, max_group=plan.max_group)
 
     def finish_replayed_step(self, plan: StepPlan) -> None:
         """Host bookkeeping of a step whose layers ran inside a graph replay (their Python code did not run)."""

@@ -11,7 +11,10 @@ first n_keys tokens. No padding, or left padding only: one run per row.
 
 Layouts. "full": every page a run reads. "window" (models with sliding-window layers): only the pages that hold a
 key inside the window of the run's first query (positions are relative, so dropping whole leading pages changes no
-mask decision). Page-count bounds are bucketed (powers of two) so that an eager step and a CUDA-graph replay of the
+mask decision). Cascade (decode steps whose rows share prompt pages: parallel samples, beams, repeated prompts; see
+`shared_prefixes`): "prefix" has one row per group of rows that start with the same pages, listing those pages, and
+is read once by all the group's queries (non-causal: every shared key precedes them); "suffix" has one row per run
+with the rest of its pages. Attention over both, merged by their lse, equals attention over "full". Page-count bounds are bucketed (powers of two) so that an eager step and a CUDA-graph replay of the
 same bucket run the very same attention plans and give bit-identical results.
 """
 from __future__ import annotations
@@ -24,7 +27,10 @@ import torch
 from ..layout import PageLayout
 from ..ops import AttentionPlan, plan_attention
 
-FULL, WINDOW = "full", "window"
+FULL, WINDOW, PREFIX, SUFFIX = "full", "window", "prefix", "suffix"
+CASCADE_MIN_SAVED = 0.5
+"""A decode step reads shared prompt pages once per group (cascade) when that saves at least this fraction of the
+keys the step reads otherwise: it costs a second attention call and a merge per layer."""
 
 
 def page_count_bucket(pages: int) -> int:
@@ -47,39 +53,62 @@ def int32(values) -> torch.Tensor:
 @dataclass(frozen=True)
 class StepShape:
     """Sizes of a step's packed int32 metadata: q_indptr [runs + 1], slot_mapping [batch * query_len], then per
-    layout kind row_offsets [runs + 1], cols / token_counts / staging_ids [capacity]. An eager step's capacities are
-    exact; a captured decode step's are its bucket's bounds (entries past a step's pages unused)."""
+    layout kind row_offsets [rows + 1], cols / token_counts / staging_ids [capacity] (rows: `groups` for "prefix",
+    else runs), then with a cascade (groups > 0) order [batch], inverse [batch] and group_indptr [groups + 1]
+    (CascadeStep). An eager step's capacities are exact; a captured decode step's are its bucket's bounds (entries
+    past a step's pages unused)."""
 
     batch: int
     query_len: int
     runs: int
     capacities: tuple[tuple[str, int], ...]
+    groups: int = 0
+
+    def rows(self, kind: str) -> int:
+        return self.groups if kind == PREFIX else self.runs
 
     def sizes(self) -> list[int]:
         sizes = [self.runs + 1, self.batch * self.query_len]
-        for _, cap in self.capacities:
-            sizes += [self.runs + 1, cap, cap, cap]
+        for kind, cap in self.capacities:
+            sizes += [self.rows(kind) + 1, cap, cap, cap]
+        if self.groups:
+            sizes += [self.batch, self.batch, self.groups + 1]
         return sizes
 
     def split(self, buffer: torch.Tensor) -> "DeviceStep":
         """Views of a packed buffer (on any device)."""
         parts = torch.split(buffer, self.sizes())
         layouts = {kind: PageLayout(*parts[2 + 4 * i:6 + 4 * i]) for i, (kind, _) in enumerate(self.capacities)}
-        return DeviceStep(parts[0], parts[1], layouts)
+        cascade = CascadeStep(*parts[-3:]) if self.groups else None
+        return DeviceStep(parts[0], parts[1], layouts, cascade)
 
     def pack(self, q_indptr: torch.Tensor, slot_mapping: torch.Tensor, layouts: dict[str, PageLayout],
-             pin: bool) -> torch.Tensor:
+             cascade: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, pin: bool) -> torch.Tensor:
         """One host int32 buffer of these sizes from host parts (layout parts shorter than a capacity are padded:
-        unused entries name page 0 with 0 tokens, which the kernels never read)."""
+        unused entries name page 0 with 0 tokens, which the kernels never read). cascade: (order, inverse,
+        group_indptr) when groups > 0."""
         out = torch.zeros(sum(self.sizes()), dtype=torch.int32, pin_memory=pin)
         pieces = [q_indptr, slot_mapping]
         for kind, _ in self.capacities:
             pieces += list(layouts[kind])
+        if self.groups:
+            pieces += list(cascade)
         at = 0
         for piece, size in zip(pieces, self.sizes()):
             out[at:at + piece.numel()] = piece
             at += size
         return out
+
+
+@dataclass
+class CascadeStep:
+    """A cascade decode step's query order on one device. order [B] int32: the rows group by group (the "prefix"
+    layout's queries are q[order], group g's at group_indptr[g] .. group_indptr[g + 1]); inverse [B]: the position of
+    each row in `order`."""
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    group_indptr: torch.Tensor
 
 
 @dataclass
@@ -89,6 +118,7 @@ class DeviceStep:
     q_indptr: torch.Tensor
     slot_mapping: torch.Tensor
     layouts: dict[str, PageLayout]
+    cascade: CascadeStep | None = None
 
 
 @dataclass
@@ -98,8 +128,10 @@ class StepPlan:
     shape: the packed metadata's sizes; padded_len: columns of every row after this step (padding included);
     max_q_len: longest run; max_pages: kind -> bound on a layout row's pages; runs_are_rows: one run per row (no
     padding inside a row's new columns), which sparse selection and non-causal attention need; window: the sliding
-    window the "window" layout was made for (None: no such layout).
-    host_parts: the metadata on the host (q_indptr, slot_mapping, kind -> layout); None for a captured step, whose
+    window the "window" layout was made for (None: no such layout); max_group: with a cascade, the bound on a
+    group's rows (the "prefix" plan's queries per sequence), else 0.
+    host_parts: the metadata on the host (q_indptr, slot_mapping, kind -> layout, cascade order parts or None);
+    None for a captured step, whose
     device buffers are reloaded before each replay (StepShape.pack at their capacities). per_device: its copies,
     packed in one buffer and copied once per device; sparse: the sparse policy's step state (flashcore_hf.sparse).
     """
@@ -114,6 +146,7 @@ class StepPlan:
     layers_done: set[int] = field(default_factory=set)
     sparse: object | None = None
     window: int | None = None
+    max_group: int = 0
     _host: torch.Tensor | None = None
     _plans: dict[tuple, AttentionPlan] = field(default_factory=dict)
 
@@ -124,6 +157,14 @@ class StepPlan:
     @property
     def query_len(self) -> int:
         return self.shape.query_len
+
+    @property
+    def cascade_key(self) -> tuple | None:
+        """What a captured step's buffers and plans depend on besides the full bucket: (groups, prefix bound, suffix
+        bound, group bound), or None without a cascade."""
+        if not self.shape.groups:
+            return None
+        return self.shape.groups, self.max_pages[PREFIX], self.max_pages[SUFFIX], self.max_group
 
     def on(self, device: torch.device) -> DeviceStep:
         """The metadata on `device`, copied there on first use (once per device per step)."""
@@ -141,7 +182,8 @@ class StepPlan:
                        nnz: int | None = None) -> AttentionPlan:
         """The step's attention plan for a layout kind and attention options (made once, then shared by every layer
         that asks the same). rows / max_pages / nnz describe a layout other than the step's own (sparse page lists
-        selected on the device: rows B * Hkv of max_pages pages)."""
+        selected on the device: rows B * Hkv of max_pages pages). "prefix" plans run the cascade's groups: their
+        queries are the step's in CascadeStep.order, up to max_group per group."""
         key = (device, kind, num_q_heads, num_kv_heads, head_dim, page_size, dtype, causal, sm_scale, window, softcap)
         plan = self._plans.get(key)
         if plan is None:
@@ -149,10 +191,13 @@ class StepPlan:
             layout = step.layouts.get(kind)
             if layout is None:  # a layout made per layer on the device (sparse): only its shape matters here
                 layout = _shape_only_layout(rows, nnz, device)
-            plan = plan_attention(layout, step.q_indptr, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+            prefix = kind == PREFIX
+            plan = plan_attention(layout, step.cascade.group_indptr if prefix else step.q_indptr,
+                                  num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                                   head_dim=head_dim, page_size=page_size, dtype=dtype,
                                   total_q=self.shape.batch * self.shape.query_len, causal=causal, sm_scale=sm_scale,
-                                  sliding_window=window, softcap=softcap, max_q_len=self.max_q_len,
+                                  sliding_window=window, softcap=softcap,
+                                  max_q_len=self.max_group if prefix else self.max_q_len,
                                   max_pages_per_seq=self.max_pages[kind] if max_pages is None else max_pages,
                                   exact=True)
             self._plans[key] = plan
@@ -238,3 +283,87 @@ def build_layouts(runs: QueryRuns, page_tables: list[list[int]], page_size: int,
         layouts[kind] = PageLayout(int32(o), int32(cols[kind]), int32(counts[kind]),
                                    torch.full((len(cols[kind]),), -1, dtype=torch.int32))
     return layouts, largest
+
+
+@dataclass(frozen=True)
+class SharedPrefixes:
+    """Groups of a decode step's rows that start with the same pages.
+
+    order [B]: the rows, group by group; group_starts [G + 1]: group g is order[group_starts[g]:group_starts[g+1]];
+    prefix_pages [G]: how many leading pages every row of group g shares (0 for a row alone).
+    """
+
+    order: list[int]
+    group_starts: list[int]
+    prefix_pages: list[int]
+
+    @property
+    def largest_group(self) -> int:
+        return max(b - a for a, b in zip(self.group_starts[:-1], self.group_starts[1:]))
+
+
+def shared_prefixes(page_tables: list[list[int]], n_keys: list[int], page_size: int,
+                    min_saved: float = CASCADE_MIN_SAVED) -> SharedPrefixes | None:
+    """The groups of rows (one query each) whose page tables start with the same full pages, or None when reading
+    those pages once per group would not save `min_saved` of the step's key reads (n_keys [B]: each row's keys).
+
+    A page id names the same tokens wherever it appears (pages are shared by reference count, never written while
+    shared), so rows that start with the same page ids hold the same prompt. Only full pages are shared (a row's
+    partly filled last page is its own), and every row keeps at least its last page outside the prefix.
+    """
+    by_first: dict[int, list[int]] = {}
+    for row, pages in enumerate(page_tables):
+        key = pages[0] if pages else -1 - row           # rows without pages stay alone
+        by_first.setdefault(key, []).append(row)
+    order, starts, prefix_pages, saved = [], [0], [], 0
+    for rows in by_first.values():
+        shared = 0
+        if len(rows) > 1:
+            shared = min((n_keys[r] - 1) // page_size for r in rows)      # full pages before each row's last key
+            first = page_tables[rows[0]]
+            for r in rows[1:]:
+                pages, k = page_tables[r], 0
+                while k < shared and pages[k] == first[k]:
+                    k += 1
+                shared = k
+        order.extend(rows)
+        starts.append(len(order))
+        prefix_pages.append(shared)
+        saved += (len(rows) - 1) * shared * page_size
+    if saved == 0 or saved < min_saved * sum(n_keys):
+        return None
+    return SharedPrefixes(order, starts, prefix_pages)
+
+
+def cascade_layouts(shared: SharedPrefixes, runs: QueryRuns, page_tables: list[list[int]], page_size: int
+                    ) -> tuple[dict[str, PageLayout], dict[str, int], tuple[torch.Tensor, ...]]:
+    """Host "prefix" (one row per group) and "suffix" (one row per run) layouts of a decode step whose runs are its
+    rows, each kind's largest row, and the CascadeStep parts (order, inverse, group_indptr) as int32 tensors."""
+    group_of = {}
+    for g in range(len(shared.prefix_pages)):
+        for row in shared.order[shared.group_starts[g]:shared.group_starts[g + 1]]:
+            group_of[row] = g
+    prefix_offsets, prefix_cols = [0], []
+    for g, n in enumerate(shared.prefix_pages):
+        prefix_cols.extend(page_tables[shared.order[shared.group_starts[g]]][:n])
+        prefix_offsets.append(len(prefix_cols))
+    suffix_offsets, suffix_cols, suffix_counts = [0], [], []
+    for row, n_keys in zip(runs.rows, runs.keys):
+        skip = shared.prefix_pages[group_of[row]]
+        n_pages = -(-n_keys // page_size)
+        suffix_cols.extend(page_tables[row][skip:n_pages])
+        suffix_counts.extend([page_size] * (n_pages - skip - 1))
+        suffix_counts.append(n_keys - (n_pages - 1) * page_size)
+        suffix_offsets.append(len(suffix_cols))
+    inverse = [0] * len(shared.order)
+    for position, row in enumerate(shared.order):
+        inverse[row] = position
+
+    def layout(offsets, cols, counts):
+        return PageLayout(int32(offsets), int32(cols), int32(counts), torch.full((len(cols),), -1, dtype=torch.int32))
+
+    layouts = {PREFIX: layout(prefix_offsets, prefix_cols, [page_size] * len(prefix_cols)),
+               SUFFIX: layout(suffix_offsets, suffix_cols, suffix_counts)}
+    largest = {PREFIX: max(shared.prefix_pages),
+               SUFFIX: max(b - a for a, b in zip(suffix_offsets[:-1], suffix_offsets[1:]))}
+    return layouts, largest, (int32(shared.order), int32(inverse), int32(shared.group_starts))

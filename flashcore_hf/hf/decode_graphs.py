@@ -37,6 +37,7 @@ import torch
 
 from ..cache import PagedKVCache, PoolArena, StepPlan
 from ..cache.step_plan import StepShape
+from ..layout import PageLayout
 from ..patches import CACHE_KWARG
 
 _ENABLED = os.environ.get("FLASHCORE_CUDA_GRAPHS", "1") != "0"
@@ -86,14 +87,15 @@ class _FixedStep:
         self.logits: torch.Tensor | None = None   # the graph's output buffer
         self.output_type = None                   # the model's output class
 
-    def load_noop(self) -> None:
+    def load_noop(self, plan: StepPlan) -> None:
         """A step that reads no page and writes no slot (for the warm-up and the capture): every query run of every
-        layout reads nothing, every slot is -1."""
+        layout reads nothing, every slot is -1 (a cascade keeps `plan`'s query order and groups)."""
         b = self.shape.batch
-        host = torch.zeros(self.meta.numel(), dtype=torch.int32)
-        sizes = self.shape.sizes()
-        host[:sizes[0]] = torch.arange(b + 1, dtype=torch.int32)        # q_indptr: one query per row
-        host[sizes[0]:sizes[0] + sizes[1]] = -1                          # slot_mapping
+        empty = torch.empty(0, dtype=torch.int32)
+        layouts = {kind: PageLayout(torch.zeros(self.shape.rows(kind) + 1, dtype=torch.int32), empty, empty, empty)
+                   for kind, _ in self.shape.capacities}
+        host = self.shape.pack(torch.arange(b + 1, dtype=torch.int32), torch.full((b,), -1, dtype=torch.int32),
+                               layouts, plan.host_parts[3], pin=False)
         self.meta.copy_(host)
 
     def load(self, plan: StepPlan) -> None:
@@ -163,10 +165,10 @@ class DecodeGraphRunner:
         batch, device = ids.shape[0], ids.device
         plan = cache.plan_decode_step(device)          # may grow the pools (and bounds): part of the key below
         bucket = plan.max_pages["full"]
-        key = (batch, bucket, cache.device_buffers(), cache.sparse)
+        key = (batch, bucket, plan.cascade_key, cache.device_buffers(), cache.sparse)
         step = self._graphs.get(key)
         if step is None:
-            step = self._capture(cache, batch, bucket, plan, device, key)
+            step = self._capture(cache, plan, device, key)
         else:
             self._graphs.move_to_end(key)
         step.load(plan)
@@ -182,12 +184,11 @@ class DecodeGraphRunner:
         # A copy: the graph's output buffer is overwritten by the next replay, while generate() may keep logits.
         return step.output_type(logits=step.logits.clone(), **{CACHE_KWARG: cache})
 
-    def _capture(self, cache: PagedKVCache, batch: int, bucket: int, plan: StepPlan, device: torch.device,
-                 key) -> _FixedStep:
+    def _capture(self, cache: PagedKVCache, plan: StepPlan, device: torch.device, key) -> _FixedStep:
         torch.cuda.synchronize(device)
         start = time.perf_counter()
-        step = _FixedStep(cache.fixed_decode_shape(batch, bucket), device)
-        step.load_noop()
+        step = _FixedStep(cache.fixed_decode_shape(plan), device)
+        step.load_noop(plan)
         step.position_ids.fill_(plan.padded_len - 1)
         forward_kwargs = {"input_ids": step.input_ids, "position_ids": step.position_ids, CACHE_KWARG: cache,
                           "use_cache": True, "return_dict": True}
@@ -196,11 +197,11 @@ class DecodeGraphRunner:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            cache.begin_fixed_step(step.device_step, step.shape, plan.padded_len, bucket)
+            cache.begin_fixed_step(step.device_step, step.shape, plan)
             self._forward(**forward_kwargs)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        cache.begin_fixed_step(step.device_step, step.shape, plan.padded_len, bucket)
+        cache.begin_fixed_step(step.device_step, step.shape, plan)
         with torch.cuda.graph(graph):
             output = self._forward(**forward_kwargs)
         # Keep only the logits buffer: the output also references the cache, which must not outlive its generate()

@@ -26,7 +26,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from ..cache import SUPPORTED_LAYER_TYPES, PagedKVCache
-from ..patches import apply_transformers_patches, remove_transformers_patches
+from ..patches import CACHE_KWARG, apply_transformers_patches, remove_transformers_patches
 from ..sparse.config import SparseConfig
 from .attention import FlashCoreAttention
 from .attention_kwargs import check_attention_kwargs
@@ -36,7 +36,8 @@ ATTN_IMPLEMENTATION = "flashcore"
 """The name to pass as `attn_implementation`."""
 
 _ATTENTION = FlashCoreAttention()
-_DEFAULT_CACHE_OPTIONS: dict = {"page_size": 64, "num_pages": None, "max_num_pages": None, "sparse": None}
+_DEFAULT_CACHE_OPTIONS: dict = {"page_size": 64, "num_pages": None, "max_num_pages": None, "sparse": None,
+                                 "share_prefixes": True}
 
 
 def flashcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, value, attention_mask,
@@ -100,12 +101,15 @@ def flashcore_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
 
 
 def set_default_cache_options(*, page_size: int | None = None, num_pages: int | None = None,
-                              max_num_pages: int | None = None, sparse: SparseConfig | None = None) -> dict:
+                              max_num_pages: int | None = None, sparse: SparseConfig | None = None,
+                              share_prefixes: bool | None = None) -> dict:
     """Options of the PagedKVCache that generate() builds for flashcore models given no cache (process-wide).
 
     page_size (default 64), num_pages (default None: grows on demand), max_num_pages (growth limit), sparse (a
     flashcore_hf.SparseConfig: sparse page selection for decode steps; default None = dense; pass
-    SparseConfig() to return to dense). Pass an explicit PagedKVCache to generate() for per-call control
+    SparseConfig() to return to dense), share_prefixes (default True: rows repeating a prompt share its pages,
+    prefilled once and read once per decode step; see PagedKVCache). Pass an explicit PagedKVCache to generate() for
+    per-call control
     (`model.generate(ids, **{flashcore_hf.CACHE_KWARG: PagedKVCache(...)})`). Returns the options in force.
     """
     if page_size is not None:
@@ -122,7 +126,23 @@ def set_default_cache_options(*, page_size: int | None = None, num_pages: int | 
         if not isinstance(sparse, SparseConfig):
             raise TypeError(f"sparse must be a flashcore_hf.SparseConfig, got {type(sparse).__name__}")
         _DEFAULT_CACHE_OPTIONS["sparse"] = sparse
+    if share_prefixes is not None:
+        _DEFAULT_CACHE_OPTIONS["share_prefixes"] = bool(share_prefixes)
     return dict(_DEFAULT_CACHE_OPTIONS)
+
+
+def share_prefill_rows(model, model_kwargs):
+    """generate()'s prefill runs once per distinct prompt row (patches/shared_prefill.py) when the model is a
+    flashcore model with an empty PagedKVCache: the cache then shares each prompt's pages among the rows that repeat
+    it (`batch_select_indices`: reference counts, copy-on-write on the first partly filled page a row appends to),
+    which is also what lets decode read a shared prompt once per step. Returns the expansion, or None."""
+    text_config = model.config.get_text_config(decoder=True)
+    cache = model_kwargs.get(CACHE_KWARG)
+    if text_config._attn_implementation != ATTN_IMPLEMENTATION or not isinstance(cache, PagedKVCache):
+        return None
+    if not cache.share_prefixes or cache.get_seq_length() != 0:
+        return None
+    return cache.batch_select_indices
 
 
 def default_generate_cache(model, generation_config, batch_size: int, max_cache_length: int):
@@ -146,7 +166,8 @@ def register() -> None:
     by `import flashcore_hf`, and again after `unpatch()` to turn flashcore back on)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, flashcore_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flashcore_mask)
-    apply_transformers_patches((ATTN_IMPLEMENTATION,), default_generate_cache, prepare_for_generate)
+    apply_transformers_patches((ATTN_IMPLEMENTATION,), default_generate_cache, prepare_for_generate,
+                               share_prefill_rows)
 
 
 def unpatch() -> None:

@@ -1,8 +1,10 @@
 """The op layer: the `flashcore` op library's wrappers (library.py), paged attention planned once and run many
-times (plan.py), and the same contract computed with torch SDPA where no compiled kernel applies (fallback.py)."""
+times (plan.py), the same contract computed with torch SDPA where no compiled kernel applies (fallback.py), and
+the merge of attention over two disjoint key sets (merge.py)."""
 from .fallback import sdpa_from_pages
 from .library import append_kv, build_layout, kernel_supports, select_pages, update_page_bounds
+from .merge import merge_attention_states
 from .plan import AttentionPlan, paged_attention, plan_attention
 
-__all__ = ["AttentionPlan", "append_kv", "build_layout", "kernel_supports", "paged_attention", "plan_attention",
-           "sdpa_from_pages", "select_pages", "update_page_bounds"]
+__all__ = ["AttentionPlan", "append_kv", "build_layout", "kernel_supports", "merge_attention_states",
+           "paged_attention", "plan_attention", "sdpa_from_pages", "select_pages", "update_page_bounds"]

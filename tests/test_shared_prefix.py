@@ -1,0 +1,205 @@
+"""Shared prompts: rows of a batch that repeat a prompt are prefilled once and share its pages, and decode reads the
+shared pages once per group (cascade: "prefix" + "suffix" layouts merged by lse).
+
+Unit level: merge_attention_states against attention over the union of the keys (float64), the grouping rule and
+the cascade layouts. Model level (CPU, fp32, tiny random Llama): greedy, sampling (num_return_sequences), beam
+search and a batch with repeated prompts in scattered order give the same tokens as the same flashcore run with
+sharing off (share_prefixes=False) and as SDPA; the prefill runs once per distinct row; the decode steps ran as a
+cascade; repeated generate() calls with different lengths in a row.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import flashcore_hf as fc
+from flashcore_hf.cache.step_plan import CASCADE_MIN_SAVED, PREFIX, SUFFIX, QueryRuns, cascade_layouts, shared_prefixes
+from flashcore_hf.hf.attention import FlashCoreAttention
+from flashcore_hf.ops import merge_attention_states
+from tests.reference import reference_paged_attention
+
+
+def _attention(q, k, v, sinks=None):
+    """out [T, H, D] and lse [T, H] (float64) of q [T, H, D] over keys k, v [N, H, D] (no mask)."""
+    s = torch.einsum("thd,nhd->thn", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    lse = torch.logsumexp(s, dim=-1)
+    if sinks is not None:
+        lse_all = torch.logsumexp(torch.cat([s, sinks.double()[None, :, None].expand(s.shape[0], -1, 1)], -1), -1)
+    else:
+        lse_all = lse
+    out = torch.einsum("thn,nhd->thd", torch.exp(s - lse_all[..., None]), v.double())
+    return out, lse if s.shape[-1] else torch.full(lse.shape, -math.inf, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("split", [0, 7, 40])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_merge_attention_states_equals_attention_over_the_union(generator, split, with_sinks):
+    t, h, d, n = 5, 3, 16, 40
+    q, k, v = (torch.randn(x, h, d, generator=generator) for x in (t, n, n))
+    sinks = torch.randn(h, generator=generator) if with_sinks else None
+    whole, _ = _attention(q, k, v, sinks)
+    a, lse_a = _attention(q, k[:split], v[:split])
+    b, lse_b = _attention(q, k[split:], v[split:])
+    if split == 0:
+        a = torch.zeros_like(a)
+    merged = merge_attention_states(a.float(), lse_a.float(), b.float(), lse_b.float(),
+                                    None if sinks is None else sinks.float())
+    torch.testing.assert_close(merged.double(), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_of_rows_without_keys_gives_zeros():
+    out = torch.randn(2, 3, 4)
+    empty = torch.full((2, 3), -math.inf)
+    merged = merge_attention_states(torch.zeros_like(out), empty, torch.zeros_like(out), empty)
+    assert torch.equal(merged, torch.zeros_like(out))
+
+
+def test_groups_share_only_full_pages_before_each_rows_last_key():
+    tables = [[5, 6, 7], [5, 6, 9], [5, 6, 7], [1], [3]]
+    keys = [40, 35, 33, 5, 4]             # page size 16: row 2's last key is on its 3rd page
+    shared = shared_prefixes(tables, keys, 16)
+    assert shared is not None
+    assert shared.order == [0, 1, 2, 3, 4] and shared.group_starts == [0, 3, 4, 5]
+    assert shared.prefix_pages == [2, 0, 0]
+    runs = QueryRuns(list(range(6)), list(range(5)), keys)
+    layouts, largest, (order, inverse, group_indptr) = cascade_layouts(shared, runs, tables, 16)
+    assert layouts[PREFIX].row_offsets.tolist() == [0, 2, 2, 2] and layouts[PREFIX].cols.tolist() == [5, 6]
+    assert layouts[SUFFIX].cols.tolist() == [7, 9, 7, 1, 3]
+    assert layouts[SUFFIX].token_counts.tolist() == [8, 3, 1, 5, 4]
+    assert largest == {PREFIX: 2, SUFFIX: 1} and group_indptr.tolist() == [0, 3, 4, 5]
+    assert shared_prefixes(tables, [40, 35, 33, 20, 4], 16) is None   # 64 of 132 keys saved: under the threshold
+
+
+def test_no_cascade_when_it_saves_little():
+    tables = [[1, 2, 3], [1, 4, 5]]      # one shared page of six read
+    assert shared_prefixes(tables, [48, 48], 16) is None
+    assert 16 / 96 < CASCADE_MIN_SAVED
+
+
+def test_cascade_layouts_read_the_same_keys_as_the_full_layout(generator):
+    """Attention over prefix (grouped, non-causal) merged with suffix equals attention over each row's pages."""
+    page, hkv, group, d = 4, 2, 3, 8
+    k_pool = torch.randn(30, page, hkv, d, generator=generator)
+    v_pool = torch.randn(30, page, hkv, d, generator=generator)
+    tables = [[3, 4, 5, 10], [7, 8, 11], [3, 4, 5, 12], [7, 8, 13], [3, 4, 14]]
+    keys = [15, 11, 13, 9, 9]
+    shared = shared_prefixes(tables, keys, page, min_saved=0.0)
+    runs = QueryRuns(list(range(6)), list(range(5)), keys)
+    layouts, _, (order, inverse, group_indptr) = cascade_layouts(shared, runs, tables, page)
+    q = torch.randn(5, hkv * group, d, generator=generator)
+    q_indptr = torch.arange(6, dtype=torch.int32)
+    out_p, lse_p = fc.paged_attention(q[order.long()], k_pool, v_pool, layouts[PREFIX], group_indptr, causal=False,
+                                      return_lse=True)
+    out_s, lse_s = fc.paged_attention(q, k_pool, v_pool, layouts[SUFFIX], q_indptr, return_lse=True)
+    merged = merge_attention_states(out_p[inverse.long()], lse_p[inverse.long()], out_s, lse_s)
+    cols = torch.tensor([p for t, n in zip(tables, keys) for p in t[:-(-n // page)]], dtype=torch.int32)
+    counts = torch.tensor([min(page, n - i * page) for t, n in zip(tables, keys) for i in range(-(-n // page))],
+                          dtype=torch.int32)
+    offsets = torch.tensor([0, *torch.tensor([-(-n // page) for n in keys]).cumsum(0).tolist()], dtype=torch.int32)
+    ref, _ = reference_paged_attention(q, k_pool, v_pool, offsets, cols, counts, q_indptr, causal=True)
+    torch.testing.assert_close(merged.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+# ---- model level ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model():
+    config = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="flashcore", dtype=torch.float32).eval()
+
+
+class _Counter:
+    """Counts cascade decode layers and the batch sizes of the model's prefill forwards."""
+
+    def __init__(self, monkeypatch, model):
+        self.cascades, self.prefill_rows = 0, []
+        original = FlashCoreAttention._cascade
+
+        def cascade(attention, *args, **kwargs):
+            self.cascades += 1
+            return original(attention, *args, **kwargs)
+
+        monkeypatch.setattr(FlashCoreAttention, "_cascade", cascade)
+        forward = model.forward
+
+        def counting_forward(*args, **kwargs):
+            ids = kwargs.get("input_ids")
+            if ids is not None and ids.shape[1] > 1:
+                self.prefill_rows.append(ids.shape[0])
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(model, "forward", counting_forward)
+
+
+def _generate(model, ids, share: bool, seed: int = 0, **kwargs):
+    cache = fc.PagedKVCache(model.config, page_size=8, share_prefixes=share)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(ids, pad_token_id=0, **{fc.CACHE_KWARG: cache}, **kwargs)
+    return out, cache
+
+
+def test_repeated_prompts_in_scattered_rows_greedy(model, monkeypatch):
+    prompts = torch.randint(1, 200, (3, 45), generator=torch.Generator().manual_seed(1))
+    ids = prompts[[0, 1, 0, 2, 0, 0, 1, 0]]
+    counter = _Counter(monkeypatch, model)
+    shared_out, cache = _generate(model, ids, True, max_new_tokens=12, do_sample=False)
+    assert counter.prefill_rows == [3] and counter.cascades > 0
+    assert cache.stats().pages_shared > 0
+    plain_out, _ = _generate(model, ids, False, max_new_tokens=12, do_sample=False)
+    assert counter.prefill_rows == [3, 8]
+    assert torch.equal(shared_out, plain_out)
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            sdpa_out = model.generate(ids, pad_token_id=0, max_new_tokens=12, do_sample=False)
+    finally:
+        model.set_attn_implementation("flashcore")
+    assert torch.equal(shared_out, sdpa_out)
+
+
+def test_samples_and_beams_of_one_prompt(model, monkeypatch):
+    prompt = torch.randint(1, 200, (2, 60), generator=torch.Generator().manual_seed(2))
+    counter = _Counter(monkeypatch, model)
+    for kwargs in (dict(do_sample=True, num_return_sequences=8, max_new_tokens=10),
+                   dict(num_beams=4, num_return_sequences=2, max_new_tokens=10, do_sample=False)):
+        counter.prefill_rows.clear()
+        shared_out, _ = _generate(model, prompt, True, seed=3, **kwargs)
+        assert counter.prefill_rows == [2]
+        plain_out, _ = _generate(model, prompt, False, seed=3, **kwargs)
+        assert torch.equal(shared_out, plain_out), kwargs
+    assert counter.cascades > 0
+
+
+def test_left_padded_repeats_and_repeated_calls_of_different_lengths(model):
+    """Left padding inside the repeated rows; then calls with other lengths and batches, sharing on and off."""
+    generator = torch.Generator().manual_seed(4)
+    for length, rows in ((30, [0, 0, 1, 1, 0]), (75, [0, 0, 0, 0]), (9, [0, 1, 0, 1, 2, 2])):
+        prompts = torch.randint(1, 200, (3, length), generator=generator)
+        mask = torch.ones_like(prompts)
+        mask[1, :length // 3] = 0                      # prompt 1 is left-padded
+        ids, attention_mask = prompts[rows], mask[rows]
+        outs = [_generate(model, ids, share, attention_mask=attention_mask, max_new_tokens=9, do_sample=False)[0]
+                for share in (True, False)]
+        assert torch.equal(outs[0], outs[1]), (length, rows)
+
+
+def test_default_cache_option_turns_sharing_off(model, monkeypatch):
+    counter = _Counter(monkeypatch, model)
+    ids = torch.randint(1, 200, (1, 40), generator=torch.Generator().manual_seed(5)).repeat(4, 1)
+    previous = fc.set_default_cache_options()
+    try:
+        fc.set_default_cache_options(share_prefixes=False)
+        with torch.inference_mode():
+            off = model.generate(ids, pad_token_id=0, max_new_tokens=6, do_sample=False)
+        fc.set_default_cache_options(share_prefixes=True)
+        with torch.inference_mode():
+            on = model.generate(ids, pad_token_id=0, max_new_tokens=6, do_sample=False)
+    finally:
+        fc.set_default_cache_options(share_prefixes=previous["share_prefixes"])
+    assert counter.prefill_rows == [4, 1] and torch.equal(on, off)
