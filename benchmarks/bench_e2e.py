@@ -3,7 +3,9 @@
 Paths, measured in the same run: flashcore (default PagedKVCache, CUDA-graph decode), flashcore_eager (the same
 without CUDA graphs; prompts <= 32K), sdpa + DynamicCache, sdpa + static cache (generate's auto-compile; 1 x 32K),
 and transformers' `generate_batch` continuous batching where available (64 x 1K).
-Cases: B=1 x 32K prompt, B=1 x 128K, B=32 x 2K, B=64 x 1K. Reports prefill seconds, decode tok/s, ms per decode
+Cases: B=1 x 32K prompt, B=1 x 128K, B=32 x 2K, B=64 x 1K; shared prompts (--cases 128x2048same 256x2048same
+64samples8192): 128 and 256 copies of one 2K prompt, 64 sampled answers (num_return_sequences) to one 8K prompt,
+with flashcore_noshare (flashcore with share_prefixes=False) as a third path. Reports prefill seconds, decode tok/s, ms per decode
 step and peak GiB, all from one timed generate() per path and case: a logits processor runs after every forward,
 syncs and timestamps it (generate() syncs every step anyway) and samples memory: torch's peak allocated bytes since
 the last sample plus the bytes of flashcore's page pools (mapped outside torch's allocator; they only grow between
@@ -36,8 +38,12 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Logits
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072 + 1024,
                  rope_theta=500000.0, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=0)
-CASES = {"1x32768": (1, 32768), "1x131072": (1, 131072), "32x2048": (32, 2048), "64x1024": (64, 1024)}
-PATHS = ("flashcore", "flashcore_eager", "sdpa_dynamic", "sdpa_static", "generate_batch")
+CASES = {"1x32768": (1, 32768), "1x131072": (1, 131072), "32x2048": (32, 2048), "64x1024": (64, 1024),
+         "128x2048same": (128, 2048), "256x2048same": (256, 2048), "64samples8192": (64, 8192)}
+"""case -> (rows, prompt tokens). "...same": every row the same prompt (a batch of copies); "...samples": one prompt,
+num_return_sequences=rows with sampling (seeded). The others: a different prompt per row."""
+SHARED_CASES = ("128x2048same", "256x2048same", "64samples8192")
+PATHS = ("flashcore", "flashcore_eager", "flashcore_noshare", "sdpa_dynamic", "sdpa_static", "generate_batch")
 
 
 def build_model(num_layers: int) -> LlamaForCausalLM:
@@ -75,18 +81,25 @@ class StepProbe(LogitsProcessor):
         return scores
 
 
-def run_generate_case(model, path: str, batch: int, prompt: int, new: int) -> dict:
+def run_generate_case(model, path: str, case: str, batch: int, prompt: int, new: int) -> dict:
     kwargs = dict(do_sample=False)
-    flashcore_hf.set_cuda_graphs(path == "flashcore")
+    flashcore_hf.set_cuda_graphs(path in ("flashcore", "flashcore_noshare"))
+    flashcore_hf.set_default_cache_options(share_prefixes=path != "flashcore_noshare")
     model.set_attn_implementation("flashcore" if path.startswith("flashcore") else "sdpa")
     if path == "sdpa_static":
         kwargs["cache_implementation"] = "static"
     generator = torch.Generator(device="cuda").manual_seed(batch * 1000003 + prompt)
-    ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device="cuda", generator=generator)
+    rows = 1 if case.endswith("same") or "samples" in case else batch
+    ids = torch.randint(1, model.config.vocab_size, (rows, prompt), device="cuda", generator=generator)
+    if case.endswith("same"):
+        ids = ids.expand(batch, prompt).contiguous()
+    if "samples" in case:
+        kwargs.update(do_sample=True, num_return_sequences=batch, top_k=0)
     mask = torch.ones_like(ids)
 
     def generate(n, probe=None):
         processors = LogitsProcessorList([probe] if probe is not None else [])
+        torch.manual_seed(0)
         return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                               logits_processor=processors, **kwargs)
 
@@ -109,12 +122,14 @@ def run_generate_case(model, path: str, batch: int, prompt: int, new: int) -> di
         row.update(captures=stats.captures, capture_s=stats.capture_seconds,
                    captures_in_timed_run=stats.captures - captures_before[0])
     if path.startswith("flashcore"):
-        _TOKENS[(batch, prompt, path)] = tokens.cpu()
-        other = _TOKENS.get((batch, prompt, "flashcore_eager" if path == "flashcore" else "flashcore"))
-        if other is not None:
-            row["identical_to_eager"] = bool(torch.equal(other, tokens.cpu()))
+        _TOKENS[(case, path)] = tokens.cpu()
+        other = {"flashcore": "flashcore_eager", "flashcore_eager": "flashcore", "flashcore_noshare": "flashcore"}[path]
+        if (case, other) in _TOKENS:
+            column = "identical_to_shared" if path == "flashcore_noshare" else "identical_to_eager"
+            row[column] = bool(torch.equal(_TOKENS[(case, other)], tokens.cpu()))
         flashcore_hf.release_decode_graphs(model)     # free graphs and pooled pages before the next path
     flashcore_hf.set_cuda_graphs(True)
+    flashcore_hf.set_default_cache_options(share_prefixes=True)
     return row
 
 
@@ -141,7 +156,8 @@ def run_generate_batch(model, batch: int, prompt: int, new: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=[c for c in CASES if c not in SHARED_CASES],
+                        choices=list(CASES), help="default: the cases without shared prompts")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--new", type=int, default=64, help="new tokens per generate")
     parser.add_argument("--layers", type=int, default=32, help="fewer layers for a quick look")
@@ -156,12 +172,14 @@ def main() -> None:
                 continue
             if path == "sdpa_static" and case not in ("1x32768",):
                 continue   # the static-cache reference is measured once (it recompiles per shape)
-            if path == "flashcore_eager" and prompt > 32768:
+            if path == "flashcore_eager" and (prompt > 32768 or case in SHARED_CASES):
                 continue   # two more 128K prefills for the graph-vs-eager check, made on the shorter cases
+            if path == "flashcore_noshare" and case not in SHARED_CASES:
+                continue   # the same as flashcore where no row repeats a prompt
             row = dict(case=case, path=path, B=batch, prompt=prompt, new=args.new)
             try:
                 result = (run_generate_batch(model, batch, prompt, args.new) if path == "generate_batch"
-                          else run_generate_case(model, path, batch, prompt, args.new))
+                          else run_generate_case(model, path, case, batch, prompt, args.new))
                 row.update(result)
             except Exception as err:  # a reference that fails (OOM, missing API) is reported, not fatal
                 traceback.print_exc()
@@ -181,7 +199,8 @@ def main() -> None:
     plot(rows)
     print(f"\n{device_name()}, torch {torch.__version__}; CSV: {path}")
     print_table(rows, ["case", "path", "prefill_s", "decode_tok_s", "ms_per_step", "peak_GiB", "speedup_vs_dynamic",
-                       "memory_vs_dynamic", "captures", "capture_s", "identical_to_eager", "error"])
+                       "memory_vs_dynamic", "captures", "capture_s", "identical_to_eager", "identical_to_shared",
+                       "error"])
 
 
 def plot(rows: list[dict]) -> None:
