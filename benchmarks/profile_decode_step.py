@@ -42,7 +42,8 @@ def timed(cls, name, key):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--case", nargs="+", default=["1x32768", "64x1024"], choices=list(CASES))
+    parser.add_argument("--case", nargs="+", default=["1x32768", "64x1024"],
+                        choices=[c for c in CASES if "samples" not in c])
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32)
     args = parser.parse_args()
@@ -56,7 +57,8 @@ def main() -> None:
     rows = []
     for case in args.case:
         batch, prompt = CASES[case]
-        ids = torch.randint(1, model.config.vocab_size, (batch, prompt), device="cuda")
+        rows = 1 if case.endswith("same") else batch        # "...same": copies of one prompt (shared pages)
+        ids = torch.randint(1, model.config.vocab_size, (rows, prompt), device="cuda").expand(batch, -1)
         with torch.no_grad():
             model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)  # capture
             HOST.clear()
