@@ -57,8 +57,8 @@ def main() -> None:
     rows = []
     for case in args.case:
         batch, prompt = CASES[case]
-        rows = 1 if case.endswith("same") else batch        # "...same": copies of one prompt (shared pages)
-        ids = torch.randint(1, model.config.vocab_size, (rows, prompt), device="cuda").expand(batch, -1)
+        distinct = 1 if case.endswith("same") else batch    # "...same": copies of one prompt (shared pages)
+        ids = torch.randint(1, model.config.vocab_size, (distinct, prompt), device="cuda").expand(batch, -1)
         with torch.no_grad():
             model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)  # capture
             HOST.clear()
