@@ -203,3 +203,19 @@ def test_default_cache_option_turns_sharing_off(model, monkeypatch):
     finally:
         fc.set_default_cache_options(share_prefixes=previous["share_prefixes"])
     assert counter.prefill_rows == [4, 1] and torch.equal(on, off)
+
+
+def test_pools_grow_for_the_new_tokens_only(model):
+    """generate()'s cache grows its pools once, to the expected length; rows sharing a prompt count its pages once
+    (16 copies of a 200-token prompt: 25 shared pages + 2 own pages per row, not 16 x 27)."""
+    ids = torch.randint(1, 200, (1, 200), generator=torch.Generator().manual_seed(6)).repeat(16, 1)
+    previous = fc.set_default_cache_options()
+    try:
+        fc.set_default_cache_options(page_size=8)
+        with torch.inference_mode():
+            out = model.generate(ids, pad_token_id=0, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                                 return_dict_in_generate=True)
+    finally:
+        fc.set_default_cache_options(page_size=previous["page_size"])
+    stats = getattr(out, fc.CACHE_KWARG).stats()
+    assert stats.pages_used == 25 + 16 * 2 and stats.pages_total <= 2 * stats.pages_used, stats

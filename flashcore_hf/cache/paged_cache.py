@@ -348,7 +348,12 @@ class PagedKVCache(Cache):
         limit = min(limits, default=None)
         expected = None
         if self._expected_max_length is not None:
-            expected = len(self._rows) * -(-self._expected_max_length // self.page_size)
+            # The pages in use (shared ones once) plus each row's own pages up to the expected length: rows that share
+            # a prompt add only their new tokens' pages (and a copy of a shared, partly filled last page).
+            remaining = max(0, self._expected_max_length - self._padded_len)
+            page = self.page_size
+            expected = self.allocator.num_used + sum(
+                -(-(n + remaining) // page) - n // page for n in (self.allocator.length(r) for r in self._rows))
         target = growth_target(capacity, shortfall, prompt=self._padded_len == 0, expected_pages=expected,
                                page_size=self.page_size)
         if limit is not None:
