@@ -9,7 +9,7 @@ Layers, each importing only those below it: ops/ (the op library, attention plan
 registration, CUDA-graph decode).
 """
 from ._ext import HAS_CUDA_KERNELS
-from .cache import CacheStats, OutOfPagesError, PageAllocator, PagedKVCache
+from .cache import CacheStats, OutOfPagesError, PageAllocator, PagedKVCache, PrefixCache
 from .hf import (ATTN_IMPLEMENTATION, FlashCoreAttention, FlashCoreFallbackWarning, decode_graph_stats,
                  flashcore_attention_forward, flashcore_mask, register, release_decode_graphs, set_cuda_graphs,
                  set_default_cache_options, unpatch)
@@ -22,6 +22,6 @@ register()
 
 __all__ = ["ATTN_IMPLEMENTATION", "AttentionPlan", "CACHE_KWARG", "CacheStats", "FlashCoreAttention",
            "FlashCoreFallbackWarning", "HAS_CUDA_KERNELS", "OutOfPagesError", "PageAllocator", "PageLayout",
-           "PagedKVCache", "SparseConfig", "append_kv", "build_layout", "decode_graph_stats",
+           "PagedKVCache", "PrefixCache", "SparseConfig", "append_kv", "build_layout", "decode_graph_stats",
            "flashcore_attention_forward", "flashcore_mask", "kernel_supports", "paged_attention", "plan_attention",
            "register", "release_decode_graphs", "set_cuda_graphs", "set_default_cache_options", "unpatch"]

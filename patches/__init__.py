@@ -9,8 +9,9 @@ Patches (each checks the exact function it wraps before wrapping it; patches/tar
 - generate_cache.install_default_cache_factory: `generate()` with no cache argument asks a factory first, so a
   flashcore model gets a PagedKVCache instead of a DynamicCache; an optional hook sees every generate() call
   (flashcore uses it to route decode steps through CUDA graphs).
-- shared_prefill.install_shared_prefill: generate()'s prefill runs once per distinct prompt row when a hook says the
-  cache can share rows (flashcore's PagedKVCache: the copies share the prompt's pages).
+- shared_prefill.install_shared_prefill: generate()'s prefill runs once per distinct prompt row and around hooks that
+  let the cache restore and keep prompt prefixes (flashcore's PagedKVCache: copies share the prompt's pages; a
+  PrefixCache keeps pages across calls).
 
 A patch whose target changed in the installed release does not apply and does not fail the import: its error is
 kept (`failures()`) and, for the two patches flashcore needs, raised by a tripwire when a model asks for flashcore
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from .flash_name import guard_changed_flash_check, treat_as_not_flash
 from .generate_cache import guard_changed_cache_preparation, install_default_cache_factory
-from .shared_prefill import install_shared_prefill
+from .shared_prefill import PrefillHooks, install_shared_prefill
 from .targets import PatchTargetChanged, restore
 from .versions import (CACHE_KWARG, POSITIVE_CROP_IS_LENGTH, TESTED_MAX, TESTED_MIN, UntestedTransformersWarning,
                        check_transformers_version)
@@ -29,13 +30,13 @@ from .versions import (CACHE_KWARG, POSITIVE_CROP_IS_LENGTH, TESTED_MAX, TESTED_
 _FAILURES: list[PatchTargetChanged] = []
 
 
-def apply_transformers_patches(attn_names, default_cache_factory, on_generate=None, share_prefill_rows=None) -> None:
+def apply_transformers_patches(attn_names, default_cache_factory, on_generate=None, prefill_hooks=None) -> None:
     """Check the installed transformers version, then apply the patches (idempotent).
 
     attn_names: attention-implementation names that are not FlashAttention although they contain "flash".
     default_cache_factory: factory(model, generation_config, batch_size, max_cache_length) -> Cache | None.
     on_generate: optional hook(model, generation_config) run at the start of every generate() (cache preparation).
-    share_prefill_rows: optional hook(model, model_kwargs) -> expand(rows) | None of the shared prefill.
+    prefill_hooks: optional hook(model, model_kwargs) -> PrefillHooks | None of the shared prefill.
     A patch whose target changed is recorded in `failures()` and replaced by a tripwire (see module docstring).
     """
     import transformers
@@ -46,8 +47,8 @@ def apply_transformers_patches(attn_names, default_cache_factory, on_generate=No
     patches = [(lambda: treat_as_not_flash(names), guard_changed_flash_check),
                (lambda: install_default_cache_factory(default_cache_factory, on_generate),
                 guard_changed_cache_preparation)]
-    if share_prefill_rows is not None:
-        patches.append((lambda: install_shared_prefill(share_prefill_rows), lambda names, error: None))
+    if prefill_hooks is not None:
+        patches.append((lambda: install_shared_prefill(prefill_hooks), lambda names, error: None))
     for apply, guard in patches:
         try:
             apply()
@@ -72,7 +73,7 @@ def failures() -> list[PatchTargetChanged]:
     return list(_FAILURES)
 
 
-__all__ = ["CACHE_KWARG", "POSITIVE_CROP_IS_LENGTH", "PatchTargetChanged", "TESTED_MAX", "TESTED_MIN",
-           "UntestedTransformersWarning", "apply_transformers_patches", "check_transformers_version", "failures",
+__all__ = ["CACHE_KWARG", "POSITIVE_CROP_IS_LENGTH", "PatchTargetChanged", "PrefillHooks", "TESTED_MAX",
+           "TESTED_MIN", "UntestedTransformersWarning", "apply_transformers_patches", "check_transformers_version", "failures",
            "install_default_cache_factory", "install_shared_prefill", "remove_transformers_patches",
            "treat_as_not_flash"]

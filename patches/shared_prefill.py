@@ -1,13 +1,19 @@
-"""Prefill each distinct prompt of a generate() batch once.
+"""Prefill each distinct prompt of a generate() batch once, and only what a cache already holds not.
 
 `num_return_sequences`, beam search and sampling several answers to one prompt all expand the prompt into identical
 rows before the prefill, and a user's batch may repeat prompts too; transformers then runs the whole model over every
-copy (128 samples of a 2K prompt: 128 prefills). This patch wraps `GenerationMixin._prefill`: when a hook says the
-call's cache can share rows, the prefill runs on the distinct rows only (same token ids, attention mask and position
-ids) and the hook's callback turns the cache's rows back into the full batch (flashcore: the copies share the
-prompt's pages by reference count); the prefill's outputs are expanded to the full batch the same way. Everything
-else (no hook answer, a first iteration of an assistant, inputs_embeds or any model input the patch does not know,
-a batch without repeats) goes to the original method untouched.
+copy (128 samples of a 2K prompt: 128 prefills). This patch wraps `GenerationMixin._prefill` and asks a hook for
+`PrefillHooks`; with them
+  - share_rows: the prefill runs on the distinct rows only (same token ids, attention mask and position ids), and
+    the prefill's outputs are expanded back to the full batch;
+  - before(input_ids, model_kwargs) -> columns: runs first on the rows that are prefilled and returns how many
+    leading columns the cache holds now (flashcore: copies in the pages of a prompt prefix kept from earlier calls);
+    the prefill then gets only the columns after them (the attention mask and position ids keep their full length,
+    as when generate() continues from a cache that holds tokens);
+  - after(input_ids, model_kwargs, rows): runs after the prefill (flashcore: keeps the prompt's pages for later
+    calls, and with shared rows makes the cache's rows the full batch, batch row i = distinct row rows[i]).
+Everything else (no hooks, a later iteration of an assistant, inputs_embeds or any model input the patch does not
+know) goes to the original method untouched.
 
 The patch only saves work, so a release where `_prefill` changed leaves it out (recorded in
 `flashcore_hf.patches.failures()`): generate() stays correct, the prefill just runs on every row.
@@ -31,9 +37,20 @@ SHARED_KWARGS = frozenset({CACHE_KWARG, "use_cache", "logits_to_keep", "output_a
                            "return_dict", "cache_position"})
 """Model inputs that are the same for every row (passed through as they are)."""
 
-RowSharingHook = Callable[..., Callable[[list[int]], None] | None]
-"""hook(model, model_kwargs) -> expand(row_of_each_batch_row) or None: whether this prefill may run on the distinct
-rows; expand(rows) then makes the cache's rows the full batch (batch row i = distinct row rows[i])."""
+class PrefillHooks:
+    """What a hook returns for one prefill (see the module docstring); the defaults do nothing."""
+
+    share_rows = False
+
+    def before(self, input_ids: torch.Tensor, model_kwargs: dict) -> int:
+        return 0
+
+    def after(self, input_ids: torch.Tensor, model_kwargs: dict, rows: list[int] | None) -> None:
+        pass
+
+
+PrefillHook = Callable[..., PrefillHooks | None]
+"""hook(model, model_kwargs) -> PrefillHooks for this prefill, or None."""
 
 
 def distinct_rows(input_ids: torch.Tensor, model_kwargs: dict) -> tuple[list[int], list[int]]:
@@ -62,9 +79,9 @@ def _expand_output(value, index: torch.Tensor, rows: int):
     return value
 
 
-def install_shared_prefill(hook: RowSharingHook) -> None:
-    """Route generate()'s prefill through the row-sharing wrapper (idempotent: a later call replaces the hook).
-    Raises PatchTargetChanged if `_prefill` changed."""
+def install_shared_prefill(hook: PrefillHook) -> None:
+    """Route generate()'s prefill through the wrapper (idempotent: a later call replaces the hook). Raises
+    PatchTargetChanged if `_prefill` changed."""
     from transformers.generation.utils import GenerationMixin
 
     current = GenerationMixin._prefill
@@ -78,24 +95,31 @@ def install_shared_prefill(hook: RowSharingHook) -> None:
 
     @functools.wraps(original)
     def _prefill(self, input_ids, generation_config, model_kwargs, is_first_iteration=True):
-        expand = None
+        hooks = None
         known = all(k in SHARED_KWARGS or k in ROW_KWARGS or v is None for k, v in model_kwargs.items())
-        if is_first_iteration and known and isinstance(input_ids, torch.Tensor) and input_ids.shape[0] > 1:
-            expand = holder[0](self, model_kwargs)
-        if expand is None:
+        if is_first_iteration and known and isinstance(input_ids, torch.Tensor) and input_ids.shape[0] > 0:
+            hooks = holder[0](self, model_kwargs)
+        if hooks is None:
             return original(self, input_ids, generation_config, model_kwargs, is_first_iteration)
-        unique, inverse = distinct_rows(input_ids, model_kwargs)
-        if len(unique) == input_ids.shape[0]:
-            return original(self, input_ids, generation_config, model_kwargs, is_first_iteration)
-        pick = torch.tensor(unique, dtype=torch.long)
-        sub_kwargs = {k: v.index_select(0, pick.to(v.device)) if k in ROW_KWARGS and isinstance(v, torch.Tensor)
-                      else v for k, v in model_kwargs.items()}
-        outputs = original(self, input_ids.index_select(0, pick.to(input_ids.device)), generation_config,
-                           sub_kwargs, is_first_iteration)
-        expand(inverse)
-        index = torch.tensor(inverse, dtype=torch.long)
-        for key in list(outputs.keys()):
-            outputs[key] = _expand_output(outputs[key], index, len(unique))
+        unique, inverse = None, None
+        if hooks.share_rows and input_ids.shape[0] > 1:
+            unique, inverse = distinct_rows(input_ids, model_kwargs)
+            if len(unique) == input_ids.shape[0]:
+                unique, inverse = None, None
+        sub_ids, sub_kwargs = input_ids, model_kwargs
+        if unique is not None:
+            pick = torch.tensor(unique, dtype=torch.long)
+            sub_kwargs = {k: v.index_select(0, pick.to(v.device)) if k in ROW_KWARGS and isinstance(v, torch.Tensor)
+                          else v for k, v in model_kwargs.items()}
+            sub_ids = input_ids.index_select(0, pick.to(input_ids.device))
+        cached = hooks.before(sub_ids, sub_kwargs)
+        outputs = original(self, sub_ids[:, cached:] if cached else sub_ids, generation_config, sub_kwargs,
+                           is_first_iteration)
+        hooks.after(sub_ids, sub_kwargs, inverse)
+        if unique is not None:
+            index = torch.tensor(inverse, dtype=torch.long)
+            for key in list(outputs.keys()):
+                outputs[key] = _expand_output(outputs[key], index, len(unique))
         return outputs
 
     _prefill.__flashcore_hook__ = holder

@@ -219,3 +219,116 @@ def test_pools_grow_for_the_new_tokens_only(model):
         fc.set_default_cache_options(page_size=previous["page_size"])
     stats = getattr(out, fc.CACHE_KWARG).stats()
     assert stats.pages_used == 25 + 16 * 2 and stats.pages_total <= 2 * stats.pages_used, stats
+
+
+# ---- prefix cache across generate() calls ----------------------------------------------------------------------
+
+class _PrefillLengths:
+    """Columns each prefill forward of the model computes."""
+
+    def __init__(self, monkeypatch, model):
+        self.columns = []
+        forward = model.forward
+
+        def counting_forward(*args, **kwargs):
+            ids = kwargs.get("input_ids")
+            if ids is not None and ids.shape[1] > 1:
+                self.columns.append(ids.shape[1])
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(model, "forward", counting_forward)
+
+
+def _answer(model, ids, prefix_cache=None, **kwargs):
+    cache = fc.PagedKVCache(model.config, page_size=16, prefix_cache=prefix_cache)
+    with torch.inference_mode():
+        out = model.generate(ids, pad_token_id=0, max_new_tokens=8, do_sample=False, **{fc.CACHE_KWARG: cache},
+                             **kwargs)
+    return out, cache
+
+
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_later_calls_prefill_only_what_the_prefix_cache_lacks(model, monkeypatch, chunk):
+    generator = torch.Generator().manual_seed(7)
+    document = torch.randint(1, 200, (1, 300), generator=generator)
+    questions = [torch.randint(1, 200, (1, n), generator=generator) for n in (7, 12, 5)]
+    store = fc.PrefixCache(max_pages=64)
+    lengths = _PrefillLengths(monkeypatch, model)
+    for i, question in enumerate(questions):
+        ids = torch.cat([document, question], dim=1)
+        lengths.columns.clear()
+        cached, _ = _answer(model, ids, store, prefill_chunk_size=chunk)
+        computed = sum(lengths.columns)
+        assert computed == ids.shape[1] - (0 if i == 0 else 288), (i, lengths.columns)   # 18 full pages reused
+        plain, _ = _answer(model, ids, prefill_chunk_size=chunk)
+        assert torch.equal(cached, plain)
+    assert store.stats.lookups == 3 and store.stats.hits == 2 and store.stats.tokens_reused == 2 * 288
+
+
+def test_prefix_cache_budget_evicts_least_recently_used_pages(model):
+    generator = torch.Generator().manual_seed(8)
+    documents = [torch.randint(1, 200, (1, 160), generator=generator) for _ in range(3)]   # 10 full pages each
+    store = fc.PrefixCache(max_pages=25)
+    for document in documents + documents[:1]:
+        ids = torch.cat([document, torch.randint(1, 200, (1, 3), generator=generator)], dim=1)
+        cached, _ = _answer(model, ids, store)
+        assert torch.equal(cached, _answer(model, ids)[0])
+    assert store.stats.pages_stored <= 25 and store.stats.evictions > 0
+    assert store.stats.hits == 0      # document 0 was the least recently used when document 2 came: evicted first
+
+
+def test_rows_reusing_one_prefix_share_its_pages(model):
+    generator = torch.Generator().manual_seed(9)
+    document = torch.randint(1, 200, (1, 200), generator=generator)
+    store = fc.PrefixCache(max_pages=64)
+    _answer(model, torch.cat([document, torch.randint(1, 200, (1, 4), generator=generator)], dim=1), store)
+    batch = torch.cat([document.repeat(3, 1), torch.randint(1, 200, (3, 6), generator=generator)], dim=1)
+    cached, cache = _answer(model, batch, store)
+    assert store.stats.hits == 3 and cache.stats().pages_shared >= 12      # a lookup per row, one copy
+    assert torch.equal(cached, _answer(model, batch)[0])
+
+
+def test_prefix_cache_is_not_used_where_it_cannot_be_exact(model, monkeypatch):
+    """Padded rows, another model object, sparse selection: the prompt is prefilled whole."""
+    generator = torch.Generator().manual_seed(10)
+    ids = torch.randint(1, 200, (2, 100), generator=generator)
+    store = fc.PrefixCache(max_pages=64)
+    lengths = _PrefillLengths(monkeypatch, model)
+    _answer(model, ids, store)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    lengths.columns.clear()
+    padded, _ = _answer(model, ids, store, attention_mask=mask)
+    assert lengths.columns == [100] and torch.equal(padded, _answer(model, ids, attention_mask=mask)[0])
+    other = AutoModelForCausalLM.from_config(model.config, attn_implementation="flashcore").eval()
+    hits = store.stats.hits
+    _answer(other, ids, store)
+    assert store.stats.hits == hits
+    sparse = fc.PagedKVCache(model.config, page_size=16, prefix_cache=store,
+                             sparse=fc.SparseConfig(policy="streaming", token_budget=64, recent_tokens=16,
+                                                    dense_layers=0))
+    lengths.columns.clear()
+    with torch.inference_mode():
+        model.generate(ids, pad_token_id=0, max_new_tokens=4, do_sample=False, **{fc.CACHE_KWARG: sparse})
+    assert lengths.columns == [100]
+
+
+def test_prefix_cache_options_and_bad_values(model, monkeypatch):
+    with pytest.raises(ValueError, match="max_pages"):
+        fc.PrefixCache(max_pages=0)
+    with pytest.raises(TypeError, match="prefix_cache"):
+        fc.PagedKVCache(model.config, prefix_cache="yes")
+    with pytest.raises(TypeError, match="prefix_cache"):
+        fc.set_default_cache_options(prefix_cache=64)
+    store = fc.PrefixCache(max_pages=32)
+    ids = torch.randint(1, 200, (1, 90), generator=torch.Generator().manual_seed(11))
+    lengths = _PrefillLengths(monkeypatch, model)
+    previous = fc.set_default_cache_options()
+    try:
+        fc.set_default_cache_options(prefix_cache=store)
+        for _ in range(2):
+            with torch.inference_mode():
+                model.generate(ids, pad_token_id=0, max_new_tokens=3, do_sample=False)
+    finally:
+        fc.set_default_cache_options(prefix_cache=previous["prefix_cache"] or False)
+    assert lengths.columns == [90, 90 - 64] and store.stats.hits == 1

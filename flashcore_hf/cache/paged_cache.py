@@ -34,6 +34,7 @@ from ..sparse.planner import SparseCachePlanner
 from .allocator import OutOfPagesError, PageAllocator
 from .handles import PagedKVHandle, PagedLayerStep
 from .pools import LayerPools, growth_target
+from .prefix import PrefixCache
 from .step_plan import (FULL, PREFIX, SUFFIX, WINDOW, DeviceStep, StepPlan, StepShape, build_layouts,
                         cascade_layouts, int32, page_count_bucket, query_runs, shared_prefixes, window_page_bound)
 
@@ -140,6 +141,10 @@ class PagedKVCache(Cache):
         length at once, so a generation grows its pools (and re-captures decode CUDA graphs) once.
     sparse: sparse page selection for decode steps (flashcore_hf.sparse.SparseConfig); None or policy "dense": every
         step reads every page.
+    prefix_cache: a flashcore_hf.PrefixCache (prefix.py) kept across generate() calls: a prompt (without padding)
+        that starts with pages an earlier prompt left there gets them copied in and prefills only the rest; the
+        prompt's full pages are kept for later calls. None: every prompt is prefilled whole. Not used with sparse
+        selection (its page summaries are made while pages are written).
     share_prefixes: rows that hold the same prompt share its pages and read them once per decode step: generate()
         prefills each distinct prompt row once (patches/shared_prefill.py) and decode steps whose rows start with the
         same pages run as a cascade (step_plan.py). False: every row is prefilled and read on its own (forks by
@@ -153,7 +158,8 @@ class PagedKVCache(Cache):
 
     def __init__(self, config, page_size: int = 64, num_pages: int | None = None, *,
                  max_num_pages: int | None = None, expected_max_length: int | None = None,
-                 sparse: SparseConfig | None = None, share_prefixes: bool = True, pool_arena=None):
+                 sparse: SparseConfig | None = None, share_prefixes: bool = True,
+                 prefix_cache: PrefixCache | None = None, pool_arena=None):
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if num_pages is not None and num_pages < 0:
@@ -184,6 +190,9 @@ class PagedKVCache(Cache):
         """The sliding window of the model's window layers (they read only the pages inside it), or None."""
         self.sparse = SparseConfig() if sparse is None else sparse
         self.share_prefixes = bool(share_prefixes)
+        if prefix_cache is not None and not isinstance(prefix_cache, PrefixCache):
+            raise TypeError(f"prefix_cache must be a flashcore_hf.PrefixCache, got {type(prefix_cache).__name__}")
+        self.prefix_cache = prefix_cache
         sliding_everywhere = getattr(text_config, "layer_types", None) is None and windowed
         planner = SparseCachePlanner(self.sparse, layer_types, self.page_size, sliding_everywhere,
                                      self._new_bounds_buffer)
@@ -236,13 +245,7 @@ class PagedKVCache(Cache):
             raise ValueError(f"layer {layer_idx} got {batch_size} sequences x {query_len} tokens but this step was "
                              f"planned for {step.batch_size} x {step.query_len}")
         step.layers_done.add(layer_idx)
-        layer = self.layers[layer_idx]
-        if not layer.is_initialized:
-            layer.lazy_initialization(key_states, value_states)
-        if layer.k_pool is None:
-            reserve = layer.pools.reserve_pages(self._max_num_pages, len(self.layers)) if self._growable else 0
-            layer.pools.allocate(self.allocator.num_pages, self._growable, reserve,
-                                 functools.partial(self._new_pool_buffer, layer_idx))
+        layer = self._layer_with_pools(layer_idx, key_states, value_states)
         device_step = step.on(key_states.device)
         # [B, Hkv, S, D] -> [B*S, Hkv, D]: a view when S == 1 or the states are [B, S, Hkv, D] in memory (HF's usual
         # transpose of the projection), otherwise one copy.
@@ -255,6 +258,75 @@ class PagedKVCache(Cache):
             selector = self._sparse.layer_selector(layer_idx, layer.k_pool, step.sparse, device_step.layouts[FULL],
                                                    step.max_pages[FULL], device_step.slot_mapping)
         return PagedLayerStep(layer.k_pool, layer.v_pool, step, device_step, selector)
+
+    def _layer_with_pools(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> PagedKVLayer:
+        """The layer, its pools made (sized like the other layers') from the first K/V it sees if it has none."""
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        if layer.k_pool is None:
+            reserve = layer.pools.reserve_pages(self._max_num_pages, len(self.layers)) if self._growable else 0
+            layer.pools.allocate(self.allocator.num_pages, self._growable, reserve,
+                                 functools.partial(self._new_pool_buffer, layer_idx))
+        return layer
+
+    # ---- prefix cache across generate() calls (prefix.py) ------------------------------------------------------
+
+    def restore_prefix(self, prompts: list[list[int]], model_key: tuple) -> int:
+        """Before a prefill into this empty cache: copy in the longest run of full pages every prompt starts with
+        that the prefix cache holds (prompts [B][L]: token ids without padding; model_key: what identifies the model
+        and its dtype/device) and return how many leading columns the rows now hold (0: nothing reused). At least
+        one token of each prompt is left to prefill; rows with the same pages share them."""
+        store = self.prefix_cache
+        self.flush()
+        if store is None or self._sparse is not None or self._padded_len != 0 or not prompts:
+            return 0
+        signature = (model_key, self.page_size, len(self.layers))
+        hits = [store.lookup(signature, p, self.page_size, (len(p) - 1) // self.page_size) for p in prompts]
+        n_pages = min(len(h) for h in hits)
+        if n_pages == 0 or len(store.layer_shapes) != len(self.layers):
+            return 0
+        for layer_idx, (shape, dtype, device) in enumerate(store.layer_shapes):
+            like = torch.empty((1, shape[1], 0, shape[2]), dtype=dtype, device=device)
+            self._layer_with_pools(layer_idx, like, like)
+        for seq_id in self._rows:
+            self.allocator.free(seq_id)
+        groups: dict[tuple[int, ...], int] = {}
+        distinct = [tuple(h[:n_pages]) for h in hits]
+        needed = len(set(distinct)) * n_pages
+        if needed > self.allocator.num_free:
+            self._grow_or_raise(needed)
+        self._rows = []
+        for slots in distinct:
+            if slots in groups:
+                self._rows.append(self.allocator.fork(groups[slots]))
+                continue
+            seq_id = groups[slots] = self.allocator.new_sequence()
+            self.allocator.append([seq_id], [n_pages * self.page_size])
+            pages = self.allocator.page_table(seq_id)
+            for layer_idx, layer in enumerate(self.layers):
+                store.read(layer_idx, list(slots), layer.k_pool, layer.v_pool, pages)
+            self._rows.append(seq_id)
+        self._pads = [[] for _ in prompts]
+        self._padded_len = n_pages * self.page_size
+        for layer in self.layers:
+            layer.seq_length = self._padded_len
+        self._step = None
+        return self._padded_len
+
+    def store_prefix(self, prompts: list[list[int]], model_key: tuple) -> None:
+        """After a prefill of prompts without padding (prompts [B][L], row b of this cache): keep their full pages in
+        the prefix cache for later calls."""
+        store = self.prefix_cache
+        self.flush()
+        if store is None or self._sparse is not None or len(prompts) != len(self._rows):
+            return
+        if any(layer.k_pool is None for layer in self.layers):
+            return
+        signature = (model_key, self.page_size, len(self.layers))
+        pools = [(layer.k_pool, layer.v_pool) for layer in self.layers]
+        for row, tokens in enumerate(prompts):
+            store.store(signature, tokens, self.page_size, self.allocator.page_table(self._rows[row]), pools)
 
     # ---- planning (once per forward step) ---------------------------------------------------------------------
 

@@ -22,11 +22,14 @@ Unsupported uses fail loudly instead of computing something else:
 """
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
-from ..cache import SUPPORTED_LAYER_TYPES, PagedKVCache
-from ..patches import CACHE_KWARG, apply_transformers_patches, remove_transformers_patches
+from ..cache import SUPPORTED_LAYER_TYPES, PagedKVCache, PrefixCache
+from ..patches import CACHE_KWARG, PrefillHooks, apply_transformers_patches, remove_transformers_patches
 from ..sparse.config import SparseConfig
 from .attention import FlashCoreAttention
 from .attention_kwargs import check_attention_kwargs
@@ -37,7 +40,7 @@ ATTN_IMPLEMENTATION = "flashcore"
 
 _ATTENTION = FlashCoreAttention()
 _DEFAULT_CACHE_OPTIONS: dict = {"page_size": 64, "num_pages": None, "max_num_pages": None, "sparse": None,
-                                 "share_prefixes": True}
+                                 "share_prefixes": True, "prefix_cache": None}
 
 
 def flashcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, key, value, attention_mask,
@@ -102,13 +105,16 @@ def flashcore_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
 
 def set_default_cache_options(*, page_size: int | None = None, num_pages: int | None = None,
                               max_num_pages: int | None = None, sparse: SparseConfig | None = None,
-                              share_prefixes: bool | None = None) -> dict:
+                              share_prefixes: bool | None = None, prefix_cache: PrefixCache | bool | None = None
+                              ) -> dict:
     """Options of the PagedKVCache that generate() builds for flashcore models given no cache (process-wide).
 
     page_size (default 64), num_pages (default None: grows on demand), max_num_pages (growth limit), sparse (a
     flashcore_hf.SparseConfig: sparse page selection for decode steps; default None = dense; pass
     SparseConfig() to return to dense), share_prefixes (default True: rows repeating a prompt share its pages,
-    prefilled once and read once per decode step; see PagedKVCache). Pass an explicit PagedKVCache to generate() for
+    prefilled once and read once per decode step; see PagedKVCache), prefix_cache (a flashcore_hf.PrefixCache kept
+    across generate() calls: prompts starting with kept pages prefill only the rest; False: none, the default). Pass
+    an explicit PagedKVCache to generate() for
     per-call control
     (`model.generate(ids, **{flashcore_hf.CACHE_KWARG: PagedKVCache(...)})`). Returns the options in force.
     """
@@ -128,21 +134,67 @@ def set_default_cache_options(*, page_size: int | None = None, num_pages: int | 
         _DEFAULT_CACHE_OPTIONS["sparse"] = sparse
     if share_prefixes is not None:
         _DEFAULT_CACHE_OPTIONS["share_prefixes"] = bool(share_prefixes)
+    if prefix_cache is not None:
+        if prefix_cache is not False and not isinstance(prefix_cache, PrefixCache):
+            raise TypeError(f"prefix_cache must be a flashcore_hf.PrefixCache or False, got {type(prefix_cache).__name__}")
+        _DEFAULT_CACHE_OPTIONS["prefix_cache"] = prefix_cache or None
     return dict(_DEFAULT_CACHE_OPTIONS)
 
 
-def share_prefill_rows(model, model_kwargs):
-    """generate()'s prefill runs once per distinct prompt row (patches/shared_prefill.py) when the model is a
-    flashcore model with an empty PagedKVCache: the cache then shares each prompt's pages among the rows that repeat
-    it (`batch_select_indices`: reference counts, copy-on-write on the first partly filled page a row appends to),
-    which is also what lets decode read a shared prompt once per step. Returns the expansion, or None."""
+class _PagedPrefill(PrefillHooks):
+    """generate()'s prefill with a PagedKVCache (patches/shared_prefill.py): rows repeating a prompt are prefilled
+    once and share its pages (`share_prefixes`; reference counts, copy-on-write on the first partly filled page a
+    row appends to), which is also what lets decode read a shared prompt once per step; with a PrefixCache, prompts
+    without padding get their longest kept prefix copied in first (transformers then prefills only the rest) and
+    leave their full pages for later calls."""
+
+    def __init__(self, cache: PagedKVCache, model):
+        self.cache = cache
+        self.share_rows = cache.share_prefixes
+        parameter = next(model.parameters())
+        self.model_key = (_model_id(model), str(parameter.dtype), str(parameter.device))
+
+    def _prompts(self, input_ids, model_kwargs) -> list[list[int]] | None:
+        """The rows' token ids when no row has padding (prefixes are kept and reused only then)."""
+        if self.cache.prefix_cache is None:
+            return None
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            return None
+        return input_ids.tolist()
+
+    def before(self, input_ids, model_kwargs) -> int:
+        prompts = self._prompts(input_ids, model_kwargs)
+        return 0 if prompts is None else self.cache.restore_prefix(prompts, self.model_key)
+
+    def after(self, input_ids, model_kwargs, rows) -> None:
+        prompts = self._prompts(input_ids, model_kwargs)
+        if prompts is not None:
+            self.cache.store_prefix(prompts, self.model_key)
+        if rows is not None:
+            self.cache.batch_select_indices(rows)
+
+
+_MODEL_IDS: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+_NEXT_MODEL_ID = itertools.count()
+
+
+def _model_id(model) -> int:
+    """A number that names this model object for as long as it lives (unlike id(), never reused by another)."""
+    if model not in _MODEL_IDS:
+        _MODEL_IDS[model] = next(_NEXT_MODEL_ID)
+    return _MODEL_IDS[model]
+
+
+def paged_prefill_hooks(model, model_kwargs) -> _PagedPrefill | None:
+    """The prefill hooks for a flashcore model whose generate() starts with an empty PagedKVCache, else None."""
     text_config = model.config.get_text_config(decoder=True)
     cache = model_kwargs.get(CACHE_KWARG)
     if text_config._attn_implementation != ATTN_IMPLEMENTATION or not isinstance(cache, PagedKVCache):
         return None
-    if not cache.share_prefixes or cache.get_seq_length() != 0:
+    if cache.get_seq_length() != 0 or not (cache.share_prefixes or cache.prefix_cache is not None):
         return None
-    return cache.batch_select_indices
+    return _PagedPrefill(cache, model)
 
 
 def default_generate_cache(model, generation_config, batch_size: int, max_cache_length: int):
@@ -167,7 +219,7 @@ def register() -> None:
     AttentionInterface.register(ATTN_IMPLEMENTATION, flashcore_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flashcore_mask)
     apply_transformers_patches((ATTN_IMPLEMENTATION,), default_generate_cache, prepare_for_generate,
-                               share_prefill_rows)
+                               paged_prefill_hooks)
 
 
 def unpatch() -> None:

@@ -1,0 +1,161 @@
+"""`PrefixCache`: K/V pages of earlier prompts, kept across generate() calls so that a prompt starting with the same
+tokens (the same document with another question, a few-shot header, a chat's history) prefills only the rest.
+
+Pages are keyed as vLLM's automatic prefix caching keys them: page i of a prompt (its tokens i * P .. (i+1) * P - 1)
+by a hash of its tokens and of the key of page i - 1, so a key names the whole token prefix up to the page's end.
+Only full pages are kept. A hit is exact, never a hash guess: every entry stores its tokens and its parent's key,
+and both are compared on lookup. Entries also belong to one model signature (the model object, page size, and each
+layer's dtype, device, KV heads and head dim); a different signature empties the cache first.
+
+Storage is the cache's own: one K and one V tensor per layer of `max_pages` pages, on the layer's device, allocated
+at the first store. A generate() call copies the pages of its longest hit into its PagedKVCache before the prefill
+(device copies, ~1 ms per GB) and copies its prompt's new full pages in afterwards; when full, the least recently
+used entries are overwritten. Memory is therefore fixed and known: max_pages x page bytes of every layer.
+
+Weights changed in place between calls make the stored K/V stale: call `clear()` then (a different model object is
+recognised by itself).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrefixCacheStats:
+    """lookups: prompts looked up; hits: lookups that reused at least one page; tokens_reused: prompt tokens not
+    prefilled thanks to the cache; pages_stored: pages held now; stores / evictions: pages written / overwritten."""
+
+    lookups: int = 0
+    hits: int = 0
+    tokens_reused: int = 0
+    pages_stored: int = 0
+    stores: int = 0
+    evictions: int = 0
+
+
+@dataclass
+class _Entry:
+    slot: int
+    parent: bytes
+    tokens: bytes
+
+
+class PrefixCache:
+    """Full K/V pages of earlier prompts, reused by later prompts with the same leading tokens (see the module
+    docstring). max_pages: pages kept per layer (the memory bound)."""
+
+    def __init__(self, max_pages: int):
+        if int(max_pages) < 1:
+            raise ValueError(f"max_pages must be >= 1, got {max_pages}")
+        self.max_pages = int(max_pages)
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()   # least recently used first
+        self._free = list(range(self.max_pages - 1, -1, -1))
+        self._storage: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._signature: tuple | None = None
+        self.stats = PrefixCacheStats()
+
+    def clear(self) -> None:
+        """Forget every entry (the storage stays allocated for reuse)."""
+        self._entries.clear()
+        self._free = list(range(self.max_pages - 1, -1, -1))
+        self.stats.pages_stored = 0
+
+    @property
+    def layer_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype, torch.device]]:
+        """([page_size, Hkv, D], dtype, device) of each layer's stored pages (empty before the first store)."""
+        return [(tuple(k.shape[1:]), k.dtype, k.device) for k, _ in self._storage]
+
+    def __repr__(self) -> str:
+        return f"PrefixCache(max_pages={self.max_pages}, {self.stats})"
+
+    # ---- lookup ---------------------------------------------------------------------------------------------
+
+    def lookup(self, signature: tuple, tokens: list[int], page_size: int, max_pages: int) -> list[int]:
+        """Storage slots of the longest run of cached full pages that starts `tokens` (at most max_pages)."""
+        self.stats.lookups += 1
+        if signature != self._signature:
+            return []
+        slots, parent = [], b""
+        for i in range(min(len(tokens) // page_size, max_pages)):
+            page = _token_bytes(tokens[i * page_size:(i + 1) * page_size])
+            key = _key(parent, page)
+            entry = self._entries.get(key)
+            if entry is None or entry.parent != parent or entry.tokens != page:
+                break
+            self._entries.move_to_end(key)
+            slots.append(entry.slot)
+            parent = key
+        if slots:
+            self.stats.hits += 1
+            self.stats.tokens_reused += len(slots) * page_size
+        return slots
+
+    def read(self, layer_idx: int, slots: list[int], k_pool: torch.Tensor, v_pool: torch.Tensor,
+             pages: list[int]) -> None:
+        """Copy stored slots into pool pages of one layer."""
+        k_store, v_store = self._storage[layer_idx]
+        src = torch.tensor(slots, dtype=torch.long, device=k_store.device)
+        dst = torch.tensor(pages, dtype=torch.long, device=k_pool.device)
+        k_pool.index_copy_(0, dst, k_store.index_select(0, src).to(k_pool.device))
+        v_pool.index_copy_(0, dst, v_store.index_select(0, src).to(v_pool.device))
+
+    # ---- store ----------------------------------------------------------------------------------------------
+
+    def store(self, signature: tuple, tokens: list[int], page_size: int, pages: list[int],
+              pools: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep the full pages of a prompt: tokens (its real tokens), pages (its page table: page i holds tokens
+        i * P ..), pools [(k_pool, v_pool)] per layer. Pages already kept are only marked as recently used; when the
+        storage is full the least recently used entries are overwritten (never one of this prompt's)."""
+        if signature != self._signature:
+            self.clear()
+            self._signature = signature
+            self._storage = []
+        if not self._storage:
+            self._storage = [(torch.empty((self.max_pages, *k.shape[1:]), dtype=k.dtype, device=k.device),
+                              torch.empty((self.max_pages, *v.shape[1:]), dtype=v.dtype, device=v.device))
+                             for k, v in pools]
+        parent, new_slots, new_pages, keep = b"", [], [], set()
+        for i in range(min(len(tokens) // page_size, len(pages))):
+            page = _token_bytes(tokens[i * page_size:(i + 1) * page_size])
+            key = _key(parent, page)
+            entry = self._entries.get(key)
+            if entry is None or entry.parent != parent or entry.tokens != page:
+                slot = self._take_slot(keep)
+                if slot is None:
+                    break
+                entry = self._entries[key] = _Entry(slot, parent, page)
+                new_slots.append(slot)
+                new_pages.append(pages[i])
+                self.stats.stores += 1
+            self._entries.move_to_end(key)
+            keep.add(key)
+            parent = key
+        if new_slots:
+            for (k_store, v_store), (k_pool, v_pool) in zip(self._storage, pools):
+                src = torch.tensor(new_pages, dtype=torch.long, device=k_pool.device)
+                dst = torch.tensor(new_slots, dtype=torch.long, device=k_store.device)
+                k_store.index_copy_(0, dst, k_pool.index_select(0, src).to(k_store.device))
+                v_store.index_copy_(0, dst, v_pool.index_select(0, src).to(v_store.device))
+        self.stats.pages_stored = len(self._entries)
+
+    def _take_slot(self, keep: set[bytes]) -> int | None:
+        if self._free:
+            return self._free.pop()
+        for key in self._entries:            # least recently used first
+            if key not in keep:
+                entry = self._entries.pop(key)
+                self.stats.evictions += 1
+                return entry.slot
+        return None
+
+
+def _token_bytes(tokens: list[int]) -> bytes:
+    return torch.tensor(tokens, dtype=torch.int64).numpy().tobytes()
+
+
+def _key(parent: bytes, page: bytes) -> bytes:
+    return hashlib.blake2b(parent + page, digest_size=16).digest()
