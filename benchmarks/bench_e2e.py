@@ -5,7 +5,9 @@ without CUDA graphs; prompts <= 32K), sdpa + DynamicCache, sdpa + static cache (
 and transformers' `generate_batch` continuous batching where available (64 x 1K).
 Cases: B=1 x 32K prompt, B=1 x 128K, B=32 x 2K, B=64 x 1K; shared prompts (--cases 128x2048same 256x2048same
 64samples8192): 128 and 256 copies of one 2K prompt, 64 sampled answers (num_return_sequences) to one 8K prompt,
-with flashcore_noshare (flashcore with share_prefixes=False) as a third path. Reports prefill seconds, decode tok/s, ms per decode
+with flashcore_noshare (flashcore with share_prefixes=False) as a third path; a prefix cache (--cases 32768doc8q):
+one 32K document and 8 questions, one generate() each, flashcore_prefix_cache (a PrefixCache kept across the calls)
+against flashcore and sdpa (total_s, first and later prefill seconds). Reports prefill seconds, decode tok/s, ms per decode
 step and peak GiB, all from one timed generate() per path and case: a logits processor runs after every forward,
 syncs and timestamps it (generate() syncs every step anyway) and samples memory: torch's peak allocated bytes since
 the last sample plus the bytes of flashcore's page pools (mapped outside torch's allocator; they only grow between
@@ -39,11 +41,14 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072 + 1024,
                  rope_theta=500000.0, tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=0)
 CASES = {"1x32768": (1, 32768), "1x131072": (1, 131072), "32x2048": (32, 2048), "64x1024": (64, 1024),
-         "128x2048same": (128, 2048), "256x2048same": (256, 2048), "64samples8192": (64, 8192)}
+         "128x2048same": (128, 2048), "256x2048same": (256, 2048), "64samples8192": (64, 8192),
+         "32768doc8q": (8, 32768)}
 """case -> (rows, prompt tokens). "...same": every row the same prompt (a batch of copies); "...samples": one prompt,
-num_return_sequences=rows with sampling (seeded). The others: a different prompt per row."""
-SHARED_CASES = ("128x2048same", "256x2048same", "64samples8192")
-PATHS = ("flashcore", "flashcore_eager", "flashcore_noshare", "sdpa_dynamic", "sdpa_static", "generate_batch")
+num_return_sequences=rows with sampling (seeded); "...doc8q": one document, 8 questions asked one generate() each
+(run_prefix_cache_case). The others: a different prompt per row."""
+SHARED_CASES = ("128x2048same", "256x2048same", "64samples8192", "32768doc8q")
+PATHS = ("flashcore", "flashcore_eager", "flashcore_noshare", "flashcore_prefix_cache", "sdpa_dynamic", "sdpa_static",
+         "generate_batch")
 
 
 def build_model(num_layers: int) -> LlamaForCausalLM:
@@ -136,6 +141,39 @@ def run_generate_case(model, path: str, case: str, batch: int, prompt: int, new:
 _TOKENS: dict = {}
 
 
+def run_prefix_cache_case(model, path: str, document: int, questions: int, new: int) -> dict:
+    """One document of `document` tokens and `questions` questions of 32 tokens, one generate() per question (greedy,
+    `new` tokens): flashcore with a PrefixCache (the document's pages kept from the first call), flashcore without,
+    or sdpa + DynamicCache. Reports every call's prefill seconds and the whole loop's."""
+    flashcore_hf.set_cuda_graphs(True)
+    model.set_attn_implementation("sdpa" if path == "sdpa_dynamic" else "flashcore")
+    generator = torch.Generator(device="cuda").manual_seed(document)
+    doc = torch.randint(1, model.config.vocab_size, (1, document), device="cuda", generator=generator)
+    asks = torch.randint(1, model.config.vocab_size, (questions, 32), device="cuda", generator=generator)
+    store = flashcore_hf.PrefixCache(max_pages=-(-document // 64) + 64) if path == "flashcore_prefix_cache" else None
+    flashcore_hf.set_default_cache_options(prefix_cache=store or False)
+    warm = torch.randint(1, model.config.vocab_size, (1, 256), device="cuda", generator=generator)
+    model.generate(warm, max_new_tokens=4, min_new_tokens=4, do_sample=False)     # graphs, kernels, allocator
+    prefills, start = [], _sync_time()
+    for q in range(questions):
+        ids = torch.cat([doc, asks[q:q + 1]], dim=1)
+        probe = StepProbe(count_pools=path != "sdpa_dynamic")
+        t0 = _sync_time()
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       logits_processor=LogitsProcessorList([probe]))
+        prefills.append(probe.times[0] - t0)
+    total = _sync_time() - start
+    flashcore_hf.set_default_cache_options(prefix_cache=False)
+    flashcore_hf.release_decode_graphs(model)
+    later = sorted(prefills[1:])
+    row = dict(total_s=total, prefill_s=prefills[0], later_prefill_s=later[len(later) // 2] if later else None,
+               later_vs_first=(later[len(later) // 2] / prefills[0]) if later else None,
+               prefills=" ".join(f"{p:.3f}" for p in prefills))
+    if store is not None:
+        row["prefix_hits"] = store.stats.hits
+    return row
+
+
 def run_generate_batch(model, batch: int, prompt: int, new: int) -> dict:
     model.set_attn_implementation("sdpa")
     if not hasattr(model, "generate_batch"):
@@ -174,12 +212,20 @@ def main() -> None:
                 continue   # the static-cache reference is measured once (it recompiles per shape)
             if path == "flashcore_eager" and (prompt > 32768 or case in SHARED_CASES):
                 continue   # two more 128K prefills for the graph-vs-eager check, made on the shorter cases
-            if path == "flashcore_noshare" and case not in SHARED_CASES:
+            if path == "flashcore_noshare" and (case not in SHARED_CASES or case.endswith("doc8q")):
                 continue   # the same as flashcore where no row repeats a prompt
+            if path == "flashcore_prefix_cache" and not case.endswith("doc8q"):
+                continue   # the prefix cache matters where calls repeat a prompt prefix
+            if case.endswith("doc8q") and path not in ("flashcore", "flashcore_prefix_cache", "sdpa_dynamic"):
+                continue
             row = dict(case=case, path=path, B=batch, prompt=prompt, new=args.new)
             try:
-                result = (run_generate_batch(model, batch, prompt, args.new) if path == "generate_batch"
-                          else run_generate_case(model, path, case, batch, prompt, args.new))
+                if case.endswith("doc8q"):
+                    result = run_prefix_cache_case(model, path, prompt, batch, args.new)
+                elif path == "generate_batch":
+                    result = run_generate_batch(model, batch, prompt, args.new)
+                else:
+                    result = run_generate_case(model, path, case, batch, prompt, args.new)
                 row.update(result)
             except Exception as err:  # a reference that fails (OOM, missing API) is reported, not fatal
                 traceback.print_exc()
@@ -198,7 +244,8 @@ def main() -> None:
     path = write_csv(rows, "bench_e2e.csv")
     plot(rows)
     print(f"\n{device_name()}, torch {torch.__version__}; CSV: {path}")
-    print_table(rows, ["case", "path", "prefill_s", "decode_tok_s", "ms_per_step", "peak_GiB", "speedup_vs_dynamic",
+    print_table(rows, ["case", "path", "prefill_s", "later_prefill_s", "later_vs_first", "total_s", "decode_tok_s",
+                       "ms_per_step", "peak_GiB", "speedup_vs_dynamic",
                        "memory_vs_dynamic", "captures", "capture_s", "identical_to_eager", "identical_to_shared",
                        "error"])
 
