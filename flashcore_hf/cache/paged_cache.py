@@ -286,9 +286,6 @@ class PagedKVCache(Cache):
         n_pages = min(len(h) for h in hits)
         if n_pages == 0 or len(store.layer_shapes) != len(self.layers):
             return 0
-        for layer_idx, (shape, dtype, device) in enumerate(store.layer_shapes):
-            like = torch.empty((1, shape[1], 0, shape[2]), dtype=dtype, device=device)
-            self._layer_with_pools(layer_idx, like, like)
         for seq_id in self._rows:
             self.allocator.free(seq_id)
         groups: dict[tuple[int, ...], int] = {}
@@ -296,6 +293,9 @@ class PagedKVCache(Cache):
         needed = len(set(distinct)) * n_pages
         if needed > self.allocator.num_free:
             self._grow_or_raise(needed)
+        for layer_idx, (shape, dtype, device) in enumerate(store.layer_shapes):  # pools of the grown page count
+            like = torch.empty((1, shape[1], 0, shape[2]), dtype=dtype, device=device)
+            self._layer_with_pools(layer_idx, like, like)
         self._rows = []
         for slots in distinct:
             if slots in groups:
