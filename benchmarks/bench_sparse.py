@@ -2,7 +2,8 @@
 
 1. Attention per layer, B=1 x 128K context, Hq 32 / Hkv 8, D 128, bf16, page size 64, budget 4096 tokens (64 pages):
    dense flashcore decode vs topk (the select_pages kernels: Quest scores + radix top-k, then paged_attention over
-   per-kv-head page lists) and streaming, with the parts (selection, attention, the bounds update of the written
+   per-kv-head page lists), topk_rerank (topk with rerank=4: the exact scores of 4 x budget candidates' keys pick
+   the budget) and streaming, with the parts (selection, attention, the bounds update of the written
    page, the once-per-step page table) and the whole of it; graph_us: 16 calls captured in one CUDA graph, per call
    (no launch overhead, as inside a graph-captured decode step). Two more clocks:
    `gpu_us` is triton's do_bench median (device time, L2 flushed), `wall_us` back-to-back calls on the host clock
@@ -131,34 +132,44 @@ def layer_benchmark(context: int, budget: int, page_size: int) -> list[dict]:
             rows.append(dict(what="SDPA cuDNN (dense, contiguous)", note=f"failed: {str(err)[:80]}"))
     del k_dense, v_dense
 
-    for policy in ("topk", "streaming"):
-        config = fc.SparseConfig(policy=policy, token_budget=budget)
+    for policy in ("topk", "topk_rerank", "streaming"):
+        config = sparse_config(policy, budget)
         step_plan = lambda: StepSelection(config, layout, max_pages, 1, page_size)  # noqa: E731
         step = step_plan()
         k = step.max_pages_per_row
-        add(f"{policy}: page table (once per step, all layers)", step_plan, graph=False)
-        if policy == "topk":
-            add("topk: selection (per layer)", lambda: step.layout_for(q, summaries))
-            chosen = step.layout_for(q, summaries)
+        if policy != "topk_rerank":
+            add(f"{policy}: page table (once per step, all layers)", step_plan, graph=False)
+        if policy.startswith("topk"):
+            add(f"{policy}: selection (per layer)", lambda: step.layout_for(q, summaries, k_pool))
+            chosen = step.layout_for(q, summaries, k_pool)
         else:
             chosen = step.layout_for(q, None)
         sparse_plan = plan(chosen.row_offsets.numel() - 1, k, chosen.cols.numel())
         attend = lambda: sparse_plan.run(q, k_pool, v_pool, chosen, q_indptr)  # noqa: E731
-        speedup(add(f"{policy}: attention on {k} selected pages", attend))
+        if policy != "topk_rerank":
+            speedup(add(f"{policy}: attention on {k} selected pages", attend))
         if policy == "topk":
             add("topk: bounds update of the written page (per layer)",
                 lambda: summaries.update_decode(k_pool, last_slot))
-
-            def per_layer():
+        if policy.startswith("topk"):
+            def per_layer(step=step, sparse_plan=sparse_plan):
                 summaries.update_decode(k_pool, last_slot)
-                return sparse_plan.run(q, k_pool, v_pool, step.layout_for(q, summaries), q_indptr)
-            speedup(add("topk: update + selection + attention (per layer)", per_layer,
-                        note="the whole per-layer cost of a topk decode step"))
+                return sparse_plan.run(q, k_pool, v_pool, step.layout_for(q, summaries, k_pool), q_indptr)
+            speedup(add(f"{policy}: update + selection + attention (per layer)", per_layer,
+                        note=f"the whole per-layer cost of a {policy} decode step"))
     rows.append(dict(what="topk: summary refresh of the whole context (prefill, per layer)",
                      gpu_us=1e3 * refresh_all_ms, note=f"{num_pages} pages"))
     for row in rows:
         row.update(context=context, budget=budget, page_size=page_size)
     return rows
+
+
+def sparse_config(policy: str, budget: int) -> fc.SparseConfig:
+    """The SparseConfig of a policy name: "dense", "streaming", "topk", or "topk_rerank" (topk with rerank=4: the
+    bounds pick 4 x budget candidates, their keys' exact scores the budget)."""
+    if policy == "topk_rerank":
+        return fc.SparseConfig(policy="topk", token_budget=budget, rerank=4)
+    return fc.SparseConfig(policy=policy, token_budget=budget)
 
 
 class StepClock:
@@ -202,7 +213,7 @@ def e2e_benchmark(context: int, budget: int, new_tokens: int, policies: list[str
     cases = [(policy, graphs) for policy in policies for graphs in ((True, False) if eager_too else (True,))]
     rows = []
     for policy, graphs in cases:
-        fc.set_default_cache_options(page_size=64, sparse=fc.SparseConfig(policy=policy, token_budget=budget))
+        fc.set_default_cache_options(page_size=64, sparse=sparse_config(policy, budget))
         fc.set_cuda_graphs(graphs)
         generate(ids[:, :budget * 2], 8)                 # warm: a short prompt, already past the budget
         stats = fc.decode_graph_stats(model)
@@ -252,7 +263,8 @@ def main():
     parser.add_argument("--budget", type=int, default=4096)
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--policies", default="dense,topk", help="comma-separated; streaming too if time allows")
+    parser.add_argument("--policies", default="dense,topk,topk_rerank",
+                        help="comma-separated (dense, topk, topk_rerank, streaming)")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--eager-too", action="store_true", help="end to end also without CUDA-graph decode")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Model-level accuracy of sparse page selection: a tiny trained Llama looks up key-value records in a 258-token
-context (65 pages of 4 tokens), decoding its queries with flashcore dense, streaming and topk at budgets of 1/16 to
-1/2 of the context.
+context (65 pages of 4 tokens), decoding its queries with flashcore dense, streaming, topk and topk with rerank (the
+exact second stage) at budgets of 1/16 to 1/2 of the context.
 
 The model and task come from scripts/train_retrieval_model.py (weights in tests/data/retrieval_llama, float16,
 reproduced by that script). Prefill is dense; every query is answered in a decode step (1 or 2 new tokens), where the
@@ -37,9 +37,10 @@ CONTEXT_TOKENS = TASK.EVAL_RECORDS + 2   # BOS, records, SEP
 
 def sparse_config(policy: str, fraction: int) -> fc.SparseConfig:
     """1 sink page, 1 recent page, the rest of CONTEXT_TOKENS / fraction tokens chosen by the policy; no dense layer
-    (the model has only two)."""
-    return fc.SparseConfig(policy=policy, token_budget=CONTEXT_TOKENS // fraction, sink_tokens=1, recent_tokens=1,
-                           dense_layers=0)
+    (the model has only two). "topk_rerank": topk with rerank=4."""
+    rerank = 4 if policy == "topk_rerank" else 0
+    return fc.SparseConfig(policy=policy.removesuffix("_rerank"), token_budget=CONTEXT_TOKENS // fraction,
+                           sink_tokens=1, recent_tokens=1, dense_layers=0, rerank=rerank)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def accuracy(model, prompts, sparse) -> float:
 
 def test_retrieval_accuracy_dense_vs_streaming_vs_topk(model, prompts):
     table = {("dense", 1): accuracy(model, prompts, None)}
-    for policy in ("streaming", "topk"):
+    for policy in ("streaming", "topk", "topk_rerank"):
         for fraction in BUDGET_FRACTIONS:
             table[(policy, fraction)] = accuracy(model, prompts, sparse_config(policy, fraction))
     chance = 1 / TASK.NUM_VALUES
@@ -83,7 +84,7 @@ def test_retrieval_accuracy_dense_vs_streaming_vs_topk(model, prompts):
     print(f"{'policy':10s} " + " ".join(f"{'1/' + str(f) + ' (' + str(CONTEXT_TOKENS // f) + ')':>10s}"
                                           for f in BUDGET_FRACTIONS))
     print(f"{'dense':10s} " + " ".join(f"{table[('dense', 1)]:10.3f}" for _ in BUDGET_FRACTIONS))
-    for policy in ("streaming", "topk"):
+    for policy in ("streaming", "topk", "topk_rerank"):
         print(f"{policy:10s} " + " ".join(f"{table[(policy, f)]:10.3f}" for f in BUDGET_FRACTIONS))
 
     dense = table[("dense", 1)]
@@ -93,6 +94,7 @@ def test_retrieval_accuracy_dense_vs_streaming_vs_topk(model, prompts):
     for fraction in BUDGET_FRACTIONS:                                # streaming sees only sinks + recent pages
         assert table[("streaming", fraction)] <= chance + 1.2 / fraction
         assert table[("topk", fraction)] >= table[("streaming", fraction)] + 0.25
+        assert table[("topk_rerank", fraction)] >= max(table[("topk", fraction)], dense - 0.05)   # exact 2nd stage
 
 
 def test_budget_covering_the_context_is_exactly_dense(model, prompts):

@@ -28,6 +28,8 @@ def _rows(layout):
 # ---- config ------------------------------------------------------------------------------------------------------
 
 def test_config_defaults_and_validation():
+    with pytest.raises(ValueError, match="rerank"):
+        SparseConfig(policy="topk", rerank=-1)
     assert SparseConfig().policy == "dense" and not SparseConfig().enabled
     cfg = SparseConfig(policy="topk", token_budget=4096, sink_tokens=4, recent_tokens=64)
     assert cfg.page_counts(64) == (64, 1, 1)
@@ -340,6 +342,57 @@ def test_topk_attention_matches_reference_on_selected_pages_and_finds_the_needle
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     dense = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr)
     torch.testing.assert_close(out[:, 2], dense[:, 2], atol=1e-3, rtol=0)   # the needle dominates head 2
+
+
+@pytest.mark.parametrize("batch, query_len", [(1, 1), (3, 1), (2, 3)])
+def test_rerank_keeps_the_budget_with_the_best_exact_scores(generator, batch, query_len):
+    """topk with rerank: of the bounds' rerank x budget candidates, the budget pages whose best key scores highest
+    (max over the page's valid keys and the kv head's queries), sinks and recent pages always, in key order."""
+    page_size, hkv, group, d = 8, 2, 3, 16
+    lengths = [203, 150, 97][:batch]
+    k_cache, v_cache, layout = _dense_layout(lengths, page_size, hkv, d, generator)
+    q = torch.randn(batch * query_len, hkv * group, d, generator=generator)
+    summaries = PageKeySummaries()
+    summaries.refresh(k_cache, *refresh_slots(layout.cols, layout.token_counts, page_size))
+    cfg = SparseConfig(policy="topk", token_budget=5 * page_size, sink_tokens=1, recent_tokens=page_size, rerank=3)
+    step = StepSelection(cfg, layout, 32, query_len, page_size)
+    budget, sinks, _ = cfg.page_counts(page_size)
+    recent = max(1, (query_len + page_size - 2) // page_size + 1)
+    candidates = select_pages(q, summaries.bounds, step.table.pages, step.table.counts, step.table.bias,
+                              3 * budget, query_len, "max")[0]
+    rows = _rows(step.layout_for(q, summaries, k_cache))
+    offsets = layout.row_offsets.tolist()
+    for b in range(batch):
+        pages = layout.cols[offsets[b]:offsets[b + 1]].tolist()
+        counts = layout.token_counts[offsets[b]:offsets[b + 1]].tolist()
+        forced = set(pages[:sinks] + pages[-recent:])
+        for h in range(hkv):
+            qs = q[b * query_len:(b + 1) * query_len, h * group:(h + 1) * group].reshape(-1, d)
+            exact = {p: (k_cache[p, :c, h] @ qs.T).max().item() for p, c in zip(pages, counts)}
+            pool = [p for p in candidates[b, h].tolist() if p in exact]
+            rest = sorted((p for p in pool if p not in forced), key=lambda p: -exact[p])
+            expected = forced | set(rest[:budget - len(forced)])
+            picked = rows[b * hkv + h][0]
+            assert set(picked) == expected and picked == sorted(picked, key=pages.index), (b, h)
+
+
+def test_rerank_finds_the_needle_the_bounds_miss(generator):
+    """Pages of many unrelated keys: their element-wise bounds are loose and all look alike, so the bounds alone
+    pick the needle page no better than chance, while the exact scores of the candidates find it."""
+    page_size, hkv, group, d = 16, 1, 1, 32
+    length = 64 * page_size
+    k_cache, v_cache, layout = _dense_layout([length], page_size, hkv, d, generator)
+    q = torch.randn(1, 1, d, generator=generator)
+    needle_page = int(layout.cols[40])
+    k_cache[needle_page, 7, 0] = q[0, 0] * 2.0
+    summaries = PageKeySummaries()
+    summaries.refresh(k_cache, *refresh_slots(layout.cols, layout.token_counts, page_size))
+    found = {}
+    for rerank in (0, 64):
+        cfg = SparseConfig(policy="topk", token_budget=4 * page_size, sink_tokens=1, recent_tokens=1, rerank=rerank)
+        step = StepSelection(cfg, layout, 64, 1, page_size)
+        found[rerank] = needle_page in _rows(step.layout_for(q, summaries, k_cache))[0][0]
+    assert found[64]
 
 
 # ---- PagedKVCache wiring (driven directly, no model) -------------------------------------------------------------

@@ -39,6 +39,10 @@ class SparseConfig:
         dense: their attention is broad and cheap selection would hurt most there).
     head_reduction: "max" | "sum": how "topk" combines the page scores of the query heads that share a kv head
         (and, for steps of several queries, of the queries) into the one page list of that kv head.
+    rerank: "topk" in two stages when >= 2: the page bounds pick rerank x budget candidate pages, then the exact
+        scores of their keys (the largest q.k over a page's keys and the kv head's query heads) pick the budget.
+        Costs reading the candidates' keys; a page holding many unrelated keys has a loose bound but an exact score,
+        so this ranks pages with 16 or more tokens much better. 0 (default) or 1: the bounds alone (Quest).
     max_query_len: steps with at most this many new tokens per sequence use the policy (decode; small n_q such as
         speculative verification); longer steps (prefill) are dense. At most MAX_SPARSE_QUERY_LEN (16), the most
         queries per sequence the CUDA decode kernel, which reads per-kv-head page lists, takes.
@@ -50,6 +54,7 @@ class SparseConfig:
     recent_tokens: int = 64
     dense_layers: int = 2
     head_reduction: Literal["max", "sum"] = "max"
+    rerank: int = 0
     max_query_len: int = 16
 
     def __post_init__(self):
@@ -59,7 +64,7 @@ class SparseConfig:
             raise ValueError(f"SparseConfig.head_reduction must be one of {HEAD_REDUCTIONS}, "
                              f"got {self.head_reduction!r}")
         for name, minimum in (("token_budget", 1), ("sink_tokens", 0), ("recent_tokens", 0), ("dense_layers", 0),
-                              ("max_query_len", 1)):
+                              ("rerank", 0), ("max_query_len", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"SparseConfig.{name} must be an int >= {minimum}, got {value!r}")

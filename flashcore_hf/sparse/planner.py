@@ -129,7 +129,7 @@ class SparseCachePlanner:
             plan.update_summaries(summaries, k_pool, slot_mapping, self.page_size)
         if not plan.select:
             return None
-        return LayerSelector(plan.selection_on(layout, max_pages, self.config, self.page_size), summaries)
+        return LayerSelector(plan.selection_on(layout, max_pages, self.config, self.page_size), summaries, k_pool)
 
     def fit_summaries(self, layer_idx: int, k_pool: torch.Tensor) -> None:
         """The layer's pool now has k_pool.shape[0] pages: its page key bounds must cover them all."""

@@ -8,7 +8,8 @@ without a host sync, so it can run inside a captured CUDA graph or torch.compile
 - `streaming_layout`: sinks + the most recent pages, one row per sequence (every head and layer reads the same).
 - `topk_layout` / `StepSelection.layout_for` under "topk": the `select_pages` op (two compiled kernels per layer:
   Quest scores per (sequence, kv head), then a radix top-k that writes the picks in key order) gives one row per
-  (sequence, kv head) (row b * Hkv + h, the per-head layout paged_attention accepts).
+  (sequence, kv head) (row b * Hkv + h, the per-head layout paged_attention accepts). With `rerank`, select_pages
+  picks rerank x budget candidates and `rerank_layout` keeps the budget by the exact scores of their keys.
 - `StepSelection`: the per-step, per-device object the sparse layers of a decode step share.
 
 When a sequence has fewer pages than the budget, the surplus picks are padding entries that get token count 0: empty
@@ -95,6 +96,44 @@ def topk_layout(q: torch.Tensor, bounds: torch.Tensor, table: PaddedPageTable, b
     return PageLayout(row_offsets, cols.reshape(-1), counts.reshape(-1), staging_ids)
 
 
+def rerank_layout(q: torch.Tensor, k_pool: torch.Tensor, table: PaddedPageTable, forced_pages: torch.Tensor,
+                  cols: torch.Tensor, counts: torch.Tensor, budget_pages: int,
+                  fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> PageLayout:
+    """The second stage of "topk" with rerank: of candidate pages cols / counts [B, Hkv, C] (key order, from the
+    bounds), keep the budget_pages with the largest exact score, max over the page's keys and the kv head's queries
+    of q.k (forced_pages [B, F]: sink and recent page ids, always kept; padding entries never). q [B * S, Hq, D];
+    k_pool [num_pages, P, Hkv, D]. Fixed shapes, no host sync. Rows: B * Hkv of min(budget_pages, C) pages."""
+    batch, hkv, candidates = cols.shape
+    page, dim = k_pool.shape[1], k_pool.shape[3]
+    k = min(budget_pages, candidates)
+    device = cols.device
+    heads = torch.arange(hkv, device=device)[None, :, None, None]
+    tokens = torch.arange(page, device=device)[None, None, None, :]
+    keys = k_pool[cols.long()[..., None], tokens, heads]                                # [B, Hkv, C, P, D]
+    queries = q.reshape(batch, -1, hkv, q.shape[1] // hkv, dim).transpose(1, 2).reshape(batch, hkv, -1, dim)
+    scores = torch.einsum("bhqd,bhcpd->bhcpq", queries.float(), keys.float()).amax(dim=-1)   # [B, Hkv, C, P]
+    scores = scores.masked_fill(tokens >= counts[..., None], -math.inf).amax(dim=-1)        # [B, Hkv, C]
+    forced = (cols[..., None] == forced_pages[:, None, None, :]).any(dim=-1)
+    scores = torch.where(forced & (counts > 0), math.inf, torch.where(counts > 0, scores, -math.inf))
+    picked = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values      # key order
+    cols, counts = cols.gather(-1, picked), counts.gather(-1, picked)
+    row_offsets, staging_ids = fixed if fixed is not None else fixed_layout_parts(batch * hkv, k, device)
+    return PageLayout(row_offsets, cols.reshape(-1), counts.reshape(-1), staging_ids)
+
+
+def forced_page_ids(layout: PageLayout, table: PaddedPageTable, sink_pages: int, recent_pages: int) -> torch.Tensor:
+    """[B, sink_pages + recent_pages] ids of each sequence's first and last pages (the ones table.bias forces in),
+    -1 where a sequence has fewer pages."""
+    num_pages = (layout.row_offsets[1:] - layout.row_offsets[:-1]).long()[:, None]             # [B, 1]
+    device = num_pages.device
+    sinks = torch.arange(sink_pages, device=device)[None, :].expand(num_pages.shape[0], -1)
+    recent = num_pages - torch.arange(1, recent_pages + 1, device=device)[None, :]
+    j = torch.cat([sinks, recent], dim=1)
+    valid = (j >= 0) & (j < num_pages)
+    ids = table.pages.gather(1, j.clamp(0, table.max_pages - 1))
+    return torch.where(valid, ids, -1)
+
+
 def fixed_layout_parts(rows: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row_offsets [rows + 1], staging_ids [rows * k] all -1) of a layout of `rows` rows of k resident pages."""
     return (torch.arange(rows + 1, dtype=torch.int32, device=device) * k,
@@ -117,6 +156,9 @@ class StepSelection:
         self.budget_pages = budget
         self.query_len = query_len
         self.table = padded_page_table(layout, max_pages, sinks, recent)
+        self._forced_counts = (sinks, recent)
+        self._layout = layout
+        self._forced: torch.Tensor | None = None
         self._streaming: PageLayout | None = None
         self._per_head_fixed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -124,8 +166,10 @@ class StepSelection:
     def max_pages_per_row(self) -> int:
         return min(self.budget_pages, self.table.max_pages)
 
-    def layout_for(self, q: torch.Tensor, summaries: PageKeySummaries | None) -> PageLayout:
-        """The layout a sparse layer reads. q [B * query_len, Hq, D] (packed decode queries)."""
+    def layout_for(self, q: torch.Tensor, summaries: PageKeySummaries | None,
+                   k_pool: torch.Tensor | None = None) -> PageLayout:
+        """The layout a sparse layer reads. q [B * query_len, Hq, D] (packed decode queries); k_pool: the layer's
+        key pool (read by "topk" with rerank)."""
         if self.config.policy == "streaming":
             if self._streaming is None:
                 self._streaming = streaming_layout(self.table, self.budget_pages)
@@ -135,8 +179,16 @@ class StepSelection:
         if fixed is None:  # the same for every layer of the step: made once
             fixed = self._per_head_fixed[hkv] = fixed_layout_parts(
                 self.table.pages.shape[0] * hkv, self.max_pages_per_row, self.table.pages.device)
-        return topk_layout(q, summaries.bounds, self.table, self.budget_pages, self.query_len,
-                           self.config.head_reduction, fixed)
+        candidates = self.config.rerank * self.budget_pages
+        if self.config.rerank < 2:
+            return topk_layout(q, summaries.bounds, self.table, self.budget_pages, self.query_len,
+                               self.config.head_reduction, fixed)
+        k = min(candidates, self.table.max_pages)
+        cols, counts = select_pages(q, summaries.bounds, self.table.pages, self.table.counts, self.table.bias, k,
+                                    self.query_len, self.config.head_reduction)
+        if self._forced is None:
+            self._forced = forced_page_ids(self._layout, self.table, *self._forced_counts)
+        return rerank_layout(q, k_pool, self.table, self._forced, cols, counts, self.budget_pages, fixed)
 
 
 def step_recent_pages(query_len: int, page_size: int) -> int:
@@ -162,10 +214,12 @@ def step_is_sparse(config: SparseConfig, query_len: int, max_pages: int, page_si
 class LayerSelector:
     """The pages one sparse layer reads on this decode step: `select(q)` (q [B * S_q, Hq, D] packed queries) gives
     the layout (rows per sequence for "streaming", per (sequence, kv head) for "topk") of `max_pages_per_row` pages
-    each. selection: the step's shared StepSelection; summaries: this layer's page key bounds ("topk"), else None."""
+    each. selection: the step's shared StepSelection; summaries: this layer's page key bounds ("topk"), else None;
+    k_pool: this layer's key pool (the exact scores of "topk" with rerank)."""
 
     selection: StepSelection
     summaries: PageKeySummaries | None
+    k_pool: torch.Tensor | None = None
 
     @property
     def max_pages_per_row(self) -> int:
@@ -177,4 +231,4 @@ class LayerSelector:
         return batch if self.selection.config.policy == "streaming" else batch * num_kv_heads
 
     def select(self, q: torch.Tensor) -> PageLayout:
-        return self.selection.layout_for(q, self.summaries)
+        return self.selection.layout_for(q, self.summaries, self.k_pool)

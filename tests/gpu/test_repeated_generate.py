@@ -24,7 +24,7 @@ CONTEXT = int(os.environ.get("FLASHCORE_TEST_CONTEXT", 32768))
 PAGE = int(os.environ.get("FLASHCORE_TEST_PAGE_SIZE", 64))
 VOCAB = 512
 NEW = 8
-POLICIES = ("dense", "streaming", "topk")
+POLICIES = ("dense", "streaming", "topk", "topk_rerank")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,10 @@ def model():
 
 
 def sparse_config(policy):
-    return fc.SparseConfig(policy=policy, token_budget=64 * PAGE, dense_layers=1)
+    """"topk_rerank": topk with the exact second stage (rerank=4)."""
+    rerank = 4 if policy == "topk_rerank" else 0
+    return fc.SparseConfig(policy=policy.removesuffix("_rerank"), token_budget=64 * PAGE, dense_layers=1,
+                           rerank=rerank)
 
 
 def prompt(length, seed):
@@ -104,7 +107,7 @@ def test_every_policy_after_another(model):
     first call of its policy gave, every decode step replayed."""
     ids = prompt(CONTEXT, seed=1)
     first = {}
-    for policy in ("dense", "topk", "streaming", "topk", "dense", "streaming"):
+    for policy in ("dense", "topk", "streaming", "topk_rerank", "topk", "dense", "streaming", "topk_rerank"):
         fc.set_default_cache_options(page_size=PAGE, sparse=sparse_config(policy))
         tokens, replays, eager = generate(model, ids)
         assert_every_step_replayed(model, replays, eager)
