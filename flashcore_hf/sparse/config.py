@@ -41,8 +41,10 @@ class SparseConfig:
         (and, for steps of several queries, of the queries) into the one page list of that kv head.
     rerank: "topk" in two stages when >= 2: the page bounds pick rerank x budget candidate pages, then the exact
         scores of their keys (the largest q.k over a page's keys and the kv head's query heads) pick the budget.
-        Costs reading the candidates' keys; a page holding many unrelated keys has a loose bound but an exact score,
-        so this ranks pages with 16 or more tokens much better. 0 (default) or 1: the bounds alone (Quest).
+        A page holding many unrelated keys has a loose bound but an exact score, so this ranks pages of 16 or more
+        tokens much better; it costs reading the candidates' keys, and the second stage is composed of torch ops
+        for now (H200, 128K context, budget 4096, 64-token pages: 0.3 ms per layer, more than dense decode), so it
+        is an accuracy option until it has a fused kernel. 0 (default) or 1: the bounds alone (Quest).
     max_query_len: steps with at most this many new tokens per sequence use the policy (decode; small n_q such as
         speculative verification); longer steps (prefill) are dense. At most MAX_SPARSE_QUERY_LEN (16), the most
         queries per sequence the CUDA decode kernel, which reads per-kv-head page lists, takes.
