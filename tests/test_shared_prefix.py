@@ -114,10 +114,10 @@ def model():
 
 
 class _Counter:
-    """Counts cascade decode layers and the batch sizes of the model's prefill forwards."""
+    """Counts cascade decode layers and records the batch rows and columns of the model's prefill forwards."""
 
     def __init__(self, monkeypatch, model):
-        self.cascades, self.prefill_rows = 0, []
+        self.cascades, self.prefill_rows, self.columns = 0, [], []
         original = FlashCoreAttention._cascade
 
         def cascade(attention, *args, **kwargs):
@@ -131,6 +131,7 @@ class _Counter:
             ids = kwargs.get("input_ids")
             if ids is not None and ids.shape[1] > 1:
                 self.prefill_rows.append(ids.shape[0])
+                self.columns.append(ids.shape[1])
             return forward(*args, **kwargs)
 
         monkeypatch.setattr(model, "forward", counting_forward)
@@ -223,22 +224,6 @@ def test_pools_grow_for_the_new_tokens_only(model):
 
 # ---- prefix cache across generate() calls ----------------------------------------------------------------------
 
-class _PrefillLengths:
-    """Columns each prefill forward of the model computes."""
-
-    def __init__(self, monkeypatch, model):
-        self.columns = []
-        forward = model.forward
-
-        def counting_forward(*args, **kwargs):
-            ids = kwargs.get("input_ids")
-            if ids is not None and ids.shape[1] > 1:
-                self.columns.append(ids.shape[1])
-            return forward(*args, **kwargs)
-
-        monkeypatch.setattr(model, "forward", counting_forward)
-
-
 def _answer(model, ids, prefix_cache=None, **kwargs):
     cache = fc.PagedKVCache(model.config, page_size=16, prefix_cache=prefix_cache)
     with torch.inference_mode():
@@ -253,7 +238,7 @@ def test_later_calls_prefill_only_what_the_prefix_cache_lacks(model, monkeypatch
     document = torch.randint(1, 200, (1, 300), generator=generator)
     questions = [torch.randint(1, 200, (1, n), generator=generator) for n in (7, 12, 5)]
     store = fc.PrefixCache(max_pages=64)
-    lengths = _PrefillLengths(monkeypatch, model)
+    lengths = _Counter(monkeypatch, model)
     for i, question in enumerate(questions):
         ids = torch.cat([document, question], dim=1)
         lengths.columns.clear()
@@ -293,7 +278,7 @@ def test_prefix_cache_is_not_used_where_it_cannot_be_exact(model, monkeypatch):
     generator = torch.Generator().manual_seed(10)
     ids = torch.randint(1, 200, (2, 100), generator=generator)
     store = fc.PrefixCache(max_pages=64)
-    lengths = _PrefillLengths(monkeypatch, model)
+    lengths = _Counter(monkeypatch, model)
     _answer(model, ids, store)
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
@@ -322,7 +307,7 @@ def test_prefix_cache_options_and_bad_values(model, monkeypatch):
         fc.set_default_cache_options(prefix_cache=64)
     store = fc.PrefixCache(max_pages=32)
     ids = torch.randint(1, 200, (1, 90), generator=torch.Generator().manual_seed(11))
-    lengths = _PrefillLengths(monkeypatch, model)
+    lengths = _Counter(monkeypatch, model)
     previous = fc.set_default_cache_options()
     try:
         fc.set_default_cache_options(prefix_cache=store)
