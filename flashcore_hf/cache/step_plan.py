@@ -322,7 +322,10 @@ def shared_prefixes(page_tables: list[list[int]], n_keys: list[int], page_size: 
             shared = min((n_keys[r] - 1) // page_size for r in rows)      # full pages before each row's last key
             first = page_tables[rows[0]]
             for r in rows[1:]:
-                pages, k = page_tables[r], 0
+                pages = page_tables[r]
+                if pages[:shared] == first[:shared]:                 # the usual case, compared at C speed
+                    continue
+                k = 0
                 while k < shared and pages[k] == first[k]:
                     k += 1
                 shared = k
