@@ -50,6 +50,46 @@ def test_merge_attention_states_equals_attention_over_the_union(generator, split
     torch.testing.assert_close(merged.double(), whole, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_reads_part_a_through_a_row_index(generator, dtype):
+    t, h, d = 7, 4, 40
+    out_a, out_b = torch.randn(3, h, d, generator=generator), torch.randn(t, h, d, generator=generator)
+    lse_a, lse_b = torch.randn(3, h, generator=generator), torch.randn(t, h, generator=generator)
+    lse_b[2] = -math.inf
+    out_b[2] = 0
+    rows = torch.tensor([2, 0, 1, 1, 0, 2, 2], dtype=torch.int32)
+    sinks = torch.randn(h, generator=generator)
+    merged = merge_attention_states(out_a.to(dtype), lse_a, out_b.to(dtype), lse_b, sinks, a_rows=rows)
+    a, la = out_a.to(dtype).double()[rows.long()], lse_a.double()[rows.long()]
+    m = torch.maximum(torch.maximum(la, lse_b.double()), sinks.double())
+    wa, wb = torch.exp(la - m), torch.exp(lse_b.double() - m)
+    denom = wa + wb + torch.exp(sinks.double() - m)
+    ref = (a * wa[..., None] + out_b.to(dtype).double() * wb[..., None]) / denom[..., None]
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert merged.dtype == dtype
+    torch.testing.assert_close(merged.double(), ref, atol=tol, rtol=tol)
+
+
+def test_merge_rejects_bad_input():
+    out, lse = torch.zeros(2, 3, 4), torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match="a_rows\\[1\\] = 5"):
+        merge_attention_states(out, lse, out, lse, a_rows=torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="lse_b must be a contiguous float32"):
+        merge_attention_states(out, lse, out, lse.double())
+    with pytest.raises(RuntimeError, match="sinks must be"):
+        merge_attention_states(out, lse, out, lse, torch.zeros(4))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        merge_attention_states(out, lse, out.half(), lse)
+    with pytest.raises(RuntimeError, match="same rows"):
+        merge_attention_states(out[:1], lse[:1], out, lse)
+
+
+def test_merge_opcheck(generator):
+    out, lse = torch.randn(5, 2, 8, generator=generator), torch.randn(5, 2, generator=generator)
+    rows = torch.tensor([4, 3, 2, 1, 0], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.flashcore.merge_attention_states, (out, lse, out + 1, lse - 1, None, rows))
+
+
 def test_merge_of_rows_without_keys_gives_zeros():
     out = torch.randn(2, 3, 4)
     empty = torch.full((2, 3), -math.inf)
@@ -94,7 +134,7 @@ def test_cascade_layouts_read_the_same_keys_as_the_full_layout(generator):
     out_p, lse_p = fc.paged_attention(q[order.long()], k_pool, v_pool, layouts[PREFIX], group_indptr, causal=False,
                                       return_lse=True)
     out_s, lse_s = fc.paged_attention(q, k_pool, v_pool, layouts[SUFFIX], q_indptr, return_lse=True)
-    merged = merge_attention_states(out_p[inverse.long()], lse_p[inverse.long()], out_s, lse_s)
+    merged = merge_attention_states(out_p, lse_p, out_s, lse_s, a_rows=inverse)
     cols = torch.tensor([p for t, n in zip(tables, keys) for p in t[:-(-n // page)]], dtype=torch.int32)
     counts = torch.tensor([min(page, n - i * page) for t, n in zip(tables, keys) for i in range(-(-n // page))],
                           dtype=torch.int32)

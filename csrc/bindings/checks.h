@@ -130,6 +130,61 @@ inline PagedAttentionParams make_paged_attention_params(
   return p;  // max_q_len / max_pages_per_seq come from the plan (plan.h)
 }
 
+// Validates merge_attention_states' arguments (all backends), makes the output and fills the kernel params.
+inline MergeStatesParams make_merge_states_params(const at::Tensor& out_a, const at::Tensor& lse_a,
+                                                  const at::Tensor& out_b, const at::Tensor& lse_b,
+                                                  const std::optional<at::Tensor>& sinks,
+                                                  const std::optional<at::Tensor>& a_rows, at::Tensor& out) {
+  constexpr const char* op = "merge_attention_states";
+  FC_CHECK(out_a.dim() == 3 && out_b.dim() == 3, op, ": out_a and out_b must be [rows, num_heads, head_dim], got ",
+           out_a.sizes(), " and ", out_b.sizes());
+  FC_CHECK(out_a.size(1) == out_b.size(1) && out_a.size(2) == out_b.size(2), op, ": out_a ", out_a.sizes(),
+           " and out_b ", out_b.sizes(), " differ in num_heads or head_dim");
+  FC_CHECK(out_a.scalar_type() == out_b.scalar_type(), op, ": out_a and out_b must have one dtype, got ",
+           out_a.scalar_type(), " and ", out_b.scalar_type());
+  FC_CHECK(out_a.is_contiguous() && out_b.is_contiguous(), op, ": out_a and out_b must be contiguous");
+  for (const auto& [t, name, rows] : {std::tuple{&lse_a, "lse_a", out_a.size(0)}, {&lse_b, "lse_b", out_b.size(0)}}) {
+    FC_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == rows &&
+             t->size(1) == out_a.size(1), op, ": ", name, " must be a contiguous float32 [", rows, ", ",
+             out_a.size(1), "] tensor, got ", t->scalar_type(), " ", t->sizes());
+  }
+  const at::Device device = out_b.device();
+  for (const auto& [t, name] : {std::pair{&out_a, "out_a"}, {&lse_a, "lse_a"}, {&lse_b, "lse_b"}}) {
+    FC_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but out_b on ", device);
+  }
+  if (sinks.has_value()) {
+    FC_CHECK(sinks->scalar_type() == at::kFloat && sinks->is_contiguous() && sinks->dim() == 1 &&
+             sinks->size(0) == out_a.size(1) && sinks->device() == device, op,
+             ": sinks must be a contiguous float32 [num_heads=", out_a.size(1), "] tensor on ", device, ", got ",
+             sinks->scalar_type(), " ", sinks->sizes(), " on ", sinks->device());
+  }
+  if (a_rows.has_value()) {
+    FC_CHECK(a_rows->scalar_type() == at::kInt && a_rows->is_contiguous() && a_rows->dim() == 1 &&
+             a_rows->size(0) == out_b.size(0) && a_rows->device() == device, op,
+             ": a_rows must be a contiguous int32 [rows=", out_b.size(0), "] tensor on ", device, ", got ",
+             a_rows->scalar_type(), " ", a_rows->sizes(), " on ", a_rows->device());
+  } else {
+    FC_CHECK(out_a.size(0) == out_b.size(0), op, ": without a_rows, out_a and out_b need the same rows, got ",
+             out_a.size(0), " and ", out_b.size(0));
+  }
+  FC_CHECK(out_b.size(0) <= INT32_MAX && out_a.size(0) <= INT32_MAX, op, ": too many rows");
+  out = at::empty_like(out_b);
+  MergeStatesParams p;
+  p.out_a = out_a.data_ptr();
+  p.lse_a = lse_a.data_ptr<float>();
+  p.out_b = out_b.data_ptr();
+  p.lse_b = lse_b.data_ptr<float>();
+  p.sinks = sinks.has_value() ? sinks->data_ptr<float>() : nullptr;
+  p.a_rows = a_rows.has_value() ? a_rows->data_ptr<int32_t>() : nullptr;
+  p.out = out.data_ptr();
+  p.rows_a = static_cast<int32_t>(out_a.size(0));
+  p.rows = static_cast<int32_t>(out_b.size(0));
+  p.num_heads = static_cast<int32_t>(out_b.size(1));
+  p.head_dim = static_cast<int32_t>(out_b.size(2));
+  p.dtype = to_dtype(out_b.scalar_type(), "merge_attention_states: out_b");
+  return p;
+}
+
 // Validates append_kv's arguments (all backends) and fills the kernel params.
 inline AppendKVParams make_append_kv_params(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
                                             const at::Tensor& v, const at::Tensor& slot_mapping) {

@@ -156,6 +156,20 @@ std::vector<int64_t> plan_paged_attention(const std::string& device_type, int64_
   return d.encode();
 }
 
+at::Tensor merge_attention_states_cpu(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
+                                      const at::Tensor& lse_b, const std::optional<at::Tensor>& sinks,
+                                      const std::optional<at::Tensor>& a_rows) {
+  at::Tensor out;
+  const MergeStatesParams p = make_merge_states_params(out_a, lse_a, out_b, lse_b, sinks, a_rows, out);
+  for (int32_t t = 0; p.a_rows && t < p.rows; ++t) {
+    FC_CHECK(p.a_rows[t] >= 0 && p.a_rows[t] < p.rows_a, "merge_attention_states: a_rows[", t, "] = ", p.a_rows[t],
+             " is not a row of out_a (", p.rows_a, " rows)");
+  }
+  at::parallel_for(0, int64_t(p.rows) * p.num_heads, 64,
+                   [&](int64_t begin, int64_t end) { cpu::merge_states(p, begin, end); });
+  return out;
+}
+
 void append_kv_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& slot_mapping) {
   AppendKVParams p = make_append_kv_params(k_cache, v_cache, k, v, slot_mapping);
@@ -260,6 +274,8 @@ TORCH_LIBRARY(flashcore, m) {
         "int max_pages_per_seq, bool exact, bool causal, int window) -> int[]",
         &flashcore::binding::plan_paged_attention);
   m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
+  m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b, Tensor? sinks, "
+        "Tensor? a_rows) -> Tensor");
   m.def("build_layout(Tensor token_to_page, Tensor seq_starts, Tensor seq_ends, Tensor page_resident_bitmap, "
         "int page_tokens, int num_pages) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("select_pages(Tensor q, Tensor bounds, Tensor table_pages, Tensor table_counts, Tensor table_bias, "
@@ -274,5 +290,6 @@ TORCH_LIBRARY(flashcore, m) {
 TORCH_LIBRARY_IMPL(flashcore, CPU, m) {
   m.impl("paged_attention", &flashcore::binding::paged_attention_cpu);
   m.impl("append_kv", &flashcore::binding::append_kv_cpu);
+  m.impl("merge_attention_states", &flashcore::binding::merge_attention_states_cpu);
   m.impl("build_layout", &flashcore::binding::build_layout_cpu);
 }

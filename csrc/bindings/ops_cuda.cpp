@@ -65,6 +65,17 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
   return {out, lse};
 }
 
+// a_rows values are not read on the host (no sync): the kernel treats a row index outside out_a as "no keys".
+at::Tensor merge_attention_states_cuda(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b,
+                                       const at::Tensor& lse_b, const std::optional<at::Tensor>& sinks,
+                                       const std::optional<at::Tensor>& a_rows) {
+  const c10::cuda::CUDAGuard guard(out_b.device());
+  at::Tensor out;
+  const MergeStatesParams p = make_merge_states_params(out_a, lse_a, out_b, lse_b, sinks, a_rows, out);
+  check_launch(launch_merge_states(p, at::cuda::getCurrentCUDAStream()), "merge_attention_states kernel");
+  return out;
+}
+
 void append_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& slot_mapping) {
   const AppendKVParams p = make_append_kv_params(k_cache, v_cache, k, v, slot_mapping);
@@ -131,6 +142,7 @@ AttentionPlanData plan_cuda(const PagedAttentionParams& p, int64_t device_index,
 TORCH_LIBRARY_IMPL(flashcore, CUDA, m) {
   m.impl("paged_attention", &flashcore::binding::paged_attention_cuda);
   m.impl("append_kv", &flashcore::binding::append_kv_cuda);
+  m.impl("merge_attention_states", &flashcore::binding::merge_attention_states_cuda);
   m.impl("select_pages", &flashcore::binding::select_pages_cuda);
   m.impl("update_page_bounds", &flashcore::binding::update_page_bounds_cuda);
 }

@@ -67,6 +67,28 @@ struct PagedAttentionParams {
   int32_t max_pages_per_seq = 0;  // >= max over layout rows r of (row_offsets[r+1] - row_offsets[r])
 };
 
+// Attention over two disjoint key sets merged into attention over both (cascade decode: a group's shared pages and
+// each row's own pages). Row t (of rows) and head h:
+//   out[t, h] = (w_a * out_a[a_row(t), h] + w_b * out_b[t, h]) / (w_a + w_b + exp(sink_h - m)),
+//   w_x = exp(lse_x - m), m = max(lse_a, lse_b, sink_h), a_row(t) = a_rows ? a_rows[t] : t
+// (an a_row outside [0, rows_a) contributes nothing); all float32 math. Rows with no key and no sink give zeros.
+//   out_a [rows_a, num_heads, head_dim], out_b / out [rows, num_heads, head_dim] (dtype, contiguous)
+//   lse_a [rows_a, num_heads], lse_b [rows, num_heads] float32; sinks [num_heads] float32 or nullptr
+struct MergeStatesParams {
+  const void* out_a = nullptr;
+  const float* lse_a = nullptr;
+  const void* out_b = nullptr;
+  const float* lse_b = nullptr;
+  const float* sinks = nullptr;
+  const int32_t* a_rows = nullptr;
+  void* out = nullptr;
+  int32_t rows_a = 0;
+  int32_t rows = 0;
+  int32_t num_heads = 0;
+  int32_t head_dim = 0;
+  DType dtype = DType::kBFloat16;
+};
+
 // Write new tokens' K/V into page slots: cache[slot / page_size, slot % page_size] = k[t]; slot < 0 means skip
 // (padding token). k, v: [num_tokens, num_kv_heads, head_dim] with strides; caches contiguous as above.
 struct AppendKVParams {

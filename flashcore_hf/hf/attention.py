@@ -138,8 +138,7 @@ class FlashCoreAttention(nn.Module):
                                        return_lse=True)
         out_s, lse_s = suffix_plan.run(q, layer.k_cache, layer.v_cache, layouts[SUFFIX], layer.q_indptr,
                                        return_lse=True)
-        return merge_attention_states(out_p.index_select(0, cascade.inverse), lse_p.index_select(0, cascade.inverse),
-                                      out_s, lse_s, sinks)
+        return merge_attention_states(out_p, lse_p, out_s, lse_s, sinks, a_rows=cascade.inverse)
 
     # ---- dense K/V (DynamicCache / StaticCache / no cache) --------------------------------------------------
 

@@ -128,6 +128,11 @@ def _append_kv_fake(k_cache, v_cache, k, v, slot_mapping):
     return None
 
 
+@torch.library.register_fake("flashcore::merge_attention_states")
+def _merge_attention_states_fake(out_a, lse_a, out_b, lse_b, sinks, a_rows):
+    return torch.empty_like(out_b)
+
+
 @torch.library.register_fake("flashcore::select_pages")
 def _select_pages_fake(q, bounds, table_pages, table_counts, table_bias, budget, query_len, head_reduction):
     shape = (table_pages.shape[0], bounds.shape[1], budget)

@@ -47,7 +47,7 @@ def test_cascade_matches_one_pass_attention(rows, prefix, suffix, page):
     out_p, lse_p = fc.paged_attention(q[order.long()], k_pool, v_pool, layouts[PREFIX].to("cuda"), group_indptr,
                                       causal=False, return_lse=True)
     out_s, lse_s = fc.paged_attention(q, k_pool, v_pool, layouts[SUFFIX].to("cuda"), q_indptr, return_lse=True)
-    cascade = merge_attention_states(out_p[inverse.long()], lse_p[inverse.long()], out_s, lse_s)
+    cascade = merge_attention_states(out_p, lse_p, out_s, lse_s, a_rows=inverse)
     counts = [min(page, n - i * page) for n in keys for i in range(-(-n // page))]
     cols = [p for t, n in zip(tables, keys) for p in t[:-(-n // page)]]
     offsets = torch.tensor([0, *torch.tensor([-(-n // page) for n in keys]).cumsum(0).tolist()], dtype=torch.int32)

@@ -41,6 +41,9 @@ void merge_key_splits(const PagedAttentionParams& p, const CpuAttentionSchedule&
 // The instruction set the paged_attention kernel dispatched to on this CPU: "avx512", "avx2" or "baseline".
 const char* paged_attention_isa();
 
+// Merged rows [begin, end) of the rows * num_heads (row, head) rows of a MergeStatesParams.
+void merge_states(const MergeStatesParams& p, int64_t begin, int64_t end);
+
 // Copies the p.k / p.v rows of tokens [begin, end) into their page slots.
 void append_kv(const AppendKVParams& p, int64_t begin, int64_t end);
 

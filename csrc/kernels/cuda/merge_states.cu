@@ -1,0 +1,68 @@
+// Merge of two attention states (MergeStatesParams in params.h): one warp per (row, head), lanes over the head dim.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../merge_states_math.h"
+#include "launchers.h"
+
+namespace flashcore {
+namespace {
+
+constexpr int kMergeThreads = 256;
+constexpr int kWarpsPerBlock = kMergeThreads / 32;
+
+template <typename T> __device__ __forceinline__ float to_float(T x);
+template <> __device__ __forceinline__ float to_float(float x) { return x; }
+template <> __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <> __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T>
+__global__ void __launch_bounds__(kMergeThreads) merge_states_kernel(const MergeStatesParams p) {
+  const int64_t total = (int64_t)p.rows * p.num_heads;
+  const int lane = threadIdx.x % 32;
+  for (int64_t row = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; row < total;
+       row += (int64_t)gridDim.x * kWarpsPerBlock) {
+    const int64_t t = row / p.num_heads, h = row % p.num_heads;
+    const int64_t a = p.a_rows ? p.a_rows[t] : t;
+    const bool has_a = a >= 0 && a < p.rows_a;  // a row index outside part a contributes nothing
+    const float lse_a = has_a ? p.lse_a[a * p.num_heads + h] : -INFINITY;
+    const MergeWeights w = merge_weights(lse_a, p.lse_b[row], p.sinks ? p.sinks[h] : -INFINITY);
+    const T* out_a = static_cast<const T*>(p.out_a) + (has_a ? (a * p.num_heads + h) * p.head_dim : 0);
+    const T* out_b = static_cast<const T*>(p.out_b) + row * p.head_dim;
+    T* out = static_cast<T*>(p.out) + row * p.head_dim;
+    for (int d = lane; d < p.head_dim; d += 32) {
+      const float va = w.a != 0.f ? to_float(out_a[d]) : 0.f;
+      const float vb = w.b != 0.f ? to_float(out_b[d]) : 0.f;
+      out[d] = from_float<T>(w.a * va + w.b * vb);
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch(const MergeStatesParams& p, cudaStream_t stream) {
+  const int64_t total = (int64_t)p.rows * p.num_heads;
+  const int64_t blocks = std::min<int64_t>((total + kWarpsPerBlock - 1) / kWarpsPerBlock, 1 << 16);
+  merge_states_kernel<T><<<static_cast<unsigned>(blocks), kMergeThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_merge_states(const MergeStatesParams& p, cudaStream_t stream) {
+  if (p.rows <= 0 || p.num_heads <= 0 || p.head_dim <= 0) return cudaSuccess;
+  switch (p.dtype) {
+    case DType::kFloat32: return launch<float>(p, stream);
+    case DType::kFloat16: return launch<__half>(p, stream);
+    default: return launch<__nv_bfloat16>(p, stream);
+  }
+}
+
+}  // namespace flashcore
