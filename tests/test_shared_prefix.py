@@ -113,6 +113,13 @@ def test_groups_share_only_full_pages_before_each_rows_last_key():
     assert shared_prefixes(tables, [40, 35, 33, 20, 4], 16) is None   # 64 of 132 keys saved: under the threshold
 
 
+def test_large_groups_are_cut_into_decode_sized_groups():
+    tables = [[1, 2, 3, 10 + r] for r in range(40)]
+    shared = shared_prefixes(tables, [60] * 40, 16)
+    assert shared.group_starts == [0, 16, 32, 40] and shared.prefix_pages == [3, 3, 3]
+    assert shared.largest_group == 16
+
+
 def test_no_cascade_when_it_saves_little():
     tables = [[1, 2, 3], [1, 4, 5]]      # one shared page of six read
     assert shared_prefixes(tables, [48, 48], 16) is None

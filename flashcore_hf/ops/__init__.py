@@ -4,7 +4,7 @@ the merge of attention over two disjoint key sets (merge.py)."""
 from .fallback import sdpa_from_pages
 from .library import append_kv, build_layout, kernel_supports, select_pages, update_page_bounds
 from .merge import merge_attention_states
-from .plan import AttentionPlan, paged_attention, plan_attention
+from .plan import DECODE_QUERIES_PER_SEQUENCE, AttentionPlan, paged_attention, plan_attention
 
-__all__ = ["AttentionPlan", "append_kv", "build_layout", "kernel_supports", "merge_attention_states",
+__all__ = ["DECODE_QUERIES_PER_SEQUENCE", "AttentionPlan", "append_kv", "build_layout", "kernel_supports", "merge_attention_states",
            "paged_attention", "plan_attention", "sdpa_from_pages", "select_pages", "update_page_bounds"]
