@@ -73,11 +73,17 @@ SMOKE_NOTE = ("SMOKE RUN: the built-in random Llama on random token ids (no chec
 WARMUP_COLUMNS = 64
 
 
-def builtin_config(context: int, new_tokens: int) -> LlamaConfig:
-    """A small random Llama (4 layers, hidden 256, 8 query / 2 KV heads of 32 dims) for offline runs."""
+def builtin_config(context: int, new_tokens: int, head_dim: int = 32) -> LlamaConfig:
+    """A small random Llama (4 layers, hidden 256, 8 query / 2 KV heads of `head_dim` dims) for offline runs. The
+    smoke run uses 64 on CUDA: the CUDA kernels take head dims 64 and 128 (32 would fall back to SDPA there)."""
     return LlamaConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=1024, num_attention_heads=8,
-                       num_key_value_heads=2, vocab_size=32000, max_position_embeddings=context + new_tokens,
-                       rope_theta=500000.0, tie_word_embeddings=True)
+                       num_key_value_heads=2, head_dim=head_dim, vocab_size=32000,
+                       max_position_embeddings=context + new_tokens, rope_theta=500000.0, tie_word_embeddings=True)
+
+
+def builtin_head_dim(device: str) -> int:
+    """The built-in model's head dim on `device`: 64 on CUDA (a head dim the CUDA kernels take), 32 elsewhere."""
+    return 64 if str(device).startswith("cuda") else 32
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
@@ -264,8 +270,8 @@ def load_model(job: Job, implementation: str):
     if job.smoke:
         torch.manual_seed(job.seed)  # the same random weights in every run's process
         with torch.device(job.device):
-            model = AutoModelForCausalLM.from_config(builtin_config(job.context, job.new_tokens), dtype=dtype,
-                                                     attn_implementation=implementation)
+            config = builtin_config(job.context, job.new_tokens, builtin_head_dim(job.device))
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=implementation)
         return model.eval(), None
     kwargs = dict(dtype=dtype, attn_implementation=implementation)
     if job.tp:  # = tp_plan="auto", without the FutureWarning a tp_plan argument gives
@@ -621,7 +627,8 @@ def compare_tokens(reference: dict, other: dict) -> dict:
 def header(job: Job, implementations: list[str]) -> str:
     sparse = job.sparse_config()
     policy = "dense" if sparse is None else f"sparse {sparse.policy}, budget {sparse.token_budget} tokens"
-    source = "built-in random Llama (4 layers, hidden 256), random ids" if job.smoke else job.model
+    source = (f"built-in random Llama (4 layers, hidden 256, head dim {builtin_head_dim(job.device)}), random ids"
+              if job.smoke else job.model)
     rows = 1 if job.smoke else len(job.questions)
     placement = " (tensor parallel)" if job.tp else " (device_map=auto)" if job.device_map else ""
     return (f"model: {source} | {job.device}{placement} | {job.dtype} | {rows} row(s) | up to {job.new_tokens} new "

@@ -233,3 +233,12 @@ def test_cuda_device_without_cuda_is_a_clear_error(capsys):
         example.parse_args(["--device", "cuda"])
     assert exit_info.value.code == 2
     assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_builtin_model_takes_a_head_dim_the_cuda_kernels_run():
+    """The smoke run's model has head dim 64 on CUDA (the CUDA kernels take 64 and 128; 32 would fall back to SDPA
+    there) and keeps 32 on the CPU (benchmarks/bench_cpu.py measures that model)."""
+    assert example.builtin_head_dim("cuda") == 64 and example.builtin_head_dim("cuda:1") == 64
+    assert example.builtin_head_dim("cpu") == 32
+    config = example.builtin_config(128, 8, example.builtin_head_dim("cuda"))
+    assert config.head_dim == 64 and config.num_attention_heads * config.head_dim == 512
