@@ -1,6 +1,6 @@
 """Train the tiny Llama-style key-value retrieval model that tests/test_sparse_retrieval.py evaluates.
 
-Task (key-value record lookup). The vocabulary has NUM_KEYS key tokens and NUM_KEYS * NUM_VALUES record tokens; a
+Task (key-value record lookup). The vocabulary has num_keys key tokens and num_keys * NUM_VALUES record tokens; a
 record token (k, v) stores value v under key k. A sequence is
 
     BOS  r_1 r_2 ... r_N  SEP  k_1 a_1  k_2 a_2 ... k_Q a_Q
@@ -10,57 +10,92 @@ a_j of the context that holds key k_j. The loss is on the answers only. Each val
 answer is right by chance with probability 1 / NUM_VALUES; beyond that the model must attend to the one context
 position holding the queried key, wherever it is. A sparse policy that drops that position's page gets it wrong.
 
-Training runs on the CPU in a few minutes (fp32, SDPA): context sizes grow from short (the lookup forms fast there)
-to the evaluation's EVAL_RECORDS. The model is saved in float16 (about 1.2 MB) with `save_pretrained`:
+Training runs on the CPU (fp32, SDPA): context sizes grow from short (the lookup forms fast there) to the
+evaluation's records. The models are saved in float16 with `save_pretrained`:
 
-    python scripts/train_retrieval_model.py --out tests/data/retrieval_llama
+    python scripts/train_retrieval_model.py --out tests/data/retrieval_llama          # 256 keys, head dim 32: minutes
+    python scripts/train_retrieval_model.py --out tests/data/retrieval_llama_1k --keys 1024 --head-dim 64 \
+        --heads 2 --kv-heads 1 --steps 3000 --tokens-per-step 4096                      # 1K-token contexts: ~30 min
 """
 from __future__ import annotations
 
 import argparse
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 PAD, BOS, SEP = 0, 1, 2
-NUM_KEYS, NUM_VALUES = 256, 8
+NUM_VALUES = 8
 KEY0 = 3                          # key (query) tokens: KEY0 + k
-RECORD0 = KEY0 + NUM_KEYS         # record tokens: RECORD0 + k * NUM_VALUES + v
-VOCAB_SIZE = RECORD0 + NUM_KEYS * NUM_VALUES
-EVAL_RECORDS = NUM_KEYS           # evaluation contexts hold a record of every key
 
 
-def model_config() -> LlamaConfig:
-    """2 layers, hidden 128, 4 query / 2 kv heads of 32 (grouped-query, like the models flashcore targets), RoPE
-    base 500000 as in Llama 3 (most rotary pairs turn slowly, as in long-context models)."""
-    return LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
-                       rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=SEP,
-                       pad_token_id=PAD)
+@dataclass(frozen=True)
+class RetrievalTask:
+    """The task at one size and the model trained on it. num_keys: distinct keys (an evaluation context holds a record
+    of each, so it is num_keys + 2 tokens long); head_dim, heads, kv_heads: the attention shape (64 / 128 let the CUDA
+    kernels run; 32 is CPU-only)."""
+
+    num_keys: int = 256
+    head_dim: int = 32
+    heads: int = 4
+    kv_heads: int = 2
+
+    @property
+    def record0(self) -> int:     # record tokens: record0 + k * NUM_VALUES + v
+        return KEY0 + self.num_keys
+
+    @property
+    def vocab_size(self) -> int:
+        return self.record0 + self.num_keys * NUM_VALUES
+
+    @property
+    def eval_records(self) -> int:
+        return self.num_keys
+
+    @classmethod
+    def of_model(cls, config: LlamaConfig) -> "RetrievalTask":
+        """The task a saved model was trained on (from its config)."""
+        return cls((config.vocab_size - KEY0) // (1 + NUM_VALUES), config.head_dim, config.num_attention_heads,
+                   config.num_key_value_heads)
+
+    def model_config(self) -> LlamaConfig:
+        """2 layers, hidden 128, grouped-query heads (like the models flashcore targets), RoPE base 500000 as in Llama
+        3 (most rotary pairs turn slowly, as in long-context models)."""
+        return LlamaConfig(vocab_size=self.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=self.heads, num_key_value_heads=self.kv_heads, head_dim=self.head_dim,
+                           max_position_embeddings=max(1024, 2 * self.num_keys), rope_theta=500000.0,
+                           tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=SEP, pad_token_id=PAD)
+
+    def make_batch(self, batch: int, num_records: int, num_queries: int, generator: torch.Generator):
+        """(tokens [batch, 2 + num_records + 2 * num_queries] int64, answer_columns [num_queries]).
+
+        The answer a_j sits at column answer_columns[j] and is predicted from the key token just before it.
+        Keys are distinct within a sequence; the queried keys are distinct, drawn uniformly from the context's.
+        """
+        keys = torch.rand(batch, self.num_keys, generator=generator).argsort(dim=1)[:, :num_records]
+        values = torch.randint(0, NUM_VALUES, (batch, num_records), generator=generator)
+        records = self.record0 + keys * NUM_VALUES + values
+        asked = torch.rand(batch, num_records, generator=generator).argsort(dim=1)[:, :num_queries]
+        queries = torch.stack([KEY0 + keys.gather(1, asked), records.gather(1, asked)], dim=2).reshape(batch, -1)
+        column = lambda value: torch.full((batch, 1), value)  # noqa: E731
+        tokens = torch.cat([column(BOS), records, column(SEP), queries], dim=1)
+        return tokens, torch.arange(num_records + 3, tokens.shape[1], 2)
+
+    def curriculum(self, step: int, steps: int) -> int:
+        """Most records a training step's contexts hold: short first (the lookup forms fast there), then longer."""
+        if self.eval_records <= 256:
+            return 64 if step < steps // 4 else self.eval_records
+        return 64 if step < steps // 8 else (256 if step < steps // 3 else self.eval_records)
 
 
-def make_batch(batch: int, num_records: int, num_queries: int, generator: torch.Generator):
-    """(tokens [batch, 2 + num_records + 2 * num_queries] int64, answer_columns [num_queries]).
-
-    The answer a_j sits at column answer_columns[j] and is predicted from the key token just before it.
-    Keys are distinct within a sequence; the queried keys are distinct, drawn uniformly from the context's.
-    """
-    keys = torch.rand(batch, NUM_KEYS, generator=generator).argsort(dim=1)[:, :num_records]
-    values = torch.randint(0, NUM_VALUES, (batch, num_records), generator=generator)
-    records = RECORD0 + keys * NUM_VALUES + values
-    asked = torch.rand(batch, num_records, generator=generator).argsort(dim=1)[:, :num_queries]
-    queries = torch.stack([KEY0 + keys.gather(1, asked), records.gather(1, asked)], dim=2).reshape(batch, -1)
-    column = lambda value: torch.full((batch, 1), value)  # noqa: E731
-    tokens = torch.cat([column(BOS), records, column(SEP), queries], dim=1)
-    return tokens, torch.arange(num_records + 3, tokens.shape[1], 2)
-
-
-def train(steps: int, tokens_per_step: int, seed: int, weight_decay: float, log_every: int = 100) -> LlamaForCausalLM:
+def train(task: RetrievalTask, steps: int, tokens_per_step: int, seed: int, weight_decay: float,
+          log_every: int = 100) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = LlamaForCausalLM(model_config()).float()
+    model = LlamaForCausalLM(task.model_config()).float()
     model.config._attn_implementation = "sdpa"
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=weight_decay, betas=(0.9, 0.98))
     warmup = 100
@@ -68,14 +103,14 @@ def train(steps: int, tokens_per_step: int, seed: int, weight_decay: float, log_
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
     start = time.time()
     for step in range(steps):
-        # Short contexts first (the lookup forms within a few hundred steps there), then up to EVAL_RECORDS.
-        top = 64 if step < steps // 4 else EVAL_RECORDS
+        top = task.curriculum(step, steps)
         num_records = int(torch.randint(8, top + 1, (1,), generator=generator))
         num_queries = min(num_records, 64)
         rows = max(2, tokens_per_step // (num_records + 2 * num_queries + 2))
-        tokens, answers = make_batch(rows, num_records, num_queries, generator)
+        tokens, answers = task.make_batch(rows, num_records, num_queries, generator)
         logits = model(tokens).logits[:, answers - 1]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB_SIZE), tokens[:, answers].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, task.vocab_size),
+                                                 tokens[:, answers].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -89,9 +124,9 @@ def train(steps: int, tokens_per_step: int, seed: int, weight_decay: float, log_
 
 
 @torch.no_grad()
-def dense_accuracy(model: LlamaForCausalLM, num_prompts: int, seed: int) -> float:
-    """Answer accuracy at EVAL_RECORDS records, teacher-forced in one forward (full attention)."""
-    tokens, answers = make_batch(num_prompts, EVAL_RECORDS, 16, torch.Generator().manual_seed(seed))
+def dense_accuracy(task: RetrievalTask, model: LlamaForCausalLM, num_prompts: int, seed: int) -> float:
+    """Answer accuracy at task.eval_records records, teacher-forced in one forward (full attention)."""
+    tokens, answers = task.make_batch(num_prompts, task.eval_records, 16, torch.Generator().manual_seed(seed))
     logits = model(tokens).logits
     return (logits[:, answers - 1].argmax(-1) == tokens[:, answers]).float().mean().item()
 
@@ -99,14 +134,20 @@ def dense_accuracy(model: LlamaForCausalLM, num_prompts: int, seed: int) -> floa
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="tests/data/retrieval_llama")
+    parser.add_argument("--keys", type=int, default=256, help="distinct keys = records in an evaluation context")
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--tokens-per-step", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     args = parser.parse_args()
-    model = train(args.steps, args.tokens_per_step, args.seed, args.weight_decay)
+    task = RetrievalTask(args.keys, args.head_dim, args.heads, args.kv_heads)
+    model = train(task, args.steps, args.tokens_per_step, args.seed, args.weight_decay)
     model.eval()
-    print(f"dense accuracy at {EVAL_RECORDS} records (held-out seed): {dense_accuracy(model, 64, args.seed + 1):.3f}")
+    print(f"dense accuracy at {task.eval_records} records (held-out seed): "
+          f"{dense_accuracy(task, model, 64, args.seed + 1):.3f}")
     model.half().save_pretrained(args.out)
     print(f"saved to {args.out}")
 
