@@ -59,21 +59,23 @@ def prompts():
 
 
 @torch.no_grad()
-def answer_logits(model, tokens, answers, sparse: fc.SparseConfig | None, page_size: int = PAGE_SIZE):
-    """Prefill BOS + records + SEP densely, then decode: step j feeds [a_{j-1}, k_j] (the previous answer, teacher
-    forced, and the next key; k_1 alone). Returns the logits after each k_j: [B, len(answers), vocab]."""
+def answer_logits(model, tokens, answers, sparse: fc.SparseConfig | None, page_size: int = PAGE_SIZE,
+                  context: int = CONTEXT_TOKENS):
+    """Prefill BOS + records + SEP (the first `context` tokens) densely, then decode: step j feeds [a_{j-1}, k_j]
+    (the previous answer, teacher forced, and the next key; k_1 alone). Returns the logits after each k_j:
+    [B, len(answers), vocab]."""
     cache = fc.PagedKVCache(model.config, page_size=page_size, sparse=sparse)
-    model(tokens[:, :CONTEXT_TOKENS], **{CACHE_KWARG: cache})
-    logits, start = [], CONTEXT_TOKENS
+    model(tokens[:, :context], **{CACHE_KWARG: cache})
+    logits, start = [], context
     for column in answers.tolist():
         logits.append(model(tokens[:, start:column], **{CACHE_KWARG: cache}).logits[:, -1])
         start = column
     return torch.stack(logits, dim=1)
 
 
-def accuracy(model, prompts, sparse, page_size: int = PAGE_SIZE) -> float:
+def accuracy(model, prompts, sparse, page_size: int = PAGE_SIZE, context: int = CONTEXT_TOKENS) -> float:
     tokens, answers = prompts
-    logits = answer_logits(model, tokens, answers, sparse, page_size)
+    logits = answer_logits(model, tokens, answers, sparse, page_size, context)
     return (logits.argmax(-1) == tokens[:, answers]).float().mean().item()
 
 
@@ -146,3 +148,40 @@ def test_generate_uses_the_policy_explicit_cache_and_default_options(model, prom
         assert getattr(generated, CACHE_KWARG).sparse == config
     finally:
         fc.set_default_cache_options(page_size=previous["page_size"], sparse=previous["sparse"] or fc.SparseConfig())
+
+
+# ---- a 1K-token context in 16-token pages (tests/data/retrieval_llama_1k: 1,024 keys, head dim 64) -----------------
+
+WEIGHTS_1K = ROOT / "tests" / "data" / "retrieval_llama_1k"
+
+
+@pytest.fixture(scope="module")
+def model_1k():
+    return LlamaForCausalLM.from_pretrained(WEIGHTS_1K, attn_implementation="flashcore", dtype=torch.float32).eval()
+
+
+def test_16_token_pages_over_a_1k_context(model_1k):
+    """The realistic page size on a longer context: 1,026 tokens in 65 pages of 16, one record among 1,024 per query,
+    both layers sparse. The bounds alone (Quest) lose most queries at every budget; the exact second stage
+    (rerank=4) is as good as dense at 1/4 and far better than the bounds below it. Measured (16 prompts x 8
+    queries): topk 0.133 / 0.273 / 0.586 at 1/16 / 1/8 / 1/4, rerank=4 0.469 / 0.812 / 1.000, dense 1.000.
+    At 1/16 (the sink page, the recent page and two chosen pages) even exact scores of every page reach only 0.66:
+    the issue's 95%-at-1/16 target is not met yet."""
+    task = SCRIPT.RetrievalTask.of_model(model_1k.config)
+    context = task.eval_records + 2
+    prompts = task.make_batch(16, task.eval_records, 8, torch.Generator().manual_seed(20261201))
+    dense = accuracy(model_1k, prompts, None, 16, context)
+    table = {}
+    for policy, rerank in (("streaming", 0), ("topk", 0), ("topk_rerank", 4)):
+        for fraction in (16, 8, 4):
+            config = fc.SparseConfig(policy=policy.removesuffix("_rerank"), token_budget=context // fraction,
+                                     sink_tokens=1, recent_tokens=1, dense_layers=0, rerank=rerank)
+            table[(policy, fraction)] = accuracy(model_1k, prompts, config, 16, context)
+    print(f"\n1K context in 16-token pages, chance {1 / SCRIPT.NUM_VALUES:.3f}: dense {dense:.3f}")
+    for policy in ("streaming", "topk", "topk_rerank"):
+        print(f"{policy:12s} " + " ".join(f"1/{f}: {table[(policy, f)]:.3f}" for f in (16, 8, 4)))
+    assert dense >= 0.9
+    assert table[("topk_rerank", 4)] >= 0.95 * dense
+    for fraction in (16, 8, 4):
+        assert table[("topk_rerank", fraction)] >= table[("topk", fraction)] + 0.25
+        assert table[("topk", fraction)] >= table[("streaming", fraction)]
