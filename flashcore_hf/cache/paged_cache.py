@@ -303,9 +303,8 @@ class PagedKVCache(Cache):
                 continue
             seq_id = groups[slots] = self.allocator.new_sequence()
             self.allocator.append([seq_id], [n_pages * self.page_size])
-            pages = self.allocator.page_table(seq_id)
-            for layer_idx, layer in enumerate(self.layers):
-                store.read(layer_idx, list(slots), layer.k_pool, layer.v_pool, pages)
+            store.read(list(slots), [(layer.k_pool, layer.v_pool) for layer in self.layers],
+                       self.allocator.page_table(seq_id))
             self._rows.append(seq_id)
         self._pads = [[] for _ in prompts]
         self._padded_len = n_pages * self.page_size

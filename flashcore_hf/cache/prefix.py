@@ -94,14 +94,9 @@ class PrefixCache:
             self.stats.tokens_reused += len(slots) * page_size
         return slots
 
-    def read(self, layer_idx: int, slots: list[int], k_pool: torch.Tensor, v_pool: torch.Tensor,
-             pages: list[int]) -> None:
-        """Copy stored slots into pool pages of one layer."""
-        k_store, v_store = self._storage[layer_idx]
-        src = torch.tensor(slots, dtype=torch.long, device=k_store.device)
-        dst = torch.tensor(pages, dtype=torch.long, device=k_pool.device)
-        k_pool.index_copy_(0, dst, k_store.index_select(0, src).to(k_pool.device))
-        v_pool.index_copy_(0, dst, v_store.index_select(0, src).to(v_pool.device))
+    def read(self, slots: list[int], pools: list[tuple[torch.Tensor, torch.Tensor]], pages: list[int]) -> None:
+        """Copy stored slots into pool pages of every layer (pools [(k_pool, v_pool)] per layer)."""
+        _copy_pages(self._storage, slots, pools, pages)
 
     # ---- store ----------------------------------------------------------------------------------------------
 
@@ -124,7 +119,7 @@ class PrefixCache:
             key = _key(parent, page)
             entry = self._entries.get(key)
             if entry is None or entry.parent != parent or entry.tokens != page:
-                slot = self._take_slot(keep)
+                slot = self._take_slot(keep) if entry is None else entry.slot   # a key clash: overwrite it
                 if slot is None:
                     break
                 entry = self._entries[key] = _Entry(slot, parent, page)
@@ -135,11 +130,7 @@ class PrefixCache:
             keep.add(key)
             parent = key
         if new_slots:
-            for (k_store, v_store), (k_pool, v_pool) in zip(self._storage, pools):
-                src = torch.tensor(new_pages, dtype=torch.long, device=k_pool.device)
-                dst = torch.tensor(new_slots, dtype=torch.long, device=k_store.device)
-                k_store.index_copy_(0, dst, k_pool.index_select(0, src).to(k_store.device))
-                v_store.index_copy_(0, dst, v_pool.index_select(0, src).to(v_store.device))
+            _copy_pages(pools, new_pages, self._storage, new_slots)
         self.stats.pages_stored = len(self._entries)
 
     def _take_slot(self, keep: set[bytes]) -> int | None:
@@ -151,6 +142,24 @@ class PrefixCache:
                 self.stats.evictions += 1
                 return entry.slot
         return None
+
+
+def _copy_pages(src: list[tuple[torch.Tensor, torch.Tensor]], src_pages: list[int],
+                dst: list[tuple[torch.Tensor, torch.Tensor]], dst_pages: list[int]) -> None:
+    """dst[layer][dst_pages[i]] = src[layer][src_pages[i]] for K and V of every layer (index tensors made once per
+    device)."""
+    indices: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+    def on(device: torch.device, pages: list[int], role: str) -> torch.Tensor:
+        key = (device, role)
+        if key not in indices:
+            indices[key] = torch.tensor(pages, dtype=torch.long).to(device)
+        return indices[key]
+
+    for src_pair, dst_pair in zip(src, dst):
+        for source, target in zip(src_pair, dst_pair):
+            picked = source.index_select(0, on(source.device, src_pages, "src")).to(target.device)
+            target.index_copy_(0, on(target.device, dst_pages, "dst"), picked)
 
 
 def _token_bytes(tokens: list[int]) -> bytes:

@@ -153,24 +153,20 @@ class _PagedPrefill(PrefillHooks):
         self.share_rows = cache.share_prefixes
         parameter = next(model.parameters())
         self.model_key = (_model_id(model), str(parameter.dtype), str(parameter.device))
-
-    def _prompts(self, input_ids, model_kwargs) -> list[list[int]] | None:
-        """The rows' token ids when no row has padding (prefixes are kept and reused only then)."""
-        if self.cache.prefix_cache is None:
-            return None
-        mask = model_kwargs.get("attention_mask")
-        if mask is not None and not bool(mask.all()):
-            return None
-        return input_ids.tolist()
+        self.prompts: list[list[int]] | None = None   # the prefilled rows' token ids, read once in before()
 
     def before(self, input_ids, model_kwargs) -> int:
-        prompts = self._prompts(input_ids, model_kwargs)
-        return 0 if prompts is None else self.cache.restore_prefix(prompts, self.model_key)
+        """With a prefix cache and no padding in any row (prefixes are kept and reused only then): restore the kept
+        prefix of the prompts."""
+        mask = model_kwargs.get("attention_mask")
+        if self.cache.prefix_cache is None or (mask is not None and not bool(mask.all())):
+            return 0
+        self.prompts = input_ids.tolist()
+        return self.cache.restore_prefix(self.prompts, self.model_key)
 
     def after(self, input_ids, model_kwargs, rows) -> None:
-        prompts = self._prompts(input_ids, model_kwargs)
-        if prompts is not None:
-            self.cache.store_prefix(prompts, self.model_key)
+        if self.prompts is not None:
+            self.cache.store_prefix(self.prompts, self.model_key)
         if rows is not None:
             self.cache.batch_select_indices(rows)
 
