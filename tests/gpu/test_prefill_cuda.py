@@ -201,6 +201,24 @@ def test_odd_page_sizes(generator, page_size):
     check_case(*case, causal=False, window=300)
 
 
+@pytest.mark.parametrize("page_size", [8, 32, 128, 512])
+def test_unused_slots_are_never_read(generator, page_size):
+    """Slots past a page's token count and pages outside the layout hold NaN, so reading one shows in the output.
+    On Hopper, tiles of 128 keys on full pages load by TMA in boxes of min(page_size, 128) rows (8 and 32: many
+    boxes per tile, 512: a tile inside a page) and the tile holding a partial page is gathered by cp.async."""
+    n_q, n_k = zip(*MIXED)
+    case = make_batch(generator, list(n_k), list(n_q), page_size=page_size, hkv=2, group=4, head_dim=128,
+                      dtype=torch.bfloat16)
+    _, k_cache, v_cache, _, cols, counts, _ = case
+    unused = torch.ones(k_cache.shape[:2], dtype=torch.bool, device="cuda")
+    for page, count in zip(cols.tolist(), counts.tolist()):
+        unused[page, :count] = False
+    k_cache[unused] = math.nan
+    v_cache[unused] = math.nan
+    check_case(*case)
+    check_case(*case, window=300)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("window", [None, 1, 100, 1000])

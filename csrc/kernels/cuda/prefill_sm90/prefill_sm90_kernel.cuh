@@ -27,6 +27,7 @@
 #include "../../params.h"
 #include "../prefill/prefill_kernel.cuh"
 #include "../softcap_sinks.cuh"
+#include "kv_tensor_maps.h"
 #include "prefill_sm90_ptx.cuh"
 
 namespace flashcore {
@@ -51,8 +52,8 @@ constexpr uint32_t kOffK = kOffQ + kTileBytes;
 constexpr uint32_t kOffV = kOffK + kStages * kTileBytes;
 constexpr uint32_t kOffSlots = kOffV + kStages * kTileBytes;  // int [2][kBlockN]
 constexpr uint32_t kOffWindow = kOffSlots + 2 * kBlockN * 4;  // int4 [32]
-constexpr uint32_t kOffReduce = kOffWindow + 32 * 16;         // int [12]
-constexpr uint32_t kSmemBytes = kOffReduce + 64 + 1024;       // + slack to align the base
+constexpr uint32_t kOffReduce = kOffWindow + 32 * 16;         // int [2][12]
+constexpr uint32_t kSmemBytes = kOffReduce + 96 + 1024;       // + slack to align the base
 static_assert(kSmemBytes + 4 * kStages * 8 <= 227 * 1024, "shared memory per block");
 
 // Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a swizzled [rows][128] tile of `rows` rows.
@@ -64,7 +65,8 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int chunk, uint32_t hal
 enum : int { kBarProducer = 1, kBarConsumer0 = 2, kBarTurn0 = 4 };
 
 template <typename T, bool kSoftcap>
-__global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const PagedAttentionParams p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    prefill_sm90_kernel(const PagedAttentionParams p, const __grid_constant__ KvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   constexpr int D = kHeadDim, M = kBlockM, N = kBlockN;
@@ -91,15 +93,24 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const PagedAt
   const int q0 = work.q0, n_q = work.n_q, rows_total = work.rows_total, m0 = work.m0;
   const int page_begin = work.page_begin, n_pages = work.n_pages;
 
-  // n_k = keys of this sequence (invalid pages count as empty).
-  int part = 0;
+  // n_k = keys of this sequence (invalid pages count as empty); whether every page but the last is full (then key k
+  // sits at row k % page_size of page entry k / page_size, which TMA boxes can load).
+  int part = 0, partial_pages = 0;
   for (int j = tid; j < n_pages; j += kThreads) {
     int page;
-    part += prefill::checked_count(p, page_begin + j, &page);
+    const int count = prefill::checked_count(p, page_begin + j, &page);
+    part += count;
+    partial_pages += (count != p.page_size && j + 1 < n_pages) ? 1 : 0;
   }
 #pragma unroll
-  for (int s = 16; s >= 1; s >>= 1) part += __shfl_xor_sync(0xffffffffu, part, s);
-  if (lane == 0) sReduce[warp] = part;
+  for (int s = 16; s >= 1; s >>= 1) {
+    part += __shfl_xor_sync(0xffffffffu, part, s);
+    partial_pages += __shfl_xor_sync(0xffffffffu, partial_pages, s);
+  }
+  if (lane == 0) {
+    sReduce[warp] = part;
+    sReduce[kThreads / 32 + warp] = partial_pages;
+  }
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(bar_full_k + 8 * s, 128);  // one cp.async-tracking arrival per producer thread
@@ -109,9 +120,12 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const PagedAt
     }
   }
   __syncthreads();
-  int n_k = 0;
+  int n_k = 0, n_partial = 0;
 #pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) n_k += sReduce[w];
+  for (int w = 0; w < kThreads / 32; ++w) {
+    n_k += sReduce[w];
+    n_partial += sReduce[kThreads / 32 + w];
+  }
 
   const int qpos_base = n_k - n_q;
   const int qpos_lo = qpos_base + m0 / G;
@@ -130,40 +144,76 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_sm90_kernel(const PagedAt
     const int64_t kv_token_stride = (int64_t)p.num_kv_heads * D;
     const T* k_cache = static_cast<const T*>(p.k_cache) + (int64_t)hkv * D;
     const T* v_cache = static_cast<const T*>(p.v_cache) + (int64_t)hkv * D;
+    // Tiles whose 128 keys all lie on full pages are loaded by TMA: lane b of warp 0 copies box b (box_rows keys of
+    // one page, both 64-dim halves) and lane 0 sets the transaction bytes the full barrier waits for; every other
+    // producer thread just arrives. Other tiles (a partial page, the sequence's end, irregular layouts, page sizes
+    // without maps) are gathered key by key with cp.async through the token slots warp 0 resolves.
+    const bool tma_pages = maps.box_rows > 0 && n_partial == 0;
+    auto tma_tile = [&](int nb) { return tma_pages && (nb + 1) * N <= n_k; };
+    const int boxes = tma_pages ? N / maps.box_rows : 0;
     if (warp == 0) {
       prefill::PageWindow win;
       prefill::load_window(win, 0, 0, p, page_begin, n_pages, lane);
       sWindow[lane] = make_int4(win.j, win.slot0, win.begin, win.end);
       __syncwarp();
-      prefill::fill_slots<N>(sWindow, nb_begin * N, n_k, sSlots, p, page_begin, n_pages, lane);
+      if (!tma_tile(nb_begin))
+        prefill::fill_slots<N>(sWindow, nb_begin * N, n_k, sSlots, p, page_begin, n_pages, lane);
     }
     // Thread t copies chunk t % 16 of rows t / 16 + 8 i: all its rows share (row & 7), so the swizzled destinations
     // differ by multiples of 1024 bytes.
     const int chunk = tid & 15, row0 = tid >> 4;
     const uint32_t dst0 = tile_offset(row0, chunk, kHalfBytes);
+    // Lane b's box of a TMA tile: page entry and first row of keys [nb * N + b * box_rows, ... + box_rows).
+    auto box_coords = [&](int nb, int& page, int& row) {
+      const int key = nb * N + lane * maps.box_rows;
+      page = p.cols[page_begin + key / p.page_size];
+      row = key % p.page_size;
+    };
+    auto tma_copy = [&](const CUtensorMap* map, uint32_t dst, uint32_t bar, int page, int row) {
+      if (lane == 0) mbar_arrive_expect_tx(bar, kTileBytes);
+      __syncwarp();
+      if (lane < boxes) {
+        const uint32_t box_dst = dst + lane * maps.box_rows * 128;
+        tma_load_4d(box_dst, map, bar, 0, hkv, row, page);
+        tma_load_4d(box_dst + kHalfBytes, map, bar, 64, hkv, row, page);
+      }
+    };
     for (int t = 0; t < n_tiles; ++t) {
       const int nb = nb_begin + t, stage = t % kStages;
+      const bool tma = tma_tile(nb);
       named_bar_sync(kBarProducer, 128);  // slots of tile t written by warp 0
+      const uint32_t k_tile = base + kOffK + stage * kTileBytes, v_tile = base + kOffV + stage * kTileBytes;
+      const uint32_t full_k = bar_full_k + 8 * stage, full_v = bar_full_v + 8 * stage;
+      int page = 0, row = 0;
+      if (tma && warp == 0 && lane < boxes) box_coords(nb, page, row);
       mbar_wait(bar_empty_k + 8 * stage, ((t / kStages) & 1) ^ 1);
       const int* slots = sSlots + (t & 1) * N + row0;
-      const uint32_t k_dst = base + kOffK + stage * kTileBytes + dst0;
-      const uint32_t v_dst = base + kOffV + stage * kTileBytes + dst0;
+      if (tma) {
+        if (warp == 0) tma_copy(&maps.k, k_tile, full_k, page, row);
+        if (tid != 0) mbar_arrive(full_k);
+      } else {
 #pragma unroll 4
-      for (int i = 0; i < N / 8; ++i) {
-        const int slot = slots[8 * i];
-        prefill::cp_async_16(k_dst + i * 1024, k_cache + (int64_t)max(slot, 0) * kv_token_stride + chunk * 8,
-                             slot >= 0 ? 16 : 0);
+        for (int i = 0; i < N / 8; ++i) {
+          const int slot = slots[8 * i];
+          prefill::cp_async_16(k_tile + dst0 + i * 1024,
+                               k_cache + (int64_t)max(slot, 0) * kv_token_stride + chunk * 8, slot >= 0 ? 16 : 0);
+        }
+        mbar_arrive_on_cp_async(full_k);
       }
-      mbar_arrive_on_cp_async(bar_full_k + 8 * stage);
       mbar_wait(bar_empty_v + 8 * stage, ((t / kStages) & 1) ^ 1);
+      if (tma) {
+        if (warp == 0) tma_copy(&maps.v, v_tile, full_v, page, row);
+        if (tid != 0) mbar_arrive(full_v);
+      } else {
 #pragma unroll 4
-      for (int i = 0; i < N / 8; ++i) {
-        const int slot = slots[8 * i];
-        prefill::cp_async_16(v_dst + i * 1024, v_cache + (int64_t)max(slot, 0) * kv_token_stride + chunk * 8,
-                             slot >= 0 ? 16 : 0);
+        for (int i = 0; i < N / 8; ++i) {
+          const int slot = slots[8 * i];
+          prefill::cp_async_16(v_tile + dst0 + i * 1024,
+                               v_cache + (int64_t)max(slot, 0) * kv_token_stride + chunk * 8, slot >= 0 ? 16 : 0);
+        }
+        mbar_arrive_on_cp_async(full_v);
       }
-      mbar_arrive_on_cp_async(bar_full_v + 8 * stage);
-      if (warp == 0 && t + 1 < n_tiles)
+      if (warp == 0 && t + 1 < n_tiles && !tma_tile(nb + 1))
         prefill::fill_slots<N>(sWindow, (nb + 1) * N, n_k, sSlots + ((t + 1) & 1) * N, p, page_begin, n_pages,
                                lane);
     }

@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 
 #include "../prefill/prefill_launch.cuh"
+#include "kv_tensor_maps.h"
 #include "prefill_sm90.h"
 #include "prefill_sm90_kernel.cuh"
 
@@ -23,7 +24,8 @@ bool has_sm90a_body() {
 }
 
 // Grid (KV head, sequence, query tile of 128 (query, head) rows), 384 threads; tiles past a sequence's real length
-// exit at once. No host sync, no allocation. kSoftcap: the logit-softcapping variant (p.softcap > 0).
+// exit at once. No host sync, no allocation; the TMA maps over the pools are encoded on the host per call
+// (a few microseconds) and passed by value, so a captured launch keeps its own. kSoftcap: the logit-softcapping variant (p.softcap > 0).
 template <typename T, bool kSoftcap>
 cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   if (!has_sm90a_body<T, kSoftcap>()) return cudaErrorNotSupported;
@@ -33,7 +35,7 @@ cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((unsigned)p.num_kv_heads, (unsigned)p.batch, (unsigned)tiles);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, encode_kv_tensor_maps(p));
   return cudaGetLastError();
 }
 
