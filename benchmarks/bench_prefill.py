@@ -1,13 +1,14 @@
 """Prefill attention throughput: flashcore's paged CUDA kernel against SDPA (flash, cuDNN) and compiled FlexAttention.
 
-Shapes (issues 4, 7): B16 H16 S2048 D64 fp16 causal and non-causal; B1 Hq32/Hkv8 D128 bf16 causal at S 8K, 32K,
-64K and 128K; B4 x 4K Hq32/Hkv8 D128 bf16 causal. flashcore reads K/V from a paged cache (pages scattered by a random
-permutation) at page sizes 128 and 16 with its default kernel choice (the wgmma kernel on an H100/H200 at head dim
-128), and at page size 128 once more with FLASHCORE_PREFILL_KERNEL=mma (column flashcore_mma_ps128_TF). The
+Shapes (issues 4, 7, 14): B16 H16 S2048 D64 fp16 causal and non-causal; B1 Hq32/Hkv8 D128 bf16 causal at S 8K, 32K,
+64K and 128K; B4 x 4K Hq32/Hkv8 D128 bf16 causal; a chunked prefill (4K queries after a 28K cached prefix, causal
+bottom-right: SDPA gets causal_lower_right). flashcore reads K/V from a paged cache (pages scattered by a random
+permutation) at page sizes 128, 64 and 16 with its default kernel choice (the wgmma kernel on an H100/H200 at head dims
+64 and 128), and at page size 128 once more with FLASHCORE_PREFILL_KERNEL=mma (column flashcore_mma_ps128_TF). The
 references run on dense contiguous [B, H, S, D] copies (SDPA with K/V expanded to Hq heads, as in ANCHORS.md;
 FlexAttention with enable_gqa and a causal block mask, skipped above 32K keys where building the mask takes too
 long), all in the same run.
-TFLOP/s counts 4 * B * Hq * S^2 * D, halved for causal. Writes bench_prefill.csv and bench_prefill.png under $OUT
+TFLOP/s counts 4 * B * Hq * S^2 * D, halved for causal (chunked prefill: 4 * B * Hq * D per visible (query, key) pair). Writes bench_prefill.csv and bench_prefill.png under $OUT
 (or ./benchmark_results) and prints a table last.
 
     python benchmarks/bench_prefill.py [--quick] [--no-refs] [--only TEXT]
@@ -28,7 +29,7 @@ from common import device_name, median_ms, output_dir, print_table, write_csv  #
 
 import flashcore_hf as fc  # noqa: E402
 
-SHAPES = [  # name, B, Hq, Hkv, S, D, causal, dtype
+SHAPES = [  # name, B, Hq, Hkv, S (keys), D, causal, dtype[, queries: the last ones, after a cached prefix]
     ("B16 H16 S2K D64 fp16", 16, 16, 16, 2048, 64, False, torch.float16),
     ("B16 H16 S2K D64 fp16 causal", 16, 16, 16, 2048, 64, True, torch.float16),
     ("B1 32/8 S8K D128 bf16 causal", 1, 32, 8, 8192, 128, True, torch.bfloat16),
@@ -36,8 +37,9 @@ SHAPES = [  # name, B, Hq, Hkv, S, D, causal, dtype
     ("B4 32/8 S4K D128 bf16 causal", 4, 32, 8, 4096, 128, True, torch.bfloat16),
     ("B1 32/8 S64K D128 bf16 causal", 1, 32, 8, 65536, 128, True, torch.bfloat16),
     ("B1 32/8 S128K D128 bf16 causal", 1, 32, 8, 131072, 128, True, torch.bfloat16),
+    ("B1 32/8 chunk 4K after 28K D128 bf16", 1, 32, 8, 32768, 128, True, torch.bfloat16, 4096),
 ]
-PAGE_SIZES = (128, 16)
+PAGE_SIZES = (128, 64, 16)
 
 
 def paged_copy(k, v, page_size, generator):
@@ -56,14 +58,19 @@ def paged_copy(k, v, page_size, generator):
     return k_cache, v_cache, fc.PageLayout(row_offsets, cols, counts, torch.full_like(cols, -1))
 
 
-def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, flex, rep_ms, refs=True):
+def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, q_len=None, *, flex, rep_ms, refs=True):
+    """One shape: S keys per sequence and its last q_len (default S) positions as queries; causal is bottom-right
+    aligned (a chunked prefill's queries see the whole cached prefix)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
 
+    Sq = S if q_len is None else q_len
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(B, S, Hq, D, generator=gen).to(dtype).cuda()
+    q = torch.randn(B, Sq, Hq, D, generator=gen).to(dtype).cuda()
     k = torch.randn(B, S, Hkv, D, generator=gen).to(dtype).cuda()
     v = torch.randn(B, S, Hkv, D, generator=gen).to(dtype).cuda()
-    flops = 4 * B * Hq * S * S * D * (0.5 if causal else 1.0)
+    visible_pairs = Sq * (S - Sq) + Sq * (Sq + 1) / 2 if causal else Sq * S  # per (sequence, head)
+    flops = 4 * B * Hq * D * (S * S / 2 if causal and Sq == S else visible_pairs)
     tflops = lambda ms: flops / ms / 1e9  # noqa: E731
     row = dict(shape=name, B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, causal=causal, dtype=str(dtype).replace("torch.", ""))
 
@@ -76,15 +83,21 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, flex, rep_ms, refs=True):
     for label, backend in backends:
         try:
             with sdpa_kernel(backend):
-                fn = lambda: F.scaled_dot_product_attention(qd, ke, ve, is_causal=causal)  # noqa: E731
+                if Sq == S:
+                    fn = lambda: F.scaled_dot_product_attention(qd, ke, ve, is_causal=causal)  # noqa: E731
+                else:
+                    bias = causal_lower_right(Sq, S)
+                    fn = lambda: F.scaled_dot_product_attention(qd, ke, ve, attn_mask=bias)  # noqa: E731
                 if label == "sdpa_flash":
-                    sdpa_out = fn().transpose(1, 2).reshape(B * S, Hq, D)
+                    sdpa_out = fn().transpose(1, 2).reshape(B * Sq, Hq, D)
                 row[label + "_TF"] = tflops(median_ms(fn, rep_ms=rep_ms))
         except Exception as err:  # a backend missing on this machine is reported, not fatal
             row[label + "_err"] = repr(err)[:120]
     del ke, ve
     if flex is not None and S > 32768:
         row["flex_err"] = "not run above 32K keys (building the causal block mask takes too long)"
+    elif flex is not None and Sq != S:
+        row["flex_err"] = "not run for chunked prefill"
     elif flex is not None:
         try:
             from torch.nn.attention.flex_attention import create_block_mask
@@ -97,13 +110,17 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, flex, rep_ms, refs=True):
             row["flex_err"] = repr(err)[:160]
     del qd, kd, vd
 
-    q_packed = q.reshape(B * S, Hq, D)
-    q_indptr = (torch.arange(B + 1, dtype=torch.int32) * S).cuda()
+    q_packed = q.reshape(B * Sq, Hq, D)
+    q_indptr = (torch.arange(B + 1, dtype=torch.int32) * Sq).cuda()
     for page_size in PAGE_SIZES:
         k_cache, v_cache, layout = paged_copy(k, v, page_size, gen)
-        plan = fc.plan_attention(layout, q_indptr, num_q_heads=Hq, num_kv_heads=k_cache.shape[2], head_dim=D,
-                                 page_size=page_size, dtype=q.dtype, total_q=B * S, causal=causal)
-        fn = lambda: plan.run(q_packed, k_cache, v_cache, layout, q_indptr)  # noqa: E731
+
+        def planned_run():  # the plan picks the kernel (FLASHCORE_PREFILL_KERNEL is read when planning)
+            plan = fc.plan_attention(layout, q_indptr, num_q_heads=Hq, num_kv_heads=k_cache.shape[2], head_dim=D,
+                                     page_size=page_size, dtype=q.dtype, total_q=B * Sq, causal=causal)
+            return lambda: plan.run(q_packed, k_cache, v_cache, layout, q_indptr)
+
+        fn = planned_run()
         out = fn()
         if sdpa_out is not None:
             row[f"ps{page_size}_maxdiff_vs_flash"] = (out.float() - sdpa_out.float()).abs().max().item()
@@ -112,7 +129,7 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, flex, rep_ms, refs=True):
             previous = os.environ.get("FLASHCORE_PREFILL_KERNEL")
             os.environ["FLASHCORE_PREFILL_KERNEL"] = "mma"
             try:
-                row["flashcore_mma_ps128_TF"] = tflops(median_ms(fn, rep_ms=rep_ms))
+                row["flashcore_mma_ps128_TF"] = tflops(median_ms(planned_run(), rep_ms=rep_ms))
             finally:
                 if previous is None:
                     del os.environ["FLASHCORE_PREFILL_KERNEL"]
@@ -133,10 +150,10 @@ SOFTCAP = 30.0
 
 def softcap_cost(rep_ms):
     """flashcore alone, in one run: plain, softcap, sinks and both on SOFTCAP_SHAPES (page size 128), with the default
-    kernel and (head dim 128) with FLASHCORE_PREFILL_KERNEL=mma; TFLOP/s and the time ratio to plain."""
+    kernel and with FLASHCORE_PREFILL_KERNEL=mma; TFLOP/s and the time ratio to plain."""
     rows = []
     for shape in SHAPES:
-        name, B, Hq, Hkv, S, D, causal, dtype = shape
+        name, B, Hq, Hkv, S, D, causal, dtype = shape[:8]
         if name not in SOFTCAP_SHAPES:
             continue
         gen = torch.Generator().manual_seed(0)
@@ -149,7 +166,7 @@ def softcap_cost(rep_ms):
         flops = 4 * B * Hq * S * S * D * (0.5 if causal else 1.0)
         previous = os.environ.get("FLASHCORE_PREFILL_KERNEL")
         try:
-            for kernel in ("default", "mma") if D == 128 else ("default",):  # D64: the mma.sync kernel only
+            for kernel in ("default", "mma"):
                 if kernel == "mma":
                     os.environ["FLASHCORE_PREFILL_KERNEL"] = "mma"
                 row = dict(shape=name, kernel=kernel)
@@ -235,8 +252,11 @@ def main():
     csv_path = write_csv(rows, "bench_prefill.csv")
     plot(rows, output_dir() / "bench_prefill.png")
     print(f"\n{device_name()}; CSV: {csv_path}")
-    print_table(rows, ["shape", "flashcore_ps128_TF", "flashcore_ps16_TF", "flashcore_mma_ps128_TF", "sdpa_flash_TF",
-                       "sdpa_cudnn_TF", "flex_TF", "ps128_vs_flash", "ps16_vs_flash", "ps128_vs_cudnn", "ps128_vs_flex"])
+    for row in rows:
+        row["ps16_vs_ps128"] = row["flashcore_ps16_TF"] / row["flashcore_ps128_TF"]
+    print_table(rows, ["shape", "flashcore_ps128_TF", "flashcore_ps64_TF", "flashcore_ps16_TF", "flashcore_mma_ps128_TF",
+                       "sdpa_flash_TF", "sdpa_cudnn_TF", "flex_TF", "ps128_vs_cudnn", "ps64_vs_cudnn", "ps16_vs_ps128",
+                       "ps128_vs_flex"])
 
 
 if __name__ == "__main__":

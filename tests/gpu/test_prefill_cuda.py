@@ -202,12 +202,13 @@ def test_odd_page_sizes(generator, page_size):
 
 
 @pytest.mark.parametrize("page_size", [8, 32, 128, 512])
-def test_unused_slots_are_never_read(generator, page_size):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_unused_slots_are_never_read(generator, page_size, head_dim):
     """Slots past a page's token count and pages outside the layout hold NaN, so reading one shows in the output.
     On Hopper, tiles of 128 keys on full pages load by TMA in boxes of min(page_size, 128) rows (8 and 32: many
     boxes per tile, 512: a tile inside a page) and the tile holding a partial page is gathered by cp.async."""
     n_q, n_k = zip(*MIXED)
-    case = make_batch(generator, list(n_k), list(n_q), page_size=page_size, hkv=2, group=4, head_dim=128,
+    case = make_batch(generator, list(n_k), list(n_q), page_size=page_size, hkv=2, group=4, head_dim=head_dim,
                       dtype=torch.bfloat16)
     _, k_cache, v_cache, _, cols, counts, _ = case
     unused = torch.ones(k_cache.shape[:2], dtype=torch.bool, device="cuda")
@@ -360,12 +361,13 @@ def test_many_tiles_ragged(generator, dtype, page_size, group):
     check_case(*case, window=1500)
 
 
-def test_kernels_agree_and_differ_bitwise(generator, prefill_kernel, monkeypatch):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernels_agree_and_differ_bitwise(generator, prefill_kernel, monkeypatch, head_dim):
     """Both kernels are correct on the same inputs, and on an sm_90 device the variable really switches kernels (the
     two accumulate in different orders, so some bf16 outputs differ in the last bit)."""
     if prefill_kernel != "wgmma":
         pytest.skip("compares both kernels in one run")
-    case = make_batch(generator, [3000, 1500], [3000, 900], page_size=64, hkv=2, group=4, head_dim=128,
+    case = make_batch(generator, [3000, 1500], [3000, 900], page_size=64, hkv=2, group=4, head_dim=head_dim,
                       dtype=torch.bfloat16)
     out_wgmma, _ = check_case(*case)
     monkeypatch.setenv("FLASHCORE_PREFILL_KERNEL", "mma")

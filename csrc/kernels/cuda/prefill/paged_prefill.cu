@@ -1,6 +1,6 @@
 // Host entry points of the prefill kernels (see launchers.h): what they support, and the kernel / dtype dispatch.
 //
-// Two kernels: the Hopper wgmma kernel (../prefill_sm90/, head dim 128, fp16/bf16, compute capability 9.0, sm_90a
+// Two kernels: the Hopper wgmma kernel (../prefill_sm90/, head dims 64 and 128, fp16/bf16, compute capability 9.0, sm_90a
 // build) and the mma.sync kernel here (everything else). The attention plan picks one (paged_prefill_wgmma_applies);
 // FLASHCORE_PREFILL_KERNEL, read at every plan, picks one for tests and comparisons: "mma" forces the mma.sync
 // kernel; "wgmma" or unset uses the wgmma kernel wherever it applies and the mma.sync kernel elsewhere. Each kernel has a logit-softcapping variant, chosen here when

@@ -47,7 +47,7 @@ bool encode_pool(CUtensorMap* map, const void* pool, const PagedAttentionParams&
 KvTensorMaps encode_kv_tensor_maps(const PagedAttentionParams& p) {
   KvTensorMaps maps{};
   const bool aligned = reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0 && reinterpret_cast<uintptr_t>(p.v_cache) % 16 == 0;
-  if (!tma_page_size(p.page_size) || !aligned || p.head_dim != 128 || p.num_pages < 1 || encode_function() == nullptr)
+  if (!tma_page_size(p.page_size) || !aligned || (p.head_dim != 64 && p.head_dim != 128) || p.num_pages < 1 || encode_function() == nullptr)
     return maps;
   const int box_rows = p.page_size < 128 ? p.page_size : 128;
   if (encode_pool(&maps.k, p.k_cache, p, box_rows) && encode_pool(&maps.v, p.v_cache, p, box_rows))

@@ -8,9 +8,9 @@ namespace flashcore {
 namespace prefill_sm90 {
 
 // Shapes the wgmma kernel handles (the caller has already checked paged_prefill_supported): fp16/bf16, head dim
-// 128, one layout row per sequence. The device must be compute capability 9.0 (checked by the dispatcher).
+// 64 or 128, one layout row per sequence. The device must be compute capability 9.0 (checked by the dispatcher).
 inline bool supports(const PagedAttentionParams& p) {
-  return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && p.head_dim == 128 && !p.per_kv_head_rows;
+  return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && (p.head_dim == 64 || p.head_dim == 128) && !p.per_kv_head_rows;
 }
 
 // Launches the kernel; cudaErrorNotSupported (before launching anything) when this build holds no sm_90a code for it.

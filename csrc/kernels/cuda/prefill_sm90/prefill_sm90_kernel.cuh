@@ -1,4 +1,4 @@
-// Hopper (sm_90a) paged prefill attention, head dim 128: warp-specialized, wgmma, same semantics as the mma.sync
+// Hopper (sm_90a) paged prefill attention, head dims 64 and 128: warp-specialized, wgmma, same semantics as the mma.sync
 // kernel in ../prefill/prefill_kernel.cuh (packed (query, head-in-group) rows, any page list, causal / window,
 // LSE always written, no host sync).
 //
@@ -33,7 +33,6 @@
 namespace flashcore {
 namespace prefill_sm90 {
 
-constexpr int kHeadDim = 128;
 constexpr int kBlockM = 128;  // (query, head) rows per CTA: 64 per consumer warpgroup
 constexpr int kBlockN = 128;  // keys per K/V tile
 constexpr int kThreads = 384;
@@ -44,19 +43,26 @@ constexpr int kProducerRegs = 56;
 constexpr int kConsumerRegs = 224;  // 128 * 56 + 256 * 224 = 64512 <= 65536
 static_assert(kBlockM == prefill::kBlockM, "same query tiling as the mma.sync kernel (grid sizing)");
 
-// Dynamic shared memory, byte offsets from a 1024-byte aligned base.
-constexpr uint32_t kTileBytes = kBlockN * kHeadDim * 2;  // 32 KB, also the Q tile
-constexpr uint32_t kHalfBytes = kTileBytes / 2;          // one [128 rows][64] half
-constexpr uint32_t kOffQ = 0;
-constexpr uint32_t kOffK = kOffQ + kTileBytes;
-constexpr uint32_t kOffV = kOffK + kStages * kTileBytes;
-constexpr uint32_t kOffSlots = kOffV + kStages * kTileBytes;  // int [2][kBlockN]
-constexpr uint32_t kOffWindow = kOffSlots + 2 * kBlockN * 4;  // int4 [32]
-constexpr uint32_t kOffReduce = kOffWindow + 32 * 16;         // int [2][12]
-constexpr uint32_t kSmemBytes = kOffReduce + 96 + 1024;       // + slack to align the base
-static_assert(kSmemBytes + 4 * kStages * 8 <= 227 * 1024, "shared memory per block");
+constexpr uint32_t kHalfBytes = kBlockN * 128;  // one [128 rows][64 dims] half of a Q, K or V tile (16 KB)
 
-// Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a swizzled [rows][128] tile of `rows` rows.
+// Tile sizes and dynamic shared memory (byte offsets from a 1024-byte aligned base) at head dim 64 or 128.
+template <int kHeadDim>
+struct Layout {
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim 64 or 128");
+  static constexpr int kHalves = kHeadDim / 64;       // 64-dim halves per row
+  static constexpr int kChunks = kHeadDim / 8;        // 16-byte chunks per row
+  static constexpr uint32_t kTileBytes = kHalves * kHalfBytes;  // Q (128 rows), K and V tiles
+  static constexpr uint32_t kOffQ = 0;
+  static constexpr uint32_t kOffK = kOffQ + kTileBytes;
+  static constexpr uint32_t kOffV = kOffK + kStages * kTileBytes;
+  static constexpr uint32_t kOffSlots = kOffV + kStages * kTileBytes;  // int [2][kBlockN]
+  static constexpr uint32_t kOffWindow = kOffSlots + 2 * kBlockN * 4;  // int4 [32]
+  static constexpr uint32_t kOffReduce = kOffWindow + 32 * 16;         // int [2][12]
+  static constexpr uint32_t kSmemBytes = kOffReduce + 96 + 1024;       // + slack to align the base
+  static_assert(kSmemBytes + 4 * kStages * 8 <= 227 * 1024, "shared memory per block");
+};
+
+// Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a swizzled [rows][64 or 128] tile of `rows` rows.
 __device__ __forceinline__ uint32_t tile_offset(int row, int chunk, uint32_t half_bytes) {
   return (chunk >> 3) * half_bytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
 }
@@ -64,12 +70,15 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int chunk, uint32_t hal
 // Named barrier ids (0 is __syncthreads).
 enum : int { kBarProducer = 1, kBarConsumer0 = 2, kBarTurn0 = 4 };
 
-template <typename T, bool kSoftcap>
+template <typename T, bool kSoftcap, int kHeadDim>
 __global__ void __launch_bounds__(kThreads, 1)
     prefill_sm90_kernel(const PagedAttentionParams p, const __grid_constant__ KvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   constexpr int D = kHeadDim, M = kBlockM, N = kBlockN;
+  using L = Layout<kHeadDim>;
+  constexpr uint32_t kTileBytes = L::kTileBytes, kOffQ = L::kOffQ, kOffK = L::kOffK, kOffV = L::kOffV;
+  constexpr int kChunks = L::kChunks, kRowsPerPass = 128 / kChunks;  // rows one pass of the 128 producer threads copies
   // mbarriers full_k, full_v, empty_k, empty_v [kStages] each: K and V stages are filled and recycled separately
   // (K as soon as S = Q K^T is done, V after P V), which lets the producer run further ahead. Static shared memory
   // also tells the host that this body was built (an sm_90a build); see prefill_sm90_launch.cuh.
@@ -78,9 +87,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t raw_addr = prefill::smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023) & ~1023u;
   unsigned char* smem = smem_raw + (base - raw_addr);
-  int* sSlots = reinterpret_cast<int*>(smem + kOffSlots);
-  int4* sWindow = reinterpret_cast<int4*>(smem + kOffWindow);
-  int* sReduce = reinterpret_cast<int*>(smem + kOffReduce);
+  int* sSlots = reinterpret_cast<int*>(smem + L::kOffSlots);
+  int4* sWindow = reinterpret_cast<int4*>(smem + L::kOffWindow);
+  int* sReduce = reinterpret_cast<int*>(smem + L::kOffReduce);
   const uint32_t bar_full_k = prefill::smem_addr(&bars[0]);
   const uint32_t bar_full_v = bar_full_k + 8 * kStages;
   const uint32_t bar_empty_k = bar_full_v + 8 * kStages;
@@ -159,9 +168,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (!tma_tile(nb_begin))
         prefill::fill_slots<N>(sWindow, nb_begin * N, n_k, sSlots, p, page_begin, n_pages, lane);
     }
-    // Thread t copies chunk t % 16 of rows t / 16 + 8 i: all its rows share (row & 7), so the swizzled destinations
-    // differ by multiples of 1024 bytes.
-    const int chunk = tid & 15, row0 = tid >> 4;
+    // Thread t copies chunk t % kChunks of rows t / kChunks + kRowsPerPass i: all its rows share (row & 7), so the
+    // swizzled destinations differ by multiples of kRowsPerPass * 128 bytes.
+    const int chunk = tid % kChunks, row0 = tid / kChunks;
     const uint32_t dst0 = tile_offset(row0, chunk, kHalfBytes);
     // Lane b's box of a TMA tile: page entry and first row of keys [nb * N + b * box_rows, ... + box_rows).
     auto box_coords = [&](int nb, int& page, int& row) {
@@ -174,8 +183,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncwarp();
       if (lane < boxes) {
         const uint32_t box_dst = dst + lane * maps.box_rows * 128;
-        tma_load_4d(box_dst, map, bar, 0, hkv, row, page);
-        tma_load_4d(box_dst + kHalfBytes, map, bar, 64, hkv, row, page);
+#pragma unroll
+        for (int half = 0; half < L::kHalves; ++half)
+          tma_load_4d(box_dst + half * kHalfBytes, map, bar, 64 * half, hkv, row, page);
       }
     };
     for (int t = 0; t < n_tiles; ++t) {
@@ -193,9 +203,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tid != 0) mbar_arrive(full_k);
       } else {
 #pragma unroll 4
-        for (int i = 0; i < N / 8; ++i) {
-          const int slot = slots[8 * i];
-          prefill::cp_async_16(k_tile + dst0 + i * 1024,
+        for (int i = 0; i < N / kRowsPerPass; ++i) {
+          const int slot = slots[kRowsPerPass * i];
+          prefill::cp_async_16(k_tile + dst0 + i * kRowsPerPass * 128,
                                k_cache + (int64_t)max(slot, 0) * kv_token_stride + chunk * 8, slot >= 0 ? 16 : 0);
         }
         mbar_arrive_on_cp_async(full_k);
@@ -206,9 +216,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tid != 0) mbar_arrive(full_v);
       } else {
 #pragma unroll 4
-        for (int i = 0; i < N / 8; ++i) {
-          const int slot = slots[8 * i];
-          prefill::cp_async_16(v_tile + dst0 + i * 1024,
+        for (int i = 0; i < N / kRowsPerPass; ++i) {
+          const int slot = slots[kRowsPerPass * i];
+          prefill::cp_async_16(v_tile + dst0 + i * kRowsPerPass * 128,
                                v_cache + (int64_t)max(slot, 0) * kv_token_stride + chunk * 8, slot >= 0 ? 16 : 0);
         }
         mbar_arrive_on_cp_async(full_v);
@@ -232,9 +242,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   {
     const T* q = static_cast<const T*>(p.q);
 #pragma unroll
-    for (int it = 0; it < 64 * 16 / 128; ++it) {
+    for (int it = 0; it < 64 * kChunks / 128; ++it) {
       const int idx = it * 128 + wtid;
-      const int row = wg * 64 + (idx >> 4), chunk = idx & 15;
+      const int row = wg * 64 + idx / kChunks, chunk = idx % kChunks;
       const int m = m0 + row;
       const bool valid = m < rows_total;
       const int i = valid ? m / G : 0, g = valid ? m - i * G : 0;
@@ -257,11 +267,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int nb_full_hi = min(n_k / N, p.causal ? max(qpos_lo + 1, 0) / N : n_k / N);
   const int nb_full_lo = p.window > 0 ? (max(qpos_hi - p.window + 1, 0) + N - 1) / N : 0;
 
-  float acc_o[64], acc_s[64];
+  float acc_o[D / 2], acc_s[64];
   uint32_t pa[8][4];
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc_o[i] = 0.f;
+  for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
 
   // Descriptors: Q / K K-major (LBO unused), V MN-major (LBO = the next 64 d-columns, SBO = the next 8 keys).
   const uint32_t q_base = base + kOffQ + wg * 64 * 128;
@@ -338,7 +348,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto rescale_o = [&](const float (&corr)[2]) {
     if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
-      for (int j = 0; j < N / 8; ++j) {
+      for (int j = 0; j < D / 8; ++j) {
         acc_o[j * 4 + 0] *= corr[0];
         acc_o[j * 4 + 1] *= corr[0];
         acc_o[j * 4 + 2] *= corr[1];
@@ -418,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int row = my_row + 8 * h;
     if (p.sinks != nullptr) inv *= add_sink(lse, __ldg(p.sinks + hkv * G + (m0 + row) % G));  // (a head for any row)
 #pragma unroll
-    for (int j = 0; j < N / 8; ++j) {
+    for (int j = 0; j < D / 8; ++j) {
       const uint32_t packed = Ops::pack(acc_o[j * 4 + 2 * h] * inv, acc_o[j * 4 + 2 * h + 1] * inv);
       *reinterpret_cast<uint32_t*>(sQ + tile_offset(row, j, kHalfBytes) + (lane & 3) * 4) = packed;
     }
@@ -430,9 +440,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   named_bar_sync(kBarConsumer0 + wg, 128);
 #pragma unroll
-  for (int it = 0; it < 64 * 16 / 128; ++it) {
+  for (int it = 0; it < 64 * kChunks / 128; ++it) {
     const int idx = it * 128 + wtid;
-    const int row = wg * 64 + (idx >> 4), chunk = idx & 15;
+    const int row = wg * 64 + idx / kChunks, chunk = idx % kChunks;
     const int m = m0 + row;
     if (m < rows_total) {
       const int i = m / G, g = m - i * G;

@@ -12,11 +12,11 @@ namespace prefill_sm90 {
 
 // The kernel body exists only in sm_90a code and is the only part that declares static shared memory (its
 // mbarriers): a build for other targets yields an empty kernel with none, which must never be launched.
-template <typename T, bool kSoftcap>
+template <typename T, bool kSoftcap, int kHeadDim>
 bool has_sm90a_body() {
   static const bool built = [] {
     cudaFuncAttributes attr;
-    const bool ok = cudaFuncGetAttributes(&attr, prefill_sm90_kernel<T, kSoftcap>) == cudaSuccess;
+    const bool ok = cudaFuncGetAttributes(&attr, prefill_sm90_kernel<T, kSoftcap, kHeadDim>) == cudaSuccess;
     if (!ok) (void)cudaGetLastError();
     return ok && attr.sharedSizeBytes > 0;
   }();
@@ -24,19 +24,26 @@ bool has_sm90a_body() {
 }
 
 // Grid (KV head, sequence, query tile of 128 (query, head) rows), 384 threads; tiles past a sequence's real length
-// exit at once. No host sync, no allocation; the TMA maps over the pools are encoded on the host per call
-// (a few microseconds) and passed by value, so a captured launch keeps its own. kSoftcap: the logit-softcapping variant (p.softcap > 0).
-template <typename T, bool kSoftcap>
-cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
-  if (!has_sm90a_body<T, kSoftcap>()) return cudaErrorNotSupported;
+// exit at once. No host sync, no allocation; the TMA maps over the pools are encoded on the host per call (a few
+// microseconds) and passed by value, so a captured launch keeps its own.
+template <typename T, bool kSoftcap, int kHeadDim>
+cudaError_t launch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
+  if (!has_sm90a_body<T, kSoftcap, kHeadDim>()) return cudaErrorNotSupported;
   const int64_t tiles = prefill::query_tiles(p);
   if (tiles == 0 || p.batch == 0 || p.total_q == 0) return cudaSuccess;
-  auto kernel = prefill_sm90_kernel<T, kSoftcap>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmemBytes);
+  auto kernel = prefill_sm90_kernel<T, kSoftcap, kHeadDim>;
+  constexpr int kSmemBytes = (int)Layout<kHeadDim>::kSmemBytes;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((unsigned)p.num_kv_heads, (unsigned)p.batch, (unsigned)tiles);
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, encode_kv_tensor_maps(p));
   return cudaGetLastError();
+}
+
+// kSoftcap: the logit-softcapping variant (p.softcap > 0); head dim 64 or 128 (supports()).
+template <typename T, bool kSoftcap>
+cudaError_t launch(const PagedAttentionParams& p, cudaStream_t stream) {
+  return p.head_dim == 64 ? launch_head_dim<T, kSoftcap, 64>(p, stream) : launch_head_dim<T, kSoftcap, 128>(p, stream);
 }
 
 }  // namespace prefill_sm90

@@ -24,9 +24,10 @@ __device__ __forceinline__ void wgmma_wait() {
 
 // Tells the compiler that the accumulators change here (an asynchronous wgmma writes them): reads of them may not
 // move above a wgmma_wait, writes may not move below a wgmma issue.
-__device__ __forceinline__ void fence_regs(float (&d)[64]) {
+template <int kN>
+__device__ __forceinline__ void fence_regs(float (&d)[kN]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 __device__ __forceinline__ void fence_regs(uint32_t (&a)[8][4]) {
 #pragma unroll
@@ -83,6 +84,33 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const uint32_t (&a)[4],
   }
 }
 
+#define FC_D32 FC_D8(0), FC_D8(8), FC_D8(16), FC_D8(24)
+#define FC_ACC_LIST32                                                                                               \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, " \
+  "%24, %25, %26, %27, %28, %29, %30, %31}"
+
+// D[64x64] (+)= A[64x16] * B[16x64]: the head-dim-64 P V step, operands as in the 64x128 form above.
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FC_ACC_LIST32
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : FC_D32
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " FC_ACC_LIST32
+        ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+        : FC_D32
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+  }
+}
+
+#undef FC_ACC_LIST32
+#undef FC_D32
 #undef FC_ACC_LIST
 #undef FC_D64
 #undef FC_D8
