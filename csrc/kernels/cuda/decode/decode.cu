@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../common/ptx.cuh"
 #include "../launchers.h"
 #include "decode_common.cuh"
 
@@ -157,9 +158,9 @@ cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void*
   a.min_pages_per_split = plan.min_pages_per_split;
   a.need_pos = plan.need_pos;
   a.page_shift = (p.page_size & (p.page_size - 1)) == 0 ? __builtin_ctz(static_cast<unsigned>(p.page_size)) : -1;
-  a.scale_log2 = p.sm_scale * 1.4426950408889634f;
+  a.scale_log2 = p.sm_scale * kLog2e;
   a.cap_in = p.softcap > 0.f ? p.sm_scale / p.softcap : 0.f;
-  a.cap_log2 = p.softcap > 0.f ? p.softcap * 1.4426950408889634f : 0.f;
+  a.cap_log2 = p.softcap > 0.f ? p.softcap * kLog2e : 0.f;
   a.part_out = plan.splits > 1 ? reinterpret_cast<float*>(ws + plan.part_out_offset) : nullptr;
   a.part_lse = plan.splits > 1 ? reinterpret_cast<float*>(ws + plan.part_lse_offset) : nullptr;
   a.page_pos = plan.need_pos ? reinterpret_cast<int32_t*>(ws + plan.page_pos_offset) : nullptr;

@@ -17,78 +17,13 @@
 
 #include <cstdint>
 
-#include "../pdl.cuh"
-#include "../softcap_sinks.cuh"
+#include "../common/mma_sm80.cuh"
+#include "../common/pdl.cuh"
+#include "../common/ptx.cuh"
+#include "../common/softcap_sinks.cuh"
 #include "decode_common.cuh"
 
 namespace flashcore::decode {
-
-// ---- small PTX helpers -----------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// 16-byte async copy; src_bytes == 0 writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
-                                                  uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3) : "r"(addr));
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-template <typename T> struct MmaTraits;
-template <> struct MmaTraits<__nv_bfloat16> {
-  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  __device__ static __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <> struct MmaTraits<__half> {
-  __device__ static __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  __device__ static __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-// Eight floats -> eight T packed in 16 bytes.
-template <typename T>
-__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
-  uint4 r;
-  r.x = MmaTraits<T>::pack(v[0], v[1]);
-  r.y = MmaTraits<T>::pack(v[2], v[3]);
-  r.z = MmaTraits<T>::pack(v[4], v[5]);
-  r.w = MmaTraits<T>::pack(v[6], v[7]);
-  return r;
-}
 
 // ---- main kernel -----------------------------------------------------------------------------------------------
 
@@ -107,7 +42,7 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
   constexpr int DK = D / 16;                // k-steps of Q K^T
   constexpr int OT = D / 8;                 // n-tiles of the output
   static_assert(KW % 16 == 0 && N <= kThreads && N % ROW_STEP == 0, "tile shape");
-  using Tr = MmaTraits<T>;
+  using Tr = MmaOps<T>;
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* s_k = reinterpret_cast<T*>(smem);
@@ -177,9 +112,9 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
         const int64_t off = s_off[ring * N + row];
         const uint32_t bytes = off >= 0 ? 16u : 0u;
         const int64_t src = off >= 0 ? off + c * 8 : 0;
-        const int dst = stage * N * D + row * D + ((c ^ (row & 7)) << 3);
-        cp_async_16(smem_u32(s_k + dst), k_cache + src, bytes);
-        cp_async_16(smem_u32(s_v + dst), v_cache + src, bytes);
+        const int dst = stage * N * D + row * D + (swizzled_chunk(row, c) << 3);
+        cp_async_16(smem_addr(s_k + dst), k_cache + src, bytes);
+        cp_async_16(smem_addr(s_v + dst), v_cache + src, bytes);
       }
     }
     cp_async_commit();  // always, so the group count stays in step with the tile count
@@ -259,10 +194,10 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
         for (int np = 0; np < KW / 16; ++np) {
           const int row = key0 + np * 16 + k_row;
           const int c = ks * 2 + k_chunk;
-          uint32_t b0, b1, b2, b3;
-          ldmatrix_x4(smem_u32(tk + row * D + ((c ^ (row & 7)) << 3)), b0, b1, b2, b3);
-          Tr::mma(s[2 * np], qf[ks], b0, b1);
-          Tr::mma(s[2 * np + 1], qf[ks], b2, b3);
+          uint32_t b[4];
+          ldmatrix_x4(b, smem_addr(tk + row * D + (swizzled_chunk(row, c) << 3)));
+          Tr::mma(s[2 * np], qf[ks], b[0], b[1]);
+          Tr::mma(s[2 * np + 1], qf[ks], b[2], b[3]);
         }
       }
 
@@ -329,10 +264,10 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
 #pragma unroll
         for (int dp = 0; dp < OT / 2; ++dp) {
           const int c = dp * 2 + v_chunk;
-          uint32_t b0, b1, b2, b3;
-          ldmatrix_x4_trans(smem_u32(tv + row * D + ((c ^ (row & 7)) << 3)), b0, b1, b2, b3);
-          Tr::mma(o[2 * dp], pa, b0, b1);
-          Tr::mma(o[2 * dp + 1], pa, b2, b3);
+          uint32_t b[4];
+          ldmatrix_x4_trans(b, smem_addr(tv + row * D + (swizzled_chunk(row, c) << 3)));
+          Tr::mma(o[2 * dp], pa, b[0], b[1]);
+          Tr::mma(o[2 * dp + 1], pa, b[2], b[3]);
         }
       }
     }
@@ -367,7 +302,6 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
   }
   __syncthreads();
 
-  constexpr float kLn2 = 0.6931471805599453f;
   for (int item = tid; item < ROWS * (D / 8); item += kThreads) {
     const int rl = item / (D / 8), c8 = item % (D / 8);
     const int r = row0 + rl;
@@ -482,7 +416,6 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs
   for (int e = 0; e < V; ++e) acc[e] = 0.f;
   float w_sum = 0.f;
   if (lse_max != -INFINITY) {
-    constexpr float kLog2e = 1.4426950408889634f;
     // Every active split wrote finite partials for every row of the sequence (zeros where it saw no key, with
     // lse -inf, whose weight is exactly 0), so the loads are unconditional and can all be in flight at once.
 #pragma unroll 16
@@ -505,11 +438,11 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs
   T* out = static_cast<T*>(p.out) + row * D + lane * V;
   if constexpr (V == 4) {
     uint2 v;
-    v.x = MmaTraits<T>::pack(acc[0] * inv, acc[1] * inv);
-    v.y = MmaTraits<T>::pack(acc[2] * inv, acc[3] * inv);
+    v.x = MmaOps<T>::pack(acc[0] * inv, acc[1] * inv);
+    v.y = MmaOps<T>::pack(acc[2] * inv, acc[3] * inv);
     *reinterpret_cast<uint2*>(out) = v;
   } else {
-    *reinterpret_cast<uint32_t*>(out) = MmaTraits<T>::pack(acc[0] * inv, acc[1] * inv);
+    *reinterpret_cast<uint32_t*>(out) = MmaOps<T>::pack(acc[0] * inv, acc[1] * inv);
   }
   if (lane == 0) p.lse[row] = w_sum > 0.f ? lse_max + __logf(w_sum) : -INFINITY;
 }

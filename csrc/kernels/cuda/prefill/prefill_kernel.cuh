@@ -26,12 +26,13 @@
 #include <cstdint>
 
 #include "../../params.h"
-#include "../softcap_sinks.cuh"
+#include "../common/mma_sm80.cuh"
+#include "../common/page_walk.cuh"
+#include "../common/ptx.cuh"
+#include "../common/softcap_sinks.cuh"
 
 namespace flashcore {
 namespace prefill {
-
-constexpr int kBlockM = 128;  // query rows (query, head) per CTA
 
 template <int kHeadDim_, int kBlockN_>
 struct TileConfig {
@@ -51,185 +52,10 @@ struct TileConfig {
   static_assert(kHeadDim % 64 == 0 && kBlockN % 32 == 0, "tile shape");
 };
 
-// ---- small PTX wrappers ------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-// What one CTA of either prefill kernel works on. Grid (KV head, sequence, query tile) with the tile slowest and
-// reversed: every (sequence, KV head) pair's last tile -- the heaviest under a causal mask -- is scheduled before any
-// earlier one (longest first keeps the tail of the grid short). Layout indices are clamped into range.
-struct TileWork {
-  int hkv, b, tile, G;
-  int q0, n_q, rows_total, m0;  // the sequence's queries [q0, q0 + n_q); tile rows [m0, m0 + M) of n_q * G
-  int page_begin, n_pages;      // its layout entries
-};
-
-__device__ __forceinline__ TileWork tile_work(const PagedAttentionParams& p, int M) {
-  TileWork w;
-  w.hkv = blockIdx.x;
-  w.b = blockIdx.y;
-  w.tile = gridDim.z - 1 - blockIdx.z;
-  w.G = p.num_q_heads / p.num_kv_heads;
-  w.q0 = min(max(p.q_indptr[w.b], 0), p.total_q);
-  w.n_q = min(max(p.q_indptr[w.b + 1], w.q0), p.total_q) - w.q0;
-  w.rows_total = w.n_q * w.G;
-  w.m0 = w.tile * M;
-  w.page_begin = min(max(p.row_offsets[w.b], 0), p.nnz);
-  w.n_pages = min(max(p.row_offsets[w.b + 1], w.page_begin), p.nnz) - w.page_begin;
-  return w;
-}
-
-
-// 16-byte async copy global -> shared; src_bytes = 0 writes zeros without reading src.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-template <typename T>
-struct MmaOps;
-
-template <>
-struct MmaOps<__half> {
-  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-};
-
-template <>
-struct MmaOps<__nv_bfloat16> {
-  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-};
-
 // Element offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][kHeadDim] shared tile.
 template <int kHeadDim>
 __device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
-}
-
-// ---- page walking ------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ int checked_count(const PagedAttentionParams& p, int j, int* page_out) {
-  const int page = p.cols[j];
-  const int count = p.token_counts[j];
-  *page_out = page;
-  const bool ok = page >= 0 && page < p.num_pages && count >= 0 && count <= p.page_size;
-  return ok ? count : 0;
-}
-
-// A window of 32 consecutive pages of one sequence, one page per lane of warp 0: lane L holds page j + L, covering
-// the sequence's keys [begin, end) from token slot `slot0` on. Empty/invalid pages have begin == end.
-// Lives in shared memory between tiles (one int4 per lane) so that it costs the other warps no registers.
-struct PageWindow {
-  int j;         // index (within the sequence's page list) of lane 0's page
-  int slot0;     // page * page_size of this lane's page
-  int begin;     // first key of this lane's page
-  int end;       // one past its last key (inclusive prefix sum)
-  int last_end;  // end of lane 31: keys below it are covered by this or earlier windows
-};
-
-__device__ __forceinline__ void load_window(PageWindow& w, int j, int key_base, const PagedAttentionParams& p,
-                                            int page_begin, int n_pages, int lane) {
-  int page = 0, count = 0;
-  if (j + lane < n_pages) count = checked_count(p, page_begin + j + lane, &page);
-  int incl = count;
-#pragma unroll
-  for (int s = 1; s < 32; s <<= 1) {
-    const int other = __shfl_up_sync(0xffffffffu, incl, s);
-    if (lane >= s) incl += other;
-  }
-  w.j = j;
-  w.end = key_base + incl;
-  w.begin = w.end - count;
-  w.slot0 = page * p.page_size;
-  w.last_end = __shfl_sync(0xffffffffu, w.end, 31);
-}
-
-// Warp 0: token slot of every key of the tile [k0, k0 + kBlockN) into slots[] (-1 for keys >= n_k).
-// Precondition: the window starts at or before k0 (windows only move forward, tiles are visited in key order).
-template <int kBlockN>
-__device__ __forceinline__ void fill_slots(int4* saved, int k0, int n_k, int* slots, const PagedAttentionParams& p,
-                                           int page_begin, int n_pages, int lane) {
-  constexpr int kPerLane = kBlockN / 32;
-  const int4 state = saved[lane];
-  PageWindow w{state.x, state.y, state.z, state.w, 0};
-  w.last_end = __shfl_sync(0xffffffffu, w.end, 31);
-  int res[kPerLane];
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) res[i] = -1;
-  const int k_end = min(k0 + kBlockN, n_k);
-  const bool pow2_pages = (p.page_size & (p.page_size - 1)) == 0;
-  const int log2_pages = __ffs(p.page_size) - 1;
-  while (true) {
-    // Fast path: every page of the window that is followed by more keys is full, so key k sits on lane
-    // (k - begin of lane 0) / page_size. Otherwise (partial or empty pages inside the window) binary search.
-    const int begin0 = __shfl_sync(0xffffffffu, w.begin, 0);
-    const bool uniform =
-        pow2_pages && !__any_sync(0xffffffffu, w.end - w.begin != p.page_size && w.end < w.last_end);
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int k = k0 + i * 32 + lane;
-      int src_lane;
-      if (uniform) {
-        src_lane = min((k - begin0) >> log2_pages, 31);
-      } else {
-        src_lane = 0;  // number of lanes whose page ends at or before k: k lies on that lane's page
-#pragma unroll
-        for (int s = 16; s >= 1; s >>= 1) {
-          const int e = __shfl_sync(0xffffffffu, w.end, src_lane + s - 1);
-          if (e <= k) src_lane += s;
-        }
-      }
-      const int slot0 = __shfl_sync(0xffffffffu, w.slot0, src_lane & 31);
-      const int begin = __shfl_sync(0xffffffffu, w.begin, src_lane & 31);
-      // src_lane saturates at 31, so keys past the window (k >= last_end) are excluded explicitly; keys before it
-      // were resolved by an earlier window.
-      if (k < k_end && k < w.last_end && res[i] < 0) res[i] = slot0 + (k - begin);
-    }
-    if (w.last_end >= k_end || w.j + 32 >= n_pages) break;
-    load_window(w, w.j + 32, w.last_end, p, page_begin, n_pages, lane);
-  }
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) slots[i * 32 + lane] = res[i];
-  saved[lane] = make_int4(w.j, w.slot0, w.begin, w.end);
+  return row * kHeadDim + (swizzled_chunk(row, chunk) << 3);
 }
 
 // ---- the kernel --------------------------------------------------------------------------------------------------
@@ -326,7 +152,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
   // The softmax keeps the running max of S as computed (raw q.k, or tanh(q.k * sm_scale / softcap) with softcap),
   // so its scale is sm_scale (softcap): positive either way.
   const float score_scale = kSoftcap ? p.softcap : p.sm_scale;
-  const float scale_log2 = score_scale * 1.4426950408889634f;
+  const float scale_log2 = score_scale * kLog2e;
   const int64_t kv_token_stride = (int64_t)p.num_kv_heads * D;
   const T* k_cache = static_cast<const T*>(p.k_cache) + (int64_t)hkv * D;
   const T* v_cache = static_cast<const T*>(p.v_cache) + (int64_t)hkv * D;
@@ -380,7 +206,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
 
   for (int nb = nb_begin; nb < nb_end; ++nb) {
     const int k0 = nb * N;
-    cp_async_wait_all();
+    cp_async_wait<0>();
     // Tile nb landed for every thread; every warp is done with tile nb-1, so its stage takes tile nb+1 now;
     // the slots of tile nb+1 (written by warp 0 during tile nb-1) are visible.
     __syncthreads();
@@ -506,7 +332,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
   }
 
   // Epilogue: normalise, stage this warp's rows in its own part of sQ, write 16-byte chunks and the LSE.
-  cp_async_wait_all();
+  cp_async_wait<0>();
   __syncthreads();  // a CTA with no K/V tile may still have Q copies (issued by every warp) in flight
   T* out = static_cast<T*>(p.out);
 #pragma unroll

@@ -10,13 +10,6 @@
 namespace flashcore {
 namespace prefill {
 
-// Query tiles of 128 (query, head) rows for a max_q_len-long run of every sequence; blocks past a sequence's real
-// length exit at once.
-inline int64_t query_tiles(const PagedAttentionParams& p) {
-  const int64_t group = p.num_q_heads / p.num_kv_heads;
-  return ((int64_t)p.max_q_len * group + kBlockM - 1) / kBlockM;
-}
-
 template <typename T, class Cfg, bool kSoftcap>
 cudaError_t launch_tiles(const PagedAttentionParams& p, cudaStream_t stream) {
   static_assert(Cfg::kBlockM == kBlockM, "one query tile height for grid sizing");

@@ -25,10 +25,12 @@
 #include <type_traits>
 
 #include "../../params.h"
-#include "../prefill/prefill_kernel.cuh"
-#include "../softcap_sinks.cuh"
+#include "../common/mma_sm80.cuh"
+#include "../common/page_walk.cuh"
+#include "../common/ptx.cuh"
+#include "../common/sm90_ptx.cuh"
+#include "../common/softcap_sinks.cuh"
 #include "kv_tensor_maps.h"
-#include "prefill_sm90_ptx.cuh"
 
 namespace flashcore {
 namespace prefill_sm90 {
@@ -64,7 +66,7 @@ struct Layout {
 
 // Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a swizzled [rows][64 or 128] tile of `rows` rows.
 __device__ __forceinline__ uint32_t tile_offset(int row, int chunk, uint32_t half_bytes) {
-  return (chunk >> 3) * half_bytes + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+  return (chunk >> 3) * half_bytes + row * 128 + (swizzled_chunk(row, chunk & 7) << 4);
 }
 
 // Named barrier ids (0 is __syncthreads).
@@ -84,13 +86,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   // also tells the host that this body was built (an sm_90a build); see prefill_sm90_launch.cuh.
   __shared__ __align__(8) uint64_t bars[4 * kStages];
   extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw_addr = prefill::smem_addr(smem_raw);
+  const uint32_t raw_addr = smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023) & ~1023u;
   unsigned char* smem = smem_raw + (base - raw_addr);
   int* sSlots = reinterpret_cast<int*>(smem + L::kOffSlots);
   int4* sWindow = reinterpret_cast<int4*>(smem + L::kOffWindow);
   int* sReduce = reinterpret_cast<int*>(smem + L::kOffReduce);
-  const uint32_t bar_full_k = prefill::smem_addr(&bars[0]);
+  const uint32_t bar_full_k = smem_addr(&bars[0]);
   const uint32_t bar_full_v = bar_full_k + 8 * kStages;
   const uint32_t bar_empty_k = bar_full_v + 8 * kStages;
   const uint32_t bar_empty_v = bar_empty_k + 8 * kStages;
@@ -205,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll 4
         for (int i = 0; i < N / kRowsPerPass; ++i) {
           const int slot = slots[kRowsPerPass * i];
-          prefill::cp_async_16(k_tile + dst0 + i * kRowsPerPass * 128,
+          cp_async_16(k_tile + dst0 + i * kRowsPerPass * 128,
                                k_cache + (int64_t)max(slot, 0) * kv_token_stride + chunk * 8, slot >= 0 ? 16 : 0);
         }
         mbar_arrive_on_cp_async(full_k);
@@ -218,7 +220,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll 4
         for (int i = 0; i < N / kRowsPerPass; ++i) {
           const int slot = slots[kRowsPerPass * i];
-          prefill::cp_async_16(v_tile + dst0 + i * kRowsPerPass * 128,
+          cp_async_16(v_tile + dst0 + i * kRowsPerPass * 128,
                                v_cache + (int64_t)max(slot, 0) * kv_token_stride + chunk * 8, slot >= 0 ? 16 : 0);
         }
         mbar_arrive_on_cp_async(full_v);
@@ -227,13 +229,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         prefill::fill_slots<N>(sWindow, (nb + 1) * N, n_k, sSlots + ((t + 1) & 1) * N, p, page_begin, n_pages,
                                lane);
     }
-    prefill::cp_async_wait_all();
+    cp_async_wait<0>();
     return;
   }
 
   // ---------------- consumers ----------------
   regs_alloc<kConsumerRegs>();
-  using Ops = prefill::MmaOps<T>;
+  using Ops = MmaOps<T>;
   const int wg = warp / 4 - 1;          // consumer warpgroup 0 / 1: tile rows [64 wg, 64 wg + 64)
   const int wtid = tid - 128 * (wg + 1);
   const int wwarp = wtid >> 5;
@@ -249,10 +251,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool valid = m < rows_total;
       const int i = valid ? m / G : 0, g = valid ? m - i * G : 0;
       const T* src = q + (int64_t)(q0 + i) * p.q_stride_token + (int64_t)(hkv * G + g) * p.q_stride_head + chunk * 8;
-      prefill::cp_async_16(base + kOffQ + tile_offset(row, chunk, kHalfBytes), valid ? src : q, valid ? 16 : 0);
+      cp_async_16(base + kOffQ + tile_offset(row, chunk, kHalfBytes), valid ? src : q, valid ? 16 : 0);
     }
-    prefill::cp_async_commit();
-    prefill::cp_async_wait_all();
+    cp_async_commit();
+    cp_async_wait<0>();
     fence_proxy_async();
     named_bar_sync(kBarConsumer0 + wg, 128);
   }
@@ -262,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The running max is of S as computed (raw q.k, or tanh(q.k * sm_scale / softcap) with softcap), whose scale is
   // sm_scale (softcap).
   const float score_scale = kSoftcap ? p.softcap : p.sm_scale;
-  const float scale_log2 = score_scale * 1.4426950408889634f;
+  const float scale_log2 = score_scale * kLog2e;
   const float cap_in = kSoftcap ? __fdiv_rn(p.sm_scale, p.softcap) : 0.f;  // softcap: tanh argument per raw score
   const int nb_full_hi = min(n_k / N, p.causal ? max(qpos_lo + 1, 0) / N : n_k / N);
   const int nb_full_lo = p.window > 0 ? (max(qpos_hi - p.window + 1, 0) + N - 1) / N : 0;
@@ -331,14 +333,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-      corr[h] = prefill::fast_exp2(row_max[h] * scale_log2 - mx_scaled);
+      corr[h] = fast_exp2(row_max[h] * scale_log2 - mx_scaled);
       row_max[h] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < N / 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pr = prefill::fast_exp2(fmaf(acc_s[j * 4 + 2 * h + e], scale_log2, -mx_scaled));
+          const float pr = fast_exp2(fmaf(acc_s[j * 4 + 2 * h + e], scale_log2, -mx_scaled));
           acc_s[j * 4 + 2 * h + e] = pr;
           sum += pr;
         }

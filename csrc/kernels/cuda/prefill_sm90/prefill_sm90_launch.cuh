@@ -2,7 +2,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
-#include "../prefill/prefill_launch.cuh"
+#include "../common/page_walk.cuh"
 #include "kv_tensor_maps.h"
 #include "prefill_sm90.h"
 #include "prefill_sm90_kernel.cuh"

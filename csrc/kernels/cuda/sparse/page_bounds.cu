@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "../launchers.h"
-#include "../pdl.cuh"
+#include "../common/pdl.cuh"
 
 namespace flashcore {
 namespace {

@@ -18,7 +18,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "../launchers.h"
-#include "../pdl.cuh"
+#include "../common/pdl.cuh"
 
 namespace flashcore {
 namespace {

@@ -1,4 +1,4 @@
-// Logit softcapping and attention sinks (semantics in PagedAttentionParams, ../params.h): the device helpers that
+// Logit softcapping and attention sinks (semantics in PagedAttentionParams, ../../params.h): the device helpers that
 // the decode and both prefill kernels share.
 //
 // Softcap: every kernel that supports it has a compile-time flag (a second instantiation chosen at launch when

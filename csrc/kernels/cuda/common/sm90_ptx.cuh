@@ -1,10 +1,9 @@
-// Hopper (sm_90a) PTX wrappers for the warp-specialized prefill kernel: wgmma (warpgroup MMA), shared-memory matrix
-// descriptors, mbarriers, named barriers, register reallocation. Only used from code compiled for sm_90a.
+// Hopper (sm_90a) PTX wrappers: wgmma (warpgroup MMA), shared-memory matrix descriptors, mbarriers, TMA (bulk tensor
+// copies), named barriers, register reallocation. Only used from code compiled for sm_90a.
 #pragma once
 #include <cstdint>
 
 namespace flashcore {
-namespace prefill_sm90 {
 
 // ---- shared-memory matrix descriptors (PTX ISA "Matrix Descriptor Format") --------------------------------------
 // 128-byte swizzle: a tile is made of 8-row x 128-byte atoms, 1024-byte aligned; in row r of an atom the 16-byte
@@ -177,5 +176,4 @@ __device__ __forceinline__ void regs_alloc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 }
 
-}  // namespace prefill_sm90
 }  // namespace flashcore
