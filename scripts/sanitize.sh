@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # compute-sanitizer over a reduced GPU set (part of scripts/gpu_check.sh, step "sanitizer"):
 # - memcheck: repeated generate() calls with sparse policies and CUDA graphs (8K tokens in 16-token pages cross the
-#   same 2 MiB bounds-granule boundary as 32K in 64-token pages), the sparse GPU tests, graph reuse across calls;
+#   same 2 MiB bounds-granule boundary as 32K in 64-token pages), the sparse GPU tests, graph reuse across calls, the
+#   prefill kernels on a reduced grid;
 # - racecheck: append_kv; the decode and prefill kernels are tried and reported (see below).
 # Exits non-zero when the sanitizer reports an error or a test fails.
 set -uo pipefail
@@ -16,6 +17,11 @@ compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" \
 # its cache is alive when the next generate() asks for the pool arena and the next call captures afresh.)
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_sparse_gpu.py \
   tests/gpu/test_decode_graphs.py::test_greedy_identical_with_and_without_graphs || status=1
+# The prefill kernels (the Hopper one loads full-page K/V tiles by TMA, the rest by cp.async) on a reduced grid:
+# mixed batches (odd lengths, chunked prefill, empty sequences) at every page size and head dim, and NaN-poisoned
+# unused slots at TMA page sizes 8..512.
+compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_prefill_cuda.py \
+  -k "wgmma and (mixed_batch and -4- or unused_slots)" || status=1
 echo "== racecheck =="
 # Only flashcore's kernels (cuBLAS's own GEMM kernels report races racecheck cannot tell are benign).
 compute-sanitizer --tool racecheck --kernel-name kns=append_kv --error-exitcode 1 "${pytest[@]}" \
