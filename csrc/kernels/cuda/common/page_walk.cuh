@@ -11,13 +11,13 @@
 namespace flashcore {
 namespace prefill {
 
-constexpr int kBlockM = 128;  // query rows (query, head) per CTA
+constexpr int kBlockM = 128;  // query rows (query, head) per CTA of the mma.sync kernel (the largest grid)
 
-// Query tiles of kBlockM (query, head) rows for a max_q_len-long run of every sequence (the grid's third dimension);
+// Query tiles of block_m (query, head) rows for a max_q_len-long run of every sequence (the grid's third dimension);
 // blocks past a sequence's real length exit at once.
-inline int64_t query_tiles(const PagedAttentionParams& p) {
+inline int64_t query_tiles(const PagedAttentionParams& p, int block_m = kBlockM) {
   const int64_t group = p.num_q_heads / p.num_kv_heads;
-  return ((int64_t)p.max_q_len * group + kBlockM - 1) / kBlockM;
+  return ((int64_t)p.max_q_len * group + block_m - 1) / block_m;
 }
 
 // What one CTA of either prefill kernel works on. Grid (KV head, sequence, query tile) with the tile slowest and

@@ -1,20 +1,22 @@
-// Hopper (sm_90a) paged prefill attention, head dims 64 and 128: warp-specialized, wgmma, same semantics as the mma.sync
-// kernel in ../prefill/prefill_kernel.cuh (packed (query, head-in-group) rows, any page list, causal / window,
-// LSE always written, no host sync).
+// Hopper (sm_90a) paged prefill attention, head dims 64 and 128: warp-specialized, wgmma, same semantics as the
+// mma.sync kernel in ../prefill/prefill_kernel.cuh (packed (query, head-in-group) rows, any page list, causal /
+// window, LSE always written, no host sync).
 //
-// One CTA = 3 warpgroups over a tile of 128 (query, head) rows of one KV head of one sequence:
-//   warpgroup 0, producer (registers lowered with setmaxnreg): warp 0 resolves each key of the next K/V tile to its
-//     token slot through the page list (the page-window walk of the mma.sync kernel); all 128 threads gather the
-//     K and V rows with 16-byte cp.async into a ring of kStages K and V stages, each signalled by a "full" mbarrier
-//     (cp.async.mbarrier.arrive.noinc) and recycled through an "empty" mbarrier that the consumers arrive on.
-//   warpgroups 1 and 2, consumers (registers raised): 64 rows each. S = Q K^T is wgmma m64n128k16 with Q and K in
-//     shared memory; the online softmax runs in fp32 registers; O += P V is wgmma with P from registers (bf16/fp16)
-//     and V read transposed (MN-major) from shared memory.
+// One CTA = a producer warpgroup and kConsumers (2 at head dim 128, 3 at 64: Layout) consumer warpgroups over a tile
+// of 64 * kConsumers (query, head) rows of one KV head of one sequence:
+//   warpgroup 0, producer (registers lowered with setmaxnreg) fills a ring of kStages K and V stages, each signalled
+//     by a "full" mbarrier and recycled through an "empty" mbarrier that the consumers arrive on. A tile whose 128
+//     keys all lie on full pages is copied by TMA (boxes of one page's rows through a tensor map over the pool, see
+//     kv_tensor_maps.h); any other tile is gathered key by key with 16-byte cp.async (cp.async.mbarrier.arrive.noinc)
+//     through the token slots warp 0 resolves with the page walk of common/page_walk.cuh.
+//   consumer warpgroups (registers raised): 64 rows each. S = Q K^T is wgmma m64n128k16 with Q and K in shared
+//     memory; the online softmax runs in fp32 registers; O += P V is wgmma with P from registers (bf16/fp16) and V
+//     read transposed (MN-major) from shared memory.
 //   Schedule: S_{j+1} is issued together with P_j V_j, and the softmax of j+1 runs while P_j V_j is in flight; the
-//   two consumer warpgroups take turns issuing their GEMMs (named barriers), so one warpgroup's softmax overlaps
-//   the other's GEMMs.
-// Shared tiles use the 128-byte swizzle that wgmma descriptors read: a [rows][128] tile is two [rows][64] halves,
-// each made of 8-row x 128-byte atoms in which 16-byte chunk c of row r sits at position c ^ (r & 7).
+//   consumer warpgroups take turns issuing their GEMMs (named barriers, round robin), so one warpgroup's softmax
+//   overlaps the others' GEMMs.
+// Shared tiles use the 128-byte swizzle that wgmma descriptors and TMA share: a [rows][128] tile is two [rows][64]
+// halves, each made of 8-row x 128-byte atoms in which 16-byte chunk c of row r sits at position c ^ (r & 7).
 // Softcap (kSoftcap instantiation): the softmax first turns S into tanh(S * sm_scale / softcap) (before the mask)
 // and uses the scale softcap instead of sm_scale. Sinks join each row once, in the epilogue.
 #pragma once
@@ -35,33 +37,37 @@
 namespace flashcore {
 namespace prefill_sm90 {
 
-constexpr int kBlockM = 128;  // (query, head) rows per CTA: 64 per consumer warpgroup
 constexpr int kBlockN = 128;  // keys per K/V tile
-constexpr int kThreads = 384;
-// K/V stages in the ring (224 KB of shared memory with Q). Measured: 2 stages run as fast (the producer is not the
-// limit); 3 leaves the producer more slack on scattered pages.
+// K/V stages in the ring. Measured at head dim 128: 2 stages run as fast; 3 leave the producer more slack.
 constexpr int kStages = 3;
-constexpr int kProducerRegs = 56;
-constexpr int kConsumerRegs = 224;  // 128 * 56 + 256 * 224 = 64512 <= 65536
-static_assert(kBlockM == prefill::kBlockM, "same query tiling as the mma.sync kernel (grid sizing)");
+constexpr uint32_t kHalfBytes = kBlockN * 128;  // one [128 keys][64 dims] half of a K or V tile (16 KB)
 
-constexpr uint32_t kHalfBytes = kBlockN * 128;  // one [128 rows][64 dims] half of a Q, K or V tile (16 KB)
-
-// Tile sizes and dynamic shared memory (byte offsets from a 1024-byte aligned base) at head dim 64 or 128.
+// Shape of the kernel at head dim 64 or 128 and its dynamic shared memory (byte offsets from a 1024-byte aligned
+// base). Head dim 128: 2 consumer warpgroups over 128 rows (64 each), registers 56 / 224 (128 * 56 + 256 * 224 =
+// 64512 <= 65536). Head dim 64: the exps of a 128-key tile take as long as its two GEMMs, so a third consumer
+// warpgroup (192 rows) keeps the tensor cores fed while two others are in their softmax (FA3's shape for head dim
+// 64); registers 32 / 160 (128 * 32 + 384 * 160 = 65536).
 template <int kHeadDim>
 struct Layout {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dim 64 or 128");
-  static constexpr int kHalves = kHeadDim / 64;       // 64-dim halves per row
-  static constexpr int kChunks = kHeadDim / 8;        // 16-byte chunks per row
-  static constexpr uint32_t kTileBytes = kHalves * kHalfBytes;  // Q (128 rows), K and V tiles
+  static constexpr int kConsumers = kHeadDim == 64 ? 3 : 2;  // consumer warpgroups, 64 rows each
+  static constexpr int kBlockM = 64 * kConsumers;            // (query, head) rows per CTA
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kProducerRegs = kConsumers == 2 ? 56 : 32;
+  static constexpr int kConsumerRegs = kConsumers == 2 ? 224 : 160;
+  static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= 65536, "register file");
+  static constexpr int kHalves = kHeadDim / 64;        // 64-dim halves per row
+  static constexpr int kChunks = kHeadDim / 8;         // 16-byte chunks per row
+  static constexpr uint32_t kQHalfBytes = kBlockM * 128;           // one [kBlockM rows][64 dims] half of Q
+  static constexpr uint32_t kTileBytes = kHalves * kHalfBytes;     // a K or V tile
   static constexpr uint32_t kOffQ = 0;
-  static constexpr uint32_t kOffK = kOffQ + kTileBytes;
+  static constexpr uint32_t kOffK = kOffQ + kHalves * kQHalfBytes;
   static constexpr uint32_t kOffV = kOffK + kStages * kTileBytes;
   static constexpr uint32_t kOffSlots = kOffV + kStages * kTileBytes;  // int [2][kBlockN]
   static constexpr uint32_t kOffWindow = kOffSlots + 2 * kBlockN * 4;  // int4 [32]
-  static constexpr uint32_t kOffReduce = kOffWindow + 32 * 16;         // int [2][12]
-  static constexpr uint32_t kSmemBytes = kOffReduce + 96 + 1024;       // + slack to align the base
-  static_assert(kSmemBytes + 4 * kStages * 8 <= 227 * 1024, "shared memory per block");
+  static constexpr uint32_t kOffReduce = kOffWindow + 32 * 16;         // int [2][warps]
+  static constexpr uint32_t kSmemBytes = kOffReduce + 2 * 4 * kThreads / 32 + 1024;  // + slack to align the base
+  static_assert(kOffK % 1024 == 0 && kSmemBytes + 4 * kStages * 8 <= 227 * 1024, "shared memory per block");
 };
 
 // Byte offset of 16-byte chunk `chunk` (0..15) of row `row` in a swizzled [rows][64 or 128] tile of `rows` rows.
@@ -69,16 +75,17 @@ __device__ __forceinline__ uint32_t tile_offset(int row, int chunk, uint32_t hal
   return (chunk >> 3) * half_bytes + row * 128 + (swizzled_chunk(row, chunk & 7) << 4);
 }
 
-// Named barrier ids (0 is __syncthreads).
-enum : int { kBarProducer = 1, kBarConsumer0 = 2, kBarTurn0 = 4 };
+// Named barrier ids (0 is __syncthreads): the producer warpgroup's, one per consumer warpgroup, one turn per consumer
+// warpgroup.
+enum : int { kBarProducer = 1, kBarConsumer0 = 2, kBarTurn0 = 5 };
 
 template <typename T, bool kSoftcap, int kHeadDim>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
     prefill_sm90_kernel(const PagedAttentionParams p, const __grid_constant__ KvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
-  constexpr int D = kHeadDim, M = kBlockM, N = kBlockN;
   using L = Layout<kHeadDim>;
+  constexpr int D = kHeadDim, M = L::kBlockM, N = kBlockN, kThreads = L::kThreads, kConsumers = L::kConsumers;
   constexpr uint32_t kTileBytes = L::kTileBytes, kOffQ = L::kOffQ, kOffK = L::kOffK, kOffV = L::kOffV;
   constexpr int kChunks = L::kChunks, kRowsPerPass = 128 / kChunks;  // rows one pass of the 128 producer threads copies
   // mbarriers full_k, full_v, empty_k, empty_v [kStages] each: K and V stages are filled and recycled separately
@@ -126,8 +133,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       mbar_init(bar_full_k + 8 * s, 128);  // one cp.async-tracking arrival per producer thread
       mbar_init(bar_full_v + 8 * s, 128);
-      mbar_init(bar_empty_k + 8 * s, 8);   // one arrival per consumer warp
-      mbar_init(bar_empty_v + 8 * s, 8);
+      mbar_init(bar_empty_k + 8 * s, 4 * kConsumers);  // one arrival per consumer warp
+      mbar_init(bar_empty_v + 8 * s, 4 * kConsumers);
     }
   }
   __syncthreads();
@@ -150,7 +157,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (warp < 4) {
     // ---------------- producer ----------------
-    regs_dealloc<kProducerRegs>();
+    regs_dealloc<L::kProducerRegs>();
     if (n_tiles == 0) return;
     const int64_t kv_token_stride = (int64_t)p.num_kv_heads * D;
     const T* k_cache = static_cast<const T*>(p.k_cache) + (int64_t)hkv * D;
@@ -234,7 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // ---------------- consumers ----------------
-  regs_alloc<kConsumerRegs>();
+  regs_alloc<L::kConsumerRegs>();
   using Ops = MmaOps<T>;
   const int wg = warp / 4 - 1;          // consumer warpgroup 0 / 1: tile rows [64 wg, 64 wg + 64)
   const int wtid = tid - 128 * (wg + 1);
@@ -251,7 +258,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool valid = m < rows_total;
       const int i = valid ? m / G : 0, g = valid ? m - i * G : 0;
       const T* src = q + (int64_t)(q0 + i) * p.q_stride_token + (int64_t)(hkv * G + g) * p.q_stride_head + chunk * 8;
-      cp_async_16(base + kOffQ + tile_offset(row, chunk, kHalfBytes), valid ? src : q, valid ? 16 : 0);
+      cp_async_16(base + kOffQ + tile_offset(row, chunk, L::kQHalfBytes), valid ? src : q, valid ? 16 : 0);
     }
     cp_async_commit();
     cp_async_wait<0>();
@@ -281,9 +288,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t k_base = base + kOffK + stage * kTileBytes;
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-      const uint32_t off = (ks >> 2) * kHalfBytes + (ks & 3) * 32;
-      wgmma_ss<kBf16>(acc_s, make_desc(q_base + off, 16, 1024), make_desc(k_base + off, 16, 1024), ks > 0);
+    for (int ks = 0; ks < D / 16; ++ks) {  // 16 dims per step: 32 bytes into a 64-dim half
+      const uint32_t q_off = (ks >> 2) * L::kQHalfBytes + (ks & 3) * 32, k_off = (ks >> 2) * kHalfBytes + (ks & 3) * 32;
+      wgmma_ss<kBf16>(acc_s, make_desc(q_base + q_off, 16, 1024), make_desc(k_base + k_off, 16, 1024), ks > 0);
     }
     wgmma_commit();
   };
@@ -370,15 +377,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   if (n_tiles > 0) {
-    // Turn-taking: warpgroup wg waits on barrier kBarTurn0 + wg before issuing its GEMMs and then opens the
-    // other's. Both run n_tiles + 1 GEMM phases; the second warpgroup skips its last opening, so every barrier
-    // ends balanced.
+    // Turn-taking: warpgroup wg waits on barrier kBarTurn0 + wg before issuing its GEMMs and then opens the next
+    // one's (round robin). All run n_tiles + 1 GEMM phases; the last warpgroup opens the first one's turn at the
+    // start and skips its own last opening, so every barrier ends balanced.
     const int phases = n_tiles + 1;
     auto turn_begin = [&]() { named_bar_sync(kBarTurn0 + wg, 256); };
     auto turn_end = [&](int phase) {
-      if (!(wg == 1 && phase == phases - 1)) named_bar_arrive(kBarTurn0 + (wg ^ 1), 256);
+      if (!(wg == kConsumers - 1 && phase == phases - 1)) named_bar_arrive(kBarTurn0 + (wg + 1) % kConsumers, 256);
     };
-    if (wg == 1) named_bar_arrive(kBarTurn0, 256);
+    if (wg == kConsumers - 1) named_bar_arrive(kBarTurn0, 256);
     float corr[2];
     wait_full(bar_full_k, 0);
     turn_begin();
@@ -432,7 +439,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       const uint32_t packed = Ops::pack(acc_o[j * 4 + 2 * h] * inv, acc_o[j * 4 + 2 * h + 1] * inv);
-      *reinterpret_cast<uint32_t*>(sQ + tile_offset(row, j, kHalfBytes) + (lane & 3) * 4) = packed;
+      *reinterpret_cast<uint32_t*>(sQ + tile_offset(row, j, L::kQHalfBytes) + (lane & 3) * 4) = packed;
     }
     const int m = m0 + row;
     if ((lane & 3) == 0 && m < rows_total) {
@@ -448,7 +455,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int m = m0 + row;
     if (m < rows_total) {
       const int i = m / G, g = m - i * G;
-      const uint4 v = *reinterpret_cast<const uint4*>(sQ + tile_offset(row, chunk, kHalfBytes));
+      const uint4 v = *reinterpret_cast<const uint4*>(sQ + tile_offset(row, chunk, L::kQHalfBytes));
       *reinterpret_cast<uint4*>(out + ((int64_t)(q0 + i) * p.num_q_heads + hkv * G + g) * D + chunk * 8) = v;
     }
   }

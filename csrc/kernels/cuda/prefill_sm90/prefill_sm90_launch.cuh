@@ -23,20 +23,20 @@ bool has_sm90a_body() {
   return built;
 }
 
-// Grid (KV head, sequence, query tile of 128 (query, head) rows), 384 threads; tiles past a sequence's real length
+// Grid (KV head, sequence, query tile of Layout::kBlockM (query, head) rows), Layout::kThreads threads; tiles past a sequence's real length
 // exit at once. No host sync, no allocation; the TMA maps over the pools are encoded on the host per call (a few
 // microseconds) and passed by value, so a captured launch keeps its own.
 template <typename T, bool kSoftcap, int kHeadDim>
 cudaError_t launch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
   if (!has_sm90a_body<T, kSoftcap, kHeadDim>()) return cudaErrorNotSupported;
-  const int64_t tiles = prefill::query_tiles(p);
+  using L = Layout<kHeadDim>;
+  const int64_t tiles = prefill::query_tiles(p, L::kBlockM);
   if (tiles == 0 || p.batch == 0 || p.total_q == 0) return cudaSuccess;
   auto kernel = prefill_sm90_kernel<T, kSoftcap, kHeadDim>;
-  constexpr int kSmemBytes = (int)Layout<kHeadDim>::kSmemBytes;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((unsigned)p.num_kv_heads, (unsigned)p.batch, (unsigned)tiles);
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, encode_kv_tensor_maps(p));
+  kernel<<<grid, L::kThreads, L::kSmemBytes, stream>>>(p, encode_kv_tensor_maps(p));
   return cudaGetLastError();
 }
 
