@@ -8,8 +8,8 @@ permutation) at page sizes 128, 64 and 16 with its default kernel choice (the wg
 references run on dense contiguous [B, H, S, D] copies (SDPA with K/V expanded to Hq heads, as in ANCHORS.md;
 FlexAttention with enable_gqa and a causal block mask, skipped above 32K keys where building the mask takes too
 long), all in the same run.
-TFLOP/s counts 4 * B * Hq * S^2 * D, halved for causal (chunked prefill: 4 * B * Hq * D per visible (query, key) pair). Writes bench_prefill.csv and bench_prefill.png under $OUT
-(or ./benchmark_results) and prints a table last.
+TFLOP/s counts 4 * B * Hq * S^2 * D, halved for causal (chunked prefill: 4 * B * Hq * D per visible (query, key)
+pair). Writes bench_prefill.csv and bench_prefill.png under $OUT (or ./benchmark_results) and prints a table last.
 
     python benchmarks/bench_prefill.py [--quick] [--no-refs] [--only TEXT]
     python benchmarks/bench_prefill.py --softcap   # cost of logit softcapping and sinks (bench_prefill_softcap.csv)
@@ -139,7 +139,9 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, q_len=None, *, flex, rep_
     for page_size in PAGE_SIZES:
         for ref in ("sdpa_flash", "sdpa_cudnn", "flex"):
             if ref + "_TF" in row:
-                row[f"ps{page_size}_vs_{ref.replace('sdpa_', '')}"] = row[f"flashcore_ps{page_size}_TF"] / row[ref + "_TF"]
+                ratio = row[f"flashcore_ps{page_size}_TF"] / row[ref + "_TF"]
+                row[f"ps{page_size}_vs_{ref.replace('sdpa_', '')}"] = ratio
+    row["ps16_vs_ps128"] = row["flashcore_ps16_TF"] / row["flashcore_ps128_TF"]
     torch.cuda.empty_cache()
     return row
 
@@ -252,11 +254,9 @@ def main():
     csv_path = write_csv(rows, "bench_prefill.csv")
     plot(rows, output_dir() / "bench_prefill.png")
     print(f"\n{device_name()}; CSV: {csv_path}")
-    for row in rows:
-        row["ps16_vs_ps128"] = row["flashcore_ps16_TF"] / row["flashcore_ps128_TF"]
-    print_table(rows, ["shape", "flashcore_ps128_TF", "flashcore_ps64_TF", "flashcore_ps16_TF", "flashcore_mma_ps128_TF",
-                       "sdpa_flash_TF", "sdpa_cudnn_TF", "flex_TF", "ps128_vs_cudnn", "ps64_vs_cudnn", "ps16_vs_ps128",
-                       "ps128_vs_flex"])
+    print_table(rows, ["shape", "flashcore_ps128_TF", "flashcore_ps64_TF", "flashcore_ps16_TF",
+                       "flashcore_mma_ps128_TF", "sdpa_flash_TF", "sdpa_cudnn_TF", "flex_TF", "ps128_vs_cudnn",
+                       "ps64_vs_cudnn", "ps16_vs_ps128", "ps128_vs_flex"])
 
 
 if __name__ == "__main__":
