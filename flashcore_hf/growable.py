@@ -28,6 +28,8 @@ class GrowableBuffer:
     so mapped GPU memory is not counted by torch.cuda.memory_allocated(); `nbytes` reports it.
 
     device: where the memory lives. reserve_bytes: the most it can ever hold (address space only; costs no memory).
+    Memory is unmapped (release_memory, or the last view gone) only once the device has finished the kernels queued
+    before, so a cache dropped while its last decode steps still run on the GPU never pulls memory from under them.
     """
 
     def __init__(self, device: torch.device | str, reserve_bytes: int):
@@ -53,7 +55,8 @@ class GrowableBuffer:
 
     def release_memory(self) -> None:
         """Unmap every byte (memory back to the device); the addresses stay reserved, and `grow` maps memory at
-        the same addresses again. Tensors viewed before must not be used until then."""
+        the same addresses again. Tensors viewed before must not be used until then. On CUDA it first waits for the
+        kernels already queued (unmapping is not stream-ordered); inside a graph capture it keeps the memory."""
         self._impl.release_memory()
 
     def view(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

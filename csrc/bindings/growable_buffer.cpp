@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,7 @@
 
 #ifdef FLASHCORE_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 #endif
@@ -66,6 +68,83 @@ void check_cu(CUresult r, const char* what) {
   FC_CHECK(r == CUDA_SUCCESS, "GrowableBuffer: ", what, " failed with CUDA driver error ", static_cast<int>(r),
               r == CUDA_ERROR_OUT_OF_MEMORY ? " (out of GPU memory)" : "");
 }
+
+bool current_stream_capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  return cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &status) == cudaSuccess &&
+         status != cudaStreamCaptureStatusNone;
+}
+
+// Memory to give back: mapped chunks from `base` on, and (free_bytes > 0) the reserved address range itself.
+//
+// Unmapping is not ordered with the device's streams: a kernel still queued or running when its memory is unmapped
+// faults (an illegal memory access). The host often runs ahead: CUDA-graph decode steps are queued without a sync,
+// and a PagedKVCache can die while its last steps still run. So memory is unmapped only once the device is idle:
+// right after a device synchronize, or, inside a graph capture (where waiting is not allowed), at the next grow or
+// unmapping outside one.
+struct Unmapping {
+  c10::DeviceIndex device;
+  CUdeviceptr base;
+  std::vector<CUmemGenericAllocationHandle> chunks;
+  std::vector<int64_t> chunk_sizes;
+  int64_t free_bytes;
+
+  // Unmaps and releases every chunk (and frees the address range); errors are reported through the result.
+  CUresult apply() const {
+    const auto& api = DriverVmm::get();
+    CUresult result = CUDA_SUCCESS;
+    int64_t offset = 0;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      const CUresult unmapped = api.unmap(base + offset, chunk_sizes[i]);
+      const CUresult released = api.release(chunks[i]);
+      if (result == CUDA_SUCCESS) result = unmapped != CUDA_SUCCESS ? unmapped : released;
+      offset += chunk_sizes[i];
+    }
+    if (free_bytes > 0) {
+      const CUresult freed = api.address_free(base, free_bytes);
+      if (result == CUDA_SUCCESS) result = freed;
+    }
+    return result;
+  }
+};
+
+std::mutex& deferred_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::vector<Unmapping>& deferred_unmappings() {
+  static auto* pending = new std::vector<Unmapping>();  // never destroyed: buffers may die at process exit
+  return *pending;
+}
+
+// Unmaps what was retired during a graph capture, once the current stream no longer captures.
+void finish_deferred_unmappings() {
+  std::vector<Unmapping> ready;
+  {
+    const std::lock_guard<std::mutex> lock(deferred_mutex());
+    if (deferred_unmappings().empty() || current_stream_capturing()) return;
+    ready.swap(deferred_unmappings());
+  }
+  for (const auto& u : ready) {
+    const c10::cuda::CUDAGuard guard(u.device);
+    cudaDeviceSynchronize();
+    u.apply();
+  }
+}
+
+// Gives `u` back once every kernel queued on its device so far has finished (now, or deferred during a capture).
+// Called from destructors too: it never throws, so a failure leaves the memory mapped rather than unmapped early.
+void retire(Unmapping u) {
+  if (current_stream_capturing()) {
+    const std::lock_guard<std::mutex> lock(deferred_mutex());
+    deferred_unmappings().push_back(std::move(u));
+    return;
+  }
+  if (cudaDeviceSynchronize() != cudaSuccess) return;
+  u.apply();
+  finish_deferred_unmappings();
+}
 #endif
 
 struct GrowableBuffer : torch::CustomClassHolder {
@@ -104,15 +183,9 @@ struct GrowableBuffer : torch::CustomClassHolder {
       return;
     }
 #ifdef FLASHCORE_WITH_CUDA
-    const auto& api = DriverVmm::get();
-    const auto base = reinterpret_cast<CUdeviceptr>(base_);
-    int64_t offset = 0;
-    for (size_t i = 0; i < chunks_.size(); ++i) {
-      api.unmap(base + offset, chunk_sizes_[i]);
-      api.release(chunks_[i]);
-      offset += chunk_sizes_[i];
-    }
-    api.address_free(base, reserved_);
+    const c10::cuda::CUDAGuard guard(device_);
+    retire(Unmapping{device_.index(), reinterpret_cast<CUdeviceptr>(base_), std::move(chunks_),
+                     std::move(chunk_sizes_), reserved_});
 #endif
   }
 
@@ -130,6 +203,7 @@ struct GrowableBuffer : torch::CustomClassHolder {
     }
 #ifdef FLASHCORE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(device_);
+    finish_deferred_unmappings();
     const auto& api = DriverVmm::get();
     const int64_t size = target - mapped_;
     const CUmemAllocationProp prop = allocation_prop();
@@ -157,7 +231,8 @@ struct GrowableBuffer : torch::CustomClassHolder {
   }
 
   // Returns every mapped byte to the system; the address range stays reserved, so a later grow maps memory at the
-  // same addresses again. Views taken before must not be used until then.
+  // same addresses again. Views taken before must not be used until then. Kernels already queued finish first (the
+  // device is synchronized); inside a graph capture nothing is unmapped.
   void release_memory() {
     if (mapped_ == 0) return;
     if (device_.is_cpu()) {
@@ -168,17 +243,18 @@ struct GrowableBuffer : torch::CustomClassHolder {
     }
 #ifdef FLASHCORE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(device_);
-    const auto& api = DriverVmm::get();
-    const auto base = reinterpret_cast<CUdeviceptr>(base_);
-    int64_t offset = 0;
-    for (size_t i = 0; i < chunks_.size(); ++i) {
-      check_cu(api.unmap(base + offset, chunk_sizes_[i]), "cuMemUnmap");
-      check_cu(api.release(chunks_[i]), "cuMemRelease");
-      offset += chunk_sizes_[i];
-    }
+    // Inside a graph capture the device cannot be waited for: the memory stays mapped (and usable) instead.
+    if (current_stream_capturing()) return;
+    const cudaError_t idle = cudaDeviceSynchronize();
+    FC_CHECK(idle == cudaSuccess, "GrowableBuffer: waiting for the device's queued kernels before unmapping failed: ",
+             cudaGetErrorString(idle));
+    const Unmapping mapped{device_.index(), reinterpret_cast<CUdeviceptr>(base_), std::move(chunks_),
+                           std::move(chunk_sizes_), 0};
     chunks_.clear();
     chunk_sizes_.clear();
     mapped_ = 0;
+    check_cu(mapped.apply(), "cuMemUnmap/cuMemRelease");
+    finish_deferred_unmappings();
 #endif
   }
 

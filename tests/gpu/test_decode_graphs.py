@@ -1,8 +1,11 @@
 """CUDA-graph decode (flashcore_hf.decode_graphs): generate() with graphs gives the same tokens as without.
 
 Covers growing page tables (page boundaries crossed between replays), pool growth (re-capture), beams, sequences
-finishing early, left padding, several batch sizes, and reuse of graphs by the next generate() call.
+finishing early, left padding, several batch sizes, reuse of graphs by the next generate() call, and decode steps a
+user drives with model() calls over their own cache (no host sync between steps).
 """
+import gc
+
 import pytest
 import torch
 
@@ -112,3 +115,41 @@ def test_replays_reuse_the_captured_plans(model, generator, monkeypatch):
     assert fc.decode_graph_stats(model).captures == captures
     assert fc.decode_graph_stats(model).replays - replays == 11
     assert len(calls) == 1                                              # the prefill step's plan
+
+
+
+def user_decode_loop(model, ids, steps: int, busy_before_last: bool = False) -> torch.Tensor:
+    """Greedy tokens [B, steps] of a prefill then decode steps the user runs with model() calls over their own
+    PagedKVCache (no host sync in between); the cache is dropped right after the last step is queued.
+    busy_before_last: keep the GPU busy before the last step, so that step still waits when the cache dies."""
+    with torch.no_grad():
+        cache = fc.PagedKVCache(model.config)
+        token = model(input_ids=ids, use_cache=True, **{CACHE_KWARG: cache}).logits[:, -1:].argmax(-1)
+        tokens = []
+        for t in range(steps):
+            if busy_before_last and t == steps - 1:
+                torch.cuda._sleep(200_000_000)      # ~0.1 s of GPU time
+            positions = torch.full((ids.shape[0], 1), ids.shape[1] + t, device="cuda")
+            logits = model(input_ids=token, position_ids=positions, use_cache=True, **{CACHE_KWARG: cache}).logits
+            token = logits[:, -1:].argmax(-1)
+            tokens.append(token)
+        del cache, logits
+        gc.collect()
+        return torch.cat(tokens, 1).cpu()                 # raises if a step touched unmapped memory
+
+
+def test_user_cache_dropped_while_its_last_replays_are_queued(model, generator):
+    """Decode steps a user drives over their own cache replay graphs without any host sync, so the host can drop
+    the cache (and with it the pools) while its last steps still wait on the GPU. The pools' memory is unmapped only
+    after them (before: an illegal memory access)."""
+    ids, mask = left_padded([64, 64], generator)
+    generate(model, ids[:1, :8], mask[:1, :8], graphs=True, max_new_tokens=2)     # installs the graph runner
+    fc.set_cuda_graphs(False)
+    try:
+        eager = user_decode_loop(model, ids, steps=6)
+    finally:
+        fc.set_cuda_graphs(True)
+    replays = fc.decode_graph_stats(model).replays
+    graphed = user_decode_loop(model, ids, steps=6, busy_before_last=True)
+    assert fc.decode_graph_stats(model).replays - replays == 6
+    assert torch.equal(eager, graphed)
