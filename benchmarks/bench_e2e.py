@@ -1,8 +1,9 @@
 """End-to-end generate() on a Llama-3-8B-shaped model (random bf16 weights): flashcore vs stock transformers.
 
-Paths, measured in the same run: flashcore (default PagedKVCache, CUDA-graph decode), flashcore_eager (the same
-without CUDA graphs; prompts <= 32K), sdpa + DynamicCache, sdpa + static cache (generate's auto-compile; 1 x 32K),
-and transformers' `generate_batch` continuous batching where available (64 x 1K).
+Paths, measured in the same run: flashcore (default PagedKVCache, CUDA graphs of the torch.compile'd decode step),
+flashcore_nocompile (the same graphs of the uncompiled forward: set_compiled_decode(False)), flashcore_eager (no CUDA
+graphs; prompts <= 32K), sdpa + DynamicCache, sdpa + static cache (generate's auto-compile; 1 x 32K), and
+transformers' `generate_batch` continuous batching where available (64 x 1K).
 Cases: B=1 x 32K prompt, B=1 x 128K, B=32 x 2K, B=64 x 1K; shared prompts (--cases 128x2048same 256x2048same
 64samples8192): 128 and 256 copies of one 2K prompt, 64 sampled answers (num_return_sequences) to one 8K prompt,
 with flashcore_noshare (flashcore with share_prefixes=False) as a third path; a prefix cache (--cases 32768doc8q):
@@ -13,10 +14,13 @@ syncs and timestamps it (generate() syncs every step anyway) and samples memory:
 the last sample plus the bytes of flashcore's page pools (mapped outside torch's allocator; they only grow between
 samples), so the peak of each interval is bounded tightly. prefill_s = call start to the first logits; decode =
 first to last logits. Warm runs: each path first generates 4 tokens on the same prompt (for flashcore this captures
-its decode graph for the timed run's shape, reported in captures / capture_s). flashcore's greedy tokens are checked
-against flashcore_eager's (identical_to_eager).
+its decode graph for the timed run's shape, and compiles the step when the model has no compiled graph for the batch
+size yet: compiles / compile_s count what this path and case compiled, capture_s the captures besides compiling).
+Greedy tokens are checked against flashcore_eager's: flashcore_nocompile must be identical (identical_to_eager);
+the compiled flashcore rounds differently, so eager_agreement reports the fraction of new tokens before each row's
+first difference (1.0: identical; tests/gpu/ check that differences start only at near-ties).
 
-    python benchmarks/bench_e2e.py                       # everything (about 4 minutes on an H200)
+    python benchmarks/bench_e2e.py                       # everything (about 6 minutes on an H200, compiles included)
     python benchmarks/bench_e2e.py --cases 1x32768 64x1024 --paths flashcore sdpa_dynamic --new 32
 """
 from __future__ import annotations
@@ -47,8 +51,10 @@ CASES = {"1x32768": (1, 32768), "1x131072": (1, 131072), "32x2048": (32, 2048), 
 num_return_sequences=rows with sampling (seeded); "...doc8q": one document, 8 questions asked one generate() each
 (run_prefix_cache_case). The others: a different prompt per row."""
 SHARED_CASES = ("128x2048same", "256x2048same", "64samples8192", "32768doc8q")
-PATHS = ("flashcore", "flashcore_eager", "flashcore_noshare", "flashcore_prefix_cache", "sdpa_dynamic", "sdpa_static",
-         "generate_batch")
+PATHS = ("flashcore", "flashcore_nocompile", "flashcore_eager", "flashcore_noshare", "flashcore_prefix_cache",
+         "sdpa_dynamic", "sdpa_static", "generate_batch")
+GRAPH_PATHS = ("flashcore", "flashcore_nocompile", "flashcore_noshare")
+"""Paths whose decode steps replay CUDA graphs (all compiled except flashcore_nocompile)."""
 
 
 def build_model(num_layers: int) -> LlamaForCausalLM:
@@ -88,7 +94,8 @@ class StepProbe(LogitsProcessor):
 
 def run_generate_case(model, path: str, case: str, batch: int, prompt: int, new: int) -> dict:
     kwargs = dict(do_sample=False)
-    flashcore_hf.set_cuda_graphs(path in ("flashcore", "flashcore_noshare"))
+    flashcore_hf.set_cuda_graphs(path in GRAPH_PATHS)
+    flashcore_hf.set_compiled_decode(path != "flashcore_nocompile")
     flashcore_hf.set_default_cache_options(share_prefixes=path != "flashcore_noshare")
     model.set_attn_implementation("flashcore" if path.startswith("flashcore") else "sdpa")
     if path == "sdpa_static":
@@ -110,11 +117,13 @@ def run_generate_case(model, path: str, case: str, batch: int, prompt: int, new:
 
     # Warm: one prefill and a few decode steps (the page-count bucket of a short run is the timed run's, so flashcore
     # captures the timed run's decode graph here; the static cache's torch.compile needs a few decode steps).
+    stats = flashcore_hf.decode_graph_stats(model)
+    compiled_before = (stats.compiles, stats.compile_seconds) if stats else (0, 0.0)
     generate(4)
     gc.collect()
     torch.cuda.empty_cache()
     stats_before = flashcore_hf.decode_graph_stats(model)
-    captures_before = (stats_before.captures, stats_before.capture_seconds) if stats_before else (0, 0.0)
+    captures_before = (stats_before.captures, stats_before.compiled_replays) if stats_before else (0, 0)
     probe = StepProbe(count_pools=path.startswith("flashcore"))
     t0 = _sync_time()
     tokens = generate(new, probe)
@@ -123,19 +132,41 @@ def run_generate_case(model, path: str, case: str, batch: int, prompt: int, new:
     row = dict(prefill_s=probe.times[0] - t0, decode_tok_s=batch * (new - 1) / decode_s,
                ms_per_step=1e3 * decode_s / (new - 1), peak_GiB=probe.peak / 2**30)
     stats = flashcore_hf.decode_graph_stats(model)
-    if path == "flashcore" and stats is not None:
+    if path in GRAPH_PATHS and stats is not None:
         row.update(captures=stats.captures, capture_s=stats.capture_seconds,
-                   captures_in_timed_run=stats.captures - captures_before[0])
+                   captures_in_timed_run=stats.captures - captures_before[0],
+                   compiled_steps_in_timed_run=stats.compiled_replays - captures_before[1],
+                   compiles=stats.compiles - compiled_before[0], compile_s=stats.compile_seconds - compiled_before[1],
+                   compiled_model_total_s=stats.compile_seconds)
+        if stats.compile_failures:
+            row["compile_failures"] = "; ".join(stats.compile_failures)[:200]
     if path.startswith("flashcore"):
-        _TOKENS[(case, path)] = tokens.cpu()
-        other = {"flashcore": "flashcore_eager", "flashcore_eager": "flashcore", "flashcore_noshare": "flashcore"}[path]
-        if (case, other) in _TOKENS:
-            column = "identical_to_shared" if path == "flashcore_noshare" else "identical_to_eager"
-            row[column] = bool(torch.equal(_TOKENS[(case, other)], tokens.cpu()))
+        _TOKENS[(case, path)] = (tokens[:, prompt:].cpu(), new)
         flashcore_hf.release_decode_graphs(model)     # free graphs and pooled pages before the next path
     flashcore_hf.set_cuda_graphs(True)
+    flashcore_hf.set_compiled_decode(True)
     flashcore_hf.set_default_cache_options(share_prefixes=True)
     return row
+
+
+def compare_tokens(rows: list[dict]) -> None:
+    """Token checks between the flashcore paths of each case (whatever order they ran in): identical_to_eager
+    (flashcore_nocompile vs flashcore_eager: bit-identical by design), eager_agreement (compiled flashcore: mean
+    fraction of new tokens before each row's first difference from flashcore_eager), identical_to_shared
+    (flashcore_noshare vs flashcore)."""
+    for row in rows:
+        case, path = row["case"], row["path"]
+        if (case, path) not in _TOKENS:
+            continue
+        tokens, new = _TOKENS[(case, path)]
+        eager = _TOKENS.get((case, "flashcore_eager"), (None,))[0]
+        if path == "flashcore_nocompile" and eager is not None:
+            row["identical_to_eager"] = bool(torch.equal(tokens, eager))
+        if path == "flashcore" and eager is not None:
+            same = (tokens == eager).int().cumprod(1).sum(1).float()
+            row["eager_agreement"] = (same / new).mean().item()
+        if path == "flashcore_noshare" and (case, "flashcore") in _TOKENS:
+            row["identical_to_shared"] = bool(torch.equal(tokens, _TOKENS[(case, "flashcore")][0]))
 
 
 _TOKENS: dict = {}
@@ -235,6 +266,7 @@ def main() -> None:
             write_csv(rows, "bench_e2e.csv")   # rows so far, should a later case not finish
             gc.collect()
             torch.cuda.empty_cache()
+    compare_tokens(rows)
     for row in rows:          # ratios against sdpa + DynamicCache of the same case
         ref = next((r for r in rows if r["case"] == row["case"] and r["path"] == "sdpa_dynamic"
                     and "decode_tok_s" in r), None)
@@ -246,8 +278,8 @@ def main() -> None:
     print(f"\n{device_name()}, torch {torch.__version__}; CSV: {path}")
     print_table(rows, ["case", "path", "prefill_s", "later_prefill_s", "later_vs_first", "total_s", "decode_tok_s",
                        "ms_per_step", "peak_GiB", "speedup_vs_dynamic",
-                       "memory_vs_dynamic", "captures", "capture_s", "identical_to_eager", "identical_to_shared",
-                       "error"])
+                       "memory_vs_dynamic", "captures", "capture_s", "compiles", "compile_s", "identical_to_eager",
+                       "eager_agreement", "identical_to_shared", "compile_failures", "error"])
 
 
 def plot(rows: list[dict]) -> None:

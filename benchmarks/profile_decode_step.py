@@ -1,14 +1,25 @@
-"""Where a graph-captured decode step's time goes: GPU replay alone vs the host work around it.
+"""Where a graph-captured decode step's time goes: GPU replay alone vs the host work around it, kernels per step, and
+the distance to the memory-bandwidth floor, for the compiled decode step and the uncompiled one.
 
-Runs generate() on the Llama-3-8B-shaped random model (as bench_e2e.py) with CUDA graphs, then reports per decode
-step: the whole step as generate() sees it, the host time of the flashcore runner's parts (planning, loading the
-fixed buffers, launching the replay) and the GPU time of the replay alone (CUDA events over repeated replays).
+Runs generate() on the Llama-3-8B-shaped random model (as bench_e2e.py) with CUDA graphs, once per --compile setting
+(on: the torch.compile'd step, flashcore_hf/hf/compiled_decode.py; off: set_compiled_decode(False)), then reports per
+decode step:
+- step_ms: the whole step as generate() sees it; the host time of the flashcore runner's parts (planning, loading
+  the fixed buffers, launching the replay);
+- gpu_replay_ms: the GPU time of the replay alone (CUDA events over repeated replays);
+- floor_ms / pct_of_floor: the bytes a step must read (every weight except the embedding table, of which a step reads
+  B rows, plus the K/V pages in use) at --bandwidth-tbs (4.27 TB/s: the H200's measured copy ceiling,
+  benchmarks/notes/decode_graphs.md), and floor_ms / gpu_replay_ms;
+- kernels_per_step and the replay's GPU time by kind (torch.profiler over one replay: attention = flashcore's
+  kernels, gemm = cuBLAS/CUTLASS, fused = inductor's Triton kernels, other = everything else, e.g. eager
+  elementwise kernels).
 
-    python benchmarks/profile_decode_step.py --case 1x32768
+    python benchmarks/profile_decode_step.py --case 1x32768 64x1024 --compile on off
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections import defaultdict
@@ -18,13 +29,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import CASES, build_model  # noqa: E402
-from common import print_table  # noqa: E402
+from common import print_table, write_csv  # noqa: E402
 
 import flashcore_hf  # noqa: E402
+from flashcore_hf import CACHE_KWARG  # noqa: E402
 from flashcore_hf.hf import decode_graphs  # noqa: E402
 from flashcore_hf.cache import PagedKVCache  # noqa: E402
 
 HOST = defaultdict(float)
+ATTENTION_KERNELS = r"paged_|prefill_sm90|merge_s|append_kv|page_bounds|score_pages|select_top|key_positions"
+KINDS = (("attention", re.compile(ATTENTION_KERNELS, re.I)),
+         ("gemm", re.compile(r"gemm|gemv|cutlass|cublas|xmma|nvjet|matmul|splitk", re.I)),
+         ("fused", re.compile(r"triton_", re.I)))
+"""Kernel kinds by name: flashcore's kernels (csrc/kernels/cuda), cuBLAS / CUTLASS GEMMs, inductor's Triton kernels."""
 
 
 def timed(cls, name, key):
@@ -40,12 +57,94 @@ def timed(cls, name, key):
     setattr(cls, name, wrapper)
 
 
+def kernel_profile(graph: torch.cuda.CUDAGraph) -> dict:
+    """Kernels of one replay and their GPU time by kind (ms), from torch.profiler (CUPTI records graph kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:    # older profilers keep device events only in the raw kineto results
+        kernels = [(e.name(), e.duration_ns() / 1e3) for e in prof.profiler.kineto_results.events()
+                   if e.device_type() == torch.autograd.DeviceType.CUDA]
+    row = {"kernels_per_step": 0, **{f"{kind}_ms": 0.0 for kind, _ in KINDS}, "other_ms": 0.0}
+    for name, us in kernels:
+        if re.search(r"memcpy|memset", name, re.I):
+            continue
+        row["kernels_per_step"] += 1
+        kind = next((k for k, pattern in KINDS if pattern.search(name)), "other")
+        row[f"{kind}_ms"] += us / 1e3
+    if row["kernels_per_step"] == 0:
+        print("warning: the profiler recorded no kernel of the replay (CUPTI without graph-node records?)")
+    return row
+
+
+def floor_bytes(model, cache: PagedKVCache) -> int:
+    """Bytes a decode step must read: the weights (without the embedding table) and the K/V pages in use."""
+    embedding = model.get_input_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.get_output_embeddings().weight.data_ptr() != embedding.data_ptr():   # untied: the table is not read
+        weights -= embedding.numel() * embedding.element_size()
+    return weights + cache.stats().bytes_used
+
+
+def profile_case(model, case: str, compiled: bool, args) -> dict:
+    batch, prompt = CASES[case]
+    flashcore_hf.set_compiled_decode(compiled)
+    distinct = 1 if case.endswith("same") else batch    # "...same": copies of one prompt (shared pages)
+    ids = torch.randint(1, model.config.vocab_size, (distinct, prompt), device="cuda").expand(batch, -1)
+    kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
+    with torch.no_grad():
+        model.generate(ids, **kwargs)                                                      # capture (and compile)
+        HOST.clear()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, do_sample=False)
+        torch.cuda.synchronize()
+        prefill = time.perf_counter() - t0
+        HOST.clear()
+        t0 = time.perf_counter()
+        out = model.generate(ids, return_dict_in_generate=True, **kwargs)
+        torch.cuda.synchronize()
+        steps = args.new - 1
+        per_step = (time.perf_counter() - t0 - prefill) / steps
+        host = dict(HOST)                     # before the replays below add to "graph launch (host)"
+    stats = flashcore_hf.decode_graph_stats(model)
+    runner = model.__dict__["forward"]
+    step = next(reversed(runner._graphs.values()))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    step.graph.replay()
+    start.record()
+    for _ in range(20):
+        step.graph.replay()
+    end.record()
+    end.synchronize()
+    gpu_ms = start.elapsed_time(end) / 20
+    floor_ms = floor_bytes(model, getattr(out, CACHE_KWARG)) / (args.bandwidth_tbs * 1e12) * 1e3
+    row = {"case": case, "compile": "on" if step.compiled else "off", "step_ms": per_step * 1e3,
+           "gpu_replay_ms": gpu_ms, "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / gpu_ms}
+    row.update(kernel_profile(step.graph))
+    row.update({k: v / steps * 1e3 for k, v in host.items()})
+    row["hf_generate_other_ms"] = row["step_ms"] - gpu_ms - row.get("runner total (host)", 0)
+    row.update(compiles=stats.compiles, compile_s=stats.compile_seconds, capture_s=stats.capture_seconds)
+    if stats.compile_failures:
+        row["compile_failures"] = "; ".join(stats.compile_failures)[:200]
+    del out
+    flashcore_hf.release_decode_graphs(model)
+    flashcore_hf.set_compiled_decode(True)
+    return row
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", nargs="+", default=["1x32768", "64x1024"],
-                        choices=[c for c in CASES if "samples" not in c])
+                        choices=[c for c in CASES if "samples" not in c and not c.endswith("doc8q")])
+    parser.add_argument("--compile", nargs="+", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--bandwidth-tbs", type=float, default=4.27, help="memory bandwidth of the floor, TB/s")
     args = parser.parse_args()
     model = build_model(args.layers)
     model.set_attn_implementation("flashcore")
@@ -56,40 +155,15 @@ def main() -> None:
     timed(decode_graphs.DecodeGraphRunner, "__call__", "runner total (host)")
     rows = []
     for case in args.case:
-        batch, prompt = CASES[case]
-        distinct = 1 if case.endswith("same") else batch    # "...same": copies of one prompt (shared pages)
-        ids = torch.randint(1, model.config.vocab_size, (distinct, prompt), device="cuda").expand(batch, -1)
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)  # capture
-            HOST.clear()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=1, do_sample=False)
-            torch.cuda.synchronize()
-            prefill = time.perf_counter() - t0
-            HOST.clear()
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
-            torch.cuda.synchronize()
-            steps = args.new - 1
-            per_step = (time.perf_counter() - t0 - prefill) / steps
-        runner = model.__dict__["forward"]
-        step = next(reversed(runner._graphs.values()))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        step.graph.replay()
-        start.record()
-        for _ in range(20):
-            step.graph.replay()
-        end.record()
-        end.synchronize()
-        gpu_ms = start.elapsed_time(end) / 20
-        row = {"case": case, "step_ms": per_step * 1e3, "gpu_replay_ms": gpu_ms}
-        row.update({k: v / steps * 1e3 for k, v in HOST.items()})
-        row["hf_generate_other_ms"] = row["step_ms"] - gpu_ms - row.get("runner total (host)", 0)
-        rows.append(row)
-        print(row, flush=True)
-        flashcore_hf.release_decode_graphs(model)
-    print_table(rows, list(rows[0]))
+        for setting in args.compile:
+            row = profile_case(model, case, setting == "on", args)
+            rows.append(row)
+            print(row, flush=True)
+    path = write_csv(rows, "profile_decode_step.csv")
+    columns = ["case", "compile", "step_ms", "gpu_replay_ms", "floor_ms", "pct_of_floor", "kernels_per_step",
+               "attention_ms", "gemm_ms", "fused_ms", "other_ms", "compiles", "compile_s"]
+    print_table(rows, columns + [c for c in rows[0] if c not in columns])
+    print(f"CSV: {path}")
 
 
 if __name__ == "__main__":

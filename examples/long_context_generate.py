@@ -672,8 +672,13 @@ def print_report(job: Job, results: list[dict], comparison: dict | None, stream)
         graphs = result["decode_graphs"]
         if graphs is not None and graphs["captures"]:
             print(f"{result['implementation']}: CUDA-graph decode, {graphs['captures']} capture(s) in "
-                  f"{graphs['capture_seconds']:.2f} s (in the decode time), {graphs['replays']} replayed steps, "
-                  f"{graphs['eager_decode_steps']} eager decode steps", file=stream)
+                  f"{graphs['capture_seconds']:.2f} s and {graphs['compiles']} torch.compile(s) of the decode step "
+                  f"in {graphs['compile_seconds']:.2f} s (both in the decode time), {graphs['replays']} replayed "
+                  f"steps ({graphs['compiled_replays']} compiled), {graphs['eager_decode_steps']} eager decode steps",
+                  file=stream)
+            if graphs["compile_failures"]:
+                print(f"  compiled decode fell back to the uncompiled forward: {graphs['compile_failures']}",
+                      file=stream)
     if first["answers"] is not None and len(first["answers"]) > 1:
         for question, answer in zip(job.questions, first["answers"]):
             print(f"\nQ: {question}\nA ({first['implementation']}): {answer}", file=stream)

@@ -10,9 +10,9 @@ registration, CUDA-graph decode).
 """
 from ._ext import HAS_CUDA_KERNELS
 from .cache import CacheStats, OutOfPagesError, PageAllocator, PagedKVCache, PrefixCache
-from .hf import (ATTN_IMPLEMENTATION, FlashCoreAttention, FlashCoreFallbackWarning, decode_graph_stats,
-                 flashcore_attention_forward, flashcore_mask, register, release_decode_graphs, set_cuda_graphs,
-                 set_default_cache_options, unpatch)
+from .hf import (ATTN_IMPLEMENTATION, FlashCoreAttention, FlashCoreCompileWarning, FlashCoreFallbackWarning,
+                 decode_graph_stats, flashcore_attention_forward, flashcore_mask, register, release_decode_graphs,
+                 set_compiled_decode, set_cuda_graphs, set_default_cache_options, unpatch)
 from .layout import PageLayout
 from .ops import AttentionPlan, append_kv, build_layout, kernel_supports, paged_attention, plan_attention
 from .patches import CACHE_KWARG
@@ -21,7 +21,8 @@ from .sparse import SparseConfig
 register()
 
 __all__ = ["ATTN_IMPLEMENTATION", "AttentionPlan", "CACHE_KWARG", "CacheStats", "FlashCoreAttention",
-           "FlashCoreFallbackWarning", "HAS_CUDA_KERNELS", "OutOfPagesError", "PageAllocator", "PageLayout",
-           "PagedKVCache", "PrefixCache", "SparseConfig", "append_kv", "build_layout", "decode_graph_stats",
-           "flashcore_attention_forward", "flashcore_mask", "kernel_supports", "paged_attention", "plan_attention",
-           "register", "release_decode_graphs", "set_cuda_graphs", "set_default_cache_options", "unpatch"]
+           "FlashCoreCompileWarning", "FlashCoreFallbackWarning", "HAS_CUDA_KERNELS", "OutOfPagesError",
+           "PageAllocator", "PageLayout", "PagedKVCache", "PrefixCache", "SparseConfig", "append_kv", "build_layout",
+           "decode_graph_stats", "flashcore_attention_forward", "flashcore_mask", "kernel_supports",
+           "paged_attention", "plan_attention", "register", "release_decode_graphs", "set_compiled_decode",
+           "set_cuda_graphs", "set_default_cache_options", "unpatch"]

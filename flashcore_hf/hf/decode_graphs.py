@@ -8,9 +8,14 @@ inputs are fixed buffers, and every decode step then
   1. plans on the host (page allocation and page lists: `PagedKVCache.plan_decode_step`),
   2. copies that plan (one host-to-device copy) and the new token ids into the graph's buffers,
   3. replays the graph.
-Prefill, multi-token steps, beam reordering (host side) and anything unusual run eagerly. A replay runs the same
-kernels with the same plans as an eager step (the kernels' page bound is bucketed in both), so outputs are
-bit-identical to the eager path.
+Prefill, multi-token steps, beam reordering (host side) and anything unusual run eagerly.
+
+The captured forward is compiled (compiled_decode.py: torch.compile with inductor, attention and the cache as one
+opaque op per layer), so norms, rotary, activations and residual adds run fused; compiled once per model and batch
+size (at most 3 times: batch sizes past the second share a dynamic-batch graph), never per page bucket or generate()
+call. Fusion changes rounding, so outputs match eager steps up to bf16 rounding. With compilation off
+(`flashcore_hf.set_compiled_decode(False)`, FLASHCORE_COMPILE_DECODE=0) a replay runs the same kernels with the same
+plans as an eager step (the kernels' page bound is bucketed in both), so outputs are bit-identical to the eager path.
 
 One graph per batch size: generate() keeps the batch fixed for a whole call (finished rows keep running), and padding
 a batch up to a bucket would change every GEMM's shape and with it the rounding of the results.
@@ -20,15 +25,18 @@ addresses of the per-page key bounds, which come from the same arena). Caches th
 their pools from one `PoolArena` per model, so the next generate() call reuses the same memory and the same graphs;
 a pool growth (rare: `PagedKVCache(expected_max_length=...)` grows once per generation) captures anew.
 
-On by default for flashcore models on one CUDA device. Off: `flashcore_hf.set_cuda_graphs(False)`, the environment
-variable FLASHCORE_CUDA_GRAPHS=0, or `model.generate(..., disable_compile=True)`. `decode_graph_stats(model)` reports
-captures, their cost and replays; `release_decode_graphs(model)` frees the graphs and the pool arena.
+On by default for flashcore models on one CUDA device. Off (graphs and compilation):
+`flashcore_hf.set_cuda_graphs(False)`, the environment variable FLASHCORE_CUDA_GRAPHS=0, or
+`model.generate(..., disable_compile=True)`.
+`decode_graph_stats(model)` reports captures, compiles and their cost, and replays; `release_decode_graphs(model)`
+frees the graphs and the pool arena (the compiled forward is kept: the next capture does not compile again).
 """
 from __future__ import annotations
 
 import functools
 import os
 import time
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -39,6 +47,8 @@ from ..cache import PagedKVCache, PoolArena, StepPlan
 from ..cache.step_plan import StepShape
 from ..layout import PageLayout
 from ..patches import CACHE_KWARG
+from .compiled_decode import (CompiledDecodeStep, FlashCoreCompileWarning, compile_backend, compiled_decode_enabled,
+                              failure_reason)
 
 _ENABLED = os.environ.get("FLASHCORE_CUDA_GRAPHS", "1") != "0"
 _MAX_GRAPHS_PER_MODEL = 8
@@ -59,14 +69,22 @@ def cuda_graphs_enabled() -> bool:
 
 @dataclass
 class DecodeGraphStats:
-    """What the graph runner of one model did: captures (and their seconds), replays, decode steps run eagerly and
-    why (eager_reasons: reason -> steps)."""
+    """What the graph runner of one model did: captures (capture_seconds: their time besides compiling), replays,
+    decode steps run eagerly and why (eager_reasons: reason -> steps); compiled decode (compiled_decode.py):
+    compiled_captures / compiled_replays (of graphs of the compiled forward), compiles (graphs torch.compile
+    compiled: at most 3 per model, see compiled_decode.py), compile_seconds (their time), compile_failures (reason ->
+    captures that fell back to the uncompiled forward)."""
 
     captures: int = 0
     capture_seconds: float = 0.0
     replays: int = 0
     eager_decode_steps: int = 0
     eager_reasons: dict[str, int] = field(default_factory=dict)
+    compiled_captures: int = 0
+    compiled_replays: int = 0
+    compiles: int = 0
+    compile_seconds: float = 0.0
+    compile_failures: dict[str, int] = field(default_factory=dict)
 
     def count_eager(self, reason: str) -> None:
         self.eager_decode_steps += 1
@@ -86,6 +104,7 @@ class _FixedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None   # the graph's output buffer
         self.output_type = None                   # the model's output class
+        self.compiled = False                     # whether the graph holds the compiled forward
 
     def load_noop(self, plan: StepPlan) -> None:
         """A step that reads no page and writes no slot (for the warm-up and the capture): every query run of every
@@ -113,6 +132,8 @@ class DecodeGraphRunner:
         self.arena = PoolArena()
         self.stats = DecodeGraphStats()
         self.enabled_for_call = True       # generate(disable_compile=True) turns it off for that call
+        self._compiled: CompiledDecodeStep | None = None   # made at the first compiled capture, kept for the model
+        self._compile_failure: str | None = None           # why compiling failed (the runner then stops trying)
         functools.update_wrapper(self, forward)
 
     def __call__(self, *args, **kwargs):
@@ -165,10 +186,11 @@ class DecodeGraphRunner:
         batch, device = ids.shape[0], ids.device
         plan = cache.plan_decode_step(device)          # may grow the pools (and bounds): part of the key below
         bucket = plan.max_pages["full"]
-        key = (batch, bucket, plan.cascade_key, cache.device_buffers(), cache.sparse)
+        compiled = self._compile_this_capture()
+        key = (batch, bucket, plan.cascade_key, cache.device_buffers(), cache.sparse, compiled)
         step = self._graphs.get(key)
         if step is None:
-            step = self._capture(cache, plan, device, key)
+            step = self._capture(cache, plan, device, key, compiled)
         else:
             self._graphs.move_to_end(key)
         step.load(plan)
@@ -181,40 +203,98 @@ class DecodeGraphRunner:
         step.graph.replay()
         cache.finish_replayed_step(plan)
         self.stats.replays += 1
+        self.stats.compiled_replays += int(step.compiled)
         # A copy: the graph's output buffer is overwritten by the next replay, while generate() may keep logits.
         return step.output_type(logits=step.logits.clone(), **{CACHE_KWARG: cache})
 
-    def _capture(self, cache: PagedKVCache, plan: StepPlan, device: torch.device, key) -> _FixedStep:
+    def _compile_this_capture(self) -> bool:
+        """Whether a new capture takes the compiled forward: compiled decode is on and compiling did not fail."""
+        return compiled_decode_enabled() and self._compile_failure is None
+
+    def _capture(self, cache: PagedKVCache, plan: StepPlan, device: torch.device, key, compiled: bool) -> _FixedStep:
         torch.cuda.synchronize(device)
         start = time.perf_counter()
+        compile_seconds = self._compiled.compile_seconds if self._compiled is not None else 0.0
         step = _FixedStep(cache.fixed_decode_shape(plan), device)
         step.load_noop(plan)
         step.position_ids.fill_(plan.padded_len - 1)
         forward_kwargs = {"input_ids": step.input_ids, "position_ids": step.position_ids, CACHE_KWARG: cache,
                           "use_cache": True, "return_dict": True}
-        # Warm-up outside the capture (library handles, lazy initialisation) on a side stream, as CUDA graphs
-        # require; the no-op step reads no page and writes no slot, so the cache is unchanged.
+        # Warm-up outside the capture (compilation, library handles, lazy initialisation) on a side stream, as CUDA
+        # graphs require; the no-op step reads no page and writes no slot, so the cache is unchanged.
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            cache.begin_fixed_step(step.device_step, step.shape, plan)
-            self._forward(**forward_kwargs)
+            if compiled:
+                compiled = self._warm_up_compiled(cache, step, plan, forward_kwargs)
+            if not compiled:
+                cache.begin_fixed_step(step.device_step, step.shape, plan)
+                self._forward(**forward_kwargs)
         torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        cache.begin_fixed_step(step.device_step, step.shape, plan)
-        with torch.cuda.graph(graph):
-            output = self._forward(**forward_kwargs)
+        output = None
+        if compiled:
+            graph, output = self._capture_forward(cache, step, plan, forward_kwargs, compiled=True)
+        if output is None:
+            compiled = False
+            graph, output = self._capture_forward(cache, step, plan, forward_kwargs, compiled=False)
         # Keep only the logits buffer: the output also references the cache, which must not outlive its generate()
         # call (it would keep the pool arena leased and the next cache would map fresh pools).
-        step.graph, step.logits, step.output_type = graph, output.logits, type(output)
+        step.graph, step.logits, step.output_type, step.compiled = graph, output.logits, type(output), compiled
         del output, forward_kwargs
+        key = key[:-1] + (compiled,)        # what the graph holds (a failed compile captured the eager forward)
         self._graphs[key] = step
         while len(self._graphs) > _MAX_GRAPHS_PER_MODEL:
             self._graphs.popitem(last=False)
         torch.cuda.synchronize(device)
         self.stats.captures += 1
-        self.stats.capture_seconds += time.perf_counter() - start
+        self.stats.compiled_captures += int(compiled)
+        if self._compiled is not None:
+            self.stats.compiles = self._compiled.compiles
+            compile_seconds = self._compiled.compile_seconds - compile_seconds
+            self.stats.compile_seconds += compile_seconds
+        self.stats.capture_seconds += time.perf_counter() - start - compile_seconds
         return step
+
+    def _capture_forward(self, cache, step: _FixedStep, plan: StepPlan, forward_kwargs, compiled: bool):
+        """(graph, output) of one capture of the step's forward; output None when the compiled forward failed."""
+        graph = torch.cuda.CUDAGraph()
+        cache.begin_fixed_step(step.device_step, step.shape, plan)
+        if not compiled:
+            with torch.cuda.graph(graph):
+                output = self._forward(**forward_kwargs)
+            return graph, output
+        try:
+            with torch.cuda.graph(graph):
+                # The warm-up compiled this very call (same shapes, same guards): nothing may compile in a capture.
+                output = self._compiled(fail_on_recompile=True, **forward_kwargs)
+        except Exception as err:   # never fail a user's generate() over compilation: capture the eager forward
+            self._compile_failed(err)
+            return graph, None
+        return graph, output
+
+    def _warm_up_compiled(self, cache, step: _FixedStep, plan: StepPlan, forward_kwargs) -> bool:
+        """Run the compiled forward once (compiling it on the first call); False, after one warning, if it failed."""
+        cache.begin_fixed_step(step.device_step, step.shape, plan)
+        try:
+            if self._compiled is None:
+                self._compiled = CompiledDecodeStep(self._forward, compile_backend())
+            self._compiled(**forward_kwargs)
+        except Exception as err:   # model code torch.compile cannot take whole, a backend error: run uncompiled
+            self._compile_failed(err)
+            return False
+        return True
+
+    def _compile_failed(self, err: Exception) -> None:
+        reason = failure_reason(err)
+        self.stats.compile_failures[reason] = self.stats.compile_failures.get(reason, 0) + 1
+        if self._compile_failure is None:
+            model = self._model()
+            warnings.warn(f"flashcore: torch.compile could not compile the decode step of "
+                          f"{type(model).__name__ if model is not None else 'the model'} ({reason}); its CUDA graphs "
+                          "capture the uncompiled forward (same results, more kernels per step). "
+                          "flashcore_hf.set_compiled_decode(False) skips the attempt.", FlashCoreCompileWarning,
+                          stacklevel=2)
+        self._compile_failure = reason
 
 
 _MODELS_WITH_RUNNERS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
@@ -262,7 +342,8 @@ def pool_arena(model) -> PoolArena | None:
 
 
 def decode_graph_stats(model) -> DecodeGraphStats | None:
-    """Captures, capture seconds, replays and eager decode steps of the model's graph runner (None: not in use)."""
+    """Captures, capture and compile seconds, replays and eager decode steps of the model's graph runner (None: not
+    in use)."""
     runner = _runner(model)
     return None if runner is None else runner.stats
 

@@ -3,6 +3,11 @@
 Covers growing page tables (page boundaries crossed between replays), pool growth (re-capture), beams, sequences
 finishing early, left padding, several batch sizes, reuse of graphs by the next generate() call, and decode steps a
 user drives with model() calls over their own cache (no host sync between steps).
+
+Bit-identity with eager decoding holds for graphs of the uncompiled forward (set_compiled_decode(False)): a replay
+runs the eager step's kernels with its plans. The default, compiled forward (compiled_decode.py) fuses norms, rotary
+and activations, which changes rounding: its greedy tokens agree with eager decoding except after a near-tie of the
+two best logits (conftest.diverge_only_at_near_ties; its accuracy against fp32: test_compiled_decode_gpu.py).
 """
 import gc
 
@@ -11,7 +16,7 @@ import torch
 
 import flashcore_hf as fc
 from flashcore_hf import CACHE_KWARG
-from tests.gpu.conftest import SMALL_VOCAB
+from tests.gpu.conftest import SMALL_VOCAB, diverge_only_at_near_ties
 
 pytestmark = pytest.mark.gpu
 
@@ -33,13 +38,16 @@ def left_padded(lengths, generator):
     return ids.cuda(), mask.cuda()
 
 
-def generate(model, ids, mask, graphs: bool, **kwargs):
+def generate(model, ids, mask, graphs: bool, compiled: bool = False, **kwargs):
+    """Greedy generate(); graphs=True captures the uncompiled forward unless compiled=True."""
     fc.set_cuda_graphs(graphs)
+    fc.set_compiled_decode(compiled)
     try:
         with torch.no_grad():
             return model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kwargs)
     finally:
         fc.set_cuda_graphs(True)
+        fc.set_compiled_decode(True)
 
 
 @pytest.mark.parametrize("lengths", [[37], [70, 3, 45], [16, 16, 16, 16, 16]])
@@ -99,6 +107,45 @@ def test_disable_compile_turns_graphs_off_for_the_call(model, generator):
     assert fc.decode_graph_stats(model).replays == replays
 
 
+@pytest.mark.parametrize("lengths", [[37], [70, 3, 45], [16, 16, 16, 16, 16]])
+def test_compiled_greedy_agrees_with_eager_up_to_near_ties(model, lengths, generator):
+    """Graphs of the compiled forward: every decode step replayed, tokens as eager decoding's up to near-ties."""
+    ids, mask = left_padded(lengths, generator)
+    kwargs = dict(max_new_tokens=40, output_logits=True, return_dict_in_generate=True)
+    eager = generate(model, ids, mask, graphs=False, **kwargs)
+    stats = fc.decode_graph_stats(model)
+    replays = stats.compiled_replays if stats else 0
+    graphed = generate(model, ids, mask, graphs=True, compiled=True, **kwargs)
+    stats = fc.decode_graph_stats(model)
+    assert stats.compiled_replays - replays == 39 and not stats.compile_failures
+    identical = diverge_only_at_near_ties(eager, graphed, ids.shape[1])
+    print(f"compiled vs eager, lengths {lengths}: {identical}/{len(lengths)} rows identical; {stats}")
+
+
+def test_compiled_beams_sampling_and_early_finish(model, generator):
+    """Beams (reordered page tables between replays), sampling and rows finishing early run through the compiled
+    graphs: every decode step replayed, finished rows padded."""
+    ids, mask = left_padded([33, 12, 57], generator)
+    probe = generate(model, ids, mask, graphs=False, max_new_tokens=12)
+    eos = int(probe[0, ids.shape[1] + 4])
+    before = fc.decode_graph_stats(model).compiled_replays
+    out = generate(model, ids, mask, graphs=True, compiled=True, max_new_tokens=30, eos_token_id=eos)
+    assert fc.decode_graph_stats(model).compiled_replays > before
+    finished = (out[:, ids.shape[1]:] == eos).int().argmax(1)
+    for row in range(out.shape[0]):
+        if (out[row, ids.shape[1]:] == eos).any():
+            assert (out[row, ids.shape[1] + int(finished[row]) + 1:] == 0).all()
+    beams = generate(model, ids, mask, graphs=True, compiled=True, max_new_tokens=20, num_beams=3,
+                     num_return_sequences=2)
+    assert beams.shape == (6, ids.shape[1] + 20)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        sampled = model.generate(ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=20,
+                                 num_return_sequences=4, pad_token_id=0)
+    assert sampled.shape == (12, ids.shape[1] + 20)
+    assert not fc.decode_graph_stats(model).compile_failures
+
+
 def test_replays_reuse_the_captured_plans(model, generator, monkeypatch):
     """A replayed decode step plans nothing: the attention plans made while capturing are baked into the graph
     (only the prompt's step plans)."""
@@ -115,7 +162,6 @@ def test_replays_reuse_the_captured_plans(model, generator, monkeypatch):
     assert fc.decode_graph_stats(model).captures == captures
     assert fc.decode_graph_stats(model).replays - replays == 11
     assert len(calls) == 1                                              # the prefill step's plan
-
 
 
 def user_decode_loop(model, ids, steps: int, busy_before_last: bool = False) -> torch.Tensor:
@@ -138,10 +184,11 @@ def user_decode_loop(model, ids, steps: int, busy_before_last: bool = False) -> 
         return torch.cat(tokens, 1).cpu()                 # raises if a step touched unmapped memory
 
 
-def test_user_cache_dropped_while_its_last_replays_are_queued(model, generator):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_user_cache_dropped_while_its_last_replays_are_queued(model, generator, compiled):
     """Decode steps a user drives over their own cache replay graphs without any host sync, so the host can drop
     the cache (and with it the pools) while its last steps still wait on the GPU. The pools' memory is unmapped only
-    after them (before: an illegal memory access)."""
+    after them (before: an illegal memory access). Uncompiled replays give eager decoding's tokens exactly."""
     ids, mask = left_padded([64, 64], generator)
     generate(model, ids[:1, :8], mask[:1, :8], graphs=True, max_new_tokens=2)     # installs the graph runner
     fc.set_cuda_graphs(False)
@@ -150,6 +197,11 @@ def test_user_cache_dropped_while_its_last_replays_are_queued(model, generator):
     finally:
         fc.set_cuda_graphs(True)
     replays = fc.decode_graph_stats(model).replays
-    graphed = user_decode_loop(model, ids, steps=6, busy_before_last=True)
+    fc.set_compiled_decode(compiled)
+    try:
+        graphed = user_decode_loop(model, ids, steps=6, busy_before_last=True)
+    finally:
+        fc.set_compiled_decode(True)
     assert fc.decode_graph_stats(model).replays - replays == 6
-    assert torch.equal(eager, graphed)
+    if not compiled:
+        assert torch.equal(eager, graphed)

@@ -51,9 +51,11 @@ def prompt(length, seed):
     return torch.randint(1, VOCAB, (1, length), generator=generator).cuda()
 
 
-def generate(model, ids, *, graphs=True, cache=None):
-    """Greedy NEW tokens; returns (tokens, replays, eager decode steps) of this call."""
+def generate(model, ids, *, graphs=True, compiled=True, cache=None):
+    """Greedy NEW tokens; returns (tokens, replays, eager decode steps) of this call. compiled=False: graphs of the
+    uncompiled forward (bit-identical to eager decoding)."""
     fc.set_cuda_graphs(graphs)
+    fc.set_compiled_decode(compiled)
     before = fc.decode_graph_stats(model)
     replays, eager = (before.replays, before.eager_decode_steps) if before else (0, 0)
     try:
@@ -63,6 +65,7 @@ def generate(model, ids, *, graphs=True, cache=None):
                                  do_sample=False, **extra)
     finally:
         fc.set_cuda_graphs(True)
+        fc.set_compiled_decode(True)
     torch.cuda.synchronize()
     after = fc.decode_graph_stats(model)
     if after is None:
@@ -77,8 +80,9 @@ def assert_every_step_replayed(model, replays, eager):
 
 # Graph replays and eager steps run the same attention kernels with the same plans, but cuBLAS may pick other GEMM
 # algorithms inside a capture, so the hidden states differ in the last bits; top-k page selection can turn that into
-# a different page set and different tokens. Replays are compared with replays (bit-identical across calls), and with
-# eager decoding for the policies whose pages do not depend on the data (dense, streaming).
+# a different page set and different tokens. Replays are compared with replays (bit-identical across calls), and, for
+# the policies whose pages do not depend on the data (dense, streaming), replays of the uncompiled forward with eager
+# decoding (the compiled forward's fused kernels round differently; test_compiled_decode_gpu.py measures them).
 DATA_INDEPENDENT = ("dense", "streaming")
 
 
@@ -99,7 +103,9 @@ def test_repeated_default_cache_generate(model, policy):
         first[length] = tokens
         if policy in DATA_INDEPENDENT:
             expected, _, _ = generate(model, ids, graphs=False)
-            assert torch.equal(tokens, expected), f"{length} tokens: differs from eager decoding"
+            uncompiled, replays, eager = generate(model, ids, compiled=False)
+            assert_every_step_replayed(model, replays, eager)
+            assert torch.equal(uncompiled, expected), f"{length} tokens: differs from eager decoding"
 
 
 def test_every_policy_after_another(model):
@@ -130,7 +136,9 @@ def test_repeated_user_cache_generate(model, policy):
     if policy in DATA_INDEPENDENT:
         expected, _, _ = generate(model, ids, graphs=False,
                                   cache=fc.PagedKVCache(model.config, page_size=PAGE, sparse=sparse_config(policy)))
-        assert torch.equal(first, expected)
+        uncompiled, _, _ = generate(model, ids, compiled=False,
+                                    cache=fc.PagedKVCache(model.config, page_size=PAGE, sparse=sparse_config(policy)))
+        assert torch.equal(uncompiled, expected)
 
 
 def test_kept_cache_does_not_block_graphs(model):

@@ -16,6 +16,7 @@ from flashcore_hf import CACHE_KWARG
 from flashcore_hf.cache.step_plan import PREFIX, SUFFIX, QueryRuns, cascade_layouts, shared_prefixes
 from flashcore_hf.hf.attention import FlashCoreAttention
 from flashcore_hf.ops import merge_attention_states
+from tests.gpu.conftest import diverge_only_at_near_ties
 from tests.reference import reference_paged_attention
 
 pytestmark = pytest.mark.gpu
@@ -82,21 +83,6 @@ def _generate(model, ids, share, seed=0, **kwargs):
                               return_dict_in_generate=True, **kwargs)
 
 
-def _diverge_only_at_near_ties(a, b, prompt_len):
-    """Every row's tokens agree up to the first difference, which is a near-tie in both runs' logits."""
-    new_a, new_b = a.sequences[:, prompt_len:], b.sequences[:, prompt_len:]
-    same = new_a == new_b
-    for row in range(new_a.shape[0]):
-        if same[row].all():
-            continue
-        t = int((~same[row]).int().argmax())
-        for run in (a, b):
-            logits = run.logits[t][row].float()
-            gap = (logits[new_a[row, t]] - logits[new_b[row, t]]).abs().item()
-            assert gap < 0.1 * logits.std().item(), (row, t, gap)
-    return int(same.all(1).sum())
-
-
 def test_repeated_prompts_samples_and_beams_with_graphs(model, monkeypatch):
     cascades = []
     original = FlashCoreAttention._cascade
@@ -114,7 +100,7 @@ def test_repeated_prompts_samples_and_beams_with_graphs(model, monkeypatch):
         shared = _generate(model, ids, True, **kwargs)
         replays = stats(model).replays
         plain = _generate(model, ids, False, **kwargs)
-        identical = _diverge_only_at_near_ties(shared, plain, ids.shape[1]) if not kwargs["do_sample"] else None
+        identical = diverge_only_at_near_ties(shared, plain, ids.shape[1]) if not kwargs["do_sample"] else None
         print(f"{tuple(ids.shape)} {kwargs}: rows identical {identical}, graph stats {stats(model)}")
         if kwargs["do_sample"]:
             assert shared.sequences.shape == plain.sequences.shape
@@ -135,6 +121,6 @@ def test_prefix_cache_across_calls_with_graphs(model):
         with_store = _generate(model, ids, True, max_new_tokens=16, do_sample=False)
         fc.set_default_cache_options(prefix_cache=False)
         without = _generate(model, ids, True, max_new_tokens=16, do_sample=False)
-        _diverge_only_at_near_ties(with_store, without, ids.shape[1])
+        diverge_only_at_near_ties(with_store, without, ids.shape[1])
     print(store)
     assert store.stats.hits == 2 and store.stats.tokens_reused == 2 * (5000 // 64) * 64
