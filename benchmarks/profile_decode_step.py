@@ -12,7 +12,7 @@ decode step:
   benchmarks/notes/decode_graphs.md), and floor_ms / gpu_replay_ms;
 - kernels_per_step and the replay's GPU time by kind (torch.profiler over one replay: attention = flashcore's
   kernels, gemm = cuBLAS/CUTLASS, fused = inductor's Triton kernels, other = everything else, e.g. eager
-  elementwise kernels).
+  elementwise kernels), and the kernels that take the most time.
 
     python benchmarks/profile_decode_step.py --case 1x32768 64x1024 --compile on off
 """
@@ -42,6 +42,8 @@ KINDS = (("attention", re.compile(ATTENTION_KERNELS, re.I)),
          ("gemm", re.compile(r"gemm|gemv|cutlass|cublas|xmma|nvjet|matmul|splitk", re.I)),
          ("fused", re.compile(r"triton_", re.I)))
 """Kernel kinds by name: flashcore's kernels (csrc/kernels/cuda), cuBLAS / CUTLASS GEMMs, inductor's Triton kernels."""
+TOP_KERNELS = 15
+"""Kernels listed by their GPU time in one replay."""
 
 
 def timed(cls, name, key):
@@ -70,14 +72,20 @@ def kernel_profile(graph: torch.cuda.CUDAGraph) -> dict:
         kernels = [(e.name(), e.duration_ns() / 1e3) for e in prof.profiler.kineto_results.events()
                    if e.device_type() == torch.autograd.DeviceType.CUDA]
     row = {"kernels_per_step": 0, **{f"{kind}_ms": 0.0 for kind, _ in KINDS}, "other_ms": 0.0}
+    by_name = defaultdict(lambda: [0, 0.0])
     for name, us in kernels:
         if re.search(r"memcpy|memset", name, re.I):
             continue
         row["kernels_per_step"] += 1
         kind = next((k for k, pattern in KINDS if pattern.search(name)), "other")
         row[f"{kind}_ms"] += us / 1e3
+        by_name[name][0] += 1
+        by_name[name][1] += us / 1e3
     if row["kernels_per_step"] == 0:
         print("warning: the profiler recorded no kernel of the replay (CUPTI without graph-node records?)")
+    print("top kernels of one replay (count, ms, name):")
+    for name, (count, ms) in sorted(by_name.items(), key=lambda item: -item[1][1])[:TOP_KERNELS]:
+        print(f"  {count:5d} {ms:8.3f}  {name[:150]}")
     return row
 
 
