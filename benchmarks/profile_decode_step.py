@@ -4,9 +4,14 @@ the distance to the memory-bandwidth floor, for the compiled decode step and the
 Runs generate() on the Llama-3-8B-shaped random model (as bench_e2e.py) with CUDA graphs, once per --compile setting
 (on: the torch.compile'd step, flashcore_hf/hf/compiled_decode.py; off: set_compiled_decode(False)), then reports per
 decode step:
-- step_ms: the whole step as generate() sees it; the host time of the flashcore runner's parts (planning, loading
-  the fixed buffers, launching the replay);
-- gpu_replay_ms: the GPU time of the replay alone (CUDA events over repeated replays);
+- step_ms: the whole step as generate() sees it (median over the steps, between the syncs generate() makes every
+  step), split into its parts on the host timeline: hf_before_ms (generate()'s own work from the previous step's
+  sync to calling the model), runner_before_ms (flashcore's runner before the launch: eligibility, planning the
+  step, loading the fixed buffers), launch_ms (the graph launch call) and after_launch_ms (launch to the sync: the
+  replay and the few kernels generate() adds, with the host's work after the launch overlapped). The GPU idles
+  during the parts before the launch;
+- gpu_replay_ms: the GPU time of the replay alone (CUDA events over repeated replays); gpu_single_replay_ms: one
+  replay started on an idle GPU, as in a step;
 - floor_ms / pct_of_floor: the bytes a step must read (every weight except the embedding table, of which a step reads
   B rows, plus the K/V pages in use) at --bandwidth-tbs (4.27 TB/s: the H200's measured copy ceiling,
   benchmarks/notes/decode_graphs.md), and floor_ms / gpu_replay_ms;
@@ -20,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import CASES, build_model  # noqa: E402
@@ -36,7 +43,6 @@ from flashcore_hf import CACHE_KWARG  # noqa: E402
 from flashcore_hf.hf import decode_graphs  # noqa: E402
 from flashcore_hf.cache import PagedKVCache  # noqa: E402
 
-HOST = defaultdict(float)
 ATTENTION_KERNELS = r"paged_|prefill_sm90|merge_s|append_kv|page_bounds|score_pages|select_top|key_positions"
 KINDS = (("attention", re.compile(ATTENTION_KERNELS, re.I)),
          ("gemm", re.compile(r"gemm|gemv|cutlass|cublas|xmma|nvjet|matmul|splitk", re.I)),
@@ -46,17 +52,60 @@ TOP_KERNELS = 15
 """Kernels listed by their GPU time in one replay."""
 
 
-def timed(cls, name, key):
-    original = getattr(cls, name)
+class Timeline:
+    """Host timestamps of the points a decode step passes: the runner entered, the graph launch started and ended,
+    and generate()'s per-step sync (a logits processor that syncs, as generate() does each step anyway)."""
 
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            HOST[key] += time.perf_counter() - t0
+    def __init__(self):
+        self.points: list[tuple[str, float]] = []
+        self.recording = False
 
-    setattr(cls, name, wrapper)
+    def mark(self, name: str) -> None:
+        if self.recording:
+            self.points.append((name, time.perf_counter()))
+
+    def wrap(self, cls, method: str, before: str | None, after: str | None = None) -> None:
+        original = getattr(cls, method)
+        timeline = self
+
+        def wrapper(*args, **kwargs):
+            if before:
+                timeline.mark(before)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if after:
+                    timeline.mark(after)
+
+        setattr(cls, method, wrapper)
+
+    def step_parts(self) -> dict:
+        """Median ms of each part over the replayed steps (a step: from one sync to the next, with one launch)."""
+        parts = defaultdict(list)
+        last = {}
+        for name, t in self.points:
+            if name == "synced" and {"synced", "enter", "launch", "launched"} <= last.keys() \
+                    and last["synced"] < last["enter"] < last["launch"] < last["launched"]:
+                parts["step_ms"].append(t - last["synced"])
+                parts["hf_before_ms"].append(last["enter"] - last["synced"])
+                parts["runner_before_ms"].append(last["launch"] - last["enter"])
+                parts["launch_ms"].append(last["launched"] - last["launch"])
+                parts["after_launch_ms"].append(t - last["launched"])
+            last[name] = t
+        return {key: 1e3 * statistics.median(values) for key, values in parts.items()}
+
+
+class SyncProbe(LogitsProcessor):
+    def __init__(self, timeline: Timeline):
+        self.timeline = timeline
+
+    def __call__(self, input_ids, scores):
+        torch.cuda.synchronize()
+        self.timeline.mark("synced")
+        return scores
+
+
+TIMELINE = Timeline()
 
 
 def kernel_profile(graph: torch.cuda.CUDAGraph) -> dict:
@@ -106,19 +155,12 @@ def profile_case(model, case: str, compiled: bool, args) -> dict:
     kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
     with torch.no_grad():
         model.generate(ids, **kwargs)                                                      # capture (and compile)
-        HOST.clear()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, do_sample=False)
-        torch.cuda.synchronize()
-        prefill = time.perf_counter() - t0
-        HOST.clear()
-        t0 = time.perf_counter()
-        out = model.generate(ids, return_dict_in_generate=True, **kwargs)
-        torch.cuda.synchronize()
-        steps = args.new - 1
-        per_step = (time.perf_counter() - t0 - prefill) / steps
-        host = dict(HOST)                     # before the replays below add to "graph launch (host)"
+        TIMELINE.points.clear()
+        TIMELINE.recording = True
+        out = model.generate(ids, return_dict_in_generate=True, logits_processor=LogitsProcessorList(
+            [SyncProbe(TIMELINE)]), **kwargs)
+        TIMELINE.recording = False
+        parts = TIMELINE.step_parts()
     stats = flashcore_hf.decode_graph_stats(model)
     runner = model.__dict__["forward"]
     step = next(reversed(runner._graphs.values()))
@@ -130,12 +172,18 @@ def profile_case(model, case: str, compiled: bool, args) -> dict:
     end.record()
     end.synchronize()
     gpu_ms = start.elapsed_time(end) / 20
+    singles = []                           # one replay on an idle GPU, as in a step (launch latency included)
+    for _ in range(10):
+        torch.cuda.synchronize()
+        start.record()
+        step.graph.replay()
+        end.record()
+        end.synchronize()
+        singles.append(start.elapsed_time(end))
     floor_ms = floor_bytes(model, getattr(out, CACHE_KWARG)) / (args.bandwidth_tbs * 1e12) * 1e3
-    row = {"case": case, "compile": "on" if step.compiled else "off", "step_ms": per_step * 1e3,
-           "gpu_replay_ms": gpu_ms, "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / gpu_ms}
+    row = {"case": case, "compile": "on" if step.compiled else "off", **parts,
+           "gpu_replay_ms": gpu_ms, "gpu_single_replay_ms": statistics.median(singles), "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / gpu_ms}
     row.update(kernel_profile(step.graph))
-    row.update({k: v / steps * 1e3 for k, v in host.items()})
-    row["hf_generate_other_ms"] = row["step_ms"] - gpu_ms - row.get("runner total (host)", 0)
     row.update(compiles=stats.compiles, compile_s=stats.compile_seconds, capture_s=stats.capture_seconds)
     if stats.compile_failures:
         row["compile_failures"] = "; ".join(stats.compile_failures)[:200]
@@ -156,11 +204,8 @@ def main() -> None:
     args = parser.parse_args()
     model = build_model(args.layers)
     model.set_attn_implementation("flashcore")
-    timed(PagedKVCache, "plan_decode_step", "plan (allocate + page lists)")
-    timed(decode_graphs._FixedStep, "load", "load fixed buffers")
-    timed(decode_graphs.DecodeGraphRunner, "_eligible", "eligibility check")
-    timed(torch.cuda.CUDAGraph, "replay", "graph launch (host)")
-    timed(decode_graphs.DecodeGraphRunner, "__call__", "runner total (host)")
+    TIMELINE.wrap(decode_graphs.DecodeGraphRunner, "_replay", before="enter")
+    TIMELINE.wrap(torch.cuda.CUDAGraph, "replay", before="launch", after="launched")
     rows = []
     for case in args.case:
         for setting in args.compile:
@@ -168,8 +213,9 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     path = write_csv(rows, "profile_decode_step.csv")
-    columns = ["case", "compile", "step_ms", "gpu_replay_ms", "floor_ms", "pct_of_floor", "kernels_per_step",
-               "attention_ms", "gemm_ms", "fused_ms", "other_ms", "compiles", "compile_s"]
+    columns = ["case", "compile", "step_ms", "hf_before_ms", "runner_before_ms", "launch_ms", "after_launch_ms",
+               "gpu_replay_ms", "gpu_single_replay_ms", "floor_ms", "pct_of_floor", "kernels_per_step", "attention_ms", "gemm_ms", "fused_ms",
+               "other_ms", "compiles", "compile_s"]
     print_table(rows, columns + [c for c in rows[0] if c not in columns])
     print(f"CSV: {path}")
 
