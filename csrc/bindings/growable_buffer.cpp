@@ -183,9 +183,14 @@ struct GrowableBuffer : torch::CustomClassHolder {
       return;
     }
 #ifdef FLASHCORE_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(device_);
-    retire(Unmapping{device_.index(), reinterpret_cast<CUdeviceptr>(base_), std::move(chunks_),
-                     std::move(chunk_sizes_), reserved_});
+    try {
+      const c10::cuda::CUDAGuard guard(device_);
+      retire(Unmapping{device_.index(), reinterpret_cast<CUdeviceptr>(base_), std::move(chunks_),
+                       std::move(chunk_sizes_), reserved_});
+    } catch (...) {
+      // The device cannot be selected (a fault left the context unusable, or the process is exiting): the memory
+      // goes with the context; a destructor must not throw.
+    }
 #endif
   }
 
