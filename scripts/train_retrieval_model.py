@@ -16,6 +16,8 @@ evaluation's records. The models are saved in float16 with `save_pretrained`:
     python scripts/train_retrieval_model.py --out tests/data/retrieval_llama          # 256 keys, head dim 32: minutes
     python scripts/train_retrieval_model.py --out tests/data/retrieval_llama_1k --keys 1024 --head-dim 64 \
         --heads 2 --kv-heads 1 --steps 3000 --tokens-per-step 4096                      # 1K-token contexts: ~30 min
+    python scripts/train_retrieval_model.py --out tests/data/retrieval_llama_4k --keys 4096 --head-dim 64 \
+        --heads 2 --kv-heads 1 --hidden 64 --steps 4000 --tokens-per-step 8192          # 4K-token contexts: ~45 min
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class RetrievalTask:
     head_dim: int = 32
     heads: int = 4
     kv_heads: int = 2
+    hidden: int = 128
 
     @property
     def record0(self) -> int:     # record tokens: record0 + k * NUM_VALUES + v
@@ -59,12 +62,13 @@ class RetrievalTask:
     def of_model(cls, config: LlamaConfig) -> "RetrievalTask":
         """The task a saved model was trained on (from its config)."""
         return cls((config.vocab_size - KEY0) // (1 + NUM_VALUES), config.head_dim, config.num_attention_heads,
-                   config.num_key_value_heads)
+                   config.num_key_value_heads, config.hidden_size)
 
     def model_config(self) -> LlamaConfig:
-        """2 layers, hidden 128, grouped-query heads (like the models flashcore targets), RoPE base 500000 as in Llama
-        3 (most rotary pairs turn slowly, as in long-context models)."""
-        return LlamaConfig(vocab_size=self.vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        """2 layers, hidden 128 (or `hidden`), grouped-query heads (like the models flashcore targets), RoPE base
+        500000 as in Llama 3 (most rotary pairs turn slowly, as in long-context models)."""
+        return LlamaConfig(vocab_size=self.vocab_size, hidden_size=self.hidden, intermediate_size=2 * self.hidden,
+                           num_hidden_layers=2,
                            num_attention_heads=self.heads, num_key_value_heads=self.kv_heads, head_dim=self.head_dim,
                            max_position_embeddings=max(1024, 2 * self.num_keys), rope_theta=500000.0,
                            tie_word_embeddings=True, bos_token_id=BOS, eos_token_id=SEP, pad_token_id=PAD)
@@ -88,7 +92,10 @@ class RetrievalTask:
         """Most records a training step's contexts hold: short first (the lookup forms fast there), then longer."""
         if self.eval_records <= 256:
             return 64 if step < steps // 4 else self.eval_records
-        return 64 if step < steps // 8 else (256 if step < steps // 3 else self.eval_records)
+        if self.eval_records <= 1024:
+            return 64 if step < steps // 8 else (256 if step < steps // 3 else self.eval_records)
+        return 64 if step < steps // 8 else (256 if step < steps // 4 else
+                                             (1024 if step < steps // 2 else self.eval_records))
 
 
 def train(task: RetrievalTask, steps: int, tokens_per_step: int, seed: int, weight_decay: float,
@@ -108,7 +115,8 @@ def train(task: RetrievalTask, steps: int, tokens_per_step: int, seed: int, weig
         num_queries = min(num_records, 64)
         rows = max(2, tokens_per_step // (num_records + 2 * num_queries + 2))
         tokens, answers = task.make_batch(rows, num_records, num_queries, generator)
-        logits = model(tokens).logits[:, answers - 1]
+        hidden = model.model(tokens).last_hidden_state[:, answers - 1]    # the vocabulary projection only where
+        logits = model.lm_head(hidden)                                      # answers are predicted
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, task.vocab_size),
                                                  tokens[:, answers].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
@@ -138,12 +146,13 @@ def main():
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128, help="hidden size (the embedding is vocab x hidden)")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--tokens-per-step", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     args = parser.parse_args()
-    task = RetrievalTask(args.keys, args.head_dim, args.heads, args.kv_heads)
+    task = RetrievalTask(args.keys, args.head_dim, args.heads, args.kv_heads, args.hidden)
     model = train(task, args.steps, args.tokens_per_step, args.seed, args.weight_decay)
     model.eval()
     print(f"dense accuracy at {task.eval_records} records (held-out seed): "
