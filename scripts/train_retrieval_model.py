@@ -18,6 +18,10 @@ evaluation's records. The models are saved in float16 with `save_pretrained`:
         --heads 2 --kv-heads 1 --steps 3000 --tokens-per-step 4096                      # 1K-token contexts: ~30 min
     python scripts/train_retrieval_model.py --out tests/data/retrieval_llama_4k --keys 4096 --head-dim 64 \
         --heads 2 --kv-heads 1 --hidden 64 --steps 4000 --tokens-per-step 8192          # 4K-token contexts: ~45 min
+
+Evaluating sparse policies on a saved model (dense, streaming, topk, topk + rerank at budgets of 1/4 .. 1/32):
+
+    python scripts/train_retrieval_model.py --evaluate tests/data/retrieval_llama_4k [--device cuda]
 """
 from __future__ import annotations
 
@@ -139,6 +143,80 @@ def dense_accuracy(task: RetrievalTask, model: LlamaForCausalLM, num_prompts: in
     return (logits[:, answers - 1].argmax(-1) == tokens[:, answers]).float().mean().item()
 
 
+# ---- evaluating sparse policies on a trained model (tests/test_sparse_retrieval.py, --evaluate) ----------------
+
+POLICIES = ("streaming", "topk", "topk_rerank")
+"""Sparse policies an evaluation compares with dense; "topk_rerank": topk with rerank=4 (the exact second stage)."""
+
+
+def sparse_config(policy: str, budget: int):
+    """flashcore SparseConfig of `policy` (POLICIES) with a token budget: 1 sink token, 1 recent token, both layers
+    sparse (the models have only two)."""
+    import flashcore_hf as fc
+
+    rerank = 4 if policy == "topk_rerank" else 0
+    return fc.SparseConfig(policy=policy.removesuffix("_rerank"), token_budget=budget, sink_tokens=1,
+                           recent_tokens=1, dense_layers=0, rerank=rerank)
+
+
+@torch.no_grad()
+def answer_logits(model, tokens, answers, sparse, page_size: int, context: int) -> torch.Tensor:
+    """Logits after each queried key, [B, len(answers), vocab], of flashcore decoding: prefill the first `context`
+    tokens (BOS + records + SEP) densely into a PagedKVCache of `page_size` pages, then decode step j on
+    [a_{j-1}, k_j] (the previous answer, teacher forced, and the next key; k_1 alone), where the sparse policy
+    (`sparse`, None: dense) picks the pages."""
+    import flashcore_hf as fc
+
+    cache = fc.PagedKVCache(model.config, page_size=page_size, sparse=sparse)
+    model(tokens[:, :context], **{fc.CACHE_KWARG: cache})
+    logits, start = [], context
+    for column in answers.tolist():
+        logits.append(model(tokens[:, start:column], **{fc.CACHE_KWARG: cache}).logits[:, -1])
+        start = column
+    return torch.stack(logits, dim=1)
+
+
+def answer_accuracy(model, prompts, sparse, page_size: int, context: int) -> float:
+    """Fraction of right answers (prompts: make_batch's (tokens, answer columns))."""
+    tokens, answers = prompts
+    tokens, answers = tokens.to(model.device), answers
+    logits = answer_logits(model, tokens, answers, sparse, page_size, context)
+    return (logits.argmax(-1) == tokens[:, answers]).float().mean().item()
+
+
+def policy_table(model, task: RetrievalTask, prompts, page_size: int, fractions) -> dict:
+    """{("dense", 1): accuracy, (policy, fraction): accuracy at a budget of context // fraction tokens}."""
+    context = task.eval_records + 2
+    table = {("dense", 1): answer_accuracy(model, prompts, None, page_size, context)}
+    for policy in POLICIES:
+        for fraction in fractions:
+            table[(policy, fraction)] = answer_accuracy(model, prompts, sparse_config(policy, context // fraction),
+                                                        page_size, context)
+    return table
+
+
+def print_policy_table(table: dict, task: RetrievalTask, page_size: int, fractions, prompts_desc: str) -> None:
+    context = task.eval_records + 2
+    print(f"retrieval accuracy, {prompts_desc}, context {context} tokens ({-(-context // page_size)} pages of "
+          f"{page_size}), chance {1 / NUM_VALUES:.3f}")
+    print(f"{'policy':12s} " + " ".join(f"{'1/' + str(f) + ' (' + str(context // f) + ')':>12s}" for f in fractions))
+    print(f"{'dense':12s} " + " ".join(f"{table[('dense', 1)]:12.3f}" for _ in fractions))
+    for policy in POLICIES:
+        print(f"{policy:12s} " + " ".join(f"{table[(policy, f)]:12.3f}" for f in fractions))
+
+
+def evaluate(path: str, page_size: int, fractions, num_prompts: int, num_queries: int, seed: int,
+             device: str) -> dict:
+    """The policy table of the model saved at `path`, on held-out prompts."""
+    model = LlamaForCausalLM.from_pretrained(path, attn_implementation="flashcore", dtype=torch.float32)
+    model = model.to(device).eval()
+    task = RetrievalTask.of_model(model.config)
+    prompts = task.make_batch(num_prompts, task.eval_records, num_queries, torch.Generator().manual_seed(seed))
+    table = policy_table(model, task, prompts, page_size, fractions)
+    print_policy_table(table, task, page_size, fractions, f"{num_prompts} prompts x {num_queries} queries")
+    return table
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="tests/data/retrieval_llama")
@@ -151,7 +229,15 @@ def main():
     parser.add_argument("--tokens-per-step", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--evaluate", metavar="DIR", help="evaluate the model saved in DIR instead of training: "
+                        "dense, streaming, topk and topk + rerank at budgets of 1/4 to 1/32 of the context")
+    parser.add_argument("--page-size", type=int, default=16, help="with --evaluate")
+    parser.add_argument("--prompts", type=int, default=16, help="with --evaluate")
+    parser.add_argument("--device", default="cpu", help="with --evaluate")
     args = parser.parse_args()
+    if args.evaluate:
+        evaluate(args.evaluate, args.page_size, (4, 8, 16, 32), args.prompts, 16, 20261201, args.device)
+        return
     task = RetrievalTask(args.keys, args.head_dim, args.heads, args.kv_heads, args.hidden)
     model = train(task, args.steps, args.tokens_per_step, args.seed, args.weight_decay)
     model.eval()

@@ -39,11 +39,8 @@ CONTEXT_TOKENS = TASK.eval_records + 2    # BOS, records, SEP
 
 
 def sparse_config(policy: str, fraction: int) -> fc.SparseConfig:
-    """1 sink page, 1 recent page, the rest of CONTEXT_TOKENS / fraction tokens chosen by the policy; no dense layer
-    (the model has only two). "topk_rerank": topk with rerank=4."""
-    rerank = 4 if policy == "topk_rerank" else 0
-    return fc.SparseConfig(policy=policy.removesuffix("_rerank"), token_budget=CONTEXT_TOKENS // fraction,
-                           sink_tokens=1, recent_tokens=1, dense_layers=0, rerank=rerank)
+    """A policy of SCRIPT.POLICIES at a budget of CONTEXT_TOKENS / fraction (1 sink, 1 recent token, no dense layer)."""
+    return SCRIPT.sparse_config(policy, CONTEXT_TOKENS // fraction)
 
 
 @pytest.fixture(scope="module")
@@ -58,41 +55,22 @@ def prompts():
     return TASK.make_batch(NUM_PROMPTS, TASK.eval_records, NUM_QUERIES, torch.Generator().manual_seed(20261121))
 
 
-@torch.no_grad()
 def answer_logits(model, tokens, answers, sparse: fc.SparseConfig | None, page_size: int = PAGE_SIZE,
                   context: int = CONTEXT_TOKENS):
-    """Prefill BOS + records + SEP (the first `context` tokens) densely, then decode: step j feeds [a_{j-1}, k_j]
-    (the previous answer, teacher forced, and the next key; k_1 alone). Returns the logits after each k_j:
-    [B, len(answers), vocab]."""
-    cache = fc.PagedKVCache(model.config, page_size=page_size, sparse=sparse)
-    model(tokens[:, :context], **{CACHE_KWARG: cache})
-    logits, start = [], context
-    for column in answers.tolist():
-        logits.append(model(tokens[:, start:column], **{CACHE_KWARG: cache}).logits[:, -1])
-        start = column
-    return torch.stack(logits, dim=1)
+    """SCRIPT.answer_logits: dense prefill of the context, then every query answered in a decode step."""
+    return SCRIPT.answer_logits(model, tokens, answers, sparse, page_size, context)
 
 
 def accuracy(model, prompts, sparse, page_size: int = PAGE_SIZE, context: int = CONTEXT_TOKENS) -> float:
-    tokens, answers = prompts
-    logits = answer_logits(model, tokens, answers, sparse, page_size, context)
-    return (logits.argmax(-1) == tokens[:, answers]).float().mean().item()
+    return SCRIPT.answer_accuracy(model, prompts, sparse, page_size, context)
 
 
 def test_retrieval_accuracy_dense_vs_streaming_vs_topk(model, prompts):
-    table = {("dense", 1): accuracy(model, prompts, None)}
-    for policy in ("streaming", "topk", "topk_rerank"):
-        for fraction in BUDGET_FRACTIONS:
-            table[(policy, fraction)] = accuracy(model, prompts, sparse_config(policy, fraction))
+    table = SCRIPT.policy_table(model, TASK, prompts, PAGE_SIZE, BUDGET_FRACTIONS)
     chance = 1 / SCRIPT.NUM_VALUES
-    print(f"\nretrieval accuracy, {NUM_PROMPTS} prompts x {NUM_QUERIES} queries, context {CONTEXT_TOKENS} tokens "
-          f"({-(-CONTEXT_TOKENS // PAGE_SIZE)} pages of {PAGE_SIZE}), chance {chance:.3f}")
-    print(f"{'policy':10s} " + " ".join(f"{'1/' + str(f) + ' (' + str(CONTEXT_TOKENS // f) + ')':>10s}"
-                                          for f in BUDGET_FRACTIONS))
-    print(f"{'dense':10s} " + " ".join(f"{table[('dense', 1)]:10.3f}" for _ in BUDGET_FRACTIONS))
-    for policy in ("streaming", "topk", "topk_rerank"):
-        print(f"{policy:10s} " + " ".join(f"{table[(policy, f)]:10.3f}" for f in BUDGET_FRACTIONS))
-
+    print()
+    SCRIPT.print_policy_table(table, TASK, PAGE_SIZE, BUDGET_FRACTIONS,
+                              f"{NUM_PROMPTS} prompts x {NUM_QUERIES} queries")
     dense = table[("dense", 1)]
     assert dense >= 0.95
     assert table[("topk", 8)] >= dense - 0.05                        # topk near dense at 1/8 of the context
@@ -107,9 +85,7 @@ def test_pages_of_many_keys_need_the_exact_second_stage(model, prompts):
     """16-token pages (17 for the context) at a 1/4 budget (4 pages: the sink, the recent page and two chosen): each
     page's element-wise bounds cover 16 unrelated records, so the bounds alone rank pages poorly (Quest's weakness at
     realistic page sizes); the exact scores of 4 x budget candidates find the queried record's page."""
-    config = {policy: fc.SparseConfig(policy="topk", token_budget=CONTEXT_TOKENS // 4, sink_tokens=1, recent_tokens=1,
-                                      dense_layers=0, rerank=rerank)
-              for policy, rerank in (("topk", 0), ("topk_rerank", 4))}
+    config = {policy: SCRIPT.sparse_config(policy, CONTEXT_TOKENS // 4) for policy in ("topk", "topk_rerank")}
     dense = accuracy(model, prompts, None, 16)
     topk = accuracy(model, prompts, config["topk"], 16)
     rerank = accuracy(model, prompts, config["topk_rerank"], 16)
@@ -168,18 +144,11 @@ def test_16_token_pages_over_a_1k_context(model_1k):
     At 1/16 (the sink page, the recent page and two chosen pages) even exact scores of every page reach only 0.66:
     the issue's 95%-at-1/16 target is not met yet."""
     task = SCRIPT.RetrievalTask.of_model(model_1k.config)
-    context = task.eval_records + 2
     prompts = task.make_batch(16, task.eval_records, 8, torch.Generator().manual_seed(20261201))
-    dense = accuracy(model_1k, prompts, None, 16, context)
-    table = {}
-    for policy, rerank in (("streaming", 0), ("topk", 0), ("topk_rerank", 4)):
-        for fraction in (16, 8, 4):
-            config = fc.SparseConfig(policy=policy.removesuffix("_rerank"), token_budget=context // fraction,
-                                     sink_tokens=1, recent_tokens=1, dense_layers=0, rerank=rerank)
-            table[(policy, fraction)] = accuracy(model_1k, prompts, config, 16, context)
-    print(f"\n1K context in 16-token pages, chance {1 / SCRIPT.NUM_VALUES:.3f}: dense {dense:.3f}")
-    for policy in ("streaming", "topk", "topk_rerank"):
-        print(f"{policy:12s} " + " ".join(f"1/{f}: {table[(policy, f)]:.3f}" for f in (16, 8, 4)))
+    table = SCRIPT.policy_table(model_1k, task, prompts, 16, (16, 8, 4))
+    dense = table[("dense", 1)]
+    print()
+    SCRIPT.print_policy_table(table, task, 16, (16, 8, 4), "16 prompts x 8 queries")
     assert dense >= 0.9
     assert table[("topk_rerank", 4)] >= 0.95 * dense
     for fraction in (16, 8, 4):
