@@ -181,8 +181,9 @@ def profile_case(model, case: str, compiled: bool, args) -> dict:
         end.synchronize()
         singles.append(start.elapsed_time(end))
     floor_ms = floor_bytes(model, getattr(out, CACHE_KWARG)) / (args.bandwidth_tbs * 1e12) * 1e3
-    row = {"case": case, "compile": "on" if step.compiled else "off", **parts,
-           "gpu_replay_ms": gpu_ms, "gpu_single_replay_ms": statistics.median(singles), "floor_ms": floor_ms, "pct_of_floor": 100 * floor_ms / gpu_ms}
+    row = {"case": case, "compile": "on" if step.compiled else "off", **parts, "gpu_replay_ms": gpu_ms,
+           "gpu_single_replay_ms": statistics.median(singles), "floor_ms": floor_ms,
+           "pct_of_floor": 100 * floor_ms / gpu_ms}
     row.update(kernel_profile(step.graph))
     row.update(compiles=stats.compiles, compile_s=stats.compile_seconds, capture_s=stats.capture_seconds)
     if stats.compile_failures:
@@ -214,8 +215,8 @@ def main() -> None:
             print(row, flush=True)
     path = write_csv(rows, "profile_decode_step.csv")
     columns = ["case", "compile", "step_ms", "hf_before_ms", "runner_before_ms", "launch_ms", "after_launch_ms",
-               "gpu_replay_ms", "gpu_single_replay_ms", "floor_ms", "pct_of_floor", "kernels_per_step", "attention_ms", "gemm_ms", "fused_ms",
-               "other_ms", "compiles", "compile_s"]
+               "gpu_replay_ms", "gpu_single_replay_ms", "floor_ms", "pct_of_floor", "kernels_per_step", "attention_ms",
+               "gemm_ms", "fused_ms", "other_ms", "compiles", "compile_s"]
     print_table(rows, columns + [c for c in rows[0] if c not in columns])
     print(f"CSV: {path}")
 

@@ -188,13 +188,18 @@ def answer_accuracy(model, prompts, sparse, page_size: int, context: int) -> flo
 
 
 def policy_table(model, task: RetrievalTask, prompts, page_size: int, fractions) -> dict:
-    """{("dense", 1): accuracy, (policy, fraction): accuracy at a budget of context // fraction tokens}."""
+    """{("dense", 1): accuracy, (policy, fraction): accuracy at a budget of context // fraction tokens, or None where
+    that budget cannot hold the sink page plus the pages of a two-token step (flashcore then reads every page: the
+    number would be dense's)."""
+    from flashcore_hf.sparse.selection import step_is_sparse
+
     context = task.eval_records + 2
     table = {("dense", 1): answer_accuracy(model, prompts, None, page_size, context)}
     for policy in POLICIES:
         for fraction in fractions:
-            table[(policy, fraction)] = answer_accuracy(model, prompts, sparse_config(policy, context // fraction),
-                                                        page_size, context)
+            config = sparse_config(policy, context // fraction)
+            sparse = step_is_sparse(config, 2, -(-context // page_size) + 1, page_size)
+            table[(policy, fraction)] = answer_accuracy(model, prompts, config, page_size, context) if sparse else None
     return table
 
 
@@ -205,12 +210,17 @@ def print_policy_table(table: dict, task: RetrievalTask, page_size: int, fractio
     print(f"{'policy':12s} " + " ".join(f"{'1/' + str(f) + ' (' + str(context // f) + ')':>12s}" for f in fractions))
     print(f"{'dense':12s} " + " ".join(f"{table[('dense', 1)]:12.3f}" for _ in fractions))
     for policy in POLICIES:
-        print(f"{policy:12s} " + " ".join(f"{table[(policy, f)]:12.3f}" for f in fractions))
+        cells = [table[(policy, f)] for f in fractions]
+        print(f"{policy:12s} " + " ".join(f"{'n/a':>12s}" if c is None else f"{c:12.3f}" for c in cells))
+    if any(value is None for value in table.values()):
+        print("n/a: the budget cannot hold the sink page plus a two-token step's pages (such steps read every page)")
 
 
 def evaluate(path: str, page_size: int, fractions, num_prompts: int, num_queries: int, seed: int,
              device: str) -> dict:
     """The policy table of the model saved at `path`, on held-out prompts."""
+    import flashcore_hf  # noqa: F401  (registers attn_implementation="flashcore")
+
     model = LlamaForCausalLM.from_pretrained(path, attn_implementation="flashcore", dtype=torch.float32)
     model = model.to(device).eval()
     task = RetrievalTask.of_model(model.config)
