@@ -102,6 +102,12 @@ class RetrievalTask:
                                              (1024 if step < steps // 2 else self.eval_records))
 
 
+def logits_at_answers(model: LlamaForCausalLM, tokens: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Logits [B, len(answers), vocab] that predict each answer column (a full-attention forward; the vocabulary
+    projection only at those positions: over a 37K vocabulary, full logits of long contexts take tens of GB)."""
+    return model.lm_head(model.model(tokens).last_hidden_state[:, answers - 1])
+
+
 def train(task: RetrievalTask, steps: int, tokens_per_step: int, seed: int, weight_decay: float,
           log_every: int = 100) -> LlamaForCausalLM:
     torch.manual_seed(seed)
@@ -119,8 +125,7 @@ def train(task: RetrievalTask, steps: int, tokens_per_step: int, seed: int, weig
         num_queries = min(num_records, 64)
         rows = max(2, tokens_per_step // (num_records + 2 * num_queries + 2))
         tokens, answers = task.make_batch(rows, num_records, num_queries, generator)
-        hidden = model.model(tokens).last_hidden_state[:, answers - 1]    # the vocabulary projection only where
-        logits = model.lm_head(hidden)                                      # answers are predicted
+        logits = logits_at_answers(model, tokens, answers)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, task.vocab_size),
                                                  tokens[:, answers].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
@@ -140,8 +145,8 @@ def dense_accuracy(task: RetrievalTask, model: LlamaForCausalLM, num_prompts: in
     """Answer accuracy at task.eval_records records, teacher-forced in one forward (full attention)."""
     tokens, answers = task.make_batch(num_prompts, task.eval_records, 16, torch.Generator().manual_seed(seed))
     right = 0.0
-    for rows in tokens.split(8):                  # the vocabulary projection only at answer positions
-        logits = model.lm_head(model.model(rows).last_hidden_state[:, answers - 1])
+    for rows in tokens.split(8):                  # a few prompts at a time: activations of 4K contexts add up
+        logits = logits_at_answers(model, rows, answers)
         right += (logits.argmax(-1) == rows[:, answers]).float().sum().item()
     return right / (tokens.shape[0] * len(answers))
 
@@ -182,7 +187,7 @@ def answer_logits(model, tokens, answers, sparse, page_size: int, context: int) 
 def answer_accuracy(model, prompts, sparse, page_size: int, context: int) -> float:
     """Fraction of right answers (prompts: make_batch's (tokens, answer columns))."""
     tokens, answers = prompts
-    tokens, answers = tokens.to(model.device), answers
+    tokens = tokens.to(model.device)
     logits = answer_logits(model, tokens, answers, sparse, page_size, context)
     return (logits.argmax(-1) == tokens[:, answers]).float().mean().item()
 
