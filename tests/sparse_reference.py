@@ -47,3 +47,29 @@ def assert_topk_picks(cols, counts, scores, table, budget, atol):
             if padding:  # empty picks only once the real pages run out (or score -inf)
                 real = [j for j in range(m) if table.counts[b, j] > 0 and row[j] > -math.inf]
                 assert len(picked) >= min(len(real), budget) or kth == -math.inf
+
+
+def reference_sign_scores(q, k_pool, bounds, table, query_len, head_reduction="max"):
+    """Scores of scoring "signs" in float64, [B, Hkv, M], straight from the keys (not their packed bits): bias +
+    reduce over the query_len * G query heads of each kv head of the largest, over the page's valid keys k, of
+    sum_d q_d (max_d if k_d > 0 else min_d); bias +-inf wins.
+
+    q [B * query_len, Hq, D]; k_pool [num_pages, P, Hkv, D]; bounds [num_pages, Hkv, 2D]; table: a PaddedPageTable.
+    """
+    batch, m = table.pages.shape
+    hkv, d = bounds.shape[1], bounds.shape[2] // 2
+    group = q.shape[1] // hkv
+    qd = q.double().reshape(batch, query_len, hkv, group, d).permute(0, 2, 1, 3, 4).reshape(batch, hkv, -1, d)
+    scores = torch.full((batch, hkv, m), -math.inf, dtype=torch.float64)
+    for b in range(batch):
+        for j in range(m):
+            page, count = int(table.pages[b, j]), int(table.counts[b, j])
+            for h in range(hkv):
+                if count == 0:
+                    continue
+                hi, lo = bounds[page, h, :d].double(), bounds[page, h, d:].double()
+                estimates = torch.where(k_pool[page, :count, h] > 0, hi, lo)           # [count, D]
+                per_head = (qd[b, h] @ estimates.T).amax(dim=1)                        # [QG]
+                scores[b, h, j] = per_head.max() if head_reduction == "max" else per_head.sum()
+    bias = table.bias.double()[:, None].expand_as(scores)
+    return torch.where(torch.isinf(bias), bias, scores + bias)

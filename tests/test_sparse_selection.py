@@ -398,25 +398,34 @@ def test_rerank_finds_the_needle_the_bounds_miss(generator):
 # ---- PagedKVCache wiring (driven directly, no model) -------------------------------------------------------------
 
 def _check_summaries(cache, layer_idx):
-    """Every page of every row holds the min/max of its valid tokens in that layer's pool."""
+    """Every page of every row holds the min/max of its valid tokens in that layer's pool (and, with scoring
+    "signs", their sign bits)."""
+    from flashcore_hf.sparse.summaries import unpack_signs
+
     layer = cache.layers[layer_idx]
-    bounds = cache._sparse.summaries[layer_idx].bounds
+    summaries = cache._sparse.summaries[layer_idx]
+    bounds = summaries.bounds
     d = layer.pools.head_dim
     page_size = cache.page_size
     for row, length in enumerate(cache.sequence_lengths()):
         for j, page in enumerate(cache.page_table(row)):
-            valid = layer.k_pool[page, :min(page_size, length - j * page_size)]
+            count = min(page_size, length - j * page_size)
+            valid = layer.k_pool[page, :count]
             torch.testing.assert_close(bounds[page, :, :d], valid.amax(0), rtol=0, atol=0)
             torch.testing.assert_close(bounds[page, :, d:], valid.amin(0), rtol=0, atol=0)
+            if summaries.signs is not None:
+                assert torch.equal(unpack_signs(summaries.signs[page, :, :count], d), (valid > 0).transpose(0, 1))
 
 
-def test_cache_keeps_summaries_fresh_through_decode_beams_crop_and_reuse(generator):
+@pytest.mark.parametrize("scoring", ["bounds", "signs"])
+def test_cache_keeps_summaries_fresh_through_decode_beams_crop_and_reuse(generator, scoring):
     from transformers import Qwen2Config
 
     config = Qwen2Config(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                          layer_types=["full_attention", "full_attention", "sliding_attention", "full_attention"],
                          use_sliding_window=True, sliding_window=8)
-    sparse = SparseConfig(policy="topk", token_budget=16, sink_tokens=4, recent_tokens=4, dense_layers=1)
+    sparse = SparseConfig(policy="topk", token_budget=16, sink_tokens=4, recent_tokens=4, dense_layers=1,
+                          scoring=scoring)
     cache = fc.PagedKVCache(config, page_size=4, sparse=sparse)
     assert cache._sparse.sparse_layers == {1, 3}                   # layer 0 dense, layer 2 sliding
     hkv, d = 2, 8
@@ -475,13 +484,15 @@ def test_cache_sparse_handle_attention_matches_selected_pages(generator):
         assert table[0] in cols and table[-1] in cols
 
 
-def test_fixed_buffer_decode_step_selects_like_an_eager_step(generator):
+@pytest.mark.parametrize("scoring", ["bounds", "signs"])
+def test_fixed_buffer_decode_step_selects_like_an_eager_step(generator, scoring):
     """A decode step whose metadata sits in fixed, capacity-padded buffers (what a CUDA-graph replay reads, see
     flashcore_hf/decode_graphs.py) refreshes and selects exactly like an eager step: same attention output."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
-    sparse = SparseConfig(policy="topk", token_budget=12, sink_tokens=2, recent_tokens=2, dense_layers=1)
+    sparse = SparseConfig(policy="topk", token_budget=12, sink_tokens=2, recent_tokens=2, dense_layers=1,
+                          scoring=scoring)
     eager, fixed = (fc.PagedKVCache(config, page_size=2, sparse=sparse) for _ in range(2))
     prompt = [torch.randn(3, 2, 21, 8, generator=generator) for _ in range(2)]
     for cache in (eager, fixed):
@@ -508,3 +519,5 @@ def test_fixed_buffer_decode_step_selects_like_an_eager_step(generator):
     assert fixed_handles[1].selector is not None
     torch.testing.assert_close(fixed._sparse.summaries[1].bounds[1:], eager._sparse.summaries[1].bounds[1:],
                                rtol=0, atol=0)
+    if scoring == "signs":
+        _check_summaries(fixed, 1)

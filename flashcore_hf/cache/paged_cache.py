@@ -195,7 +195,7 @@ class PagedKVCache(Cache):
         self.prefix_cache = prefix_cache
         sliding_everywhere = getattr(text_config, "layer_types", None) is None and windowed
         planner = SparseCachePlanner(self.sparse, layer_types, self.page_size, sliding_everywhere,
-                                     self._new_bounds_buffer)
+                                     self._new_summary_buffer)
         self._sparse = planner if planner.active else None
 
     # ---- the per-layer entry points ---------------------------------------------------------------------------
@@ -549,20 +549,21 @@ class PagedKVCache(Cache):
             return self._arena.buffer((layer_idx, role), device, reserve_bytes)
         return GrowableBuffer(device, reserve_bytes)
 
-    def _new_bounds_buffer(self, layer_idx: int, device: torch.device, row_bytes: int) -> GrowableBuffer | None:
-        """Backing memory of a sparse layer's page key bounds (flashcore_hf.sparse.PageKeySummaries, one row of
-        `row_bytes` per page + 1): growable at a fixed address like the pools (from the pool arena when this cache
-        holds one); None with fixed-size pools (a plain tensor then)."""
+    def _new_summary_buffer(self, layer_idx: int, role: str, device: torch.device,
+                            row_bytes: int) -> GrowableBuffer | None:
+        """Backing memory of a sparse layer's page key summaries (flashcore_hf.sparse.PageKeySummaries; role
+        "key_bounds" or "key_signs", one row of `row_bytes` per page + 1): growable at a fixed address like the
+        pools (from the pool arena when this cache holds one); None with fixed-size pools (a plain tensor then)."""
         pools = self.layers[layer_idx].pools
         if not self._growable or pools is None or not pools.reserved_pages:
             return None
-        return self._new_pool_buffer(layer_idx, "key_bounds", device, (pools.reserved_pages + 1) * row_bytes)
+        return self._new_pool_buffer(layer_idx, role, device, (pools.reserved_pages + 1) * row_bytes)
 
     # ---- CUDA-graph decode (flashcore_hf/hf/decode_graphs.py) ---------------------------------------------------
 
     def fixed_decode_step_blocker(self, batch_size: int, device: torch.device) -> str | None:
         """Why a decode step of `batch_size` rows cannot run from fixed device buffers (a CUDA-graph replay), or None
-        when it can: the rows all hold tokens and every layer has its pools on `device`. (Pools and page key bounds
+        when it can: the rows all hold tokens and every layer has its pools on `device`. (Pools and page key summaries
         keep their addresses while they grow, or the step is re-keyed: device_buffers.)"""
         if len(self._rows) != batch_size:
             return f"the cache holds {len(self._rows)} rows for a batch of {batch_size}"
@@ -574,7 +575,7 @@ class PagedKVCache(Cache):
 
     def device_buffers(self) -> tuple[tuple[int, int], ...]:
         """(address, bytes) of every device buffer a captured decode step reads or writes besides its own inputs:
-        each layer's pools and, with sparse selection, its page key bounds. A replay is valid only for these."""
+        each layer's pools and, with sparse selection, its page key summaries. A replay is valid only for these."""
         tensors = [t for layer in self.layers for t in (layer.k_pool, layer.v_pool) if t is not None]
         if self._sparse is not None:
             tensors += self._sparse.device_buffers()

@@ -4,9 +4,12 @@ Policies (page granularity; a page is `page_size` consecutive tokens of one sequ
 - "dense" (default): every page; nothing else in this package runs.
 - "streaming": StreamingLLM at page granularity: the first pages (attention sinks) and as many of the most recent
   pages as the token budget allows. The same pages for every layer and kv head, whatever the query.
-- "topk": query-aware (Quest): each sparse layer keeps element-wise min/max summaries of every page's keys; every
-  decode step scores each page of each (sequence, kv head) by an upper bound of q.k over the page and keeps the
-  best pages within the budget, plus the sink and recent pages.
+- "topk": query-aware: each sparse layer keeps element-wise min/max summaries of every page's keys; every decode
+  step scores each page of each (sequence, kv head) and keeps the best pages within the budget, plus the sink and
+  recent pages. Scores (`scoring`): "bounds" (Quest), an upper bound of q.k over the page from its min/max; or
+  "signs", which also keeps one bit per key channel (its sign) and estimates each key from the bound on its sign's
+  side, the page scoring its best key's estimate: far closer to the exact page score when a page holds many
+  unrelated keys (benchmarks/notes/sparse.md).
 
 What stays dense whatever the policy: prefill and any step with more than `max_query_len` new tokens per
 sequence, the first `dense_layers` layers, sliding-window layers (their window is counted in positions, which a
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 POLICIES = ("dense", "streaming", "topk")
+SCORINGS = ("bounds", "signs")
 MAX_SPARSE_QUERY_LEN = 16  # csrc/kernels/cuda/launchers.h kDecodeMaxQueriesPerSeq
 HEAD_REDUCTIONS = ("max", "sum")
 
@@ -39,12 +43,17 @@ class SparseConfig:
         dense: their attention is broad and cheap selection would hurt most there).
     head_reduction: "max" | "sum": how "topk" combines the page scores of the query heads that share a kv head
         (and, for steps of several queries, of the queries) into the one page list of that kv head.
-    rerank: "topk" in two stages when >= 2: the page bounds pick rerank x budget candidate pages, then the exact
-        scores of their keys (the largest q.k over a page's keys and the kv head's query heads) pick the budget.
-        A page holding many unrelated keys has a loose bound but an exact score, so this ranks pages of 16 or more
-        tokens much better; it costs reading the candidates' keys, and the second stage is composed of torch ops
-        for now (H200, 128K context, budget 4096, 64-token pages: 0.3 ms per layer, more than dense decode), so it
-        is an accuracy option until it has a fused kernel. 0 (default) or 1: the bounds alone (Quest).
+    rerank: "topk" in two stages when >= 2: the page scores (`scoring`) pick rerank x budget candidate pages,
+        then the exact scores of their keys (the largest q.k over a page's keys and the kv head's query heads) pick
+        the budget. A page holding many unrelated keys has a loose bound but an exact score, so this ranks pages of
+        16 or more tokens much better; it costs reading the candidates' keys, and the second stage is composed of
+        torch ops for now (H200, 128K context, budget 4096, 64-token pages: 0.3 ms per layer, more than dense
+        decode), so it is an accuracy option until it has a fused kernel. 0 (default) or 1: the scores alone.
+    scoring: "bounds" | "signs": how "topk" scores a page (the first stage when rerank is on). "bounds": Quest's
+        upper bound sum_d max(q_d max_d, q_d min_d) from the page's element-wise key max / min. "signs": the largest
+        over the page's valid keys of sum_d q_d (max_d if k_d > 0 else min_d), each key reduced to its sign bits
+        (head_dim bits per key and kv head, 1/16 of a 16-bit key cache more memory). Its scores are composed of
+        torch ops for now (no fused kernel yet), so on CUDA it is an accuracy option like rerank.
     max_query_len: steps with at most this many new tokens per sequence use the policy (decode; small n_q such as
         speculative verification); longer steps (prefill) are dense. At most MAX_SPARSE_QUERY_LEN (16), the most
         queries per sequence the CUDA decode kernel, which reads per-kv-head page lists, takes.
@@ -57,6 +66,7 @@ class SparseConfig:
     dense_layers: int = 2
     head_reduction: Literal["max", "sum"] = "max"
     rerank: int = 0
+    scoring: Literal["bounds", "signs"] = "bounds"
     max_query_len: int = 16
 
     def __post_init__(self):
@@ -65,6 +75,8 @@ class SparseConfig:
         if self.head_reduction not in HEAD_REDUCTIONS:
             raise ValueError(f"SparseConfig.head_reduction must be one of {HEAD_REDUCTIONS}, "
                              f"got {self.head_reduction!r}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"SparseConfig.scoring must be one of {SCORINGS}, got {self.scoring!r}")
         for name, minimum in (("token_budget", 1), ("sink_tokens", 0), ("recent_tokens", 0), ("dense_layers", 0),
                               ("rerank", 0), ("max_query_len", 1)):
             value = getattr(self, name)

@@ -75,12 +75,12 @@ class SparseCachePlanner:
     config: the SparseConfig. layer_types: HF layer type of every layer ("full_attention", "sliding_attention").
     page_size: the cache's tokens per page. sliding_everywhere: the model applies a sliding window on every layer
     although it declares no layer types (e.g. Mistral with config.sliding_window set): then no layer selects.
-    new_bounds_buffer: optional (layer_idx, device, row_bytes) -> GrowableBuffer | None, where each layer's page
-    key bounds live (see PageKeySummaries).
+    new_summary_buffer: optional (layer_idx, role, device, row_bytes) -> GrowableBuffer | None, where each layer's
+    page key summaries live (see PageKeySummaries: role "key_bounds" or "key_signs").
     """
 
     def __init__(self, config: SparseConfig, layer_types: list[str], page_size: int,
-                 sliding_everywhere: bool = False, new_bounds_buffer: Callable | None = None):
+                 sliding_everywhere: bool = False, new_summary_buffer: Callable | None = None):
         config.page_counts(page_size)  # validates the budget against the page size now, not at the first decode
         self.config = config
         self.page_size = page_size
@@ -89,8 +89,9 @@ class SparseCachePlanner:
             if not sliding_everywhere and config.is_sparse_layer(i, kind))
         self.summaries = {}
         if config.policy == "topk":
-            self.summaries = {i: PageKeySummaries(None if new_bounds_buffer is None else
-                                                  functools.partial(new_bounds_buffer, i))
+            self.summaries = {i: PageKeySummaries(None if new_summary_buffer is None else
+                                                  functools.partial(new_summary_buffer, i),
+                                                  keep_signs=config.scoring == "signs")
                               for i in self.sparse_layers}
 
     @property
@@ -138,11 +139,11 @@ class SparseCachePlanner:
             summaries.fit(k_pool)
 
     def device_buffers(self) -> list[torch.Tensor]:
-        """The page key bounds of every layer (what a captured step reads and writes besides the pools)."""
-        return [s.bounds for s in self.summaries.values() if s.bounds is not None]
+        """The page key summaries of every layer (what a captured step reads and writes besides the pools)."""
+        return [t for s in self.summaries.values() for t in (s.bounds, s.signs) if t is not None]
 
     def copy_page_bounds(self, layer_idx: int, k_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy-on-write of pages src -> dst (int64, on the device of the layer's key pool k_pool): their bounds
+        """Copy-on-write of pages src -> dst (int64, on the device of the layer's key pool k_pool): their summary
         rows too."""
         summaries = self.summaries.get(layer_idx)
         if summaries is not None:

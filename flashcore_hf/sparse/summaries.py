@@ -1,11 +1,15 @@
-"""`PageKeySummaries`: element-wise min/max of each page's keys, the per-page statistics "topk" scores with.
+"""`PageKeySummaries`: the per-page statistics "topk" scores with: element-wise min/max of each page's keys and,
+for `scoring="signs"`, the sign bits of every key.
 
 For a page with keys k_1..k_n (one kv head), max_d and min_d over the page's valid tokens bound any query's score:
 q.k_i <= sum_d max(q_d * min_d, q_d * max_d) for every i (Quest). Splitting q into its positive and negative parts
 turns the bound into one dot product: sum_d relu(q_d) * max_d + min(q_d, 0) * min_d = [relu(q), min(q, 0)] . [max, min].
+The sign bits (bit d of key i: k_i,d > 0) refine this per key: k_i is estimated by max_d where it is positive and
+min_d elsewhere (flashcore_hf/sparse/selection.py `sign_page_scores`).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -18,23 +22,30 @@ _REFRESH_CHUNK_ELEMENTS = 1 << 24
 
 
 class PageKeySummaries:
-    """Per-page key bounds of one layer.
+    """Per-page key bounds (and optionally key sign bits) of one layer.
 
     bounds [num_pages, Hkv, 2 * D] on the layer's device. Row p belongs to physical page p: [..., :D] is the
     element-wise max and [..., D:] the element-wise min of the page's valid keys per kv head (after a crop that cut a
     page, possibly wider: still an upper bound). Only rows of written pages are meaningful, and every page a
-    sequence holds was written (copy-on-write copies carry their rows along), so selection reads fresh bounds. dtype: bfloat16 for bfloat16 pools (min/max of bf16 keys are exact in bf16
-    and scoring reads half the bytes), float32 otherwise (float16 products could overflow).
+    sequence holds was written (copy-on-write copies carry their rows along), so selection reads fresh bounds.
+    dtype: bfloat16 for bfloat16 pools (min/max of bf16 keys are exact in bf16 and scoring reads half the bytes),
+    float32 otherwise (float16 products could overflow).
 
-    new_buffer: optional (device, reserve_bytes) -> GrowableBuffer | None. With a buffer, `bounds` grows in place at
-    a fixed address (page-major rows, so growth only appends), which captured CUDA graphs rely on; without one it is
-    a tensor re-allocated (and copied) when the pool grows.
+    signs [num_pages, Hkv, P, ceil(D / 8)] uint8 when keep_signs (else None): bit b of byte j of [page, h, t] is
+    (key t of the page, kv head h, channel 8 j + b) > 0 (`pack_signs`). Entries of tokens past a page's valid count
+    are stale and never read as keys (scoring masks them by the page's token count).
+
+    new_buffer: optional (role, device, reserve_bytes) -> GrowableBuffer | None, role "key_bounds" or "key_signs".
+    With buffers, `bounds` and `signs` grow in place at fixed addresses (page-major rows, so growth only appends),
+    which captured CUDA graphs rely on; without, they are tensors re-allocated (and copied) when the pool grows.
     """
 
-    def __init__(self, new_buffer: Callable | None = None):
+    def __init__(self, new_buffer: Callable | None = None, keep_signs: bool = False):
         self.bounds: torch.Tensor | None = None
+        self.signs: torch.Tensor | None = None
+        self.keep_signs = keep_signs
         self._new_buffer = new_buffer
-        self._buffer = None
+        self._buffers: dict[str, object] = {}
 
     def refresh(self, k_pool: torch.Tensor, pages: torch.Tensor, page_slots: torch.Tensor) -> None:
         """Recompute the bounds of the pages just written, from their valid tokens only (any number of new tokens
@@ -58,6 +69,8 @@ class PageKeySummaries:
             low, high = torch.aminmax(tokens, dim=1)                                     # [n, Hkv, D] each
             self.bounds.index_copy_(0, pages[start:start + chunk],
                                     torch.cat([high, low], dim=-1).to(self.bounds.dtype))
+            if self.signs is not None:
+                self.signs.index_copy_(0, pages[start:start + chunk], pack_signs(tokens).transpose(1, 2))
 
     def update_decode(self, k_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """A decode step wrote one new key per sequence (slot_mapping [B] int32/int64, < 0: none) into k_pool:
@@ -65,33 +78,78 @@ class PageKeySummaries:
         `flashcore_hf.ops.update_page_bounds`; fixed shapes and no host data, so CUDA graphs replay it)."""
         self.fit(k_pool)
         update_page_bounds(self.bounds, k_pool, slot_mapping)
+        if self.signs is not None:
+            write_token_signs(self.signs, k_pool, slot_mapping)
 
     def copy_pages(self, k_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy-on-write copied pages src -> dst [n] int64 of k_pool: bounds[dst] = bounds[src]."""
+        """Copy-on-write copied pages src -> dst [n] int64 of k_pool: bounds[dst] = bounds[src] (signs too)."""
         self.fit(k_pool)
         self.bounds.index_copy_(0, dst, self.bounds.index_select(0, src))
+        if self.signs is not None:
+            self.signs.index_copy_(0, dst, self.signs.index_select(0, src))
 
     def fit(self, k_pool: torch.Tensor) -> None:
-        """Make `bounds` cover every page of k_pool. The cache calls this whenever its pools grow, before any step
-        runs on the new pages: a CUDA-graph replay runs no Python, so bounds grown only on the eager path would
-        leave a replay reading and writing rows that were never mapped."""
-        num_pages, _, hkv, d = k_pool.shape
-        if self.bounds is not None and self.bounds.shape[0] >= num_pages:
-            return
+        """Make `bounds` (and `signs`) cover every page of k_pool. The cache calls this whenever its pools grow,
+        before any step runs on the new pages: a CUDA-graph replay runs no Python, so summaries grown only on the
+        eager path would leave a replay reading and writing rows that were never mapped."""
+        num_pages, page_size, hkv, d = k_pool.shape
         dtype = torch.bfloat16 if k_pool.dtype == torch.bfloat16 else torch.float32
-        shape = (num_pages, hkv, 2 * d)
-        row_bytes = hkv * 2 * d * dtype.itemsize
-        if self._buffer is None and self._new_buffer is not None:
-            self._buffer = self._new_buffer(k_pool.device, row_bytes)
-        if self._buffer is not None:
-            if self._buffer.nbytes < shape[0] * row_bytes:
-                self._buffer.grow(shape[0] * row_bytes)
-            self.bounds = self._buffer.view(dtype, shape)
-            return
-        grown = torch.zeros(shape, dtype=dtype, device=k_pool.device)
-        if self.bounds is not None:
-            grown[:self.bounds.shape[0]] = self.bounds
-        self.bounds = grown
+        self.bounds = self._fit_rows("key_bounds", self.bounds, num_pages, (hkv, 2 * d), dtype, k_pool.device)
+        if self.keep_signs:
+            self.signs = self._fit_rows("key_signs", self.signs, num_pages, (hkv, page_size, -(-d // 8)),
+                                        torch.uint8, k_pool.device)
+
+    def _fit_rows(self, role: str, current: torch.Tensor | None, num_pages: int, row_shape: tuple, dtype,
+                  device) -> torch.Tensor:
+        """`current` ([pages, *row_shape] or None) grown to num_pages rows: in place in its growable buffer when
+        there is one, else a new tensor holding the old rows."""
+        if current is not None and current.shape[0] >= num_pages:
+            return current
+        shape = (num_pages, *row_shape)
+        row_bytes = math.prod(row_shape) * dtype.itemsize
+        if role not in self._buffers and self._new_buffer is not None:
+            self._buffers[role] = self._new_buffer(role, device, row_bytes)
+        buffer = self._buffers.get(role)
+        if buffer is not None:
+            if buffer.nbytes < num_pages * row_bytes:
+                buffer.grow(num_pages * row_bytes)
+            return buffer.view(dtype, shape)
+        grown = torch.zeros(shape, dtype=dtype, device=device)
+        if current is not None:
+            grown[:current.shape[0]] = current
+        return grown
+
+
+def pack_signs(keys: torch.Tensor) -> torch.Tensor:
+    """Sign bits of keys [..., D] as [..., ceil(D / 8)] uint8: bit b of byte j is keys[..., 8 j + b] > 0."""
+    d = keys.shape[-1]
+    bits = keys > 0
+    if d % 8:
+        bits = torch.nn.functional.pad(bits, (0, 8 - d % 8))
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.int32, device=keys.device)
+    return (bits.view(*bits.shape[:-1], -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_signs(signs: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Bits of `pack_signs` output [..., ceil(D / 8)] as a bool tensor [..., head_dim]."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=signs.device)
+    bits = (signs[..., None] >> shifts) & 1
+    return bits.reshape(*signs.shape[:-1], -1)[..., :head_dim].bool()
+
+
+def write_token_signs(signs: torch.Tensor, k_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """The sign bits of one new key per row (slot_mapping [B] int32/int64 pool slots page * P + offset, < 0: none)
+    into signs [num_pages, Hkv, P, ceil(D / 8)]. Fixed shapes, no host data (CUDA graphs replay it): a row without a
+    key rewrites the first written slot's bits (or slot 0's, recomputed from its own key, when no row writes), so
+    every duplicate index carries the same value."""
+    num_pages, page_size, hkv, d = k_pool.shape
+    slots = slot_mapping.long()
+    valid = slots >= 0
+    first = slots[valid.to(torch.int32).argmax()].clamp(min=0)
+    target = torch.where(valid, slots, first)                                             # [B]
+    bits = pack_signs(k_pool.view(num_pages * page_size, hkv, d)[target])                # [B, Hkv, bytes]
+    heads = torch.arange(hkv, device=slots.device)
+    signs[(target // page_size)[:, None], heads[None, :], (target % page_size)[:, None]] = bits
 
 
 def refresh_slots(pages: torch.Tensor, counts: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:

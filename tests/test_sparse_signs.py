@@ -1,0 +1,148 @@
+"""CPU tests of "topk" with scoring="signs": the key sign bits (packing, refresh, decode updates, copy-on-write,
+growth), the page scores against a float64 oracle computed from the keys, the picks, fixed shapes / fullgraph
+tracing, and that the signs find a needle in pages of many unrelated keys where the bounds alone cannot."""
+import pytest
+import torch
+
+import flashcore_hf as fc
+from flashcore_hf.sparse import PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots
+from flashcore_hf.sparse.selection import pick_pages, sign_page_scores
+from flashcore_hf.sparse.summaries import pack_signs, unpack_signs
+from tests.reference import random_paged_kv
+from tests.sparse_reference import assert_topk_picks, reference_sign_scores
+
+
+def _paged(lengths, page_size, hkv, d, generator):
+    """Random scattered pages: (k_cache, per-sequence PageLayout) and both summaries of every written page."""
+    k_cache, _, row_offsets, cols, counts = random_paged_kv(lengths, page_size, hkv, d, generator=generator)
+    layout = fc.PageLayout(row_offsets, cols, counts, torch.full_like(cols, -1))
+    summaries = PageKeySummaries(keep_signs=True)
+    summaries.refresh(k_cache, *refresh_slots(cols, counts, page_size))
+    return k_cache, layout, summaries
+
+
+def _assert_signs_of_valid_keys(signs, k_pool, pages, counts):
+    """signs[page, h, t] holds the sign bits of key t of the page for every valid token t."""
+    d = k_pool.shape[-1]
+    for page, count in zip(pages, counts):
+        got = unpack_signs(signs[page, :, :count], d)                            # [Hkv, count, D]
+        assert torch.equal(got, (k_pool[page, :count] > 0).transpose(0, 1)), (page, count)
+
+
+def test_config_validates_scoring():
+    assert SparseConfig().scoring == "bounds"
+    with pytest.raises(ValueError, match="scoring"):
+        SparseConfig(policy="topk", scoring="quest")
+
+
+@pytest.mark.parametrize("d", [8, 13, 64, 128])
+def test_pack_unpack_round_trip(generator, d):
+    keys = torch.randn(3, 5, d, generator=generator)
+    keys[0, 0, :3] = 0.0                                                          # zero is not positive
+    packed = pack_signs(keys)
+    assert packed.shape == (3, 5, -(-d // 8)) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_signs(packed, d), keys > 0)
+    assert int(pack_signs(torch.tensor([1.0, -1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 2.0]))[0]) == 0b10000101
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_signs_follow_refresh_decode_updates_copies_and_growth(generator, dtype):
+    """Decode updates (one key per row, rows without a key included) build the same bits a refresh writes; a
+    reused page gets its new keys' bits; copy-on-write copies them; pool growth keeps them."""
+    page_size, hkv, d, num_pages = 4, 2, 12, 5
+    pool = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(dtype)
+    incremental, full = PageKeySummaries(keep_signs=True), PageKeySummaries(keep_signs=True)
+    incremental.refresh(pool, *refresh_slots(torch.tensor([3]), torch.tensor([4]), page_size))
+    pool[3] = torch.randn(page_size, hkv, d, generator=generator).to(dtype)     # page 3 reused
+    for offset in range(page_size):
+        slots = torch.tensor([-1, 3 * page_size + offset, -1, 1 * page_size + offset], dtype=torch.int32)
+        incremental.update_decode(pool, slots)
+        full.refresh(pool, *refresh_slots(torch.tensor([3, 1]), torch.tensor([offset + 1] * 2), page_size))
+        _assert_signs_of_valid_keys(incremental.signs, pool, [3, 1], [offset + 1] * 2)
+        assert torch.equal(incremental.signs[[1, 3], :, :offset + 1], full.signs[[1, 3], :, :offset + 1])
+    before = incremental.signs.clone()
+    incremental.update_decode(pool, torch.tensor([-1, -1], dtype=torch.int32))   # no row writes: nothing changes
+    _assert_signs_of_valid_keys(incremental.signs, pool, [3, 1], [page_size] * 2)
+    assert torch.equal(incremental.signs[[1, 3]], before[[1, 3]])
+    incremental.copy_pages(pool, torch.tensor([3]), torch.tensor([0]))
+    assert torch.equal(incremental.signs[0], incremental.signs[3])
+    grown = torch.cat([pool, torch.randn(3, page_size, hkv, d, generator=generator).to(dtype)])
+    incremental.update_decode(grown, torch.tensor([6 * page_size], dtype=torch.int32))
+    assert incremental.signs.shape == (8, hkv, page_size, 2)
+    _assert_signs_of_valid_keys(incremental.signs, grown, [3, 1, 6], [page_size, page_size, 1])
+
+
+@pytest.mark.parametrize("query_len, reduction", [(1, "max"), (1, "sum"), (3, "max"), (2, "sum")])
+def test_sign_scores_match_the_float64_oracle(generator, monkeypatch, query_len, reduction):
+    import flashcore_hf.sparse.selection as selection
+
+    page_size, hkv, group, d = 8, 2, 3, 16
+    k_cache, layout, summaries = _paged([203, 150, 9], page_size, hkv, d, generator)
+    table = padded_page_table(layout, 32, 1, 2)
+    q = torch.randn(3 * query_len, hkv * group, d, generator=generator)
+    want = reference_sign_scores(q, k_cache, summaries.bounds, table, query_len, reduction)
+    got = sign_page_scores(q, summaries.bounds, summaries.signs, table, query_len, reduction)
+    assert got.shape == (3, hkv, 32)
+    real = (table.counts > 0)[:, None].expand_as(got) & (table.bias == 0)[:, None]
+    torch.testing.assert_close(got[real].double(), want[real], rtol=1e-5, atol=1e-4)
+    assert torch.all(got[~(table.counts > 0)[:, None].expand_as(got)] == -torch.inf)
+    monkeypatch.setattr(selection, "_SIGN_SCORE_CHUNK_ELEMENTS", 1)                # one page per chunk
+    chunked = sign_page_scores(q, summaries.bounds, summaries.signs, table, query_len, reduction)
+    torch.testing.assert_close(chunked, got, rtol=1e-6, atol=1e-5)
+    budget = 6
+    cols, counts = pick_pages(got, table, budget)
+    assert_topk_picks(cols, counts, want, table, budget, atol=1e-4)
+
+
+def test_selection_with_signs_and_rerank_keeps_forced_pages_in_key_order(generator):
+    page_size, hkv, group, d = 8, 2, 2, 16
+    k_cache, layout, summaries = _paged([203, 90], page_size, hkv, d, generator)
+    q = torch.randn(2, hkv * group, d, generator=generator)
+    for rerank in (0, 2):
+        cfg = SparseConfig(policy="topk", token_budget=5 * page_size, sink_tokens=1, recent_tokens=page_size,
+                           rerank=rerank, scoring="signs")
+        step = StepSelection(cfg, layout, 32, 1, page_size)
+        sparse = step.layout_for(q, summaries, k_cache)
+        offsets = layout.row_offsets.tolist()
+        for row in range(2 * hkv):
+            b = row // hkv
+            pages = layout.cols[offsets[b]:offsets[b + 1]].tolist()
+            picked = [p for p, c in zip(sparse.cols[5 * row:5 * row + 5].tolist(),
+                                        sparse.token_counts[5 * row:5 * row + 5].tolist()) if c > 0]
+            assert len(picked) == 5 and pages[0] in picked and pages[-1] in picked, (rerank, row)
+            assert picked == sorted(picked, key=pages.index)
+
+
+def test_signs_find_the_needle_the_bounds_miss(generator):
+    """Pages of 16 unrelated keys: the element-wise bounds of every page look alike, so Quest picks the needle's
+    page about as often as chance; its sign pattern matches the query's, which the signs' estimate sees."""
+    page_size, hkv, d, pages_per_seq, trials = 16, 1, 32, 64, 8
+    found = {"bounds": 0, "signs": 0}
+    for _ in range(trials):
+        k_cache, layout, summaries = _paged([pages_per_seq * page_size], page_size, hkv, d, generator)
+        q = torch.randn(1, 1, d, generator=generator)
+        needle_page = int(layout.cols[40])
+        k_cache[needle_page, 7, 0] = q[0, 0] * 0.5
+        summaries.refresh(k_cache, *refresh_slots(layout.cols, layout.token_counts, page_size))
+        for scoring in found:
+            cfg = SparseConfig(policy="topk", token_budget=4 * page_size, sink_tokens=1, recent_tokens=1,
+                               scoring=scoring)
+            sparse = StepSelection(cfg, layout, pages_per_seq, 1, page_size).layout_for(q, summaries)
+            found[scoring] += needle_page in sparse.cols.tolist()
+    assert found["signs"] == trials and found["bounds"] < trials, found
+
+
+def _signs_selection(layout, q, summaries_bounds, summaries_signs, max_pages, budget):
+    table = padded_page_table(layout, max_pages, 1, 1)
+    return pick_pages(sign_page_scores(q, summaries_bounds, summaries_signs, table), table, budget)
+
+
+def test_signs_selection_compiles_fullgraph_without_host_sync(generator):
+    page_size, hkv, d = 4, 2, 8
+    _, layout, summaries = _paged([30, 11], page_size, hkv, d, generator)
+    q = torch.randn(2, 2 * hkv, d, generator=generator)
+    torch._dynamo.reset()
+    compiled = torch.compile(_signs_selection, fullgraph=True, backend="eager")
+    args = (layout, q, summaries.bounds, summaries.signs, 8, 4)
+    for got, want in zip(compiled(*args), _signs_selection(*args)):
+        assert torch.equal(got, want)
