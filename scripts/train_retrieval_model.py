@@ -19,7 +19,8 @@ evaluation's records. The models are saved in float16 with `save_pretrained`:
     python scripts/train_retrieval_model.py --out tests/data/retrieval_llama_4k --keys 4096 --head-dim 64 \
         --heads 2 --kv-heads 1 --hidden 64 --steps 4000 --tokens-per-step 8192          # 4K-token contexts: ~45 min
 
-Evaluating sparse policies on a saved model (dense, streaming, topk, topk + rerank at budgets of 1/4 .. 1/32):
+Evaluating sparse policies on a saved model (dense, streaming, topk with the bounds or the key signs, each alone and
+with rerank=4, at budgets of 1/4 .. 1/32):
 
     python scripts/train_retrieval_model.py --evaluate tests/data/retrieval_llama_4k [--device cuda]
 """
@@ -153,18 +154,23 @@ def dense_accuracy(task: RetrievalTask, model: LlamaForCausalLM, num_prompts: in
 
 # ---- evaluating sparse policies on a trained model (tests/test_sparse_retrieval.py, --evaluate) ----------------
 
-POLICIES = ("streaming", "topk", "topk_rerank")
-"""Sparse policies an evaluation compares with dense; "topk_rerank": topk with rerank=4 (the exact second stage)."""
+POLICIES = {
+    "streaming": dict(policy="streaming"),
+    "topk": dict(policy="topk"),                                          # Quest bounds
+    "topk_rerank": dict(policy="topk", rerank=4),                          # bounds, then the exact second stage
+    "topk_signs": dict(policy="topk", scoring="signs"),                   # key sign bits refine the bounds
+    "topk_signs_rerank": dict(policy="topk", scoring="signs", rerank=4),
+}
+"""Sparse policies an evaluation compares with dense: name -> SparseConfig options (rerank=4: the bounds' or the
+signs' 4 x budget best pages, then their keys' exact scores keep the budget)."""
 
 
 def sparse_config(policy: str, budget: int):
-    """flashcore SparseConfig of `policy` (POLICIES) with a token budget: 1 sink token, 1 recent token, both layers
-    sparse (the models have only two)."""
+    """flashcore SparseConfig of `policy` (a POLICIES name) with a token budget: 1 sink token, 1 recent token, both
+    layers sparse (the models have only two)."""
     import flashcore_hf as fc
 
-    rerank = 4 if policy == "topk_rerank" else 0
-    return fc.SparseConfig(policy=policy.removesuffix("_rerank"), token_budget=budget, sink_tokens=1,
-                           recent_tokens=1, dense_layers=0, rerank=rerank)
+    return fc.SparseConfig(token_budget=budget, sink_tokens=1, recent_tokens=1, dense_layers=0, **POLICIES[policy])
 
 
 @torch.no_grad()
@@ -212,11 +218,11 @@ def print_policy_table(table: dict, task: RetrievalTask, page_size: int, fractio
     context = task.eval_records + 2
     print(f"retrieval accuracy, {prompts_desc}, context {context} tokens ({-(-context // page_size)} pages of "
           f"{page_size}), chance {1 / NUM_VALUES:.3f}")
-    print(f"{'policy':12s} " + " ".join(f"{'1/' + str(f) + ' (' + str(context // f) + ')':>12s}" for f in fractions))
-    print(f"{'dense':12s} " + " ".join(f"{table[('dense', 1)]:12.3f}" for _ in fractions))
+    print(f"{'policy':18s} " + " ".join(f"{'1/' + str(f) + ' (' + str(context // f) + ')':>12s}" for f in fractions))
+    print(f"{'dense':18s} " + " ".join(f"{table[('dense', 1)]:12.3f}" for _ in fractions))
     for policy in POLICIES:
         cells = [table[(policy, f)] for f in fractions]
-        print(f"{policy:12s} " + " ".join(f"{'n/a':>12s}" if c is None else f"{c:12.3f}" for c in cells))
+        print(f"{policy:18s} " + " ".join(f"{'n/a':>12s}" if c is None else f"{c:12.3f}" for c in cells))
     if any(value is None for value in table.values()):
         print("n/a: the budget cannot hold the sink page plus a two-token step's pages (such steps read every page)")
 
