@@ -3,9 +3,10 @@
 1. Attention per layer, B=1 x 128K context, Hq 32 / Hkv 8, D 128, bf16, page size 64, budget 4096 tokens (64 pages):
    dense flashcore decode vs topk (the select_pages kernels: Quest scores + radix top-k, then paged_attention over
    per-kv-head page lists), topk_rerank (topk with rerank=4: the exact scores of 4 x budget candidates' keys pick
-   the budget) and streaming, with the parts (selection, attention, the bounds update of the written
-   page, the once-per-step page table) and the whole of it; graph_us: 16 calls captured in one CUDA graph, per call
-   (no launch overhead, as inside a graph-captured decode step). Two more clocks:
+   the budget), topk_signs (pages scored by their keys' sign bits, torch ops) and streaming, with the parts
+   (selection, attention, the summary update of the written page, the once-per-step page table) and the whole of
+   it; graph_us: 16 calls captured in one CUDA graph, per call (no launch overhead, as inside a graph-captured
+   decode step). Two more clocks:
    `gpu_us` is triton's do_bench median (device time, L2 flushed), `wall_us` back-to-back calls on the host clock
    (includes Python and launch overhead, what an eager decode step pays). SDPA cuDNN on a contiguous copy of the
    same K/V is the reference.
@@ -84,9 +85,9 @@ def layer_benchmark(context: int, budget: int, page_size: int) -> list[dict]:
     q = torch.randn(1, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
     q_indptr = torch.tensor([0, 1], device="cuda", dtype=torch.int32)
     max_pages = page_count_bucket(num_pages)
-    summaries = PageKeySummaries()
+    summaries_of = {"bounds": PageKeySummaries(), "signs": PageKeySummaries(keep_signs=True)}   # by scoring
     all_slots = refresh_slots(cols, counts, page_size)
-    refresh_all_ms = median_ms(lambda: summaries.refresh(k_pool, *all_slots))
+    refresh_ms = {scoring: median_ms(lambda s=s: s.refresh(k_pool, *all_slots)) for scoring, s in summaries_of.items()}
     # A decode step wrote the last slot of the last page: its key widens that page's bounds.
     last_slot = cols[-1:] * page_size + page_size - 1
 
@@ -132,8 +133,9 @@ def layer_benchmark(context: int, budget: int, page_size: int) -> list[dict]:
             rows.append(dict(what="SDPA cuDNN (dense, contiguous)", note=f"failed: {str(err)[:80]}"))
     del k_dense, v_dense
 
-    for policy in ("topk", "topk_rerank", "streaming"):
+    for policy in ("topk", "topk_rerank", "topk_signs", "streaming"):
         config = sparse_config(policy, budget)
+        summaries = summaries_of[config.scoring]
         step_plan = lambda: StepSelection(config, layout, max_pages, 1, page_size)  # noqa: E731
         step = step_plan()
         k = step.max_pages_per_row
@@ -148,28 +150,31 @@ def layer_benchmark(context: int, budget: int, page_size: int) -> list[dict]:
         attend = lambda: sparse_plan.run(q, k_pool, v_pool, chosen, q_indptr)  # noqa: E731
         if policy != "topk_rerank":
             speedup(add(f"{policy}: attention on {k} selected pages", attend))
-        if policy == "topk":
-            add("topk: bounds update of the written page (per layer)",
+        if policy in ("topk", "topk_signs"):
+            add(f"{policy}: summary update of the written page (per layer)",
                 lambda: summaries.update_decode(k_pool, last_slot))
         if policy.startswith("topk"):
-            def per_layer(step=step, sparse_plan=sparse_plan):
+            def per_layer(step=step, sparse_plan=sparse_plan, summaries=summaries):
                 summaries.update_decode(k_pool, last_slot)
                 return sparse_plan.run(q, k_pool, v_pool, step.layout_for(q, summaries, k_pool), q_indptr)
             speedup(add(f"{policy}: update + selection + attention (per layer)", per_layer,
                         note=f"the whole per-layer cost of a {policy} decode step"))
-    rows.append(dict(what="topk: summary refresh of the whole context (prefill, per layer)",
-                     gpu_us=1e3 * refresh_all_ms, note=f"{num_pages} pages"))
+    for scoring, ms in refresh_ms.items():
+        rows.append(dict(what=f"topk ({scoring}): summary refresh of the whole context (prefill, per layer)",
+                         gpu_us=1e3 * ms, note=f"{num_pages} pages"))
     for row in rows:
         row.update(context=context, budget=budget, page_size=page_size)
     return rows
 
 
+POLICY_OPTIONS = {"topk_rerank": dict(policy="topk", rerank=4), "topk_signs": dict(policy="topk", scoring="signs")}
+"""Policy names beyond SparseConfig's own: "topk_rerank" (the bounds pick 4 x budget candidates, their keys' exact
+scores the budget), "topk_signs" (pages scored by their keys' sign bits and the bounds)."""
+
+
 def sparse_config(policy: str, budget: int) -> fc.SparseConfig:
-    """The SparseConfig of a policy name: "dense", "streaming", "topk", or "topk_rerank" (topk with rerank=4: the
-    bounds pick 4 x budget candidates, their keys' exact scores the budget)."""
-    if policy == "topk_rerank":
-        return fc.SparseConfig(policy="topk", token_budget=budget, rerank=4)
-    return fc.SparseConfig(policy=policy, token_budget=budget)
+    """The SparseConfig of a policy name: "dense", "streaming", "topk" or a POLICY_OPTIONS name."""
+    return fc.SparseConfig(token_budget=budget, **POLICY_OPTIONS.get(policy, dict(policy=policy)))
 
 
 class StepClock:
@@ -264,7 +269,7 @@ def main():
     parser.add_argument("--page-size", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--policies", default="dense,topk,topk_rerank",
-                        help="comma-separated (dense, topk, topk_rerank, streaming)")
+                        help="comma-separated (dense, topk, topk_rerank, topk_signs, streaming)")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--eager-too", action="store_true", help="end to end also without CUDA-graph decode")
     args = parser.parse_args()

@@ -24,7 +24,7 @@ CONTEXT = int(os.environ.get("FLASHCORE_TEST_CONTEXT", 32768))
 PAGE = int(os.environ.get("FLASHCORE_TEST_PAGE_SIZE", 64))
 VOCAB = 512
 NEW = 8
-POLICIES = ("dense", "streaming", "topk", "topk_rerank")
+POLICIES = ("dense", "streaming", "topk", "topk_rerank", "topk_signs")
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,9 @@ def model():
 
 
 def sparse_config(policy):
-    """"topk_rerank": topk with the exact second stage (rerank=4)."""
-    rerank = 4 if policy == "topk_rerank" else 0
-    return fc.SparseConfig(policy=policy.removesuffix("_rerank"), token_budget=64 * PAGE, dense_layers=1,
-                           rerank=rerank)
+    """"topk_rerank": topk with the exact second stage (rerank=4); "topk_signs": topk scored by the key signs."""
+    options = {"topk_rerank": dict(policy="topk", rerank=4), "topk_signs": dict(policy="topk", scoring="signs")}
+    return fc.SparseConfig(token_budget=64 * PAGE, dense_layers=1, **options.get(policy, dict(policy=policy)))
 
 
 def prompt(length, seed):
@@ -113,14 +112,15 @@ def test_every_policy_after_another(model):
     first call of its policy gave, every decode step replayed."""
     ids = prompt(CONTEXT, seed=1)
     first = {}
-    for policy in ("dense", "topk", "streaming", "topk_rerank", "topk", "dense", "streaming", "topk_rerank"):
+    for policy in ("dense", "topk", "streaming", "topk_rerank", "topk_signs", "topk", "dense", "streaming",
+                   "topk_signs", "topk_rerank"):
         fc.set_default_cache_options(page_size=PAGE, sparse=sparse_config(policy))
         tokens, replays, eager = generate(model, ids)
         assert_every_step_replayed(model, replays, eager)
         assert torch.equal(tokens, first.setdefault(policy, tokens)), policy
 
 
-@pytest.mark.parametrize("policy", ("streaming", "topk"))
+@pytest.mark.parametrize("policy", ("streaming", "topk", "topk_signs"))
 def test_repeated_user_cache_generate(model, policy):
     """A PagedKVCache(sparse=...) passed by the user, a new one per call (no pool arena, pools grow while decoding),
     while the default cache is dense."""

@@ -40,11 +40,11 @@ def test_topk_with_budget_covering_context_matches_dense(model, generator):
     assert torch.equal(dense.sequences, sparse.sequences)
 
 
-@pytest.mark.parametrize("policy", ["topk", "streaming"])
-def test_sparse_decode_graphs_match_eager(model, policy, generator):
+@pytest.mark.parametrize("policy, scoring", [("topk", "bounds"), ("topk", "signs"), ("streaming", "bounds")])
+def test_sparse_decode_graphs_match_eager(model, policy, scoring, generator):
     """A small budget (pages really dropped), default cache (pool arena), graphs vs eager: the same tokens."""
     ids = torch.randint(1, VOCAB, (3, 900), generator=generator).cuda()
-    config = fc.SparseConfig(policy=policy, token_budget=256, dense_layers=1)
+    config = fc.SparseConfig(policy=policy, token_budget=256, dense_layers=1, scoring=scoring)
     fc.set_default_cache_options(page_size=16, sparse=config)
     try:
         eager = _generate(model, ids, None, graphs=False)
