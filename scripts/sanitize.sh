@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # compute-sanitizer over a reduced GPU set (part of scripts/gpu_check.sh, step "sanitizer"):
 # - memcheck: repeated generate() calls with sparse policies and CUDA graphs (8K tokens in 16-token pages cross the
-#   same 2 MiB bounds-granule boundary as 32K in 64-token pages), the sparse GPU tests, graph reuse across calls,
+#   same 2 MiB bounds-granule boundary as 32K in 64-token pages), the sparse GPU tests (key signs included), graph
+#   reuse across calls,
 #   growable pools unmapped behind queued kernels, the prefill kernels on a reduced grid;
 # - racecheck: append_kv; the decode and prefill kernels are tried and reported (see below).
 # Exits non-zero when the sanitizer reports an error or a test fails.
@@ -16,7 +17,8 @@ compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" \
 # (Not test_next_generate_call_reuses_graphs: under compute-sanitizer the previous call's frames stay referenced, so
 # its cache is alive when the next generate() asks for the pool arena and the next call captures afresh.)
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_sparse_gpu.py \
-  tests/gpu/test_decode_graphs.py::test_greedy_identical_with_and_without_graphs || status=1
+  tests/gpu/test_sparse_signs_gpu.py tests/gpu/test_decode_graphs.py::test_greedy_identical_with_and_without_graphs \
+  || status=1
 # Pools unmapped while kernels that use them are still queued (a cache dropped behind its last graph replays).
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_growable_buffer_cuda.py \
   "tests/gpu/test_decode_graphs.py::test_user_cache_dropped_while_its_last_replays_are_queued[False]" || status=1
