@@ -7,6 +7,9 @@ Llama-3-8B-shaped random model of bench_e2e.py, once per path after a warm call,
   prefill / append kernels, or SDPA's flash / cuDNN / efficient kernels), gemm (cuBLAS / CUTLASS / nvjet), other
   (everything else: norms, rotary, activations, copies, the cache's own kernels);
 - idle_s = wall_s - gpu_s: time the GPU spends without a kernel (host work, syncs, allocation);
+- map_s / lease_s (flashcore): host seconds of the profiled call spent mapping page-pool memory
+  (LayerPools.grow: cuMemCreate / cuMemMap / cuMemSetAccess) and handing the pool arena to the call's cache
+  (PoolArena.lease: the previous call's pool memory is unmapped, after a device synchronize);
 - the kernels that take the most GPU time.
 
     python benchmarks/profile_prefill.py --prompt 32768 131072 --paths sdpa flashcore
@@ -28,6 +31,7 @@ from bench_e2e import build_model  # noqa: E402
 from common import print_table, write_csv  # noqa: E402
 
 import flashcore_hf  # noqa: E402,F401  (registers attn_implementation="flashcore")
+from flashcore_hf.cache.pools import LayerPools, PoolArena  # noqa: E402
 
 KINDS = (("attention", re.compile(r"prefill_sm90|paged_|append_kv|merge_s|flash|fmha|cudnn|attention|sdpa", re.I)),
          ("gemm", re.compile(r"gemm|gemv|cutlass|cublas|xmma|nvjet|matmul|splitk", re.I)))
@@ -51,6 +55,33 @@ def kernel_times(prof) -> dict[str, float]:
     return times
 
 
+class HostTimer:
+    """Host seconds spent in some methods while active (the methods are wrapped, then restored)."""
+
+    def __init__(self, targets: dict[str, tuple[type, str]]):
+        self.targets = targets
+        self.seconds = dict.fromkeys(targets, 0.0)
+        self._saved = {}
+
+    def __enter__(self):
+        for name, (owner, attr) in self.targets.items():
+            original = getattr(owner, attr)
+            self._saved[name] = original
+
+            def timed(*args, _original=original, _name=name, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.seconds[_name] += time.perf_counter() - start
+            setattr(owner, attr, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for name, (owner, attr) in self.targets.items():
+            setattr(owner, attr, self._saved[name])
+
+
 def profile_path(model, path: str, prompt: int, repeats: int) -> tuple[dict, list[tuple[str, float]]]:
     model.set_attn_implementation(path)
     ids = torch.randint(1, model.config.vocab_size, (1, prompt), device="cuda",
@@ -68,7 +99,8 @@ def profile_path(model, path: str, prompt: int, repeats: int) -> tuple[dict, lis
         call()
         torch.cuda.synchronize()
         walls.append(time.perf_counter() - t0)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    timer = HostTimer({"map_s": (LayerPools, "grow"), "lease_s": (PoolArena, "lease")})
+    with timer, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize()
     times = kernel_times(prof)
@@ -77,7 +109,7 @@ def profile_path(model, path: str, prompt: int, repeats: int) -> tuple[dict, lis
         by_kind[kind_of(name)] += seconds
     wall, gpu = statistics.median(walls), sum(times.values())
     row = dict(path=path, prompt=prompt, wall_s=wall, gpu_s=gpu, idle_s=wall - gpu,
-               attention_s=by_kind["attention"], gemm_s=by_kind["gemm"], other_s=by_kind["other"],
+               attention_s=by_kind["attention"], gemm_s=by_kind["gemm"], other_s=by_kind["other"], **timer.seconds,
                kernels=sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA))
     top = sorted(times.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
     return row, top
@@ -101,7 +133,8 @@ def main() -> None:
                 print(f"  {seconds:8.4f}  {kind_of(name):9s}  {name[:110]}")
     print()
     write_csv(rows, "profile_prefill.csv")
-    print_table(rows, ["path", "prompt", "wall_s", "gpu_s", "idle_s", "attention_s", "gemm_s", "other_s", "kernels"])
+    print_table(rows, ["path", "prompt", "wall_s", "gpu_s", "idle_s", "map_s", "lease_s", "attention_s", "gemm_s",
+                       "other_s", "kernels"])
 
 
 if __name__ == "__main__":
