@@ -2,8 +2,7 @@
 # compute-sanitizer over a reduced GPU set (part of scripts/gpu_check.sh, step "sanitizer"):
 # - memcheck: repeated generate() calls with sparse policies and CUDA graphs (8K tokens in 16-token pages cross the
 #   same 2 MiB bounds-granule boundary as 32K in 64-token pages), the sparse GPU tests (key signs included), graph
-#   reuse across calls,
-#   growable pools unmapped behind queued kernels, the prefill kernels on a reduced grid;
+#   reuse across calls, growable pools unmapped behind queued kernels, the prefill kernels on a reduced grid;
 # - racecheck: append_kv; the decode and prefill kernels are tried and reported (see below).
 # Exits non-zero when the sanitizer reports an error or a test fails.
 set -uo pipefail

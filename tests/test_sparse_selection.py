@@ -10,7 +10,7 @@ from flashcore_hf.ops import select_pages, update_page_bounds
 from flashcore_hf.sparse import (PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots,
                                  step_is_sparse, streaming_layout, topk_layout)
 from tests.reference import random_paged_kv, reference_paged_attention
-from tests.sparse_reference import assert_topk_picks, reference_page_scores
+from tests.sparse_reference import assert_topk_picks, reference_page_scores, unpack_signs
 
 
 def _dense_layout(lengths, page_size, hkv, d, generator):
@@ -294,22 +294,25 @@ def test_selection_compiles_fullgraph_without_host_sync(generator):
 
 @pytest.mark.parametrize("query_len", [1, 3])
 def test_budget_covering_context_equals_dense(generator, query_len):
-    """Selecting every page (budget >= pages) through the per-head path gives the dense attention."""
+    """Selecting every page (budget >= pages) through the per-head path gives the dense attention, whatever scores
+    the pages (bounds or key signs)."""
     page_size, hkv, group, d = 4, 2, 2, 16
     lengths = [37, 5, 22]
     k_cache, v_cache, layout = _dense_layout(lengths, page_size, hkv, d, generator)
     max_pages = 10
-    summaries = PageKeySummaries()
+    summaries = PageKeySummaries(keep_signs=True)
     summaries.refresh(k_cache, *refresh_slots(layout.cols, layout.token_counts, page_size))
     q = torch.randn(len(lengths) * query_len, hkv * group, d, generator=generator)
     q_indptr = torch.arange(0, (len(lengths) + 1) * query_len, query_len, dtype=torch.int32)
-    cfg = SparseConfig(policy="topk", token_budget=max_pages * page_size, sink_tokens=0, recent_tokens=0)
-    step = StepSelection(cfg, layout, max_pages, query_len, page_size)
-    sparse = step.layout_for(q, summaries)
-    assert sparse.row_offsets.numel() == len(lengths) * hkv + 1
     dense = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr)
-    out = fc.paged_attention(q, k_cache, v_cache, sparse, q_indptr, max_pages_per_seq=step.max_pages_per_row)
-    torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-6)
+    for scoring in ("bounds", "signs"):
+        cfg = SparseConfig(policy="topk", token_budget=max_pages * page_size, sink_tokens=0, recent_tokens=0,
+                           scoring=scoring)
+        step = StepSelection(cfg, layout, max_pages, query_len, page_size)
+        sparse = step.layout_for(q, summaries)
+        assert sparse.row_offsets.numel() == len(lengths) * hkv + 1
+        out = fc.paged_attention(q, k_cache, v_cache, sparse, q_indptr, max_pages_per_seq=step.max_pages_per_row)
+        torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-6)
     stream = StepSelection(SparseConfig(policy="streaming", token_budget=max_pages * page_size, sink_tokens=0,
                                         recent_tokens=0),
                            layout, max_pages, query_len, page_size).layout_for(q, None)
@@ -400,8 +403,6 @@ def test_rerank_finds_the_needle_the_bounds_miss(generator):
 def _check_summaries(cache, layer_idx):
     """Every page of every row holds the min/max of its valid tokens in that layer's pool (and, with scoring
     "signs", their sign bits)."""
-    from flashcore_hf.sparse.summaries import unpack_signs
-
     layer = cache.layers[layer_idx]
     summaries = cache._sparse.summaries[layer_idx]
     bounds = summaries.bounds

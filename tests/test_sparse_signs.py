@@ -7,9 +7,10 @@ import torch
 import flashcore_hf as fc
 from flashcore_hf.sparse import PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots
 from flashcore_hf.sparse.selection import pick_pages, sign_page_scores
-from flashcore_hf.sparse.summaries import pack_signs, unpack_signs
+from flashcore_hf.sparse.summaries import pack_signs
+from tests.capture_checks import HostDataLog
 from tests.reference import random_paged_kv
-from tests.sparse_reference import assert_topk_picks, reference_sign_scores
+from tests.sparse_reference import assert_topk_picks, reference_sign_scores, unpack_signs
 
 
 def _paged(lengths, page_size, hkv, d, generator):
@@ -146,3 +147,21 @@ def test_signs_selection_compiles_fullgraph_without_host_sync(generator):
     args = (layout, q, summaries.bounds, summaries.signs, 8, 4)
     for got, want in zip(compiled(*args), _signs_selection(*args)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("scoring", ["bounds", "signs"])
+@pytest.mark.parametrize("rerank", [0, 2])
+def test_summary_update_and_selection_need_no_host_data(generator, scoring, rerank):
+    """What a captured decode step runs for "topk" (the decode update of the summaries, the step's page table, the
+    selection) reads no device value back and brings no host data in. (The first version of the signs' update read
+    the first written slot back with a 0-dim index: a sync, which a graph capture refuses.)"""
+    page_size, hkv, d = 4, 2, 16
+    k_cache, layout, summaries = _paged([37, 20], page_size, hkv, d, generator)
+    q = torch.randn(2, 2 * hkv, d, generator=generator)
+    slots = torch.tensor([-1, int(layout.cols[3]) * page_size + 2], dtype=torch.int32)
+    cfg = SparseConfig(policy="topk", token_budget=3 * page_size, sink_tokens=1, recent_tokens=1, rerank=rerank,
+                       scoring=scoring)
+    with HostDataLog() as log:
+        summaries.update_decode(k_cache, slots)
+        StepSelection(cfg, layout, 16, 1, page_size).layout_for(q, summaries, k_cache)
+    assert log.hits == []
