@@ -400,7 +400,7 @@ def test_rerank_finds_the_needle_the_bounds_miss(generator):
 def _check_summaries(cache, layer_idx):
     """Every page of every row holds the min/max of its valid tokens in that layer's pool (and, with scoring
     "signs", their sign bits)."""
-    from flashcore_hf.sparse.summaries import unpack_signs
+    from tests.sparse_reference import unpack_signs
 
     layer = cache.layers[layer_idx]
     summaries = cache._sparse.summaries[layer_idx]

@@ -130,13 +130,6 @@ def pack_signs(keys: torch.Tensor) -> torch.Tensor:
     return (bits.view(*bits.shape[:-1], -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
 
-def unpack_signs(signs: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Bits of `pack_signs` output [..., ceil(D / 8)] as a bool tensor [..., head_dim]."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=signs.device)
-    bits = (signs[..., None] >> shifts) & 1
-    return bits.reshape(*signs.shape[:-1], -1)[..., :head_dim].bool()
-
-
 def write_token_signs(signs: torch.Tensor, k_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """The sign bits of one new key per row (slot_mapping [B] int32/int64 pool slots page * P + offset, < 0: none)
     into signs [num_pages, Hkv, P, ceil(D / 8)]. Fixed shapes, no host data (CUDA graphs replay it): a row without a
