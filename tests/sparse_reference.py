@@ -76,8 +76,7 @@ def reference_sign_scores(q, k_pool, bounds, table, query_len, head_reduction="m
 
 
 def unpack_signs(signs, head_dim):
-    """Bits of PageKeySummaries.signs-style bytes [..., ceil(D / 8)] as a bool tensor [..., head_dim] (bit b of byte
-    c is channel 8 c + b)."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=signs.device)
-    bits = (signs[..., None] >> shifts) & 1
+    """Bits [..., head_dim] (bool) of sign bytes [..., ceil(D / 8)] (bit b of byte c: channel 8 c + b), written
+    independently of flashcore_hf.sparse.summaries."""
+    bits = (signs[..., None] >> torch.arange(8, dtype=torch.uint8, device=signs.device)) & 1
     return bits.reshape(*signs.shape[:-1], -1)[..., :head_dim].bool()

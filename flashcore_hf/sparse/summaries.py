@@ -5,7 +5,7 @@ For a page with keys k_1..k_n (one kv head), max_d and min_d over the page's val
 q.k_i <= sum_d max(q_d * min_d, q_d * max_d) for every i (Quest). Splitting q into its positive and negative parts
 turns the bound into one dot product: sum_d relu(q_d) * max_d + min(q_d, 0) * min_d = [relu(q), min(q, 0)] . [max, min].
 The sign bits (bit d of key i: k_i,d > 0) refine this per key: k_i is estimated by max_d where it is positive and
-min_d elsewhere (flashcore_hf/sparse/selection.py `sign_page_scores`).
+min_d elsewhere (scored by the select_pages kernels, flashcore_hf/ops).
 """
 from __future__ import annotations
 
