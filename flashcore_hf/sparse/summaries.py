@@ -111,7 +111,9 @@ class PageKeySummaries:
             self._buffers[role] = self._new_buffer(role, device, row_bytes)
         buffer = self._buffers.get(role)
         if buffer is not None:
-            if buffer.nbytes < num_pages * row_bytes:
+            if current is None:   # this cache's first rows: an arena's buffer may hold an earlier cache's memory
+                buffer.fit(num_pages * row_bytes)
+            elif buffer.nbytes < num_pages * row_bytes:
                 buffer.grow(num_pages * row_bytes)
             return buffer.view(dtype, shape)
         grown = torch.zeros(shape, dtype=dtype, device=device)
