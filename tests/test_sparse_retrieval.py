@@ -104,11 +104,12 @@ def test_budget_covering_the_context_is_exactly_dense(model, prompts):
 
 
 @torch.no_grad()
-def test_generate_uses_the_policy_explicit_cache_and_default_options(model, prompts):
+@pytest.mark.parametrize("policy", ["topk", "topk_signs"])
+def test_generate_uses_the_policy_explicit_cache_and_default_options(model, prompts, policy):
     """generate() decodes through the sparse policy both with an explicit PagedKVCache(..., sparse=...) and with
     the automatic cache configured by set_default_cache_options(sparse=...); both agree with the manual decode."""
     tokens, answers = prompts
-    config = sparse_config("topk", 8)
+    config = sparse_config(policy, 8)
     prompt = tokens[:8, :answers[0]]                                 # records + SEP + the first key
     manual = answer_logits(model, tokens[:8], answers[:1], config)[:, 0].argmax(-1)
 

@@ -294,22 +294,25 @@ def test_selection_compiles_fullgraph_without_host_sync(generator):
 
 @pytest.mark.parametrize("query_len", [1, 3])
 def test_budget_covering_context_equals_dense(generator, query_len):
-    """Selecting every page (budget >= pages) through the per-head path gives the dense attention."""
+    """Selecting every page (budget >= pages) through the per-head path gives the dense attention, whatever scores
+    the pages (bounds or key signs)."""
     page_size, hkv, group, d = 4, 2, 2, 16
     lengths = [37, 5, 22]
     k_cache, v_cache, layout = _dense_layout(lengths, page_size, hkv, d, generator)
     max_pages = 10
-    summaries = PageKeySummaries()
+    summaries = PageKeySummaries(keep_signs=True)
     summaries.refresh(k_cache, *refresh_slots(layout.cols, layout.token_counts, page_size))
     q = torch.randn(len(lengths) * query_len, hkv * group, d, generator=generator)
     q_indptr = torch.arange(0, (len(lengths) + 1) * query_len, query_len, dtype=torch.int32)
-    cfg = SparseConfig(policy="topk", token_budget=max_pages * page_size, sink_tokens=0, recent_tokens=0)
-    step = StepSelection(cfg, layout, max_pages, query_len, page_size)
-    sparse = step.layout_for(q, summaries)
-    assert sparse.row_offsets.numel() == len(lengths) * hkv + 1
     dense = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr)
-    out = fc.paged_attention(q, k_cache, v_cache, sparse, q_indptr, max_pages_per_seq=step.max_pages_per_row)
-    torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-6)
+    for scoring in ("bounds", "signs"):
+        cfg = SparseConfig(policy="topk", token_budget=max_pages * page_size, sink_tokens=0, recent_tokens=0,
+                           scoring=scoring)
+        step = StepSelection(cfg, layout, max_pages, query_len, page_size)
+        sparse = step.layout_for(q, summaries)
+        assert sparse.row_offsets.numel() == len(lengths) * hkv + 1
+        out = fc.paged_attention(q, k_cache, v_cache, sparse, q_indptr, max_pages_per_seq=step.max_pages_per_row)
+        torch.testing.assert_close(out, dense, atol=1e-6, rtol=1e-6)
     stream = StepSelection(SparseConfig(policy="streaming", token_budget=max_pages * page_size, sink_tokens=0,
                                         recent_tokens=0),
                            layout, max_pages, query_len, page_size).layout_for(q, None)
