@@ -126,8 +126,8 @@ def pack_signs(keys: torch.Tensor) -> torch.Tensor:
     bits = keys > 0
     if d % 8:
         bits = torch.nn.functional.pad(bits, (0, 8 - d % 8))
-    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.int32, device=keys.device)
-    return (bits.view(*bits.shape[:-1], -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.int32, device=keys.device)    # made on the device: capturable
+    return (bits.view(*bits.shape[:-1], -1, 8).to(torch.int32) << shifts).sum(-1).to(torch.uint8)
 
 
 def unpack_signs(signs: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -145,7 +145,8 @@ def write_token_signs(signs: torch.Tensor, k_pool: torch.Tensor, slot_mapping: t
     num_pages, page_size, hkv, d = k_pool.shape
     slots = slot_mapping.long()
     valid = slots >= 0
-    first = slots[valid.to(torch.int32).argmax()].clamp(min=0)
+    # The first written slot, as a [1] tensor (a 0-dim index would read the device value back: a sync).
+    first = slots.index_select(0, valid.to(torch.int32).argmax().reshape(1)).clamp(min=0)
     target = torch.where(valid, slots, first)                                             # [B]
     bits = pack_signs(k_pool.view(num_pages * page_size, hkv, d)[target])                # [B, Hkv, bytes]
     heads = torch.arange(hkv, device=slots.device)
