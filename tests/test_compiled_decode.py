@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import flashcore_hf as fc
@@ -119,10 +120,18 @@ def test_one_graph_across_page_buckets_caches_and_layers(generator):
         assert compiled.compiles == expected, (batch, compiled.compiles)
 
 
-@pytest.mark.parametrize("case", ["window", "cascade", "sparse", "padding"])
-def test_windows_beams_sparse_and_padding(case, generator):
-    """The attention op runs whatever the step's plan holds: sliding-window layouts (Mistral), a cascade over pages
-    that beams / samples share, sparse page selection (the LayerSelector runs inside the op), left padding."""
+SPARSE_CASES = {
+    "sparse": dict(policy="topk"),
+    "sparse_signs": dict(policy="topk", scoring="signs"),
+    "sparse_rerank": dict(policy="topk", rerank=2),
+    "streaming": dict(policy="streaming"),
+}
+
+
+def case_step(case: str, generator):
+    """(model, Step) of a decode step whose plan holds `case`: "plain"; "window" (sliding-window layouts, Mistral);
+    "cascade" (pages that beams / samples share); a SPARSE_CASES policy (the LayerSelector runs inside the op);
+    "padding" (left padding)."""
     if case == "window":
         torch.manual_seed(0)
         config = MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -131,9 +140,9 @@ def test_windows_beams_sparse_and_padding(case, generator):
     else:
         model = tiny_llama()
     options = {}
-    if case == "sparse":
-        options["sparse"] = fc.SparseConfig(policy="topk", token_budget=8, sink_tokens=2, recent_tokens=2,
-                                            dense_layers=1)
+    if case in SPARSE_CASES:
+        options["sparse"] = fc.SparseConfig(token_budget=8, sink_tokens=2, recent_tokens=2, dense_layers=1,
+                                            **SPARSE_CASES[case])
     ids = torch.randint(1, 96, (1 if case == "cascade" else 3, 23), generator=generator)
     mask = None
     if case == "padding":
@@ -145,18 +154,51 @@ def test_windows_beams_sparse_and_padding(case, generator):
         model(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
     if case == "cascade":
         cache.batch_repeat_interleave(4)          # four rows on the prompt's pages, as beams or samples
-    batch = cache.batch_size
-    step = Step(cache, torch.randint(1, 96, (batch, 1), generator=generator))
+    step = Step(cache, torch.randint(1, 96, (cache.batch_size, 1), generator=generator))
     if case == "cascade":
         assert step.plan.cascade_key is not None
     if case == "window":
         assert "window" in step.plan.max_pages
-    if case == "sparse":
-        assert step.plan.sparse is not None
+    if case in SPARSE_CASES:
+        assert step.plan.sparse is not None and step.plan.sparse.select
+    return model, step
+
+
+@pytest.mark.parametrize("case", ["window", "cascade", "sparse", "sparse_signs", "padding"])
+def test_windows_beams_sparse_and_padding(case, generator):
+    """The attention op runs whatever the step's plan holds: sliding-window layouts (Mistral), a cascade over pages
+    that beams / samples share, sparse page selection (the LayerSelector runs inside the op), left padding."""
+    model, step = case_step(case, generator)
     compiled = CompiledDecodeStep(model.forward, backend="aot_eager")
     eager, out = eager_and_compiled(model, step, compiled)
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
     assert compiled.compiles == 1
+
+
+class _HostDataLog(TorchDispatchMode):
+    """The aten ops inside the mode that read a device value back (a sync) or bring host data in (an H2D copy):
+    a CUDA graph capture refuses both."""
+
+    OPS = {"_local_scalar_dense", "item", "lift_fresh", "lift_fresh_copy"}
+
+    def __init__(self):
+        super().__init__()
+        self.hits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.OPS:
+            self.hits.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", ["plain", "window", "cascade", *SPARSE_CASES, "padding"])
+def test_captured_step_needs_no_host_data(case, generator):
+    """The forward a graph captures (the eager fixed-buffer step) reads no device value back and brings no host data
+    in, whatever its plan holds: on the CPU, the check that a capture on the GPU would not be refused."""
+    model, step = case_step(case, generator)
+    with torch.no_grad(), _HostDataLog() as log:
+        model(**step.begin())
+    assert log.hits == []
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "gpt_oss", "phi3", "qwen3"])
