@@ -73,3 +73,10 @@ def reference_sign_scores(q, k_pool, bounds, table, query_len, head_reduction="m
                 scores[b, h, j] = per_head.max() if head_reduction == "max" else per_head.sum()
     bias = table.bias.double()[:, None].expand_as(scores)
     return torch.where(torch.isinf(bias), bias, scores + bias)
+
+
+def unpack_signs(signs, head_dim):
+    """Bits [..., head_dim] (bool) of sign bytes [..., ceil(D / 8)] (bit b of byte c: channel 8 c + b), written
+    independently of flashcore_hf.sparse.summaries."""
+    bits = (signs[..., None] >> torch.arange(8, dtype=torch.uint8, device=signs.device)) & 1
+    return bits.reshape(*signs.shape[:-1], -1)[..., :head_dim].bool()

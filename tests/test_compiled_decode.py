@@ -15,7 +15,6 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import flashcore_hf as fc
@@ -23,6 +22,7 @@ from flashcore_hf import CACHE_KWARG
 from flashcore_hf.hf import compiled_decode
 from flashcore_hf.hf.compiled_decode import CompiledDecodeStep, FixedStepCache, active_step, tracing_fixed_step
 from flashcore_hf.hf.decode_graphs import DecodeGraphRunner, _FixedStep
+from tests.capture_checks import HostDataLog
 
 CPU = torch.device("cpu")
 
@@ -175,28 +175,12 @@ def test_windows_beams_sparse_and_padding(case, generator):
     assert compiled.compiles == 1
 
 
-class _HostDataLog(TorchDispatchMode):
-    """The aten ops inside the mode that read a device value back (a sync) or bring host data in (an H2D copy):
-    a CUDA graph capture refuses both."""
-
-    OPS = {"_local_scalar_dense", "item", "lift_fresh", "lift_fresh_copy"}
-
-    def __init__(self):
-        super().__init__()
-        self.hits = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.OPS:
-            self.hits.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("case", ["plain", "window", "cascade", *SPARSE_CASES, "padding"])
 def test_captured_step_needs_no_host_data(case, generator):
     """The forward a graph captures (the eager fixed-buffer step) reads no device value back and brings no host data
     in, whatever its plan holds: on the CPU, the check that a capture on the GPU would not be refused."""
     model, step = case_step(case, generator)
-    with torch.no_grad(), _HostDataLog() as log:
+    with torch.no_grad(), HostDataLog() as log:
         model(**step.begin())
     assert log.hits == []
 

@@ -10,7 +10,7 @@ from flashcore_hf.ops import select_pages, update_page_bounds
 from flashcore_hf.sparse import (PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots,
                                  step_is_sparse, streaming_layout, topk_layout)
 from tests.reference import random_paged_kv, reference_paged_attention
-from tests.sparse_reference import assert_topk_picks, reference_page_scores
+from tests.sparse_reference import assert_topk_picks, reference_page_scores, unpack_signs
 
 
 def _dense_layout(lengths, page_size, hkv, d, generator):
@@ -403,8 +403,6 @@ def test_rerank_finds_the_needle_the_bounds_miss(generator):
 def _check_summaries(cache, layer_idx):
     """Every page of every row holds the min/max of its valid tokens in that layer's pool (and, with scoring
     "signs", their sign bits)."""
-    from flashcore_hf.sparse.summaries import unpack_signs
-
     layer = cache.layers[layer_idx]
     summaries = cache._sparse.summaries[layer_idx]
     bounds = summaries.bounds

@@ -3,14 +3,14 @@ growth), the page scores against a float64 oracle computed from the keys, the pi
 tracing, and that the signs find a needle in pages of many unrelated keys where the bounds alone cannot."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import flashcore_hf as fc
 from flashcore_hf.sparse import PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots
 from flashcore_hf.sparse.selection import pick_pages, sign_page_scores
-from flashcore_hf.sparse.summaries import pack_signs, unpack_signs
+from flashcore_hf.sparse.summaries import pack_signs
+from tests.capture_checks import HostDataLog
 from tests.reference import random_paged_kv
-from tests.sparse_reference import assert_topk_picks, reference_sign_scores
+from tests.sparse_reference import assert_topk_picks, reference_sign_scores, unpack_signs
 
 
 def _paged(lengths, page_size, hkv, d, generator):
@@ -149,23 +149,6 @@ def test_signs_selection_compiles_fullgraph_without_host_sync(generator):
         assert torch.equal(got, want)
 
 
-class _OpLog(TorchDispatchMode):
-    """The aten ops run inside the mode."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-HOST_DATA_OPS = {"_local_scalar_dense", "lift_fresh", "lift_fresh_copy", "item"}
-"""Ops that read a device value back (a sync) or bring host data in (an H2D copy): neither is allowed while a CUDA
-graph captures a decode step."""
-
-
 @pytest.mark.parametrize("scoring", ["bounds", "signs"])
 @pytest.mark.parametrize("rerank", [0, 2])
 def test_summary_update_and_selection_need_no_host_data(generator, scoring, rerank):
@@ -178,7 +161,7 @@ def test_summary_update_and_selection_need_no_host_data(generator, scoring, rera
     slots = torch.tensor([-1, int(layout.cols[3]) * page_size + 2], dtype=torch.int32)
     cfg = SparseConfig(policy="topk", token_budget=3 * page_size, sink_tokens=1, recent_tokens=1, rerank=rerank,
                        scoring=scoring)
-    with _OpLog() as log:
+    with HostDataLog() as log:
         summaries.update_decode(k_cache, slots)
         StepSelection(cfg, layout, 16, 1, page_size).layout_for(q, summaries, k_cache)
-    assert not HOST_DATA_OPS & set(log.ops), sorted(HOST_DATA_OPS & set(log.ops))
+    assert log.hits == []

@@ -18,13 +18,8 @@ from transformers import LlamaConfig
 
 from flashcore_hf.cache import PagedKVCache
 from flashcore_hf.sparse import SparseConfig
+from tests.sparse_reference import unpack_signs
 LAYERS, HKV, D = 2, 2, 12
-
-
-def unpack_signs(signs, head_dim):
-    """Bits [..., head_dim] of sign bytes [..., ceil(D / 8)] (bit b of byte c: channel 8 c + b)."""
-    bits = (signs[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
-    return bits.reshape(*signs.shape[:-1], -1)[..., :head_dim].bool()
 
 
 class SparseSummariesMachine(RuleBasedStateMachine):

@@ -470,7 +470,7 @@ class PagedKVCache(Cache):
                 on_device[dev] = (src.to(dev), dst.to(dev))
             layer.pools.copy_pages(*on_device[dev])
             if self._sparse is not None:
-                self._sparse.copy_page_bounds(layer_idx, layer.k_pool, *on_device[dev])
+                self._sparse.copy_page_summaries(layer_idx, layer.k_pool, *on_device[dev])
 
     # ---- batch-level operations (between steps) ---------------------------------------------------------------
 

@@ -9,7 +9,7 @@
 - Per layer (`layer_selector`, after the layer's K/V were appended): bring the layer's summaries of the written
   pages up to date (every step, prefill included, so decode always scores fresh bounds), then give attention a
   `LayerSelector` (the pages this layer reads) on sparse steps of sparse layers, None otherwise.
-- Copy-on-write page copies (`copy_page_bounds`) carry the copied pages' bounds along.
+- Copy-on-write page copies (`copy_page_summaries`) carry the copied pages' summaries along.
 """
 from __future__ import annotations
 
@@ -142,7 +142,8 @@ class SparseCachePlanner:
         """The page key summaries of every layer (what a captured step reads and writes besides the pools)."""
         return [t for s in self.summaries.values() for t in (s.bounds, s.signs) if t is not None]
 
-    def copy_page_bounds(self, layer_idx: int, k_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    def copy_page_summaries(self, layer_idx: int, k_pool: torch.Tensor, src: torch.Tensor,
+                            dst: torch.Tensor) -> None:
         """Copy-on-write of pages src -> dst (int64, on the device of the layer's key pool k_pool): their summary
         rows too."""
         summaries = self.summaries.get(layer_idx)

@@ -73,14 +73,10 @@ def streaming_layout(table: PaddedPageTable, budget_pages: int) -> PageLayout:
 
     The sink pages carry bias +inf; the rest is filled from the newest page backwards. Rows: [B * budget_pages].
     """
-    batch, max_pages = table.pages.shape
-    k = min(budget_pages, max_pages)
     # Page index as the score: later pages win; the bias puts sinks first and padding last.
-    recency = torch.arange(max_pages, device=table.bias.device, dtype=torch.float32)
-    picked = torch.topk(table.bias + recency, k, dim=1, sorted=False).indices.sort(dim=1).values
-    pages, counts = table.pages.gather(1, picked), table.counts.gather(1, picked)
-    row_offsets, staging_ids = fixed_layout_parts(batch, k, pages.device)
-    return PageLayout(row_offsets, pages.reshape(-1), counts.reshape(-1), staging_ids)
+    recency = torch.arange(table.max_pages, device=table.bias.device, dtype=torch.float32)
+    cols, counts = pick_pages(recency.expand(table.pages.shape[0], 1, -1), table, budget_pages)
+    return rows_layout(cols, counts)
 
 
 def topk_layout(q: torch.Tensor, bounds: torch.Tensor, table: PaddedPageTable, budget_pages: int,
@@ -92,9 +88,7 @@ def topk_layout(q: torch.Tensor, bounds: torch.Tensor, table: PaddedPageTable, b
     parts (row offsets, staging ids; `fixed_layout_parts`) when the caller keeps them across layers."""
     k = min(budget_pages, table.max_pages)
     cols, counts = select_pages(q, bounds, table.pages, table.counts, table.bias, k, query_len, head_reduction)
-    row_offsets, staging_ids = fixed if fixed is not None else fixed_layout_parts(
-        cols.shape[0] * cols.shape[1], k, cols.device)
-    return PageLayout(row_offsets, cols.reshape(-1), counts.reshape(-1), staging_ids)
+    return rows_layout(cols, counts, fixed)
 
 
 _SIGN_SCORE_CHUNK_ELEMENTS = 1 << 24
@@ -133,9 +127,10 @@ def sign_page_scores(q: torch.Tensor, bounds: torch.Tensor, signs: torch.Tensor,
 
 
 def pick_pages(scores: torch.Tensor, table: PaddedPageTable, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best page entries per (sequence, kv head) by scores [B, Hkv, M], table.bias applied (sinks and recent
-    pages first, padding last), in key order: (cols, counts) [B, Hkv, k] int32 (padding entries count 0)."""
-    hkv = scores.shape[1]
+    """The min(k, M) best page entries per (sequence, row) by scores [B, R, M] (R: kv heads, or 1), table.bias
+    applied (sinks and recent pages first, padding last), in key order: (cols, counts) [B, R, min(k, M)] int32
+    (padding entries count 0)."""
+    hkv, k = scores.shape[1], min(k, table.max_pages)
     bias = table.bias[:, None, :]
     ranked = torch.where(bias == 0, scores, bias)                  # +-inf bias wins whatever the score
     picked = torch.topk(ranked, k, dim=-1, sorted=False).indices.sort(dim=-1).values
@@ -164,9 +159,7 @@ def rerank_layout(q: torch.Tensor, k_pool: torch.Tensor, table: PaddedPageTable,
     forced = (cols[..., None] == forced_pages[:, None, None, :]).any(dim=-1)
     scores = torch.where(forced & (counts > 0), math.inf, torch.where(counts > 0, scores, -math.inf))
     picked = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values      # key order
-    cols, counts = cols.gather(-1, picked), counts.gather(-1, picked)
-    row_offsets, staging_ids = fixed if fixed is not None else fixed_layout_parts(batch * hkv, k, device)
-    return PageLayout(row_offsets, cols.reshape(-1), counts.reshape(-1), staging_ids)
+    return rows_layout(cols.gather(-1, picked), counts.gather(-1, picked), fixed)
 
 
 def forced_page_ids(layout: PageLayout, table: PaddedPageTable, sink_pages: int, recent_pages: int) -> torch.Tensor:
@@ -180,6 +173,15 @@ def forced_page_ids(layout: PageLayout, table: PaddedPageTable, sink_pages: int,
     valid = (j >= 0) & (j < num_pages)
     ids = table.pages.gather(1, j.clamp(0, table.max_pages - 1))
     return torch.where(valid, ids, -1)
+
+
+def rows_layout(cols: torch.Tensor, counts: torch.Tensor,
+                fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> PageLayout:
+    """The PageLayout whose row i lists cols / counts [..., k] flattened to [rows, k] (row b * Hkv + h for per-head
+    picks [B, Hkv, k]). fixed: its data-independent parts (`fixed_layout_parts`) when the caller keeps them."""
+    k = cols.shape[-1]
+    row_offsets, staging_ids = fixed if fixed is not None else fixed_layout_parts(cols.numel() // k, k, cols.device)
+    return PageLayout(row_offsets, cols.reshape(-1), counts.reshape(-1), staging_ids)
 
 
 def fixed_layout_parts(rows: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,7 +239,7 @@ class StepSelection:
             cols, counts = select_pages(q, summaries.bounds, self.table.pages, self.table.counts, self.table.bias, k,
                                         self.query_len, self.config.head_reduction)
         if not rerank:
-            return PageLayout(fixed[0], cols.reshape(-1), counts.reshape(-1), fixed[1])
+            return rows_layout(cols, counts, fixed)
         if self._forced is None:
             self._forced = forced_page_ids(self._layout, self.table, *self._forced_counts)
         return rerank_layout(q, k_pool, self.table, self._forced, cols, counts, self.budget_pages, fixed)
