@@ -29,3 +29,7 @@ if int(os.environ.get("RANK", "0")) == 0:
         heads = cache.layers[0].pools.num_kv_heads            # the rank's local kv heads
     print(json.dumps({"tokens": out.sequences[:, ids.shape[1]:].tolist(), "cache": type(cache).__name__,
                       "local_kv_heads": heads}))
+# Tear the process group down before exit: gloo's threads still running at interpreter exit abort the process
+# ("terminate called without an active exception") now and then.
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
