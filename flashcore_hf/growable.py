@@ -53,6 +53,14 @@ class GrowableBuffer:
         """Map memory until at least nbytes are usable; bytes already mapped stay where they are."""
         self._impl.grow(int(nbytes))
 
+    def fit(self, nbytes: int) -> None:
+        """Map at least nbytes for a new user of the buffer (a pool arena's next tenant). What is mapped already is
+        kept (unmapping and mapping the same memory again costs driver calls at every generate()), unless it is more
+        than twice nbytes: an earlier, larger user's memory, released first so a smaller user does not hold it."""
+        if self.nbytes > 2 * nbytes:
+            self.release_memory()
+        self.grow(nbytes)
+
     def release_memory(self) -> None:
         """Unmap every byte (memory back to the device); the addresses stay reserved, and `grow` maps memory at
         the same addresses again. Tensors viewed before must not be used until then. On CUDA it first waits for the

@@ -436,3 +436,41 @@ def test_right_padding_and_holes_match_masked_attention(page_size):
         assert cache.get_seq_length() == mask.shape[1]
     cache.crop(-2)                                 # the last two columns: row 1 loses one real token, rows 0/2 two
     assert cache.sequence_lengths() == mask[:, :-2].sum(dim=1).tolist()
+
+
+def test_pool_arena_next_tenant_reuses_the_mapped_memory(monkeypatch):
+    """A pool arena's next cache maps nothing again when it needs about as much as the previous one (same addresses,
+    nothing released), reads back exactly what it stored over the old contents, and a much smaller cache gets the
+    old memory released first (it never holds more than twice what it needs)."""
+    from flashcore_hf.cache.pools import PoolArena
+
+    releases = []
+    release = GrowableBuffer.release_memory
+    monkeypatch.setattr(GrowableBuffer, "release_memory", lambda self: (releases.append(self), release(self))[1])
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    arena = PoolArena()
+    generator = torch.Generator().manual_seed(0)
+
+    def prefill(tokens):
+        cache = PagedKVCache(config, page_size=4, pool_arena=arena)
+        keys = [torch.randn(1, 2, tokens, 8, generator=generator) for _ in range(2)]
+        for layer, k in enumerate(keys):
+            cache.update(k, k + 1, layer)
+        for layer, k in enumerate(keys):   # every stored key reads back, whatever the memory held before
+            pages = torch.tensor(cache.page_table(0))
+            stored = cache.layers[layer].k_pool[pages].reshape(-1, 2, 8)[:tokens]
+            assert torch.equal(stored, k[0].transpose(0, 1))
+        return cache
+
+    first = prefill(4096)
+    mapped = {key: buf.nbytes for key, buf in arena._buffers.items()}
+    address = first.layers[0].k_pool.data_ptr()
+    del first
+    second = prefill(4000)
+    assert releases == [] and {key: buf.nbytes for key, buf in arena._buffers.items()} == mapped
+    assert second.layers[0].k_pool.data_ptr() == address
+    del second
+    third = prefill(64)
+    assert len(releases) == 4                                            # k and v of both layers
+    need = 16 * third.layers[0].pools.page_bytes                        # 64 tokens: 16 pages
+    assert all(buf.nbytes <= 2 * need for buf in arena._buffers.values()) and min(mapped.values()) > 2 * need

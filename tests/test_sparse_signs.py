@@ -1,12 +1,13 @@
 """CPU tests of "topk" with scoring="signs": the key sign bits (packing, refresh, decode updates, copy-on-write,
-growth), the page scores against a float64 oracle computed from the keys, the picks, fixed shapes / fullgraph
-tracing, and that the signs find a needle in pages of many unrelated keys where the bounds alone cannot."""
+growth), the select_pages op's picks with signs against a float64 oracle computed from the keys, argument checks,
+fixed shapes / fullgraph tracing, and that the signs find a needle in pages of many unrelated keys where the bounds
+alone cannot."""
 import pytest
 import torch
 
 import flashcore_hf as fc
 from flashcore_hf.sparse import PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots
-from flashcore_hf.sparse.selection import pick_pages, sign_page_scores
+from flashcore_hf.ops import select_pages
 from flashcore_hf.sparse.summaries import pack_signs
 from tests.capture_checks import HostDataLog
 from tests.reference import random_paged_kv
@@ -73,26 +74,31 @@ def test_signs_follow_refresh_decode_updates_copies_and_growth(generator, dtype)
     _assert_signs_of_valid_keys(incremental.signs, grown, [3, 1, 6], [page_size, page_size, 1])
 
 
-@pytest.mark.parametrize("query_len, reduction", [(1, "max"), (1, "sum"), (3, "max"), (2, "sum")])
-def test_sign_scores_match_the_float64_oracle(generator, monkeypatch, query_len, reduction):
-    import flashcore_hf.sparse.selection as selection
-
-    page_size, hkv, group, d = 8, 2, 3, 16
+@pytest.mark.parametrize("query_len, reduction, q_dtype", [(1, "max", torch.float32), (1, "sum", torch.float32),
+                                                     (3, "max", torch.bfloat16), (2, "sum", torch.float16)])
+def test_select_pages_with_signs_is_a_top_k_of_the_oracle(generator, query_len, reduction, q_dtype):
+    """The select_pages op with signs picks a top-k of the float64 oracle's scores (computed from the keys, not
+    their bits), sinks / recent pages forced, padding last, in key order; odd head dim and partial pages."""
+    page_size, hkv, group, d = 8, 2, 3, 20
     k_cache, layout, summaries = _paged([203, 150, 9], page_size, hkv, d, generator)
     table = padded_page_table(layout, 32, 1, 2)
-    q = torch.randn(3 * query_len, hkv * group, d, generator=generator)
+    q = torch.randn(3 * query_len, hkv * group, d, generator=generator).to(q_dtype)
     want = reference_sign_scores(q, k_cache, summaries.bounds, table, query_len, reduction)
-    got = sign_page_scores(q, summaries.bounds, summaries.signs, table, query_len, reduction)
-    assert got.shape == (3, hkv, 32)
-    real = (table.counts > 0)[:, None].expand_as(got) & (table.bias == 0)[:, None]
-    torch.testing.assert_close(got[real].double(), want[real], rtol=1e-5, atol=1e-4)
-    assert torch.all(got[~(table.counts > 0)[:, None].expand_as(got)] == -torch.inf)
-    monkeypatch.setattr(selection, "_SIGN_SCORE_CHUNK_ELEMENTS", 1)                # one page per chunk
-    chunked = sign_page_scores(q, summaries.bounds, summaries.signs, table, query_len, reduction)
-    torch.testing.assert_close(chunked, got, rtol=1e-6, atol=1e-5)
-    budget = 6
-    cols, counts = pick_pages(got, table, budget)
-    assert_topk_picks(cols, counts, want, table, budget, atol=1e-4)
+    for budget in (1, 6, 32):
+        cols, counts = select_pages(q, summaries.bounds, table.pages, table.counts, table.bias, budget, query_len,
+                                    reduction, summaries.signs)
+        assert_topk_picks(cols, counts, want, table, budget, atol=1e-4)
+
+
+def test_select_pages_rejects_bad_signs(generator):
+    _, layout, summaries = _paged([40], 8, 2, 16, generator)
+    table = padded_page_table(layout, 5, 1, 1)
+    q = torch.randn(1, 4, 16, generator=generator)
+    args = (q, summaries.bounds, table.pages, table.counts, table.bias, 2)
+    with pytest.raises(RuntimeError, match="signs must be"):
+        select_pages(*args, signs=summaries.signs[..., :1].contiguous())              # 1 byte for 16 channels
+    with pytest.raises(RuntimeError, match="uint8"):
+        select_pages(*args, signs=summaries.signs.to(torch.int32))
 
 
 def test_selection_with_signs_and_rerank_keeps_forced_pages_in_key_order(generator):
@@ -133,9 +139,9 @@ def test_signs_find_the_needle_the_bounds_miss(generator):
     assert found["signs"] == trials and found["bounds"] < trials, found
 
 
-def _signs_selection(layout, q, summaries_bounds, summaries_signs, max_pages, budget):
+def _signs_selection(layout, q, bounds, signs, max_pages, budget):
     table = padded_page_table(layout, max_pages, 1, 1)
-    return pick_pages(sign_page_scores(q, summaries_bounds, summaries_signs, table), table, budget)
+    return select_pages(q, bounds, table.pages, table.counts, table.bias, budget, signs=signs)
 
 
 def test_signs_selection_compiles_fullgraph_without_host_sync(generator):

@@ -87,9 +87,10 @@ void append_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> select_pages_cuda(const at::Tensor& q, const at::Tensor& bounds,
                                                      const at::Tensor& table_pages, const at::Tensor& table_counts,
                                                      const at::Tensor& table_bias, int64_t budget, int64_t query_len,
-                                                     const std::string& head_reduction) {
+                                                     const std::string& head_reduction,
+                                                     const std::optional<at::Tensor>& signs) {
   SelectPagesParams p = make_select_pages_params(q, bounds, table_pages, table_counts, table_bias, budget,
-                                                 query_len, head_reduction);
+                                                 query_len, head_reduction, signs);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto int_options = table_pages.options();
   at::Tensor cols = at::empty({p.batch, p.num_kv_heads, budget}, int_options);

@@ -1,6 +1,7 @@
 // Argument checks of the sparse selection ops (select_pages, update_page_bounds), shared by the CPU and CUDA
 // implementations: shapes, dtypes and devices for every backend; index values on the host (CPU tensors) only.
 #pragma once
+#include <optional>
 #include <string>
 
 #include "bindings/checks.h"
@@ -17,7 +18,8 @@ inline DType bounds_dtype(const at::Tensor& bounds, const char* op) {
 inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at::Tensor& bounds,
                                                   const at::Tensor& table_pages, const at::Tensor& table_counts,
                                                   const at::Tensor& table_bias, int64_t budget, int64_t query_len,
-                                                  const std::string& head_reduction) {
+                                                  const std::string& head_reduction,
+                                                  const std::optional<at::Tensor>& signs) {
   constexpr const char* op = "select_pages";
   FC_CHECK(q.dim() == 3, op, ": q must be [batch * query_len, num_q_heads, head_dim], got shape ", q.sizes());
   FC_CHECK(q.stride(2) == 1, op, ": q must have a contiguous last dimension");
@@ -55,6 +57,17 @@ inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at:
   check_fits_int32(bounds.size(0), op, "bounds.size(0)");
   check_fits_int32(batch * max_pages, op, "batch * max_pages");
   check_fits_int32(q.size(0), op, "q.size(0)");
+  const int64_t sign_bytes = (q.size(2) + 7) / 8;
+  if (signs.has_value()) {
+    FC_CHECK(signs->dim() == 4 && signs->size(0) == bounds.size(0) && signs->size(1) == hkv &&
+                 signs->size(2) >= 1 && signs->size(3) == sign_bytes, op,
+             ": signs must be [num_pages=", bounds.size(0), ", num_kv_heads=", hkv, ", page_size, ceil(head_dim / 8)=",
+             sign_bytes, "], got shape ", signs->sizes());
+    FC_CHECK(signs->scalar_type() == at::kByte && signs->is_contiguous(), op,
+             ": signs must be a contiguous uint8 tensor, got ", signs->scalar_type());
+    FC_CHECK(signs->device() == q.device(), op, ": signs must be on q's device, got ", signs->device());
+    check_fits_int32(signs->size(2), op, "signs.size(2)");
+  }
   if (table_pages.device().is_cpu()) {
     const int32_t* pages = table_pages.data_ptr<int32_t>();
     for (int64_t i = 0; i < table_pages.numel(); ++i) {
@@ -81,6 +94,11 @@ inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at:
   p.head_reduce_sum = head_reduction == "sum";
   p.q_dtype = q_dtype;
   p.bounds_dtype = b_dtype;
+  if (signs.has_value()) {
+    p.signs = signs->data_ptr<uint8_t>();
+    p.page_size = static_cast<int32_t>(signs->size(2));
+    p.sign_bytes = static_cast<int32_t>(sign_bytes);
+  }
   return p;
 }
 

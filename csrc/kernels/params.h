@@ -120,8 +120,9 @@ struct BuildLayoutParams {
   int32_t num_pages = 0;
 };
 
-// Sparse "topk" page selection (Quest) for one decode step of one layer: score every page of every (sequence, kv
-// head) by an upper bound of q.k over the page, then keep the `budget` best.
+// Sparse "topk" page selection for one decode step of one layer: score every page of every (sequence, kv head),
+// by an upper bound of q.k over the page (Quest) or, with key signs, by its best key's estimate; then keep the
+// `budget` best.
 //
 //   q            [batch * query_len, num_q_heads, head_dim]  strides q_stride_token / q_stride_head, last dim contiguous
 //   bounds       [num_bound_rows, num_kv_heads, 2 * head_dim] contiguous, bounds_dtype (float32 or bfloat16): row
@@ -131,8 +132,13 @@ struct BuildLayoutParams {
 //   table_bias   [batch, max_pages] float32 +inf: always keep (sinks, recent pages); -inf: never (past the end)
 //   scores       [batch * num_kv_heads, max_pages] float32 workspace (the score pass writes, the select pass reads)
 //   out_cols, out_counts [batch, num_kv_heads, budget] int32
+//   signs        [num_bound_rows, num_kv_heads, page_size, sign_bytes = ceil(head_dim / 8)] uint8 or null: bit b
+//                of byte c of [page, h, t] is (key t of the page, kv head h, channel 8 c + b) > 0
 // score(b, h, j) = bias + reduce over the query_len * (Hq / Hkv) query heads g of kv head h of
-//   sum_d relu(q_g[d]) * max[d] + min(q_g[d], 0) * min[d], with reduce = max (head_reduce_sum false) or sum.
+//   without signs: sum_d relu(q_g[d]) * max[d] + min(q_g[d], 0) * min[d];
+//   with signs: the largest over the page's first min(table_counts, page_size) keys t of
+//               sum_d q_g[d] * (bit(t, d) ? max[d] : min[d])  (-inf for an entry with no key);
+// with reduce = max (head_reduce_sum false) or sum.
 // A page id outside [0, num_bound_rows) scores -inf. Row (b, h) of the outputs lists the `budget` entries with
 // the largest scores (ties: the lower j first) in increasing j (key order); budget <= max_pages.
 struct SelectPagesParams {
@@ -157,6 +163,9 @@ struct SelectPagesParams {
   bool head_reduce_sum = false;
   DType q_dtype = DType::kBFloat16;
   DType bounds_dtype = DType::kBFloat16;
+  const uint8_t* signs = nullptr;
+  int32_t page_size = 0;   // signs' tokens per page (0 without signs)
+  int32_t sign_bytes = 0;  // ceil(head_dim / 8)
 };
 
 // Decode-step update of the page key bounds (layout as in SelectPagesParams) after append_kv wrote one new token

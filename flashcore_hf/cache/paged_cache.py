@@ -184,6 +184,7 @@ class PagedKVCache(Cache):
         self._padded_len = 0                           # columns seen so far, padding included (same for every row)
         self._step: StepPlan | None = None
         self._pending: PagedKVHandle | None = None     # handed out by update(), not written yet
+        self._next_decode: tuple[StepPlan, torch.device] | None = None   # prepare_next_decode_step's plan
         windowed = bool(getattr(text_config, "sliding_window", None)) and getattr(
             text_config, "use_sliding_window", True) is not False
         self.window: int | None = int(text_config.sliding_window) if windowed else None
@@ -224,8 +225,13 @@ class PagedKVCache(Cache):
 
     def flush(self) -> None:
         """Write what update() handed out and nobody resolved yet, as tokens without padding (a direct caller of
-        update; inside a model the attention function resolves it with the mask first). Every other operation of
-        the cache calls this first, so the cache never looks as if those tokens were missing."""
+        update; inside a model the attention function resolves it with the mask first), and undo a decode step
+        planned ahead that did not come (prepare_next_decode_step). Every other operation of the cache calls this
+        first, so the cache never looks as if those tokens were missing or the planned ones were there."""
+        self._cancel_next_decode()
+        self._write_pending()
+
+    def _write_pending(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.resolve(None)
@@ -583,10 +589,41 @@ class PagedKVCache(Cache):
 
     def plan_decode_step(self, device: torch.device) -> StepPlan:
         """Host half of a decode step (one new, real token per row): page allocation and the step's layouts, with no
-        device work. A CUDA-graph replay loads it into its fixed buffers (`fixed_decode_shape`). Raises
-        OutOfPagesError like a forward step."""
+        device work (copy-on-write page copies aside). A CUDA-graph replay loads it into its fixed buffers
+        (`fixed_decode_shape`). The plan `prepare_next_decode_step` made, when nothing changed the cache since.
+        Raises OutOfPagesError like a forward step."""
+        ahead, self._next_decode = self._next_decode, None
+        if ahead is not None and ahead[1] == device and self._pending is None:
+            return ahead[0]
+        self._next_decode = ahead
         self.flush()
         return self._begin_step(len(self._rows), 1, None, device)
+
+    def prepare_next_decode_step(self, device: torch.device) -> None:
+        """Plan the next decode step now: a CUDA-graph runner calls this right after launching a replay, so the
+        host work of the next step (page allocation, layouts) overlaps the GPU's work on this one instead of
+        preceding the next launch. `plan_decode_step` returns that plan; any other operation first undoes it
+        (`flush`), except get_seq_length / get_mask_sizes, which read lengths the plan does not change. Never
+        raises: when the next step cannot be planned now (out of pages), it is planned, and raises, when it
+        comes."""
+        if self._next_decode is not None or self._pending is not None or not self._rows:
+            return
+        try:
+            plan = self._begin_step(len(self._rows), 1, None, device)
+        except OutOfPagesError:
+            return
+        self._next_decode = (plan, device)
+
+    def _cancel_next_decode(self) -> None:
+        """Undo a decode step planned ahead that did not come: one token off every row (pages it took return to the
+        free list; a page it copied on write stays the row's own copy, holding the same tokens) and the padded
+        length."""
+        ahead, self._next_decode = self._next_decode, None
+        if ahead is None:
+            return
+        for seq_id in self._rows:
+            self.allocator.truncate(seq_id, self.allocator.length(seq_id) - 1)
+        self._padded_len -= 1
 
     def fixed_decode_shape(self, plan: StepPlan) -> StepShape:
         """The packed metadata of a decode step like `plan` (its batch, page-count buckets and cascade groups) at the
@@ -618,12 +655,14 @@ class PagedKVCache(Cache):
 
     # ---- reporting --------------------------------------------------------------------------------------------
 
+    # generate() asks these every step: they read the layers' lengths, which a step planned ahead does not change,
+    # so they keep that plan.
     def get_seq_length(self, *args, **kwargs) -> int:
-        self.flush()
+        self._write_pending()
         return super().get_seq_length(*args, **kwargs)
 
     def get_mask_sizes(self, *args, **kwargs):
-        self.flush()
+        self._write_pending()
         return super().get_mask_sizes(*args, **kwargs)
 
     def sequence_lengths(self) -> list[int]:

@@ -94,6 +94,8 @@ class LayerPools:
                     f"{self.device} can reserve at most {reserve_pages}", needed=num_pages, available=reserve_pages)
             self._k_buffer = new_buffer("k", self.device, reserve_pages * self.page_bytes)
             self._v_buffer = new_buffer("v", self.device, reserve_pages * self.page_bytes)
+            for buf in (self._k_buffer, self._v_buffer):  # an arena's buffer may hold an earlier tenant's memory
+                buf.fit(num_pages * self.page_bytes)
             self.grow(num_pages)
         else:
             shape = (num_pages, self.page_size, self.num_kv_heads, self.head_dim)
@@ -119,9 +121,10 @@ class PoolArena:
     """Page-pool memory of one model, lent to one PagedKVCache at a time and kept when that cache is gone, so the
     next generate() call gets the same addresses and replays the CUDA graphs captured before (no re-capture).
 
-    A new tenant starts with the memory unmapped (the addresses stay reserved) and maps what it needs, so a
-    generate() call never holds the previous call's pages. While a cache the user kept still holds the arena, a new
-    cache gets fresh memory (its graphs are captured for it). `release` frees the address space too.
+    A new tenant reuses the memory the previous one mapped (GrowableBuffer.fit): calls of similar sizes map nothing
+    again, while a buffer holding more than twice what the tenant's first step needs is released first, so a short
+    call after a long one does not keep the long one's memory. While a cache the user kept still holds the arena, a
+    new cache gets fresh memory (its graphs are captured for it). `release` frees the address space too.
     """
 
     def __init__(self):
@@ -130,14 +133,12 @@ class PoolArena:
 
     def lease(self, cache) -> bool:
         """Lend the arena to `cache` unless another live cache holds it (a cache held only by a reference cycle is
-        collected first); the new tenant starts with no memory mapped."""
+        collected first). The previous tenant's pages are the new tenant's memory: never read before written."""
         if self._tenant is not None and self._tenant() is not None:
             gc.collect()
             if self._tenant() is not None:
                 return False
         self._tenant = weakref.ref(cache)
-        for buf in self._buffers.values():
-            buf.release_memory()
         return True
 
     def buffer(self, key: tuple, device: torch.device, reserve_bytes: int) -> GrowableBuffer:

@@ -5,7 +5,8 @@ small kernel launches, not attention or memory. With a PagedKVCache everything a
 a fixed size once the host has planned the step: the page lists, each new token's slot, the token ids and positions.
 So the model forward is captured once per key (batch size, page-count bucket, page pools) into a CUDA graph whose
 inputs are fixed buffers, and every decode step then
-  1. plans on the host (page allocation and page lists: `PagedKVCache.plan_decode_step`),
+  1. plans on the host (page allocation and page lists: `PagedKVCache.plan_decode_step`; planned while the GPU
+     runs the previous step, `PagedKVCache.prepare_next_decode_step`),
   2. copies that plan (one host-to-device copy) and the new token ids into the graph's buffers,
   3. replays the graph.
 Prefill, multi-token steps, beam reordering (host side) and anything unusual run eagerly.
@@ -202,6 +203,7 @@ class DecodeGraphRunner:
             step.position_ids.copy_(position_ids.expand(batch, 1))
         step.graph.replay()
         cache.finish_replayed_step(plan)
+        cache.prepare_next_decode_step(device)         # host work of the next step while the GPU runs this one
         self.stats.replays += 1
         self.stats.compiled_replays += int(step.compiled)
         # A copy: the graph's output buffer is overwritten by the next replay, while generate() may keep logits.

@@ -49,9 +49,9 @@ def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
 
 
 def select_pages(q: torch.Tensor, bounds: torch.Tensor, table_pages: torch.Tensor, table_counts: torch.Tensor,
-                 table_bias: torch.Tensor, budget: int, query_len: int = 1, head_reduction: str = "max"
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quest "topk" page selection of one decode step of one layer: (cols, counts) [B, Hkv, budget] int32.
+                 table_bias: torch.Tensor, budget: int, query_len: int = 1, head_reduction: str = "max",
+                 signs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """"topk" page selection of one decode step of one layer: (cols, counts) [B, Hkv, budget] int32.
 
     q [B * query_len, Hq, D]: the step's packed queries (last dim contiguous).
     bounds [num_pages, Hkv, 2 * D] float32 / bfloat16: row `page` holds the page's element-wise key max
@@ -59,13 +59,16 @@ def select_pages(q: torch.Tensor, bounds: torch.Tensor, table_pages: torch.Tenso
     table_pages / table_counts [B, M] int32, table_bias [B, M] float32: each sequence's pages, their valid tokens,
         and +inf (always keep) / -inf (never: entries past the sequence's end) / 0 (flashcore_hf.sparse.
         PaddedPageTable).
-    Each page of (sequence b, kv head h) scores bias + reduce_g sum_d relu(q_g,d) * max_d + min(q_g,d, 0) * min_d
-    over the query_len * Hq / Hkv query heads g of h (reduce: "max" or "sum"), an upper bound of q_g . k on the page.
+    signs [num_pages, Hkv, P, ceil(D / 8)] uint8 or None: each key's sign bits (PageKeySummaries.signs).
+    Each page of (sequence b, kv head h) scores bias + reduce_g s_g over the query_len * Hq / Hkv query heads g of h
+    (reduce: "max" or "sum"), where s_g is, without signs, sum_d relu(q_g,d) * max_d + min(q_g,d, 0) * min_d (an
+    upper bound of q_g . k on the page, Quest), and with signs the largest over the page's valid keys k (the first
+    min(count, P)) of sum_d q_g,d * (max_d if k_d > 0 else min_d) (each key estimated from its signs).
     Row (b, h) lists the `budget` (1 <= budget <= M) best entries' pages and counts in table order (key order);
     ties go to the lower index. No host sync on CUDA (CUDA-graph safe).
     """
     return _ops.select_pages(q, bounds, table_pages, table_counts, table_bias, int(budget), int(query_len),
-                             head_reduction)
+                             head_reduction, signs)
 
 
 def update_page_bounds(bounds: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -134,7 +137,8 @@ def _merge_attention_states_fake(out_a, lse_a, out_b, lse_b, sinks, a_rows):
 
 
 @torch.library.register_fake("flashcore::select_pages")
-def _select_pages_fake(q, bounds, table_pages, table_counts, table_bias, budget, query_len, head_reduction):
+def _select_pages_fake(q, bounds, table_pages, table_counts, table_bias, budget, query_len, head_reduction,
+                       signs=None):
     shape = (table_pages.shape[0], bounds.shape[1], budget)
     return table_pages.new_empty(shape), table_pages.new_empty(shape)
 

@@ -6,11 +6,11 @@ without a host sync, so it can run inside a captured CUDA graph or torch.compile
 - `padded_page_table`: the dense CSR layout as a [B, max_pages] table (once per step and device), with a bias that
   forces the sink and recent pages in (+inf) and the padding entries of shorter sequences out (-inf).
 - `streaming_layout`: sinks + the most recent pages, one row per sequence (every head and layer reads the same).
-- `topk_layout` / `StepSelection.layout_for` under "topk": one row per (sequence, kv head) (row b * Hkv + h, the
-  per-head layout paged_attention accepts). Scoring "bounds": the `select_pages` op (two compiled kernels per layer:
-  Quest scores per (sequence, kv head), then a radix top-k that writes the picks in key order); scoring "signs":
-  `sign_page_scores` and `pick_pages` (torch ops). With `rerank`, the scores pick rerank x budget candidates and
-  `rerank_layout` keeps the budget by the exact scores of their keys.
+- `topk_layout` / `StepSelection.layout_for` under "topk": the `select_pages` op (two compiled kernels per layer:
+  page scores per (sequence, kv head), from the page bounds or, with scoring "signs", from the keys' sign bits and
+  the bounds; then a radix top-k that writes the picks in key order) gives one row per (sequence, kv head) (row
+  b * Hkv + h, the per-head layout paged_attention accepts). With `rerank`, select_pages picks rerank x budget
+  candidates and `rerank_layout` keeps the budget by the exact scores of their keys.
 - `StepSelection`: the per-step, per-device object the sparse layers of a decode step share.
 
 When a sequence has fewer pages than the budget, the surplus picks are padding entries that get token count 0: empty
@@ -27,7 +27,7 @@ import torch
 from ..layout import PageLayout
 from ..ops import select_pages
 from .config import SparseConfig
-from .summaries import PageKeySummaries, unpack_signs
+from .summaries import PageKeySummaries
 
 
 @dataclass(frozen=True)
@@ -89,41 +89,6 @@ def topk_layout(q: torch.Tensor, bounds: torch.Tensor, table: PaddedPageTable, b
     k = min(budget_pages, table.max_pages)
     cols, counts = select_pages(q, bounds, table.pages, table.counts, table.bias, k, query_len, head_reduction)
     return rows_layout(cols, counts, fixed)
-
-
-_SIGN_SCORE_CHUNK_ELEMENTS = 1 << 24
-"""Elements of the largest temporary `sign_page_scores` makes per chunk of pages (the unpacked bits)."""
-
-
-def sign_page_scores(q: torch.Tensor, bounds: torch.Tensor, signs: torch.Tensor, table: PaddedPageTable,
-                     query_len: int = 1, head_reduction: str = "max") -> torch.Tensor:
-    """Page scores [B, Hkv, M] float32 of scoring "signs": for each entry of table.pages, the largest over the page's
-    valid keys (table.counts) of the estimate sum_d q_d (max_d if k_d > 0 else min_d) = q.min + sum_{d: k_d > 0}
-    q_d (max_d - min_d), per query head of the kv head and query of the step, combined by head_reduction ("max" or
-    "sum"). Entries with no valid key score -inf.
-
-    q [B * query_len, Hq, D]; bounds [num_pages, Hkv, 2 * D] (PageKeySummaries.bounds); signs [num_pages, Hkv, P,
-    ceil(D / 8)] (PageKeySummaries.signs). Fixed shapes, no host sync; pages in chunks of a fixed size (the unpacked
-    bits of a chunk are at most _SIGN_SCORE_CHUNK_ELEMENTS floats)."""
-    batch, max_pages = table.pages.shape
-    hkv, dim, page_size = bounds.shape[1], bounds.shape[2] // 2, signs.shape[2]
-    queries = (q.float().reshape(batch, query_len, hkv, -1, dim).permute(0, 2, 1, 3, 4)
-               .reshape(batch, hkv, -1, dim))                                                  # [B, Hkv, R, D]
-    tokens = torch.arange(page_size, device=q.device)
-    chunk = max(1, _SIGN_SCORE_CHUNK_ELEMENTS // (batch * hkv * dim * (page_size + queries.shape[2])))
-    scores = []
-    for start in range(0, max_pages, chunk):
-        pages = table.pages[:, start:start + chunk].long()                                   # [B, C]
-        page_bounds = bounds[pages].float()                                                  # [B, C, Hkv, 2D]
-        high, low = page_bounds[..., :dim], page_bounds[..., dim:]
-        base = torch.einsum("bhrd,bchd->bhcr", queries, low)                                 # q . min
-        spread = torch.einsum("bhrd,bchd->bhcrd", queries, high - low)                       # q_d (max_d - min_d)
-        bits = unpack_signs(signs[pages], dim).float()                                       # [B, C, Hkv, P, D]
-        estimate = torch.einsum("bchpd,bhcrd->bhcpr", bits, spread)                          # [B, Hkv, C, P, R]
-        valid = tokens[None, None, None, :, None] < table.counts[:, None, start:start + chunk, None, None]
-        best = estimate.masked_fill(~valid, -math.inf).amax(dim=3) + base                   # [B, Hkv, C, R]
-        scores.append(best.amax(dim=-1) if head_reduction == "max" else best.sum(dim=-1))
-    return torch.cat(scores, dim=-1)
 
 
 def pick_pages(scores: torch.Tensor, table: PaddedPageTable, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,13 +196,9 @@ class StepSelection:
                 self.table.pages.shape[0] * hkv, self.max_pages_per_row, self.table.pages.device)
         rerank = self.config.rerank >= 2
         k = min((self.config.rerank if rerank else 1) * self.budget_pages, self.table.max_pages)
-        if self.config.scoring == "signs":
-            scores = sign_page_scores(q, summaries.bounds, summaries.signs, self.table, self.query_len,
-                                      self.config.head_reduction)
-            cols, counts = pick_pages(scores, self.table, k)
-        else:
-            cols, counts = select_pages(q, summaries.bounds, self.table.pages, self.table.counts, self.table.bias, k,
-                                        self.query_len, self.config.head_reduction)
+        signs = summaries.signs if self.config.scoring == "signs" else None
+        cols, counts = select_pages(q, summaries.bounds, self.table.pages, self.table.counts, self.table.bias, k,
+                                    self.query_len, self.config.head_reduction, signs)
         if not rerank:
             return rows_layout(cols, counts, fixed)
         if self._forced is None:

@@ -5,7 +5,7 @@ For a page with keys k_1..k_n (one kv head), max_d and min_d over the page's val
 q.k_i <= sum_d max(q_d * min_d, q_d * max_d) for every i (Quest). Splitting q into its positive and negative parts
 turns the bound into one dot product: sum_d relu(q_d) * max_d + min(q_d, 0) * min_d = [relu(q), min(q, 0)] . [max, min].
 The sign bits (bit d of key i: k_i,d > 0) refine this per key: k_i is estimated by max_d where it is positive and
-min_d elsewhere (flashcore_hf/sparse/selection.py `sign_page_scores`).
+min_d elsewhere (scored by the select_pages kernels, flashcore_hf/ops).
 """
 from __future__ import annotations
 
@@ -111,7 +111,9 @@ class PageKeySummaries:
             self._buffers[role] = self._new_buffer(role, device, row_bytes)
         buffer = self._buffers.get(role)
         if buffer is not None:
-            if buffer.nbytes < num_pages * row_bytes:
+            if current is None:   # this cache's first rows: an arena's buffer may hold an earlier cache's memory
+                buffer.fit(num_pages * row_bytes)
+            elif buffer.nbytes < num_pages * row_bytes:
                 buffer.grow(num_pages * row_bytes)
             return buffer.view(dtype, shape)
         grown = torch.zeros(shape, dtype=dtype, device=device)
@@ -128,13 +130,6 @@ def pack_signs(keys: torch.Tensor) -> torch.Tensor:
         bits = torch.nn.functional.pad(bits, (0, 8 - d % 8))
     shifts = torch.arange(8, dtype=torch.int32, device=keys.device)    # made on the device: capturable
     return (bits.view(*bits.shape[:-1], -1, 8).to(torch.int32) << shifts).sum(-1).to(torch.uint8)
-
-
-def unpack_signs(signs: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Bits of `pack_signs` output [..., ceil(D / 8)] as a bool tensor [..., head_dim]."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=signs.device)
-    bits = (signs[..., None] >> shifts) & 1
-    return bits.reshape(*signs.shape[:-1], -1)[..., :head_dim].bool()
 
 
 def write_token_signs(signs: torch.Tensor, k_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:

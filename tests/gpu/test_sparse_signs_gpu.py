@@ -1,11 +1,12 @@
 """scoring="signs" on the GPU: key sign bits written by refresh and by decode updates (inside a CUDA graph too)
-equal the CPU's, and the page scores match the float64 oracle computed from the keys."""
+equal the CPU's, and the select_pages kernels with signs pick a top-k of the float64 oracle's scores (computed
+from the keys), as the CPU op does, on scattered pages, partial pages, odd sizes and inside a CUDA graph."""
 import pytest
 import torch
 
 import flashcore_hf as fc
 from flashcore_hf.sparse import PageKeySummaries, padded_page_table, refresh_slots
-from flashcore_hf.sparse.selection import pick_pages, sign_page_scores
+from flashcore_hf.ops import select_pages
 from tests.sparse_reference import assert_topk_picks, reference_sign_scores
 
 pytestmark = pytest.mark.gpu
@@ -21,25 +22,64 @@ def _layout(lengths, page_size, num_pages, generator):
     return fc.PageLayout(offsets, cols, counts, torch.full_like(cols, -1))
 
 
-@pytest.mark.parametrize("hkv, group, d, query_len, reduction", [(8, 4, 128, 1, "max"), (2, 7, 64, 3, "sum")])
-def test_sign_scores_cuda_match_the_oracle(generator, hkv, group, d, query_len, reduction):
-    page_size, num_pages, lengths = 16, 700, [4099, 37, 1600]
+CASES = [  # (Hkv, group, D, query_len, reduction, page size, q dtype)
+    (8, 4, 128, 1, "max", 16, torch.bfloat16),
+    (8, 4, 128, 1, "max", 64, torch.bfloat16),
+    (2, 7, 64, 3, "sum", 16, torch.float16),      # 21 query heads per kv head: 6 passes of 4
+    (1, 2, 20, 2, "max", 5, torch.float32),       # head dim 20: a half byte of padding bits
+    (4, 1, 256, 1, "sum", 32, torch.bfloat16),    # 64 KB of nibble tables: the shared-memory opt-in
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"Hkv{c[0]}-G{c[1]}-D{c[2]}-nq{c[3]}-{c[4]}-P{c[5]}")
+def test_select_pages_with_signs_cuda_is_a_top_k_of_the_oracle(generator, case):
+    hkv, group, d, query_len, reduction, page_size, q_dtype = case
+    num_pages, lengths = 700, [page_size * 150 + 3, 37, page_size * 40]
     pool = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(torch.bfloat16)
     layout = _layout(lengths, page_size, num_pages, generator)
-    q = torch.randn(len(lengths) * query_len, hkv * group, d, generator=generator).to(torch.bfloat16)
+    q = torch.randn(len(lengths) * query_len, hkv * group, d, generator=generator).to(q_dtype)
     summaries = PageKeySummaries(keep_signs=True)
     summaries.refresh(pool.cuda(), *(t.cuda() for t in refresh_slots(layout.cols, layout.token_counts, page_size)))
     cpu = PageKeySummaries(keep_signs=True)
     cpu.refresh(pool, *refresh_slots(layout.cols, layout.token_counts, page_size))
     assert torch.equal(summaries.signs.cpu()[layout.cols.long()], cpu.signs[layout.cols.long()])
-    table = padded_page_table(layout, 260, 1, 2)
+    table = padded_page_table(layout, 160, 1, 2)
     gpu_table = type(table)(table.pages.cuda(), table.counts.cuda(), table.bias.cuda())
-    scores = sign_page_scores(q.cuda(), summaries.bounds, summaries.signs, gpu_table, query_len, reduction)
     want = reference_sign_scores(q, pool, cpu.bounds, table, query_len, reduction)
-    real = (table.counts > 0)[:, None].expand_as(want) & (table.bias == 0)[:, None]
-    torch.testing.assert_close(scores.cpu()[real].double(), want[real], rtol=1e-4, atol=1e-2)
-    cols, counts = pick_pages(scores, gpu_table, 40)
-    assert_topk_picks(cols.cpu(), counts.cpu(), want, table, 40, atol=1e-2)
+    for budget in (1, 40, 160):
+        args = (gpu_table.pages, gpu_table.counts, gpu_table.bias, budget, query_len, reduction)
+        cols, counts = select_pages(q.cuda(), summaries.bounds, *args, summaries.signs)
+        assert_topk_picks(cols.cpu(), counts.cpu(), want, table, budget, atol=1e-2)
+        host = select_pages(q, cpu.bounds, table.pages, table.counts, table.bias, budget, query_len, reduction,
+                            cpu.signs)
+        assert_topk_picks(host[0], host[1], want, table, budget, atol=1e-2)
+
+
+def test_select_pages_with_signs_in_a_cuda_graph(generator):
+    page_size, hkv, group, d = 16, 8, 4, 128
+    pool = torch.randn(300, page_size, hkv, d, generator=generator).to(torch.bfloat16)
+    layout = _layout([page_size * 200 + 9], page_size, 300, generator)
+    summaries = PageKeySummaries(keep_signs=True)
+    summaries.refresh(pool.cuda(), *(t.cuda() for t in refresh_slots(layout.cols, layout.token_counts, page_size)))
+    table = padded_page_table(layout, 256, 1, 2)
+    gpu_table = type(table)(table.pages.cuda(), table.counts.cuda(), table.bias.cuda())
+    q = torch.randn(1, hkv * group, d, generator=generator).to(torch.bfloat16).cuda()
+    run = lambda: select_pages(q, summaries.bounds, gpu_table.pages, gpu_table.counts, gpu_table.bias, 20,  # noqa
+                               signs=summaries.signs)
+    eager = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    q.copy_(torch.randn(1, hkv * group, d, generator=generator).to(torch.bfloat16))
+    graph.replay()
+    fresh = run()
+    assert torch.equal(captured[0], fresh[0]) and torch.equal(captured[1], fresh[1])
+    assert not torch.equal(eager[0], fresh[0])       # the new query picked other pages
 
 
 def test_decode_sign_updates_in_a_cuda_graph(generator):

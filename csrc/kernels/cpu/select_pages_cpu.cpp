@@ -1,5 +1,6 @@
-// "topk" page selection and the decode-step bounds update on the host (contracts: SelectPagesParams and
-// UpdatePageBoundsParams in params.h). Same results as the CUDA kernels up to float rounding of the scores.
+// "topk" page selection (page bounds, or key signs and bounds) and the decode-step bounds update on the host
+// (contracts: SelectPagesParams and UpdatePageBoundsParams in params.h). Same results as the CUDA kernels up to
+// float rounding of the scores.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -26,15 +27,33 @@ void select_pages(const SelectPagesParams& p, int64_t begin, int64_t end) {
         continue;
       }
       const int64_t bound_row = (int64_t(page) * p.num_kv_heads + h) * 2 * d;
+      // With signs: the page's keys, each as sign bits (a key's bit set: estimate max[e], else min[e]).
+      const int32_t keys = p.signs ? std::clamp(p.table_counts[b * m + j], 0, p.page_size) : 0;
+      const uint8_t* page_signs =
+          p.signs ? p.signs + (int64_t(page) * p.num_kv_heads + h) * p.page_size * p.sign_bytes : nullptr;
       float reduced = 0.f;
       for (int qi = 0; qi < p.query_len; ++qi) {
         for (int g = 0; g < group; ++g) {
           const int64_t q_row = (b * p.query_len + qi) * p.q_stride_token + (h * group + g) * p.q_stride_head;
           float dot = 0.f;
-          for (int64_t e = 0; e < d; ++e) {
-            const float q = load_as_float(p.q, q_row + e, p.q_dtype);
-            dot += std::max(q, 0.f) * load_as_float(p.bounds, bound_row + e, p.bounds_dtype) +
-                   std::min(q, 0.f) * load_as_float(p.bounds, bound_row + d + e, p.bounds_dtype);
+          if (page_signs == nullptr) {
+            for (int64_t e = 0; e < d; ++e) {
+              const float q = load_as_float(p.q, q_row + e, p.q_dtype);
+              dot += std::max(q, 0.f) * load_as_float(p.bounds, bound_row + e, p.bounds_dtype) +
+                     std::min(q, 0.f) * load_as_float(p.bounds, bound_row + d + e, p.bounds_dtype);
+            }
+          } else {
+            dot = -kInf;
+            for (int32_t t = 0; t < keys; ++t) {
+              const uint8_t* bits = page_signs + int64_t(t) * p.sign_bytes;
+              float estimate = 0.f;
+              for (int64_t e = 0; e < d; ++e) {
+                const bool positive = (bits[e / 8] >> (e % 8)) & 1;
+                estimate += load_as_float(p.q, q_row + e, p.q_dtype) *
+                            load_as_float(p.bounds, bound_row + (positive ? 0 : d) + e, p.bounds_dtype);
+              }
+              dot = std::max(dot, estimate);
+            }
           }
           const bool first = qi == 0 && g == 0;
           reduced = first ? dot : (p.head_reduce_sum ? reduced + dot : std::max(reduced, dot));

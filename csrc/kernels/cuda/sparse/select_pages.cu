@@ -1,9 +1,14 @@
 // "topk" page selection on the GPU (see SelectPagesParams in params.h for the contract), in two PDL-chained kernels:
 //
-// 1. score_pages_kernel, grid (page chunks, batch * Hkv): one thread scores one page, streaming its bounds row
-//    (max then min, 4 dims per load, 4 loads in flight) against the query heads' positive and negative parts, which
-//    the block keeps in shared memory (read as broadcasts). No cross-lane reductions: a first version with one warp
-//    per page spent ~7x the instructions on shuffles and icache misses (ncu: 23 us for 2048 pages x 8 heads).
+// 1. Scores, grid (page chunks, batch * Hkv):
+//    score_pages_kernel (page bounds alone): one thread scores one page, streaming its bounds row (max then min, 4
+//    dims per load, 4 loads in flight) against the query heads' positive and negative parts, which the block keeps
+//    in shared memory (read as broadcasts). No cross-lane reductions: a first version with one warp per page spent
+//    ~7x the instructions on shuffles and icache misses (ncu: 23 us for 2048 pages x 8 heads).
+//    score_sign_pages_kernel (key signs): one warp per page, its lanes over the page's keys. A key's estimate is
+//    q.min + sum over the channels e whose sign bit is set of q[e] (max[e] - min[e]); the warp first tabulates, per
+//    nibble position n and nibble value v, the sum of those terms over the set bits of v (16 entries per 4 channels,
+//    4 query heads per entry), so a key costs one table lookup per 4 channels instead of 4 multiply-adds per head.
 // 2. select_top_pages_kernel, one block per (sequence, kv head): radix select of the budget-th largest score over an
 //    order-preserving uint32 image of the floats (kept in shared memory when the row fits): 8-bit digits from the
 //    highest bit in which the row's keys differ (similar scores share their top bits, which would pile every
@@ -108,6 +113,125 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(const Select
   // a NaN bound (inf * 0) keeps its page.
   score = !has_row ? -INFINITY : isinf(bias) ? bias : isnan(score) ? INFINITY : score + bias;
   p.scores[(int64_t)row * p.max_pages + j] = score;
+}
+
+constexpr int kSignWarps = 4;  // pages per score_sign_pages_kernel block: a warp each
+constexpr int kSignHeads = 4;  // query heads per pass: one float4 per table entry
+
+__device__ __forceinline__ float4 operator+(float4 a, float4 b) {
+  return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+__device__ __forceinline__ float4 fma4(float4 a, float s, float4 c) {
+  return make_float4(fmaf(a.x, s, c.x), fmaf(a.y, s, c.y), fmaf(a.z, s, c.z), fmaf(a.w, s, c.w));
+}
+__device__ __forceinline__ float4 max4(float4 a, float4 b) {
+  return make_float4(fmaxf(a.x, b.x), fmaxf(a.y, b.y), fmaxf(a.z, b.z), fmaxf(a.w, b.w));
+}
+__device__ __forceinline__ float component(float4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+__device__ __forceinline__ float to_float(float x) { return x; }
+
+// Bytes of dynamic shared memory of score_sign_pages_kernel: each warp's nibble table, [head_dim / 4 * 16] float4.
+inline size_t sign_table_bytes(int head_dim) { return size_t(kSignWarps) * (head_dim / 4) * 16 * sizeof(float4); }
+
+template <typename TQ, typename TB>
+__global__ void __launch_bounds__(kSignWarps * 32) score_sign_pages_kernel(const SelectPagesParams p) {
+  __shared__ float4 q_pass[kMaxHeadDim];   // q[e] of the pass's query heads (x, y, z, w: heads 0..3 of the pass)
+  extern __shared__ float4 nibble_tables[];  // [kSignWarps][head_dim / 4 * 16]
+  grid_dependency_wait();
+  allow_dependent_launch();
+  const int row = blockIdx.y;  // b * Hkv + h
+  const int b = row / p.num_kv_heads, h = row % p.num_kv_heads;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int d = p.head_dim, nibbles = d / 4, group = p.num_q_heads / p.num_kv_heads;
+  const int query_heads = p.query_len * group;
+  const int64_t m = p.max_pages;
+  const int j = blockIdx.x * kSignWarps + warp;
+  const int page = j < m ? p.table_pages[b * m + j] : -1;
+  const bool has_row = page >= 0 && page < p.num_bound_rows;
+  const int keys = has_row ? min(max(p.table_counts[b * m + j], 0), p.page_size) : 0;
+  const int64_t head_row = (int64_t)(has_row ? page : 0) * p.num_kv_heads + h;
+  const TB* hi_row = static_cast<const TB*>(p.bounds) + head_row * 2 * d;
+  const TB* lo_row = hi_row + d;
+  const uint8_t* page_signs = p.signs + head_row * p.page_size * p.sign_bytes;
+  float4* table = nibble_tables + warp * nibbles * 16;
+  const TQ* q = static_cast<const TQ*>(p.q);
+
+  float score = 0.f;
+  for (int first_head = 0; first_head < query_heads; first_head += kSignHeads) {
+    const int heads = min(kSignHeads, query_heads - first_head);
+    __syncthreads();  // the previous pass is done with q_pass
+    for (int e = threadIdx.x; e < d; e += kSignWarps * 32) {
+      float v[kSignHeads];
+#pragma unroll
+      for (int g = 0; g < kSignHeads; ++g) {
+        v[g] = 0.f;
+        if (g < heads) {
+          const int qh = first_head + g;  // (query qh / group, head-in-group qh % group)
+          const int64_t token = (int64_t)b * p.query_len + qh / group;
+          v[g] = to_float(q[token * p.q_stride_token + (int64_t)(h * group + qh % group) * p.q_stride_head + e]);
+        }
+      }
+      q_pass[e] = make_float4(v[0], v[1], v[2], v[3]);
+    }
+    __syncthreads();
+    if (!has_row) continue;  // warp-uniform: this warp's entry has no bounds row (it scores -inf below)
+    // q.min, lanes over channels; then the nibble table, a lane per entry (n = i / 16, v = i % 16).
+    float4 base = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int e = lane; e < d; e += 32) base = fma4(q_pass[e], to_float(lo_row[e]), base);
+#pragma unroll
+    for (int s = 16; s >= 1; s >>= 1) {
+      base.x += __shfl_xor_sync(0xffffffffu, base.x, s);
+      base.y += __shfl_xor_sync(0xffffffffu, base.y, s);
+      base.z += __shfl_xor_sync(0xffffffffu, base.z, s);
+      base.w += __shfl_xor_sync(0xffffffffu, base.w, s);
+    }
+    __syncwarp();  // this warp's previous pass is done with its table
+    for (int i = lane; i < nibbles * 16; i += 32) {
+      const int n = i >> 4, v = i & 15;
+      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int bit = 0; bit < 4; ++bit) {
+        if ((v >> bit) & 1) {
+          const int e = 4 * n + bit;
+          sum = fma4(q_pass[e], to_float(hi_row[e]) - to_float(lo_row[e]), sum);
+        }
+      }
+      table[i] = sum;
+    }
+    __syncwarp();
+    // Each lane's keys: one lookup per nibble of its sign bits (padding bits past head_dim are zero).
+    float4 best = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+    for (int t = lane; t < keys; t += 32) {
+      const uint8_t* bits = page_signs + (int64_t)t * p.sign_bytes;
+      float4 estimate = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int c = 0; c < p.sign_bytes; ++c) {
+        const uint32_t byte = bits[c];
+        estimate = estimate + table[(2 * c) * 16 + (byte & 15u)];
+        if (2 * c + 1 < nibbles) estimate = estimate + table[(2 * c + 1) * 16 + (byte >> 4)];
+      }
+      best = max4(best, estimate);
+    }
+#pragma unroll
+    for (int s = 16; s >= 1; s >>= 1) {
+      best.x = fmaxf(best.x, __shfl_xor_sync(0xffffffffu, best.x, s));
+      best.y = fmaxf(best.y, __shfl_xor_sync(0xffffffffu, best.y, s));
+      best.z = fmaxf(best.z, __shfl_xor_sync(0xffffffffu, best.z, s));
+      best.w = fmaxf(best.w, __shfl_xor_sync(0xffffffffu, best.w, s));
+    }
+#pragma unroll
+    for (int g = 0; g < kSignHeads; ++g) {
+      if (g < heads) {
+        const float head_score = component(base, g) + component(best, g);  // -inf for a page without keys
+        const bool first = first_head == 0 && g == 0;
+        score = first ? head_score : (p.head_reduce_sum ? score + head_score : fmaxf(score, head_score));
+      }
+    }
+  }
+  if (lane != 0 || j >= m) return;
+  const float bias = p.table_bias[b * m + j];
+  // As score_pages_kernel: entries without a bounds row never win, +-inf bias ignores the score, NaN keeps the page.
+  score = !has_row ? -INFINITY : isinf(bias) ? bias : isnan(score) ? INFINITY : score + bias;
+  p.scores[(int64_t)row * m + j] = score;
 }
 
 // Order-preserving image of a float: a > b (as floats, -inf < finite < +inf) iff key(a) > key(b) (as uint32).
@@ -227,8 +351,27 @@ cudaError_t launch_score(const SelectPagesParams& p, cudaStream_t stream) {
   return launch_pdl(score_pages_kernel<TQ, TB>, grid, dim3(kScoreThreads), 0, stream, p);
 }
 
+template <typename TQ, typename TB>
+cudaError_t launch_sign_score(const SelectPagesParams& p, cudaStream_t stream) {
+  const size_t smem = sign_table_bytes(p.head_dim);
+  if (smem > 48 * 1024) {  // opt in to more than 48 KB (a cheap host call, capture-safe)
+    const cudaError_t err = cudaFuncSetAttribute(score_sign_pages_kernel<TQ, TB>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid((p.max_pages + kSignWarps - 1) / kSignWarps, p.batch * p.num_kv_heads);
+  return launch_pdl(score_sign_pages_kernel<TQ, TB>, grid, dim3(kSignWarps * 32), smem, stream, p);
+}
+
 template <typename TB>
 cudaError_t launch_score_for_q(const SelectPagesParams& p, cudaStream_t stream) {
+  if (p.signs != nullptr) {
+    switch (p.q_dtype) {
+      case DType::kFloat32: return launch_sign_score<float, TB>(p, stream);
+      case DType::kFloat16: return launch_sign_score<__half, TB>(p, stream);
+      default: return launch_sign_score<__nv_bfloat16, TB>(p, stream);
+    }
+  }
   switch (p.q_dtype) {
     case DType::kFloat32: return launch_score<float, TB>(p, stream);
     case DType::kFloat16: return launch_score<__half, TB>(p, stream);
@@ -246,7 +389,8 @@ bool select_pages_supported(const SelectPagesParams& p) {
          (p.bounds_dtype == DType::kFloat32 || p.bounds_dtype == DType::kBFloat16) &&
          aligned(p.q, kDimsPerLoad * q_bytes) && p.q_stride_token % kDimsPerLoad == 0 &&
          p.q_stride_head % kDimsPerLoad == 0 && aligned(p.bounds, kDimsPerLoad * bound_bytes) &&
-         p.batch * (int64_t)p.num_kv_heads <= 65535 && p.budget >= 1 && p.budget <= p.max_pages;
+         p.batch * (int64_t)p.num_kv_heads <= 65535 && p.budget >= 1 && p.budget <= p.max_pages &&
+         (p.signs == nullptr || (p.page_size >= 1 && p.sign_bytes == (p.head_dim + 7) / 8));
 }
 
 cudaError_t launch_select_pages(const SelectPagesParams& p, cudaStream_t stream) {
