@@ -7,7 +7,7 @@ import torch
 
 import flashcore_hf as fc
 from flashcore_hf.sparse import PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots
-from flashcore_hf.ops import select_pages
+from flashcore_hf.ops import select_pages, update_page_bounds
 from flashcore_hf.sparse.summaries import pack_signs
 from tests.capture_checks import HostDataLog
 from tests.reference import random_paged_kv
@@ -72,6 +72,35 @@ def test_signs_follow_refresh_decode_updates_copies_and_growth(generator, dtype)
     incremental.update_decode(grown, torch.tensor([6 * page_size], dtype=torch.int32))
     assert incremental.signs.shape == (8, hkv, page_size, 2)
     _assert_signs_of_valid_keys(incremental.signs, grown, [3, 1, 6], [page_size, page_size, 1])
+
+
+@pytest.mark.parametrize("d", [16, 20, 64])
+def test_update_page_bounds_writes_the_new_keys_sign_bits(generator, d):
+    """The decode update's op writes each new key's sign bits (padding bits zero) and nothing else: the slots of
+    rows without a key (< 0) and every other token keep their bytes."""
+    num_pages, page_size, hkv = 6, 4, 3
+    pool = torch.randn(num_pages, page_size, hkv, d, generator=generator)
+    bounds = torch.zeros(num_pages, hkv, 2 * d)
+    signs = torch.randint(0, 256, (num_pages, hkv, page_size, -(-d // 8)), generator=generator, dtype=torch.uint8)
+    want = signs.clone()
+    slots = torch.tensor([2 * page_size + 3, -1, 5 * page_size], dtype=torch.int32)
+    update_page_bounds(bounds, pool, slots, signs)
+    for slot in (2 * page_size + 3, 5 * page_size):
+        page, offset = divmod(slot, page_size)
+        want[page, :, offset] = pack_signs(pool[page, offset])
+    assert torch.equal(signs, want)
+
+
+def test_update_page_bounds_rejects_bad_signs():
+    bounds, pool = torch.zeros(4, 2, 32), torch.randn(4, 3, 2, 16)
+    signs = torch.zeros(4, 2, 3, 2, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="signs must be"):
+        update_page_bounds(bounds, pool, torch.tensor([0]), signs[..., :1].contiguous())  # 1 byte for 16 channels
+    with pytest.raises(RuntimeError, match="signs must be"):
+        update_page_bounds(bounds, pool, torch.tensor([0]), signs[:, :, :2].contiguous())  # page_size 2, pool 3
+    with pytest.raises(RuntimeError, match="uint8"):
+        update_page_bounds(bounds, pool, torch.tensor([0]), signs.to(torch.int32))
+    assert not bounds.any() and not signs.any()   # nothing written by a rejected call
 
 
 @pytest.mark.parametrize("query_len, reduction, q_dtype", [(1, "max", torch.float32), (1, "sum", torch.float32),

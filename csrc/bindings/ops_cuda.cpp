@@ -107,8 +107,9 @@ std::tuple<at::Tensor, at::Tensor> select_pages_cuda(const at::Tensor& q, const 
   return {cols, counts};
 }
 
-void update_page_bounds_cuda(at::Tensor& bounds, const at::Tensor& k_cache, const at::Tensor& slot_mapping) {
-  const UpdatePageBoundsParams p = make_update_page_bounds_params(bounds, k_cache, slot_mapping);
+void update_page_bounds_cuda(at::Tensor& bounds, const at::Tensor& k_cache, const at::Tensor& slot_mapping,
+                             const std::optional<at::Tensor>& signs) {
+  const UpdatePageBoundsParams p = make_update_page_bounds_params(bounds, k_cache, slot_mapping, signs);
   const c10::cuda::CUDAGuard guard(k_cache.device());
   check_launch(launch_update_page_bounds(p, at::cuda::getCurrentCUDAStream()), "update_page_bounds kernel");
 }

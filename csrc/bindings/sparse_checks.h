@@ -104,7 +104,8 @@ inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at:
 
 // Validates update_page_bounds' arguments and fills the params.
 inline UpdatePageBoundsParams make_update_page_bounds_params(const at::Tensor& bounds, const at::Tensor& k_cache,
-                                                             const at::Tensor& slot_mapping) {
+                                                             const at::Tensor& slot_mapping,
+                                                             const std::optional<at::Tensor>& signs) {
   constexpr const char* op = "update_page_bounds";
   FC_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous(), op,
            ": k_cache must be a contiguous [num_pages, page_size, num_kv_heads, head_dim] tensor, got shape ",
@@ -126,6 +127,16 @@ inline UpdatePageBoundsParams make_update_page_bounds_params(const at::Tensor& b
   check_fits_int32(k_cache.size(0), op, "num_pages");
   check_fits_int32(bounds.size(0), op, "bounds.size(0)");
   check_fits_int32(slot_mapping.numel(), op, "num_tokens");
+  const int64_t sign_bytes = (k_cache.size(3) + 7) / 8;
+  if (signs.has_value()) {
+    FC_CHECK(signs->dim() == 4 && signs->size(0) == bounds.size(0) && signs->size(1) == k_cache.size(2) &&
+                 signs->size(2) == k_cache.size(1) && signs->size(3) == sign_bytes, op,
+             ": signs must be [num_pages=", bounds.size(0), ", num_kv_heads=", k_cache.size(2), ", page_size=",
+             k_cache.size(1), ", ceil(head_dim / 8)=", sign_bytes, "], got shape ", signs->sizes());
+    FC_CHECK(signs->scalar_type() == at::kByte && signs->is_contiguous(), op,
+             ": signs must be a contiguous uint8 tensor, got ", signs->scalar_type());
+    FC_CHECK(signs->device() == k_cache.device(), op, ": signs must be on k_cache's device, got ", signs->device());
+  }
   UpdatePageBoundsParams p;
   p.bounds = bounds.data_ptr();
   p.k_cache = k_cache.data_ptr();
@@ -139,6 +150,10 @@ inline UpdatePageBoundsParams make_update_page_bounds_params(const at::Tensor& b
   p.num_bound_rows = static_cast<int32_t>(bounds.size(0));
   p.k_dtype = k_dtype;
   p.bounds_dtype = b_dtype;
+  if (signs.has_value()) {
+    p.signs = signs->data_ptr<uint8_t>();
+    p.sign_bytes = static_cast<int32_t>(sign_bytes);
+  }
   return p;
 }
 

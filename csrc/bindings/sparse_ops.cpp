@@ -28,9 +28,10 @@ std::tuple<at::Tensor, at::Tensor> select_pages_cpu(const at::Tensor& q, const a
   return {cols, counts};
 }
 
-void update_page_bounds_cpu(at::Tensor& bounds, const at::Tensor& k_cache, const at::Tensor& slot_mapping) {
+void update_page_bounds_cpu(at::Tensor& bounds, const at::Tensor& k_cache, const at::Tensor& slot_mapping,
+                            const std::optional<at::Tensor>& signs) {
   constexpr const char* op = "update_page_bounds";
-  const UpdatePageBoundsParams p = make_update_page_bounds_params(bounds, k_cache, slot_mapping);
+  const UpdatePageBoundsParams p = make_update_page_bounds_params(bounds, k_cache, slot_mapping, signs);
   const at::Tensor slots = slot_mapping.to(at::kLong);
   const int64_t* s = slots.data_ptr<int64_t>();
   const int64_t num_slots = int64_t(p.num_pages) * p.page_size;

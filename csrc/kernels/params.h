@@ -173,6 +173,7 @@ struct SelectPagesParams {
 // token's key when the offset is 0 (a page starting over), else the element-wise max / min of the old bounds and
 // the key. Pages fill in slot order, so this equals the bounds of the page's valid tokens. Slots must name distinct
 // pages (one new token per sequence); slots < 0 or outside the pool, and pages without a bounds row, are skipped.
+// With signs, the token's sign bits are written too: bit b of byte j is (key channel 8 j + b) > 0.
 struct UpdatePageBoundsParams {
   void* bounds = nullptr;
   const void* k_cache = nullptr;        // [num_pages, page_size, num_kv_heads, head_dim] contiguous, k_dtype
@@ -186,6 +187,8 @@ struct UpdatePageBoundsParams {
   int32_t num_bound_rows = 0;
   DType k_dtype = DType::kBFloat16;
   DType bounds_dtype = DType::kBFloat16;
+  uint8_t* signs = nullptr;  // optional [num_bound_rows, num_kv_heads, page_size, sign_bytes]: the token's sign bits
+  int32_t sign_bytes = 0;    // ceil(head_dim / 8)
 };
 
 }  // namespace flashcore

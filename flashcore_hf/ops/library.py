@@ -71,15 +71,19 @@ def select_pages(q: torch.Tensor, bounds: torch.Tensor, table_pages: torch.Tenso
                              head_reduction, signs)
 
 
-def update_page_bounds(bounds: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """After append_kv wrote one new token into each of some pages: fold the tokens' keys into those pages' bounds.
+def update_page_bounds(bounds: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                       signs: torch.Tensor | None = None) -> None:
+    """After append_kv wrote one new token into each of some pages: fold the tokens' keys into those pages' bounds
+    (and write their sign bits into `signs`).
 
     bounds [num_pages, Hkv, 2 * D] (as in select_pages; bfloat16 only with bfloat16 keys), updated in place;
     k_cache [num_pages, page_size, Hkv, D] contiguous, holding the new keys; slot_mapping [T] int32/int64 (< 0:
     skip). A token at offset 0 of its page starts the page's bounds over; at offset > 0 it widens them, so pages
     must fill in slot order and the slots must name distinct pages (a decode step: one new token per sequence).
+    signs [num_pages, Hkv, page_size, ceil(D / 8)] uint8 or None (PageKeySummaries.signs): bit b of byte j of
+    [page, h, offset] becomes (key channel 8 j + b) > 0 for each new token, in the same kernel.
     """
-    _ops.update_page_bounds(bounds, k_cache, slot_mapping)
+    _ops.update_page_bounds(bounds, k_cache, slot_mapping, signs)
 
 
 def kernel_supports(device: torch.device | str, dtype: torch.dtype, head_dim: int, page_size: int, max_q_len: int,
@@ -144,5 +148,5 @@ def _select_pages_fake(q, bounds, table_pages, table_counts, table_bias, budget,
 
 
 @torch.library.register_fake("flashcore::update_page_bounds")
-def _update_page_bounds_fake(bounds, k_cache, slot_mapping):
+def _update_page_bounds_fake(bounds, k_cache, slot_mapping, signs=None):
     return None

@@ -74,12 +74,11 @@ class PageKeySummaries:
 
     def update_decode(self, k_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """A decode step wrote one new key per sequence (slot_mapping [B] int32/int64, < 0: none) into k_pool:
-        widen those pages' bounds by the new keys, or start them over for a page's first token (one kernel,
-        `flashcore_hf.ops.update_page_bounds`; fixed shapes and no host data, so CUDA graphs replay it)."""
+        widen those pages' bounds by the new keys, or start them over for a page's first token, and write the keys'
+        sign bits (one kernel, `flashcore_hf.ops.update_page_bounds`; fixed shapes and no host data, so CUDA graphs
+        replay it)."""
         self.fit(k_pool)
-        update_page_bounds(self.bounds, k_pool, slot_mapping)
-        if self.signs is not None:
-            write_token_signs(self.signs, k_pool, slot_mapping)
+        update_page_bounds(self.bounds, k_pool, slot_mapping, self.signs)
 
     def copy_pages(self, k_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy-on-write copied pages src -> dst [n] int64 of k_pool: bounds[dst] = bounds[src] (signs too)."""
@@ -130,22 +129,6 @@ def pack_signs(keys: torch.Tensor) -> torch.Tensor:
         bits = torch.nn.functional.pad(bits, (0, 8 - d % 8))
     shifts = torch.arange(8, dtype=torch.int32, device=keys.device)    # made on the device: capturable
     return (bits.view(*bits.shape[:-1], -1, 8).to(torch.int32) << shifts).sum(-1).to(torch.uint8)
-
-
-def write_token_signs(signs: torch.Tensor, k_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """The sign bits of one new key per row (slot_mapping [B] int32/int64 pool slots page * P + offset, < 0: none)
-    into signs [num_pages, Hkv, P, ceil(D / 8)]. Fixed shapes, no host data (CUDA graphs replay it): a row without a
-    key rewrites the first written slot's bits (or slot 0's, recomputed from its own key, when no row writes), so
-    every duplicate index carries the same value."""
-    num_pages, page_size, hkv, d = k_pool.shape
-    slots = slot_mapping.long()
-    valid = slots >= 0
-    # The first written slot, as a [1] tensor (a 0-dim index would read the device value back: a sync).
-    first = slots.index_select(0, valid.to(torch.int32).argmax().reshape(1)).clamp(min=0)
-    target = torch.where(valid, slots, first)                                             # [B]
-    bits = pack_signs(k_pool.view(num_pages * page_size, hkv, d)[target])                # [B, Hkv, bytes]
-    heads = torch.arange(hkv, device=slots.device)
-    signs[(target // page_size)[:, None], heads[None, :], (target % page_size)[:, None]] = bits
 
 
 def refresh_slots(pages: torch.Tensor, counts: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,20 +83,23 @@ def test_select_pages_cuda_in_a_graph_follows_new_queries(generator):
         assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
 
 
-@pytest.mark.parametrize("k_dtype,bounds_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
-                                                  (torch.float32, torch.float32)])
-def test_update_page_bounds_cuda_equals_cpu(k_dtype, bounds_dtype, generator):
-    num_pages, page_size, hkv, d = 40, 16, 8, 128
+@pytest.mark.parametrize("k_dtype,bounds_dtype,d", [(torch.bfloat16, torch.bfloat16, 128), (torch.float16, torch.float32, 64),
+                                                    (torch.float32, torch.float32, 20)])
+@pytest.mark.parametrize("with_signs", [False, True], ids=["bounds", "bounds+signs"])
+def test_update_page_bounds_cuda_equals_cpu(k_dtype, bounds_dtype, d, with_signs, generator):
+    num_pages, page_size, hkv = 40, 16, 8
     pool = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(k_dtype)
     bounds = torch.randn(num_pages, hkv, 2 * d, generator=generator).to(bounds_dtype)
-    gpu_pool, gpu_bounds = pool.cuda(), bounds.cuda()
+    signs = torch.randint(0, 256, (num_pages, hkv, page_size, -(-d // 8)), generator=generator, dtype=torch.uint8)
+    gpu_pool, gpu_bounds, gpu_signs = pool.cuda(), bounds.cuda(), signs.cuda()
     for step in range(3):   # offsets 0 (restart), then widening; one token per page; padding slots skipped
         pages = torch.randperm(num_pages, generator=generator)[:9]
         offset = torch.randint(0, page_size, (9,), generator=generator) * (step > 0)
         slots = torch.cat([pages * page_size + offset, torch.tensor([-1, -5])]).to(torch.int32)
-        update_page_bounds(bounds, pool, slots)
-        update_page_bounds(gpu_bounds, gpu_pool, slots.cuda().long())
+        update_page_bounds(bounds, pool, slots, signs if with_signs else None)
+        update_page_bounds(gpu_bounds, gpu_pool, slots.cuda().long(), gpu_signs if with_signs else None)
         torch.testing.assert_close(gpu_bounds.cpu(), bounds, rtol=0, atol=0)
+        assert torch.equal(gpu_signs.cpu(), signs)
     untouched = torch.zeros(num_pages + 1, hkv, 2 * d, device="cuda")
     update_page_bounds(untouched[:num_pages], gpu_pool, torch.tensor([num_pages * page_size], device="cuda"))
     assert not untouched.any()  # a slot outside the pool writes nothing

@@ -93,6 +93,13 @@ void update_page_bounds(const UpdatePageBoundsParams& p) {
         store_from_float(p.bounds, row + e, first ? key : std::max(hi, key), p.bounds_dtype);
         store_from_float(p.bounds, row + d + e, first ? key : std::min(lo, key), p.bounds_dtype);
       }
+      if (p.signs != nullptr) {
+        uint8_t* bytes = p.signs + ((page * p.num_kv_heads + h) * p.page_size + slot % p.page_size) * p.sign_bytes;
+        for (int64_t j = 0; j < p.sign_bytes; ++j) bytes[j] = 0;
+        for (int64_t e = 0; e < d; ++e) {
+          if (load_as_float(p.k_cache, slot * per_token + h * d + e, p.k_dtype) > 0.f) bytes[e / 8] |= 1u << (e % 8);
+        }
+      }
     }
   }
 }

@@ -1,5 +1,6 @@
 // Decode-step update of the page key bounds (see UpdatePageBoundsParams in params.h): one thread per element of
-// one (new token, kv head) key, reading the key back from the pool append_kv just wrote.
+// one (new token, kv head) key, reading the key back from the pool append_kv just wrote; with signs, every 8th
+// thread also packs its 8 channels' sign bits into one byte.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -45,6 +46,13 @@ __global__ void __launch_bounds__(kThreads) update_page_bounds_kernel(const Upda
     const bool first = slot % p.page_size == 0;
     row[d] = from_float<TB>(first ? key : fmaxf(to_float(row[d]), key));
     row[p.head_dim + d] = from_float<TB>(first ? key : fminf(to_float(row[p.head_dim + d]), key));
+    if (p.signs != nullptr && d % 8 == 0) {  // this thread packs channels d..d+7 (re-read from L1)
+      const TK* k = static_cast<const TK*>(p.k_cache) + slot * per_token + h * p.head_dim;
+      uint32_t byte = 0;
+      for (int64_t c = 0; c < 8 && d + c < p.head_dim; ++c) byte |= uint32_t(to_float(k[d + c]) > 0.f) << c;
+      p.signs[((page * p.num_kv_heads + h) * p.page_size + slot % p.page_size) * p.sign_bytes + d / 8] =
+          static_cast<uint8_t>(byte);
+    }
   }
 }
 
