@@ -27,7 +27,7 @@ CASES = [  # (Hkv, group, D, query_len, reduction, page size, q dtype)
     (8, 4, 128, 1, "max", 64, torch.bfloat16),
     (2, 7, 64, 3, "sum", 16, torch.float16),      # 21 query heads per kv head: 6 passes of 4
     (1, 2, 20, 2, "max", 5, torch.float32),       # head dim 20: a half byte of padding bits
-    (4, 1, 256, 1, "sum", 32, torch.bfloat16),    # 64 KB of nibble tables: the shared-memory opt-in
+    (4, 1, 256, 1, "sum", 32, torch.bfloat16),    # the largest tables (44 KB per block), 8 words of bits per key
 ]
 
 
@@ -53,6 +53,26 @@ def test_select_pages_with_signs_cuda_is_a_top_k_of_the_oracle(generator, case):
         host = select_pages(q, cpu.bounds, table.pages, table.counts, table.bias, budget, query_len, reduction,
                             cpu.signs)
         assert_topk_picks(host[0], host[1], want, table, budget, atol=1e-2)
+
+
+def test_select_pages_with_unaligned_signs_takes_the_generic_kernel(generator):
+    """Sign rows at an address that is not a multiple of 8 (a contiguous view into a byte buffer) are read byte by
+    byte by the generic kernel; its picks equal the unrolled kernel's on the same bits."""
+    page_size, hkv, group, d = 16, 8, 4, 128
+    pool = torch.randn(300, page_size, hkv, d, generator=generator).to(torch.bfloat16)
+    layout = _layout([page_size * 200 + 9], page_size, 300, generator)
+    summaries = PageKeySummaries(keep_signs=True)
+    summaries.refresh(pool.cuda(), *(t.cuda() for t in refresh_slots(layout.cols, layout.token_counts, page_size)))
+    unaligned = torch.empty(summaries.signs.numel() + 1, dtype=torch.uint8, device="cuda")[1:]
+    unaligned = unaligned.view(summaries.signs.shape)
+    unaligned.copy_(summaries.signs)
+    assert unaligned.data_ptr() % 8 != 0 and unaligned.is_contiguous()
+    table = padded_page_table(layout, 256, 1, 2)
+    args = (table.pages.cuda(), table.counts.cuda(), table.bias.cuda(), 20)
+    q = torch.randn(1, hkv * group, d, generator=generator).to(torch.bfloat16).cuda()
+    aligned_picks = select_pages(q, summaries.bounds, *args, signs=summaries.signs)
+    generic_picks = select_pages(q, summaries.bounds, *args, signs=unaligned)
+    assert torch.equal(aligned_picks[0], generic_picks[0]) and torch.equal(aligned_picks[1], generic_picks[1])
 
 
 def test_select_pages_with_signs_in_a_cuda_graph(generator):

@@ -5,10 +5,12 @@
 //    dims per load, 4 loads in flight) against the query heads' positive and negative parts, which the block keeps
 //    in shared memory (read as broadcasts). No cross-lane reductions: a first version with one warp per page spent
 //    ~7x the instructions on shuffles and icache misses (ncu: 23 us for 2048 pages x 8 heads).
-//    score_sign_pages_kernel (key signs): one warp per page, its lanes over the page's keys. A key's estimate is
-//    q.min + sum over the channels e whose sign bit is set of q[e] (max[e] - min[e]); the warp first tabulates, per
-//    nibble position n and nibble value v, the sum of those terms over the set bits of v (16 entries per 4 channels,
-//    4 query heads per entry), so a key costs one table lookup per 4 channels instead of 4 multiply-adds per head.
+//    score_sign_pages_kernel (key signs): a warp per page (4 pages each in turn), its lanes over the page's keys. A
+//    key's estimate is q.min + the sum over the channels e whose sign bit is set of w_e = q_e (max_e - min_e); the
+//    warp first tabulates, per group of 3 channels, the 8 sums of w over the group's bit patterns (4 query heads per
+//    float4 entry), so a key costs one lookup per 3 channels. 8 entries of 16 B are 128 B, one pass over the 32
+//    banks: lookups never conflict (a first version with 16-entry nibble tables, rebuilt per page from global
+//    bounds with a branch per bit, took 96 us for 2048 pages x 8 heads, bounds scoring ~17 us).
 // 2. select_top_pages_kernel, one block per (sequence, kv head): radix select of the budget-th largest score over an
 //    order-preserving uint32 image of the floats (kept in shared memory when the row fits): 8-bit digits from the
 //    highest bit in which the row's keys differ (similar scores share their top bits, which would pile every
@@ -115,12 +117,16 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(const Select
   p.scores[(int64_t)row * p.max_pages + j] = score;
 }
 
-constexpr int kSignWarps = 4;  // pages per score_sign_pages_kernel block: a warp each
-constexpr int kSignHeads = 4;  // query heads per pass: one float4 per table entry
+constexpr int kSignWarps = 4;         // warps per score_sign_pages_kernel block
+constexpr int kSignPagesPerWarp = 4;  // pages a warp scores in turn (the block stages the query once for all)
+constexpr int kSignHeads = 4;         // query heads per pass: one float4 per table entry
+constexpr int kGroupChannels = 3;     // channels per table lookup: 8 entries x 16 B fill the 32 banks exactly once
+constexpr int kMaxGroups = (kMaxHeadDim + kGroupChannels - 1) / kGroupChannels;
 
 __device__ __forceinline__ float4 operator+(float4 a, float4 b) {
   return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
 }
+__device__ __forceinline__ float4 operator*(float4 a, float s) { return make_float4(a.x * s, a.y * s, a.z * s, a.w * s); }
 __device__ __forceinline__ float4 fma4(float4 a, float s, float4 c) {
   return make_float4(fmaf(a.x, s, c.x), fmaf(a.y, s, c.y), fmaf(a.z, s, c.z), fmaf(a.w, s, c.w));
 }
@@ -129,109 +135,184 @@ __device__ __forceinline__ float4 max4(float4 a, float4 b) {
 }
 __device__ __forceinline__ float component(float4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 __device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float4 warp_sum4(float4 v) {
+#pragma unroll
+  for (int s = 16; s >= 1; s >>= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, s);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, s);
+    v.z += __shfl_xor_sync(0xffffffffu, v.z, s);
+    v.w += __shfl_xor_sync(0xffffffffu, v.w, s);
+  }
+  return v;
+}
+__device__ __forceinline__ float4 warp_max4(float4 v) {
+#pragma unroll
+  for (int s = 16; s >= 1; s >>= 1) {
+    v.x = fmaxf(v.x, __shfl_xor_sync(0xffffffffu, v.x, s));
+    v.y = fmaxf(v.y, __shfl_xor_sync(0xffffffffu, v.y, s));
+    v.z = fmaxf(v.z, __shfl_xor_sync(0xffffffffu, v.z, s));
+    v.w = fmaxf(v.w, __shfl_xor_sync(0xffffffffu, v.w, s));
+  }
+  return v;
+}
 
-// Bytes of dynamic shared memory of score_sign_pages_kernel: each warp's nibble table, [head_dim / 4 * 16] float4.
-inline size_t sign_table_bytes(int head_dim) { return size_t(kSignWarps) * (head_dim / 4) * 16 * sizeof(float4); }
+// Table entry (group g, value v) sits at g * 8 + (v ^ (g & 7)): lanes building consecutive groups store to
+// different banks, and a lookup reads within its group's 128 bytes, conflict-free whatever the keys' bits.
+__device__ __forceinline__ int table_slot(int g, uint32_t v) { return g * 8 + static_cast<int>(v ^ (g & 7)); }
 
-template <typename TQ, typename TB>
+// Bytes of dynamic shared memory of score_sign_pages_kernel: each warp's table, [ceil(head_dim / 3) * 8] float4.
+inline size_t sign_table_bytes(int head_dim) {
+  return size_t(kSignWarps) * ((head_dim + kGroupChannels - 1) / kGroupChannels) * 8 * sizeof(float4);
+}
+
+// The 3-bit pattern of key bits [3 g, 3 g + 3) from a key's sign words (word[kWords] is 0: a group past the last
+// channel reads zero padding).
+template <int kWords>
+__device__ __forceinline__ uint32_t group_bits(const uint32_t (&word)[kWords + 1], int g) {
+  const int bit = kGroupChannels * g, i = bit / 32, s = bit % 32;  // compile-time in an unrolled loop
+  uint32_t v = word[i] >> s;
+  if (s > 32 - kGroupChannels) v |= word[i + 1] << (32 - s);  // a group across two words
+  return v & 7u;
+}
+
+// The sum of one key's table entries (its estimate minus the page's base). kDim > 0: a head dim that is a multiple
+// of 64, the key's bits in registers and the lookups unrolled (kDim / 3 of them, every index a compile-time
+// constant); kDim == 0: any head dim, two byte loads per lookup.
+template <int kDim>
+__device__ __forceinline__ float4 key_estimate(const uint8_t* bits, const float4* table, int head_dim,
+                                               int sign_bytes) {
+  float4 estimate = make_float4(0.f, 0.f, 0.f, 0.f);
+  if constexpr (kDim > 0) {
+    constexpr int kWords = kDim / 32, kGroups = (kDim + kGroupChannels - 1) / kGroupChannels;
+    uint32_t word[kWords + 1];
+#pragma unroll
+    for (int i = 0; i < kWords; i += 2) {  // 8-byte aligned: rows of kDim / 8 bytes from an aligned base
+      const uint2 pair = reinterpret_cast<const uint2*>(bits)[i / 2];
+      word[i] = pair.x;
+      word[i + 1] = pair.y;
+    }
+    word[kWords] = 0u;
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) estimate = estimate + table[table_slot(g, group_bits<kWords>(word, g))];
+  } else {
+    const int groups = (head_dim + kGroupChannels - 1) / kGroupChannels;
+    for (int g = 0; g < groups; ++g) {
+      const int bit = kGroupChannels * g, byte = bit / 8;
+      uint32_t v = bits[byte];
+      if (byte + 1 < sign_bytes) v |= uint32_t(bits[byte + 1]) << 8;
+      estimate = estimate + table[table_slot(g, (v >> (bit % 8)) & 7u)];
+    }
+  }
+  return estimate;
+}
+
+// Scores of one page (its bounds row hi / lo, its keys' sign bits) for the pass's query heads q_pass:
+// base = q . min, w_e = q_e (max_e - min_e); a key's estimate is base + the sum of w_e over its set sign bits. The
+// warp tabulates, per group of 3 channels, the 8 sums of w over the group's bit patterns, then each lane takes its
+// keys, one lookup per group. Returns base + the best key's estimate per head (-inf for a page without keys).
+template <int kDim, typename TB>
+__device__ __forceinline__ float4 score_sign_page(const float4* q_pass, const TB* hi_row, const TB* lo_row,
+                                                 const uint8_t* page_signs, int keys, int head_dim, int sign_bytes,
+                                                 float4* table, int lane) {
+  const int groups = (head_dim + kGroupChannels - 1) / kGroupChannels;
+  float4 base = make_float4(0.f, 0.f, 0.f, 0.f);
+  __syncwarp();  // the previous page's lookups are done with the table
+  for (int g = lane; g < groups; g += 32) {
+    float4 w[kGroupChannels];
+#pragma unroll
+    for (int c = 0; c < kGroupChannels; ++c) {
+      const int e = kGroupChannels * g + c;
+      w[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (e < head_dim) {
+        const float lo = to_float(lo_row[e]);
+        w[c] = q_pass[e] * (to_float(hi_row[e]) - lo);
+        base = fma4(q_pass[e], lo, base);
+      }
+    }
+    const float4 w01 = w[0] + w[1];
+    table[table_slot(g, 0)] = make_float4(0.f, 0.f, 0.f, 0.f);
+    table[table_slot(g, 1)] = w[0];
+    table[table_slot(g, 2)] = w[1];
+    table[table_slot(g, 3)] = w01;
+    table[table_slot(g, 4)] = w[2];
+    table[table_slot(g, 5)] = w[2] + w[0];
+    table[table_slot(g, 6)] = w[2] + w[1];
+    table[table_slot(g, 7)] = w[2] + w01;
+  }
+  base = warp_sum4(base);
+  __syncwarp();
+  float4 best = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
+  for (int t = lane; t < keys; t += 32) {
+    best = max4(best, key_estimate<kDim>(page_signs + (int64_t)t * sign_bytes, table, head_dim, sign_bytes));
+  }
+  return base + warp_max4(best);
+}
+
+template <typename TQ, typename TB, int kDim>
 __global__ void __launch_bounds__(kSignWarps * 32) score_sign_pages_kernel(const SelectPagesParams p) {
-  __shared__ float4 q_pass[kMaxHeadDim];   // q[e] of the pass's query heads (x, y, z, w: heads 0..3 of the pass)
-  extern __shared__ float4 nibble_tables[];  // [kSignWarps][head_dim / 4 * 16]
+  __shared__ float4 q_pass[kMaxHeadDim];  // q[e] of the pass's query heads (x, y, z, w: heads 0..3 of the pass)
+  extern __shared__ float4 sign_tables[];  // [kSignWarps][ceil(head_dim / 3) * 8]
   grid_dependency_wait();
   allow_dependent_launch();
   const int row = blockIdx.y;  // b * Hkv + h
   const int b = row / p.num_kv_heads, h = row % p.num_kv_heads;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int d = p.head_dim, nibbles = d / 4, group = p.num_q_heads / p.num_kv_heads;
+  const int d = p.head_dim, group = p.num_q_heads / p.num_kv_heads;
   const int query_heads = p.query_len * group;
+  const bool one_pass = query_heads <= kSignHeads;  // the usual decode step: the query is staged once
   const int64_t m = p.max_pages;
-  const int j = blockIdx.x * kSignWarps + warp;
-  const int page = j < m ? p.table_pages[b * m + j] : -1;
-  const bool has_row = page >= 0 && page < p.num_bound_rows;
-  const int keys = has_row ? min(max(p.table_counts[b * m + j], 0), p.page_size) : 0;
-  const int64_t head_row = (int64_t)(has_row ? page : 0) * p.num_kv_heads + h;
-  const TB* hi_row = static_cast<const TB*>(p.bounds) + head_row * 2 * d;
-  const TB* lo_row = hi_row + d;
-  const uint8_t* page_signs = p.signs + head_row * p.page_size * p.sign_bytes;
-  float4* table = nibble_tables + warp * nibbles * 16;
+  float4* table = sign_tables + warp * ((d + kGroupChannels - 1) / kGroupChannels) * 8;
   const TQ* q = static_cast<const TQ*>(p.q);
 
-  float score = 0.f;
-  for (int first_head = 0; first_head < query_heads; first_head += kSignHeads) {
-    const int heads = min(kSignHeads, query_heads - first_head);
-    __syncthreads();  // the previous pass is done with q_pass
-    for (int e = threadIdx.x; e < d; e += kSignWarps * 32) {
-      float v[kSignHeads];
+#pragma unroll 1
+  for (int k = 0; k < kSignPagesPerWarp; ++k) {
+    const int j = (blockIdx.x * kSignPagesPerWarp + k) * kSignWarps + warp;
+    const int page = j < m ? p.table_pages[b * m + j] : -1;
+    const bool has_row = page >= 0 && page < p.num_bound_rows;  // warp-uniform
+    const int keys = has_row ? min(max(p.table_counts[b * m + j], 0), p.page_size) : 0;
+    const int64_t head_row = (int64_t)(has_row ? page : 0) * p.num_kv_heads + h;
+    const TB* hi_row = static_cast<const TB*>(p.bounds) + head_row * 2 * d;
+    float score = 0.f;
+    for (int first_head = 0; first_head < query_heads; first_head += kSignHeads) {
+      const int heads = min(kSignHeads, query_heads - first_head);
+      if (k == 0 || !one_pass) {  // block-uniform
+        __syncthreads();  // every warp is done with q_pass
+        for (int e = threadIdx.x; e < d; e += kSignWarps * 32) {
+          float v[kSignHeads];
+#pragma unroll
+          for (int g = 0; g < kSignHeads; ++g) {
+            v[g] = 0.f;
+            if (g < heads) {
+              const int qh = first_head + g;  // (query qh / group, head-in-group qh % group)
+              const int64_t token = (int64_t)b * p.query_len + qh / group;
+              v[g] = to_float(q[token * p.q_stride_token + (int64_t)(h * group + qh % group) * p.q_stride_head + e]);
+            }
+          }
+          q_pass[e] = make_float4(v[0], v[1], v[2], v[3]);
+        }
+        __syncthreads();
+      }
+      if (!has_row) continue;
+      const float4 page_scores = score_sign_page<kDim>(q_pass, hi_row, hi_row + d,
+                                                       p.signs + head_row * p.page_size * p.sign_bytes, keys, d,
+                                                       p.sign_bytes, table, lane);
 #pragma unroll
       for (int g = 0; g < kSignHeads; ++g) {
-        v[g] = 0.f;
         if (g < heads) {
-          const int qh = first_head + g;  // (query qh / group, head-in-group qh % group)
-          const int64_t token = (int64_t)b * p.query_len + qh / group;
-          v[g] = to_float(q[token * p.q_stride_token + (int64_t)(h * group + qh % group) * p.q_stride_head + e]);
+          const float head_score = component(page_scores, g);
+          const bool first = first_head == 0 && g == 0;
+          score = first ? head_score : (p.head_reduce_sum ? score + head_score : fmaxf(score, head_score));
         }
       }
-      q_pass[e] = make_float4(v[0], v[1], v[2], v[3]);
     }
-    __syncthreads();
-    if (!has_row) continue;  // warp-uniform: this warp's entry has no bounds row (it scores -inf below)
-    // q.min, lanes over channels; then the nibble table, a lane per entry (n = i / 16, v = i % 16).
-    float4 base = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int e = lane; e < d; e += 32) base = fma4(q_pass[e], to_float(lo_row[e]), base);
-#pragma unroll
-    for (int s = 16; s >= 1; s >>= 1) {
-      base.x += __shfl_xor_sync(0xffffffffu, base.x, s);
-      base.y += __shfl_xor_sync(0xffffffffu, base.y, s);
-      base.z += __shfl_xor_sync(0xffffffffu, base.z, s);
-      base.w += __shfl_xor_sync(0xffffffffu, base.w, s);
-    }
-    __syncwarp();  // this warp's previous pass is done with its table
-    for (int i = lane; i < nibbles * 16; i += 32) {
-      const int n = i >> 4, v = i & 15;
-      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (int bit = 0; bit < 4; ++bit) {
-        if ((v >> bit) & 1) {
-          const int e = 4 * n + bit;
-          sum = fma4(q_pass[e], to_float(hi_row[e]) - to_float(lo_row[e]), sum);
-        }
-      }
-      table[i] = sum;
-    }
-    __syncwarp();
-    // Each lane's keys: one lookup per nibble of its sign bits (padding bits past head_dim are zero).
-    float4 best = make_float4(-INFINITY, -INFINITY, -INFINITY, -INFINITY);
-    for (int t = lane; t < keys; t += 32) {
-      const uint8_t* bits = page_signs + (int64_t)t * p.sign_bytes;
-      float4 estimate = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int c = 0; c < p.sign_bytes; ++c) {
-        const uint32_t byte = bits[c];
-        estimate = estimate + table[(2 * c) * 16 + (byte & 15u)];
-        if (2 * c + 1 < nibbles) estimate = estimate + table[(2 * c + 1) * 16 + (byte >> 4)];
-      }
-      best = max4(best, estimate);
-    }
-#pragma unroll
-    for (int s = 16; s >= 1; s >>= 1) {
-      best.x = fmaxf(best.x, __shfl_xor_sync(0xffffffffu, best.x, s));
-      best.y = fmaxf(best.y, __shfl_xor_sync(0xffffffffu, best.y, s));
-      best.z = fmaxf(best.z, __shfl_xor_sync(0xffffffffu, best.z, s));
-      best.w = fmaxf(best.w, __shfl_xor_sync(0xffffffffu, best.w, s));
-    }
-#pragma unroll
-    for (int g = 0; g < kSignHeads; ++g) {
-      if (g < heads) {
-        const float head_score = component(base, g) + component(best, g);  // -inf for a page without keys
-        const bool first = first_head == 0 && g == 0;
-        score = first ? head_score : (p.head_reduce_sum ? score + head_score : fmaxf(score, head_score));
-      }
+    if (lane == 0 && j < m) {
+      const float bias = p.table_bias[b * m + j];
+      // As score_pages_kernel: entries without a bounds row never win, +-inf bias ignores the score, NaN keeps
+      // the page.
+      p.scores[(int64_t)row * m + j] =
+          !has_row ? -INFINITY : isinf(bias) ? bias : isnan(score) ? INFINITY : score + bias;
     }
   }
-  if (lane != 0 || j >= m) return;
-  const float bias = p.table_bias[b * m + j];
-  // As score_pages_kernel: entries without a bounds row never win, +-inf bias ignores the score, NaN keeps the page.
-  score = !has_row ? -INFINITY : isinf(bias) ? bias : isnan(score) ? INFINITY : score + bias;
-  p.scores[(int64_t)row * m + j] = score;
 }
 
 // Order-preserving image of a float: a > b (as floats, -inf < finite < +inf) iff key(a) > key(b) (as uint32).
@@ -351,16 +432,28 @@ cudaError_t launch_score(const SelectPagesParams& p, cudaStream_t stream) {
   return launch_pdl(score_pages_kernel<TQ, TB>, grid, dim3(kScoreThreads), 0, stream, p);
 }
 
+template <typename TQ, typename TB, int kDim>
+cudaError_t launch_sign_score_dim(const SelectPagesParams& p, cudaStream_t stream) {
+  static_assert(kSignWarps * kMaxGroups * 8 * sizeof(float4) + kMaxHeadDim * sizeof(float4) <= 48 * 1024,
+                "score_sign_pages_kernel's tables must fit the default 48 KB of shared memory at head_dim 256");
+  const int pages_per_block = kSignWarps * kSignPagesPerWarp;
+  const dim3 grid((p.max_pages + pages_per_block - 1) / pages_per_block, p.batch * p.num_kv_heads);
+  return launch_pdl(score_sign_pages_kernel<TQ, TB, kDim>, grid, dim3(kSignWarps * 32),
+                    sign_table_bytes(p.head_dim), stream, p);
+}
+
 template <typename TQ, typename TB>
 cudaError_t launch_sign_score(const SelectPagesParams& p, cudaStream_t stream) {
-  const size_t smem = sign_table_bytes(p.head_dim);
-  if (smem > 48 * 1024) {  // opt in to more than 48 KB (a cheap host call, capture-safe)
-    const cudaError_t err = cudaFuncSetAttribute(score_sign_pages_kernel<TQ, TB>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (err != cudaSuccess) return err;
+  // The unrolled variants read a key's bits as 8-byte words.
+  if (reinterpret_cast<uintptr_t>(p.signs) % 8 == 0) {
+    switch (p.head_dim) {
+      case 64: return launch_sign_score_dim<TQ, TB, 64>(p, stream);
+      case 128: return launch_sign_score_dim<TQ, TB, 128>(p, stream);
+      case 256: return launch_sign_score_dim<TQ, TB, 256>(p, stream);
+      default: break;
+    }
   }
-  const dim3 grid((p.max_pages + kSignWarps - 1) / kSignWarps, p.batch * p.num_kv_heads);
-  return launch_pdl(score_sign_pages_kernel<TQ, TB>, grid, dim3(kSignWarps * 32), smem, stream, p);
+  return launch_sign_score_dim<TQ, TB, 0>(p, stream);
 }
 
 template <typename TB>
