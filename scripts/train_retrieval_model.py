@@ -22,7 +22,7 @@ evaluation's records. The models are saved in float16 with `save_pretrained`:
 Evaluating sparse policies on a saved model (dense, streaming, topk with the bounds or the key signs, each alone and
 with rerank=4, at budgets of 1/4 .. 1/32):
 
-    python scripts/train_retrieval_model.py --evaluate tests/data/retrieval_llama_4k [--device cuda]
+    python scripts/train_retrieval_model.py --evaluate tests/data/retrieval_llama_4k [--device cuda --dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -228,16 +228,18 @@ def print_policy_table(table: dict, task: RetrievalTask, page_size: int, fractio
 
 
 def evaluate(path: str, page_size: int, fractions, num_prompts: int, num_queries: int, seed: int,
-             device: str) -> dict:
-    """The policy table of the model saved at `path`, on held-out prompts."""
+             device: str, dtype: torch.dtype = torch.float32) -> dict:
+    """The policy table of the model saved at `path`, on held-out prompts (weights cast to dtype: bfloat16 on
+    CUDA runs flashcore's kernels, which take 16-bit inputs)."""
     import flashcore_hf  # noqa: F401  (registers attn_implementation="flashcore")
 
-    model = LlamaForCausalLM.from_pretrained(path, attn_implementation="flashcore", dtype=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(path, attn_implementation="flashcore", dtype=dtype)
     model = model.to(device).eval()
     task = RetrievalTask.of_model(model.config)
     prompts = task.make_batch(num_prompts, task.eval_records, num_queries, torch.Generator().manual_seed(seed))
     table = policy_table(model, task, prompts, page_size, fractions)
-    print_policy_table(table, task, page_size, fractions, f"{num_prompts} prompts x {num_queries} queries")
+    print_policy_table(table, task, page_size, fractions,
+                       f"{num_prompts} prompts x {num_queries} queries, {device} {str(dtype).removeprefix('torch.')}")
     return table
 
 
@@ -258,9 +260,12 @@ def main():
     parser.add_argument("--page-size", type=int, default=16, help="with --evaluate")
     parser.add_argument("--prompts", type=int, default=16, help="with --evaluate")
     parser.add_argument("--device", default="cpu", help="with --evaluate")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="with --evaluate (bfloat16 on CUDA runs flashcore's kernels)")
     args = parser.parse_args()
     if args.evaluate:
-        evaluate(args.evaluate, args.page_size, (4, 8, 16, 32), args.prompts, 16, 20261201, args.device)
+        evaluate(args.evaluate, args.page_size, (4, 8, 16, 32), args.prompts, 16, 20261201, args.device,
+                 getattr(torch, args.dtype))
         return
     task = RetrievalTask(args.keys, args.head_dim, args.heads, args.kv_heads, args.hidden)
     model = train(task, args.steps, args.tokens_per_step, args.seed, args.weight_decay)
