@@ -6,12 +6,22 @@ import pytest
 import torch
 
 import flashcore_hf as fc
-from flashcore_hf.sparse import PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots
 from flashcore_hf.ops import select_pages, update_page_bounds
+from flashcore_hf.sparse import (
+    PageKeySummaries,
+    SparseConfig,
+    StepSelection,
+    padded_page_table,
+    refresh_slots,
+)
 from flashcore_hf.sparse.summaries import pack_signs
 from tests.capture_checks import HostDataLog
 from tests.reference import random_paged_kv
-from tests.sparse_reference import assert_topk_picks, reference_sign_scores, unpack_signs
+from tests.sparse_reference import (
+    assert_topk_picks,
+    reference_sign_scores,
+    unpack_signs,
+)
 
 
 def _paged(lengths, page_size, hkv, d, generator):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import flashcore_hf as fc
-from flashcore_hf.sparse import PageKeySummaries, padded_page_table, refresh_slots
 from flashcore_hf.ops import select_pages
+from flashcore_hf.sparse import PageKeySummaries, padded_page_table, refresh_slots
 from tests.sparse_reference import assert_topk_picks, reference_sign_scores
 
 pytestmark = pytest.mark.gpu
@@ -84,7 +84,7 @@ def test_select_pages_with_signs_in_a_cuda_graph(generator):
     table = padded_page_table(layout, 256, 1, 2)
     gpu_table = type(table)(table.pages.cuda(), table.counts.cuda(), table.bias.cuda())
     q = torch.randn(1, hkv * group, d, generator=generator).to(torch.bfloat16).cuda()
-    run = lambda: select_pages(q, summaries.bounds, gpu_table.pages, gpu_table.counts, gpu_table.bias, 20,  # noqa
+    run = lambda: select_pages(q, summaries.bounds, gpu_table.pages, gpu_table.counts, gpu_table.bias, 20,
                                signs=summaries.signs)
     eager = run()
     stream = torch.cuda.Stream()
