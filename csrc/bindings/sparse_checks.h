@@ -14,6 +14,22 @@ inline DType bounds_dtype(const at::Tensor& bounds, const char* op) {
   return bounds.scalar_type() == at::kFloat ? DType::kFloat32 : DType::kBFloat16;
 }
 
+// Key sign bits [num_pages, num_kv_heads, page_size, ceil(head_dim / 8)] uint8 (PageKeySummaries.signs) of either
+// op; page_size < 0: any size >= 1 (select_pages reads it from signs).
+inline void check_signs(const at::Tensor& signs, const char* op, int64_t num_pages, int64_t hkv, int64_t page_size,
+                        int64_t sign_bytes, const at::Tensor& like, const char* like_name) {
+  const bool page_size_ok = page_size < 0 ? signs.dim() == 4 && signs.size(2) >= 1
+                                          : signs.dim() == 4 && signs.size(2) == page_size;
+  FC_CHECK(page_size_ok && signs.size(0) == num_pages && signs.size(1) == hkv && signs.size(3) == sign_bytes, op,
+           ": signs must be [num_pages=", num_pages, ", num_kv_heads=", hkv, ", page_size",
+           page_size < 0 ? std::string() : "=" + std::to_string(page_size), ", ceil(head_dim / 8)=", sign_bytes,
+           "], got shape ", signs.sizes());
+  FC_CHECK(signs.scalar_type() == at::kByte && signs.is_contiguous(), op,
+           ": signs must be a contiguous uint8 tensor, got ", signs.scalar_type());
+  FC_CHECK(signs.device() == like.device(), op, ": signs must be on ", like_name, "'s device, got ", signs.device());
+  check_fits_int32(signs.size(2), op, "signs.size(2)");
+}
+
 // Validates select_pages' arguments and fills the params; scores / outputs are set by the caller.
 inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at::Tensor& bounds,
                                                   const at::Tensor& table_pages, const at::Tensor& table_counts,
@@ -58,16 +74,7 @@ inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at:
   check_fits_int32(batch * max_pages, op, "batch * max_pages");
   check_fits_int32(q.size(0), op, "q.size(0)");
   const int64_t sign_bytes = (q.size(2) + 7) / 8;
-  if (signs.has_value()) {
-    FC_CHECK(signs->dim() == 4 && signs->size(0) == bounds.size(0) && signs->size(1) == hkv &&
-                 signs->size(2) >= 1 && signs->size(3) == sign_bytes, op,
-             ": signs must be [num_pages=", bounds.size(0), ", num_kv_heads=", hkv, ", page_size, ceil(head_dim / 8)=",
-             sign_bytes, "], got shape ", signs->sizes());
-    FC_CHECK(signs->scalar_type() == at::kByte && signs->is_contiguous(), op,
-             ": signs must be a contiguous uint8 tensor, got ", signs->scalar_type());
-    FC_CHECK(signs->device() == q.device(), op, ": signs must be on q's device, got ", signs->device());
-    check_fits_int32(signs->size(2), op, "signs.size(2)");
-  }
+  if (signs.has_value()) check_signs(*signs, op, bounds.size(0), hkv, -1, sign_bytes, q, "q");
   if (table_pages.device().is_cpu()) {
     const int32_t* pages = table_pages.data_ptr<int32_t>();
     for (int64_t i = 0; i < table_pages.numel(); ++i) {
@@ -129,13 +136,7 @@ inline UpdatePageBoundsParams make_update_page_bounds_params(const at::Tensor& b
   check_fits_int32(slot_mapping.numel(), op, "num_tokens");
   const int64_t sign_bytes = (k_cache.size(3) + 7) / 8;
   if (signs.has_value()) {
-    FC_CHECK(signs->dim() == 4 && signs->size(0) == bounds.size(0) && signs->size(1) == k_cache.size(2) &&
-                 signs->size(2) == k_cache.size(1) && signs->size(3) == sign_bytes, op,
-             ": signs must be [num_pages=", bounds.size(0), ", num_kv_heads=", k_cache.size(2), ", page_size=",
-             k_cache.size(1), ", ceil(head_dim / 8)=", sign_bytes, "], got shape ", signs->sizes());
-    FC_CHECK(signs->scalar_type() == at::kByte && signs->is_contiguous(), op,
-             ": signs must be a contiguous uint8 tensor, got ", signs->scalar_type());
-    FC_CHECK(signs->device() == k_cache.device(), op, ": signs must be on k_cache's device, got ", signs->device());
+    check_signs(*signs, op, bounds.size(0), k_cache.size(2), k_cache.size(1), sign_bytes, k_cache, "k_cache");
   }
   UpdatePageBoundsParams p;
   p.bounds = bounds.data_ptr();
