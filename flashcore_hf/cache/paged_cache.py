@@ -592,10 +592,10 @@ class PagedKVCache(Cache):
         device work (copy-on-write page copies aside). A CUDA-graph replay loads it into its fixed buffers
         (`fixed_decode_shape`). The plan `prepare_next_decode_step` made, when nothing changed the cache since.
         Raises OutOfPagesError like a forward step."""
-        ahead, self._next_decode = self._next_decode, None
+        ahead = self._next_decode
         if ahead is not None and ahead[1] == device and self._pending is None:
+            self._next_decode = None
             return ahead[0]
-        self._next_decode = ahead
         self.flush()
         return self._begin_step(len(self._rows), 1, None, device)
 
