@@ -3,7 +3,7 @@
 1. Attention per layer, B=1 x 128K context, Hq 32 / Hkv 8, D 128, bf16, page size 64, budget 4096 tokens (64 pages):
    dense flashcore decode vs topk (the select_pages kernels: Quest scores + radix top-k, then paged_attention over
    per-kv-head page lists), topk_rerank (topk with rerank=4: the exact scores of 4 x budget candidates' keys pick
-   the budget), topk_signs (pages scored by their keys' sign bits, torch ops) and streaming, with the parts
+   the budget), topk_signs (pages scored by their keys' sign bits) and streaming, with the parts
    (selection, attention, the summary update of the written page, the once-per-step page table) and the whole of
    it; graph_us: 16 calls captured in one CUDA graph, per call (no launch overhead, as inside a graph-captured
    decode step). Two more clocks:

@@ -53,7 +53,8 @@ class SparseConfig:
         upper bound sum_d max(q_d max_d, q_d min_d) from the page's element-wise key max / min. "signs": the largest
         over the page's valid keys of sum_d q_d (max_d if k_d > 0 else min_d), each key reduced to its sign bits
         (head_dim bits per key and kv head, 1/16 of a 16-bit key cache more memory), scored by the select_pages
-        kernels (a warp per page tabulates the page's per-nibble sums once, then one lookup per 4 channels a key).
+        kernels (a warp per page tabulates the page's sums per group of 3 channels once, then one lookup per group
+        a key).
     max_query_len: steps with at most this many new tokens per sequence use the policy (decode; small n_q such as
         speculative verification); longer steps (prefill) are dense. At most MAX_SPARSE_QUERY_LEN (16), the most
         queries per sequence the CUDA decode kernel, which reads per-kv-head page lists, takes.
