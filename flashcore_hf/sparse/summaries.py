@@ -127,8 +127,11 @@ def pack_signs(keys: torch.Tensor) -> torch.Tensor:
     bits = keys > 0
     if d % 8:
         bits = torch.nn.functional.pad(bits, (0, 8 - d % 8))
-    shifts = torch.arange(8, dtype=torch.int32, device=keys.device)    # made on the device: capturable
-    return (bits.view(*bits.shape[:-1], -1, 8).to(torch.int32) << shifts).sum(-1).to(torch.uint8)
+    # Bit weights 1, 2, ..., 128 made on the device (no host data). Distinct powers of two: their uint8 sum is the
+    # OR of the bits, with byte-sized intermediates (an int32 shift-and-sum moved 4x the bytes: 4x slower on CPU).
+    shifts = torch.arange(8, dtype=torch.uint8, device=keys.device)
+    weights = torch.ones(8, dtype=torch.uint8, device=keys.device).bitwise_left_shift_(shifts)
+    return (bits.view(*bits.shape[:-1], -1, 8) * weights).sum(-1, dtype=torch.uint8)
 
 
 def refresh_slots(pages: torch.Tensor, counts: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
