@@ -5,8 +5,8 @@
    per-kv-head page lists), topk_rerank (topk with rerank=4: the exact scores of 4 x budget candidates' keys pick
    the budget), topk_signs (pages scored by their keys' sign bits) and streaming, with the parts
    (selection, attention, the summary update of the written page, the once-per-step page table) and the whole of
-   it; graph_us: 16 calls captured in one CUDA graph, per call (no launch overhead, as inside a graph-captured
-   decode step). Two more clocks:
+   it; graph_us: replays of a CUDA graph holding one call (no host launch overhead, as inside a graph-captured
+   decode step; the graph launch's own fixed cost is included). Two more clocks:
    `gpu_us` is triton's do_bench median (device time, L2 flushed), `wall_us` back-to-back calls on the host clock
    (includes Python and launch overhead, what an eager decode step pays). SDPA cuDNN on a contiguous copy of the
    same K/V is the reference.
@@ -20,6 +20,7 @@
 Writes sparse_layer.csv, sparse_e2e.csv and sparse.png under $OUT (or ./benchmark_results); prints the tables last.
 
     python benchmarks/bench_sparse.py [--context 131072] [--budget 4096] [--new-tokens 48] [--skip-e2e] [--eager-too]
+    python benchmarks/bench_sparse.py --skip-e2e --kernels   # + the kernels of each per-layer graph replay
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, median_ms, output_dir, print_table, write_csv  # noqa: E402
+from common import device_name, kernels_of, median_ms, output_dir, print_table, write_csv  # noqa: E402
 
 import flashcore_hf as fc  # noqa: E402
 from flashcore_hf.cache import page_count_bucket  # noqa: E402
@@ -73,7 +74,8 @@ def graph_of(fn):
         return None, str(err).splitlines()[0][:120]
 
 
-def layer_benchmark(context: int, budget: int, page_size: int) -> list[dict]:
+def layer_benchmark(context: int, budget: int, page_size: int, kernels: bool = False) -> list[dict]:
+    """Rows of the per-layer table; kernels: also print the kernels of every graph-captured row (one replay)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     num_pages = context // page_size
     k_pool = torch.randn(num_pages + 8, page_size, HKV, D, device="cuda", dtype=DTYPE, generator=gen)
@@ -110,6 +112,10 @@ def layer_benchmark(context: int, budget: int, page_size: int) -> list[dict]:
         if graph:
             replay, why = graph_of(fn)
             row["graph_us"] = 1e3 * median_ms(replay) if replay else None
+            if kernels and replay:
+                print(f"kernels of one replay of '{name}' (launches, GPU µs, name):")
+                for kernel, count, us in kernels_of(replay):
+                    print(f"  {count:4.0f} {us:8.2f}  {kernel[:140]}")
             if why:
                 row["note"] = "; ".join(filter(None, [note, f"graph capture failed: {why}"]))
         rows.append(row)
@@ -272,10 +278,11 @@ def main():
                         help="comma-separated (dense, topk, topk_rerank, topk_signs, streaming)")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--eager-too", action="store_true", help="end to end also without CUDA-graph decode")
+    parser.add_argument("--kernels", action="store_true", help="print the kernels of each per-layer graph replay")
     args = parser.parse_args()
     print(f"{device_name()}, torch {torch.__version__}", flush=True)
 
-    layer_rows = layer_benchmark(args.context, args.budget, args.page_size)
+    layer_rows = layer_benchmark(args.context, args.budget, args.page_size, args.kernels)
     write_csv(layer_rows, "sparse_layer.csv")
     torch.cuda.empty_cache()
     e2e_rows = [] if args.skip_e2e else e2e_benchmark(args.context, args.budget, args.new_tokens,

@@ -63,3 +63,24 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def kernels_of(fn, calls: int = 8) -> list[tuple[str, float, float]]:
+    """The CUDA kernels fn() launches, from torch.profiler over `calls` calls (fn may be a CUDA graph's replay: CUPTI
+    records graph kernels): (name, launches per call, GPU µs per call) by descending time; memcpy/memset included."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name][0] += 1
+            totals[event.name][1] += event.device_time
+    return sorted(((name, count / calls, us / calls) for name, (count, us) in totals.items()), key=lambda r: -r[2])

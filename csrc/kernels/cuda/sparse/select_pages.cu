@@ -1,10 +1,12 @@
 // "topk" page selection on the GPU (see SelectPagesParams in params.h for the contract), in two PDL-chained kernels:
 //
 // 1. Scores, grid (page chunks, batch * Hkv):
-//    score_pages_kernel (page bounds alone): one thread scores one page, streaming its bounds row (max then min, 4
-//    dims per load, 4 loads in flight) against the query heads' positive and negative parts, which the block keeps
-//    in shared memory (read as broadcasts). No cross-lane reductions: a first version with one warp per page spent
-//    ~7x the instructions on shuffles and icache misses (ncu: 23 us for 2048 pages x 8 heads).
+//    score_pages_kernel (page bounds alone): 8 threads per page, each holding every 8th group of 4 dims of the
+//    page's bounds row (max and min; all loads issued up front, so a page costs one memory latency), dotted with
+//    the query heads' positive and negative parts that the block keeps in shared memory, then summed over the 8
+//    lanes (3 shuffles per query head). Two earlier versions: one thread per page streaming its 512-byte row with
+//    4 loads in flight was latency-bound (11.8 us for 2048 pages x 8 heads, H200); one warp per page spent ~7x the
+//    instructions on shuffles and icache misses (23 us).
 //    score_sign_pages_kernel (key signs): a warp per page (4 pages each in turn), its lanes over the page's keys. A
 //    key's estimate is q.min + the sum over the channels e whose sign bit is set of w_e = q_e (max_e - min_e); the
 //    warp first tabulates, per group of 3 channels, the 8 sums of w over the group's bit patterns (4 query heads per
@@ -30,7 +32,9 @@
 namespace flashcore {
 namespace {
 
-constexpr int kScoreThreads = 64;        // pages per score block
+constexpr int kScoreThreads = 256;       // threads per score_pages_kernel block
+constexpr int kScoreLanes = 8;           // threads per page (a page's bounds row in one coalesced sweep)
+constexpr int kScorePages = kScoreThreads / kScoreLanes;  // pages per score_pages_kernel block
 constexpr int kQueryHeadsPerPass = 8;    // query heads whose parts sit in shared memory per pass over the bounds
 constexpr int kDimsPerLoad = 4;
 constexpr int kMaxHeadDim = 256;
@@ -55,7 +59,8 @@ __device__ __forceinline__ float4 load_quad(const T* src) {
   }
 }
 
-template <typename TQ, typename TB>
+// kLaneQuads: groups of 4 dims each thread holds (head_dim <= 4 * kScoreLanes * kLaneQuads).
+template <typename TQ, typename TB, int kLaneQuads>
 __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(const SelectPagesParams p) {
   // q_pos / q_neg [kQueryHeadsPerPass][head_dim]: max(q, 0) and min(q, 0) of the pass's query heads.
   __shared__ float4 q_pos[kQueryHeadsPerPass * kMaxHeadDim / kDimsPerLoad];
@@ -66,12 +71,24 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(const Select
   const int b = row / p.num_kv_heads, h = row % p.num_kv_heads;
   const int d = p.head_dim, quads = d / kDimsPerLoad, group = p.num_q_heads / p.num_kv_heads;
   const int query_heads = p.query_len * group;
-  const int j = blockIdx.x * kScoreThreads + threadIdx.x;
+  const int lane = threadIdx.x % kScoreLanes;  // this thread's share of the page: quads lane, lane + kScoreLanes, ...
+  const int j = blockIdx.x * kScorePages + threadIdx.x / kScoreLanes;
   const int page = j < p.max_pages ? p.table_pages[(int64_t)b * p.max_pages + j] : -1;
   const bool has_row = page >= 0 && page < p.num_bound_rows;
   const TB* hi_row = static_cast<const TB*>(p.bounds) + ((int64_t)(has_row ? page : 0) * p.num_kv_heads + h) * 2 * d;
   const TB* lo_row = hi_row + d;
   const TQ* q = static_cast<const TQ*>(p.q);
+
+  // Every load of this thread's bounds is issued before the first is used (one memory latency per page); lanes
+  // past the head dim (or of pages without a row) hold zeros.
+  float4 hi[kLaneQuads], lo[kLaneQuads];
+#pragma unroll
+  for (int i = 0; i < kLaneQuads; ++i) {
+    const int c = lane + i * kScoreLanes;
+    const bool in = has_row && c < quads;
+    hi[i] = in ? load_quad(hi_row + c * kDimsPerLoad) : make_float4(0.f, 0.f, 0.f, 0.f);
+    lo[i] = in ? load_quad(lo_row + c * kDimsPerLoad) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
 
   float score = 0.f;
   for (int first_head = 0; first_head < query_heads; first_head += kQueryHeadsPerPass) {
@@ -86,30 +103,27 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(const Select
       q_neg[i] = make_float4(fminf(v.x, 0.f), fminf(v.y, 0.f), fminf(v.z, 0.f), fminf(v.w, 0.f));
     }
     __syncthreads();
-    if (!has_row) continue;
-    float dot[kQueryHeadsPerPass] = {};
-#pragma unroll 4
-    for (int c = 0; c < quads; ++c) {
-      const float4 hi = load_quad(hi_row + c * kDimsPerLoad);
-      const float4 lo = load_quad(lo_row + c * kDimsPerLoad);
-#pragma unroll
-      for (int g = 0; g < kQueryHeadsPerPass; ++g) {
-        if (g < heads) {  // block-uniform
-          const float4 qp = q_pos[g * quads + c], qn = q_neg[g * quads + c];
-          dot[g] += qp.x * hi.x + qp.y * hi.y + qp.z * hi.z + qp.w * hi.w +
-                    qn.x * lo.x + qn.y * lo.y + qn.z * lo.z + qn.w * lo.w;
-        }
-      }
-    }
 #pragma unroll
     for (int g = 0; g < kQueryHeadsPerPass; ++g) {
-      if (g < heads) {
+      if (g < heads) {  // block-uniform
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < kLaneQuads; ++i) {
+          const int c = lane + i * kScoreLanes;
+          if (c < quads) {
+            const float4 qp = q_pos[g * quads + c], qn = q_neg[g * quads + c];
+            dot += qp.x * hi[i].x + qp.y * hi[i].y + qp.z * hi[i].z + qp.w * hi[i].w +
+                   qn.x * lo[i].x + qn.y * lo[i].y + qn.z * lo[i].z + qn.w * lo[i].w;
+          }
+        }
+#pragma unroll
+        for (int s = kScoreLanes / 2; s >= 1; s >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, s);
         const bool first = first_head == 0 && g == 0;
-        score = first ? dot[g] : (p.head_reduce_sum ? score + dot[g] : fmaxf(score, dot[g]));
+        score = first ? dot : (p.head_reduce_sum ? score + dot : fmaxf(score, dot));
       }
     }
   }
-  if (j >= p.max_pages) return;
+  if (j >= p.max_pages || lane != 0) return;
   const float bias = p.table_bias[(int64_t)b * p.max_pages + j];
   // Pages without a bounds row never win; forced pages (+inf) and entries past the end (-inf) ignore the score;
   // a NaN bound (inf * 0) keeps its page.
@@ -428,8 +442,12 @@ __global__ void __launch_bounds__(kSelectThreads) select_top_pages_kernel(const 
 
 template <typename TQ, typename TB>
 cudaError_t launch_score(const SelectPagesParams& p, cudaStream_t stream) {
-  const dim3 grid((p.max_pages + kScoreThreads - 1) / kScoreThreads, p.batch * p.num_kv_heads);
-  return launch_pdl(score_pages_kernel<TQ, TB>, grid, dim3(kScoreThreads), 0, stream, p);
+  const dim3 grid((p.max_pages + kScorePages - 1) / kScorePages, p.batch * p.num_kv_heads);
+  // Registers for the bounds a thread holds: half as many up to head dim 128.
+  constexpr int kQuadsAt128 = 128 / kDimsPerLoad / kScoreLanes, kQuadsAtMax = kMaxHeadDim / kDimsPerLoad / kScoreLanes;
+  const auto kernel =
+      p.head_dim <= 128 ? score_pages_kernel<TQ, TB, kQuadsAt128> : score_pages_kernel<TQ, TB, kQuadsAtMax>;
+  return launch_pdl(kernel, grid, dim3(kScoreThreads), 0, stream, p);
 }
 
 template <typename TQ, typename TB, int kDim>
