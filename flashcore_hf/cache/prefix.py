@@ -3,14 +3,19 @@ tokens (the same document with another question, a few-shot header, a chat's his
 
 Pages are keyed as vLLM's automatic prefix caching keys them: page i of a prompt (its tokens i * P .. (i+1) * P - 1)
 by a hash of its tokens and of the key of page i - 1, so a key names the whole token prefix up to the page's end.
-Only full pages are kept. A hit is exact, never a hash guess: every entry stores its tokens and its parent's key,
-and both are compared on lookup. Entries also belong to one model signature (the model object, page size, and each
-layer's dtype, device, KV heads and head dim); a different signature empties the cache first.
+Only full pages are kept. A hit is exact, never a hash guess: every entry stores its tokens and the id of the entry
+it was stored after (ids are never reused), and lookup follows a chain only through entries whose tokens match and
+whose parent is the very entry it matched one page earlier. So when two prefixes' keys collide and one overwrites
+the other's entry, the pages stored after the old one no longer chain to it (comparing the parent's key instead
+would hand them to the new prefix: tests/test_prefix_cache_properties.py finds that with keys cut to 2 bits).
+Entries also belong to one model signature (the model object, page size, and each layer's dtype, device, KV heads
+and head dim); a different signature empties the cache first.
 
 Storage is the cache's own: one K and one V tensor per layer of `max_pages` pages, on the layer's device, allocated
 at the first store. A generate() call copies the pages of its longest hit into its PagedKVCache before the prefill
 (device copies, ~1 ms per GB) and copies its prompt's new full pages in afterwards; when full, the least recently
-used entries are overwritten. Memory is therefore fixed and known: max_pages x page bytes of every layer.
+used entries are overwritten, the last pages of a prompt before its first ones (a page is useless without the
+pages before it). Memory is therefore fixed and known: max_pages x page bytes of every layer.
 
 Weights changed in place between calls make the stored K/V stale: call `clear()` then (a different model object is
 recognised by itself).
@@ -40,8 +45,9 @@ class PrefixCacheStats:
 @dataclass
 class _Entry:
     slot: int
-    parent: bytes
+    parent: int   # the id of the entry of the page before (0: the prompt's first page)
     tokens: bytes
+    id: int
 
 
 class PrefixCache:
@@ -56,6 +62,7 @@ class PrefixCache:
         self._free = list(range(self.max_pages - 1, -1, -1))
         self._storage: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._signature: tuple | None = None
+        self._last_id = 0
         self.stats = PrefixCacheStats()
 
     def clear(self) -> None:
@@ -79,16 +86,17 @@ class PrefixCache:
         self.stats.lookups += 1
         if signature != self._signature:
             return []
-        slots, parent = [], b""
+        slots, chain, key, parent = [], [], b"", 0
         for i in range(min(len(tokens) // page_size, max_pages)):
             page = _token_bytes(tokens[i * page_size:(i + 1) * page_size])
-            key = _key(parent, page)
+            key = _key(key, page)
             entry = self._entries.get(key)
             if entry is None or entry.parent != parent or entry.tokens != page:
                 break
-            self._entries.move_to_end(key)
             slots.append(entry.slot)
-            parent = key
+            chain.append(key)
+            parent = entry.id
+        self._touch(chain)
         if slots:
             self.stats.hits += 1
             self.stats.tokens_reused += len(slots) * page_size
@@ -113,27 +121,41 @@ class PrefixCache:
             self._storage = [(torch.empty((self.max_pages, *k.shape[1:]), dtype=k.dtype, device=k.device),
                               torch.empty((self.max_pages, *v.shape[1:]), dtype=v.dtype, device=v.device))
                              for k, v in pools]
-        parent, new_slots, new_pages, keep = b"", [], [], set()
+        key, parent, new_slots, new_pages, chain, kept = b"", 0, [], [], [], set()
         for i in range(min(len(tokens) // page_size, len(pages))):
             page = _token_bytes(tokens[i * page_size:(i + 1) * page_size])
-            key = _key(parent, page)
+            key = _key(key, page)
             entry = self._entries.get(key)
             if entry is None or entry.parent != parent or entry.tokens != page:
-                slot = self._take_slot(keep) if entry is None else entry.slot   # a key clash: overwrite it
+                if entry is not None and key in kept:  # keys of this prompt's own pages collide: keep the run so far
+                    break
+                # A new page, or a key clash with another prefix's entry (overwritten in place: the pages stored
+                # after it no longer chain to it).
+                slot = self._take_slot(kept) if entry is None else entry.slot
                 if slot is None:
                     break
-                entry = self._entries[key] = _Entry(slot, parent, page)
+                self._last_id += 1
+                entry = self._entries[key] = _Entry(slot, parent, page, self._last_id)
                 new_slots.append(slot)
                 new_pages.append(pages[i])
                 self.stats.stores += 1
-            self._entries.move_to_end(key)
-            keep.add(key)
-            parent = key
+            self._entries.move_to_end(key)  # (kept pages never sit at the front, which _take_slot scans)
+            chain.append(key)
+            kept.add(key)
+            parent = entry.id
+        self._touch(chain)
         if new_slots:
             _copy_pages(pools, new_pages, self._storage, new_slots)
         self.stats.pages_stored = len(self._entries)
 
+    def _touch(self, chain: list[bytes]) -> None:
+        """Mark a prompt's run of pages as the most recently used, its first page last: eviction (least recently used
+        first) then takes a run's later pages before the earlier ones they depend on."""
+        for key in reversed(chain):
+            self._entries.move_to_end(key)
+
     def _take_slot(self, keep: set[bytes]) -> int | None:
+        """A free storage slot, else the slot of the least recently used entry not in `keep` (None: all kept)."""
         if self._free:
             return self._free.pop()
         for key in self._entries:            # least recently used first
