@@ -9,6 +9,7 @@ cascade; repeated generate() calls with different lengths in a row.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -345,6 +346,26 @@ def test_prefix_cache_is_not_used_where_it_cannot_be_exact(model, monkeypatch):
     with torch.inference_mode():
         model.generate(ids, pad_token_id=0, max_new_tokens=4, do_sample=False, **{fc.CACHE_KWARG: sparse})
     assert lengths.columns == [100]
+
+
+def test_prefix_cache_is_not_used_after_weights_change_in_place(model):
+    """An optimizer step, load_state_dict or a manual edit changes the weights in place: K/V kept under the old
+    weights must not be reused (the parameters' version counters are part of the model's signature)."""
+    edited = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(11)
+    ids = torch.randint(1, 200, (1, 100), generator=generator)
+    store = fc.PrefixCache(max_pages=64)
+    _answer(edited, ids, store)
+    _answer(edited, ids, store)
+    assert store.stats.hits == 1                       # unchanged weights: the prompt's pages are reused
+    with torch.no_grad():
+        edited.model.layers[0].self_attn.k_proj.weight.mul_(1.5)
+    cached, _ = _answer(edited, ids, store)
+    assert store.stats.hits == 1                       # edited weights: prefilled whole
+    assert torch.equal(cached, _answer(edited, ids)[0])
+    edited.load_state_dict(model.state_dict())         # back to the original values, copied in place
+    _answer(edited, ids, store)
+    assert store.stats.hits == 1
 
 
 def test_prefix_cache_options_and_bad_values(model, monkeypatch):

@@ -8,8 +8,8 @@ it was stored after (ids are never reused), and lookup follows a chain only thro
 whose parent is the very entry it matched one page earlier. So when two prefixes' keys collide and one overwrites
 the other's entry, the pages stored after the old one no longer chain to it (comparing the parent's key instead
 would hand them to the new prefix: tests/test_prefix_cache_properties.py finds that with keys cut to 2 bits).
-Entries also belong to one model signature (the model object, page size, and each layer's dtype, device, KV heads
-and head dim); a different signature empties the cache first.
+Entries also belong to one model signature (the model object, its dtype, device and weights' version counters, the
+page size and layer count); a different signature empties the cache first.
 
 Storage is the cache's own: one K and one V tensor per layer of `max_pages` pages, on the layer's device, allocated
 at the first store. A generate() call copies the pages of its longest hit into its PagedKVCache before the prefill
@@ -17,8 +17,9 @@ at the first store. A generate() call copies the pages of its longest hit into i
 used entries are overwritten, the last pages of a prompt before its first ones (a page is useless without the
 pages before it). Memory is therefore fixed and known: max_pages x page bytes of every layer.
 
-Weights changed in place between calls make the stored K/V stale: call `clear()` then (a different model object is
-recognised by itself).
+Weights changed in place between calls (an optimizer step, load_state_dict) bump the parameters' version counters,
+which are part of the signature (flashcore_hf/hf/integration.py). Changes the parameters do not show (an adapter
+switched on or off, parameters made under torch.inference_mode(), which keep no counter) need `clear()`.
 """
 from __future__ import annotations
 

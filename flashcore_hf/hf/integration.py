@@ -156,8 +156,9 @@ class _PagedPrefill(PrefillHooks):
     def __init__(self, cache: PagedKVCache, model):
         self.cache = cache
         self.share_rows = cache.share_prefixes
-        parameter = next(model.parameters())
-        self.model_key = (_model_id(model), str(parameter.dtype), str(parameter.device))
+        parameters = list(model.parameters())
+        self.model_key = (_model_id(model), str(parameters[0].dtype), str(parameters[0].device),
+                          _weights_version(parameters))
         self.prompts: list[list[int]] | None = None   # the prefilled rows' token ids, read once in before()
 
     def before(self, input_ids, model_kwargs) -> int:
@@ -185,6 +186,17 @@ def _model_id(model) -> int:
     if model not in _MODEL_IDS:
         _MODEL_IDS[model] = next(_NEXT_MODEL_ID)
     return _MODEL_IDS[model]
+
+
+def _weights_version(parameters: list[torch.Tensor]) -> tuple[int, int]:
+    """(parameter count, the sum of their version counters): changes whenever a weight is modified in place (an
+    optimizer step, load_state_dict, a manual edit) or parameters are added or removed, so K/V kept by a PrefixCache
+    under the old weights is never reused. Parameters made under torch.inference_mode() keep no version counter;
+    their in-place changes are not seen (PrefixCache.clear() is then the user's part)."""
+    try:
+        return len(parameters), sum(p._version for p in parameters)
+    except RuntimeError:
+        return len(parameters), -1
 
 
 def paged_prefill_hooks(model, model_kwargs) -> _PagedPrefill | None:
