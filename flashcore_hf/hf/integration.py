@@ -156,9 +156,11 @@ class _PagedPrefill(PrefillHooks):
     def __init__(self, cache: PagedKVCache, model):
         self.cache = cache
         self.share_rows = cache.share_prefixes
-        parameters = list(model.parameters())
-        self.model_key = (_model_id(model), str(parameters[0].dtype), str(parameters[0].device),
-                          _weights_version(parameters))
+        self.model_key = None  # what names the model's K/V for the prefix cache (only with one)
+        if cache.prefix_cache is not None:
+            parameters = list(model.parameters())
+            self.model_key = (_model_id(model), str(parameters[0].dtype), str(parameters[0].device),
+                              _weights_version(parameters))
         self.prompts: list[list[int]] | None = None   # the prefilled rows' token ids, read once in before()
 
     def before(self, input_ids, model_kwargs) -> int:
