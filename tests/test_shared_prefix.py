@@ -14,6 +14,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import flashcore_hf as fc
@@ -146,6 +148,58 @@ def test_cascade_layouts_read_the_same_keys_as_the_full_layout(generator):
     cols = torch.tensor([p for t, n in zip(tables, keys) for p in t[:-(-n // page)]], dtype=torch.int32)
     counts = torch.tensor([min(page, n - i * page) for t, n in zip(tables, keys) for i in range(-(-n // page))],
                           dtype=torch.int32)
+    offsets = torch.tensor([0, *torch.tensor([-(-n // page) for n in keys]).cumsum(0).tolist()], dtype=torch.int32)
+    ref, _ = reference_paged_attention(q, k_pool, v_pool, offsets, cols, counts, q_indptr, causal=True)
+    torch.testing.assert_close(merged.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+@st.composite
+def _decode_batches(draw):
+    """Page tables of a decode step whose rows continue a few prompts (shared leading pages, then their own), each
+    row's key count, the page size and a group size cap."""
+    page = draw(st.integers(1, 5))
+    trunks = draw(st.lists(st.lists(st.integers(0, 59), min_size=0, max_size=4, unique=True), min_size=1,
+                           max_size=3))
+    tables, keys, next_page = [], [], 60
+    for _ in range(draw(st.integers(1, 7))):
+        trunk = draw(st.sampled_from(trunks))
+        own = draw(st.integers(1, 3))
+        table = trunk + list(range(next_page, next_page + own))
+        next_page += own
+        tables.append(table)
+        keys.append(draw(st.integers((len(table) - 1) * page + 1, len(table) * page)))
+    return tables, keys, page, draw(st.integers(1, 4))
+
+
+@given(_decode_batches(), st.integers(0, 2**16))
+@settings(max_examples=80, deadline=None)
+def test_cascade_equals_full_attention_on_random_decode_batches(batch, seed):
+    """Any batch of rows sharing leading pages (any page size, partial last pages, group caps cutting groups): the
+    prefix attention (groups, non-causal) merged with each row's suffix equals attention over each row's pages."""
+    tables, keys, page, max_group = batch
+    shared = shared_prefixes(tables, keys, page, min_saved=0.0, max_group=max_group)
+    if shared is None:
+        return
+    assert sorted(shared.order) == list(range(len(tables)))
+    assert all(b - a <= max_group for a, b in zip(shared.group_starts[:-1], shared.group_starts[1:]))
+    generator = torch.Generator().manual_seed(seed)
+    hkv, group, d = 2, 2, 8
+    num_pages = max(p for t in tables for p in t) + 1
+    k_pool = torch.randn(num_pages, page, hkv, d, generator=generator)
+    v_pool = torch.randn(num_pages, page, hkv, d, generator=generator)
+    rows = len(tables)
+    runs = QueryRuns(list(range(rows + 1)), list(range(rows)), keys)
+    layouts, _, (order, inverse, group_indptr) = cascade_layouts(shared, runs, tables, page)
+    for layout in layouts.values():
+        assert layout.cols.numel() == layout.token_counts.numel() == int(layout.row_offsets[-1])
+    q = torch.randn(rows, hkv * group, d, generator=generator)
+    q_indptr = torch.arange(rows + 1, dtype=torch.int32)
+    out_p, lse_p = fc.paged_attention(q[order.long()], k_pool, v_pool, layouts[PREFIX], group_indptr, causal=False,
+                                      return_lse=True)
+    out_s, lse_s = fc.paged_attention(q, k_pool, v_pool, layouts[SUFFIX], q_indptr, return_lse=True)
+    merged = merge_attention_states(out_p, lse_p, out_s, lse_s, a_rows=inverse)
+    cols = torch.tensor([p for t, n in zip(tables, keys) for p in t[:-(-n // page)]], dtype=torch.int32)
+    counts = torch.tensor([min(page, n - i * page) for n in keys for i in range(-(-n // page))], dtype=torch.int32)
     offsets = torch.tensor([0, *torch.tensor([-(-n // page) for n in keys]).cumsum(0).tolist()], dtype=torch.int32)
     ref, _ = reference_paged_attention(q, k_pool, v_pool, offsets, cols, counts, q_indptr, causal=True)
     torch.testing.assert_close(merged.double(), ref, atol=2e-5, rtol=2e-5)
