@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, median_ms, output_dir, print_table, write_csv  # noqa: E402
+from common import device_name, kernels_of, median_ms, output_dir, print_table, write_csv  # noqa: E402
 
 import flashcore_hf as fc  # noqa: E402
 
@@ -81,8 +81,6 @@ def time_sdpa(backend, q, k, v):
 
 def profile_kernels(cases, iters=20):
     """Average device time per kernel (CUPTI through torch.profiler) of flashcore and SDPA cuDNN, no L2 flush."""
-    from torch.profiler import ProfilerActivity, profile
-
     gen = torch.Generator(device="cuda").manual_seed(1)
     for batch, ctx, page_size in cases:
         k_cache, v_cache, layout, q, q_indptr, pps = make_paged(batch, ctx, page_size, gen)
@@ -94,17 +92,11 @@ def profile_kernels(cases, iters=20):
         }
         for name, fn in fns.items():
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                for _ in range(3):
-                    fn()
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(iters):
-                        fn()
-                    torch.cuda.synchronize()
-            for evt in prof.key_averages():
-                if evt.device_type == torch.autograd.DeviceType.CUDA and evt.count >= iters:
-                    print(f"B{batch} x {ctx} p{page_size} {name:9s} {evt.key[:90]:90s} "
-                          f"{evt.device_time_total / evt.count:8.1f} us x {evt.count // iters}", flush=True)
+                kernels = kernels_of(fn, calls=iters, warmup=3)
+            for kernel, launches, us in kernels:
+                if launches >= 1:  # every call's kernels (not a one-off)
+                    print(f"B{batch} x {ctx} p{page_size} {name:9s} {kernel[:90]:90s} "
+                          f"{us / launches:8.1f} us x {launches:.0f}", flush=True)
         del k_cache, v_cache, kd, vd, plan
         torch.cuda.empty_cache()
 

@@ -65,14 +65,16 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def kernels_of(fn, calls: int = 8) -> list[tuple[str, float, float]]:
-    """The CUDA kernels fn() launches, from torch.profiler over `calls` calls (fn may be a CUDA graph's replay: CUPTI
-    records graph kernels): (name, launches per call, GPU µs per call) by descending time; memcpy/memset included."""
+def kernels_of(fn, calls: int = 8, warmup: int = 1) -> list[tuple[str, float, float]]:
+    """The CUDA kernels fn() launches, from torch.profiler over `calls` calls after `warmup` unprofiled ones (fn may
+    be a CUDA graph's replay: CUPTI records graph kernels): (name, launches per call, GPU µs per call) by descending
+    time; memcpy/memset included."""
     from collections import defaultdict
 
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
