@@ -129,28 +129,36 @@ def test_no_cascade_when_it_saves_little():
     assert 16 / 96 < CASCADE_MIN_SAVED
 
 
-def test_cascade_layouts_read_the_same_keys_as_the_full_layout(generator):
-    """Attention over prefix (grouped, non-causal) merged with suffix equals attention over each row's pages."""
-    page, hkv, group, d = 4, 2, 3, 8
-    k_pool = torch.randn(30, page, hkv, d, generator=generator)
-    v_pool = torch.randn(30, page, hkv, d, generator=generator)
-    tables = [[3, 4, 5, 10], [7, 8, 11], [3, 4, 5, 12], [7, 8, 13], [3, 4, 14]]
-    keys = [15, 11, 13, 9, 9]
-    shared = shared_prefixes(tables, keys, page, min_saved=0.0)
-    runs = QueryRuns(list(range(6)), list(range(5)), keys)
+def _assert_cascade_equals_full_attention(tables, keys, page, shared, generator, *, group, num_pages=None):
+    """Decode rows (one query each) reading `keys[b]` keys through `tables[b]`: attention over the cascade layouts
+    of `shared` (prefix grouped, non-causal; suffix per row) merged by lse equals attention over each row's pages."""
+    hkv, d = 2, 8
+    num_pages = num_pages or max(p for t in tables for p in t) + 1
+    k_pool = torch.randn(num_pages, page, hkv, d, generator=generator)
+    v_pool = torch.randn(num_pages, page, hkv, d, generator=generator)
+    rows = len(tables)
+    runs = QueryRuns(list(range(rows + 1)), list(range(rows)), keys)
     layouts, _, (order, inverse, group_indptr) = cascade_layouts(shared, runs, tables, page)
-    q = torch.randn(5, hkv * group, d, generator=generator)
-    q_indptr = torch.arange(6, dtype=torch.int32)
+    q = torch.randn(rows, hkv * group, d, generator=generator)
+    q_indptr = torch.arange(rows + 1, dtype=torch.int32)
     out_p, lse_p = fc.paged_attention(q[order.long()], k_pool, v_pool, layouts[PREFIX], group_indptr, causal=False,
                                       return_lse=True)
     out_s, lse_s = fc.paged_attention(q, k_pool, v_pool, layouts[SUFFIX], q_indptr, return_lse=True)
     merged = merge_attention_states(out_p, lse_p, out_s, lse_s, a_rows=inverse)
     cols = torch.tensor([p for t, n in zip(tables, keys) for p in t[:-(-n // page)]], dtype=torch.int32)
-    counts = torch.tensor([min(page, n - i * page) for t, n in zip(tables, keys) for i in range(-(-n // page))],
-                          dtype=torch.int32)
+    counts = torch.tensor([min(page, n - i * page) for n in keys for i in range(-(-n // page))], dtype=torch.int32)
     offsets = torch.tensor([0, *torch.tensor([-(-n // page) for n in keys]).cumsum(0).tolist()], dtype=torch.int32)
     ref, _ = reference_paged_attention(q, k_pool, v_pool, offsets, cols, counts, q_indptr, causal=True)
     torch.testing.assert_close(merged.double(), ref, atol=2e-5, rtol=2e-5)
+    return layouts
+
+
+def test_cascade_layouts_read_the_same_keys_as_the_full_layout(generator):
+    """Attention over prefix (grouped, non-causal) merged with suffix equals attention over each row's pages."""
+    tables = [[3, 4, 5, 10], [7, 8, 11], [3, 4, 5, 12], [7, 8, 13], [3, 4, 14]]
+    keys = [15, 11, 13, 9, 9]
+    shared = shared_prefixes(tables, keys, 4, min_saved=0.0)
+    _assert_cascade_equals_full_attention(tables, keys, 4, shared, generator, group=3, num_pages=30)
 
 
 @st.composite
@@ -182,27 +190,10 @@ def test_cascade_equals_full_attention_on_random_decode_batches(batch, seed):
         return
     assert sorted(shared.order) == list(range(len(tables)))
     assert all(b - a <= max_group for a, b in zip(shared.group_starts[:-1], shared.group_starts[1:]))
-    generator = torch.Generator().manual_seed(seed)
-    hkv, group, d = 2, 2, 8
-    num_pages = max(p for t in tables for p in t) + 1
-    k_pool = torch.randn(num_pages, page, hkv, d, generator=generator)
-    v_pool = torch.randn(num_pages, page, hkv, d, generator=generator)
-    rows = len(tables)
-    runs = QueryRuns(list(range(rows + 1)), list(range(rows)), keys)
-    layouts, _, (order, inverse, group_indptr) = cascade_layouts(shared, runs, tables, page)
+    layouts = _assert_cascade_equals_full_attention(tables, keys, page, shared, torch.Generator().manual_seed(seed),
+                                                    group=2)
     for layout in layouts.values():
         assert layout.cols.numel() == layout.token_counts.numel() == int(layout.row_offsets[-1])
-    q = torch.randn(rows, hkv * group, d, generator=generator)
-    q_indptr = torch.arange(rows + 1, dtype=torch.int32)
-    out_p, lse_p = fc.paged_attention(q[order.long()], k_pool, v_pool, layouts[PREFIX], group_indptr, causal=False,
-                                      return_lse=True)
-    out_s, lse_s = fc.paged_attention(q, k_pool, v_pool, layouts[SUFFIX], q_indptr, return_lse=True)
-    merged = merge_attention_states(out_p, lse_p, out_s, lse_s, a_rows=inverse)
-    cols = torch.tensor([p for t, n in zip(tables, keys) for p in t[:-(-n // page)]], dtype=torch.int32)
-    counts = torch.tensor([min(page, n - i * page) for n in keys for i in range(-(-n // page))], dtype=torch.int32)
-    offsets = torch.tensor([0, *torch.tensor([-(-n // page) for n in keys]).cumsum(0).tolist()], dtype=torch.int32)
-    ref, _ = reference_paged_attention(q, k_pool, v_pool, offsets, cols, counts, q_indptr, causal=True)
-    torch.testing.assert_close(merged.double(), ref, atol=2e-5, rtol=2e-5)
 
 
 # ---- model level ----------------------------------------------------------------------------------------------
