@@ -12,9 +12,11 @@
 //   consumer warpgroups (registers raised): 64 rows each. S = Q K^T is wgmma m64n128k16 with Q and K in shared
 //     memory; the online softmax runs in fp32 registers; O += P V is wgmma with P from registers (bf16/fp16) and V
 //     read transposed (MN-major) from shared memory.
-//   Schedule: S_{j+1} is issued together with P_j V_j, and the softmax of j+1 runs while P_j V_j is in flight; the
-//   consumer warpgroups take turns issuing their GEMMs (named barriers, round robin), so one warpgroup's softmax
-//   overlaps the others' GEMMs.
+//   Schedule: S_{j+1} is issued together with P_j V_j; the consumer warpgroups take turns issuing their GEMMs
+//   (named barriers, round robin), so one warpgroup's softmax overlaps the others' GEMMs. Within a warpgroup, ptxas
+//   places the wait for P_j V_j ahead of the softmax of j+1 (SASS), so those two run one after the other: forcing
+//   the overlap (the K release made to depend on the row sums) measured no faster at head dim 128 and 4-5% slower
+//   at 64 (benchmarks/notes/prefill.md), so it is left to ptxas.
 // Shared tiles use the 128-byte swizzle that wgmma descriptors and TMA share: a [rows][128] tile is two [rows][64]
 // halves, each made of 8-row x 128-byte atoms in which 16-byte chunk c of row r sits at position c ^ (r & 7).
 // Softcap (kSoftcap instantiation): the softmax first turns S into tanh(S * sm_scale / softcap) (before the mask)
