@@ -118,7 +118,8 @@ class BuildExtension(cpp_extension.BuildExtension):
 
 def build_extension():
     cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc/kernels/cpu/*.cpp")))
-    binding_sources = ["csrc/bindings/ops.cpp", "csrc/bindings/sparse_ops.cpp", "csrc/bindings/growable_buffer.cpp"]
+    binding_sources = ["csrc/bindings/ops.cpp", "csrc/bindings/sparse_ops.cpp", "csrc/bindings/linear_ops.cpp",
+                       "csrc/bindings/growable_buffer.cpp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     # -fopenmp: at::parallel_for is a header template whose `#pragma omp parallel` compiles in our translation units;
     # without the flag every CPU op runs on one thread. Links libgomp.so.1, i.e. the copy torch already loaded.

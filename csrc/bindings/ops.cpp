@@ -281,6 +281,7 @@ TORCH_LIBRARY(flashcore, m) {
   m.def("select_pages(Tensor q, Tensor bounds, Tensor table_pages, Tensor table_counts, Tensor table_bias, "
         "int budget, int query_len, str head_reduction, Tensor? signs=None) -> (Tensor, Tensor)");
   m.def("update_page_bounds(Tensor(a!) bounds, Tensor k_cache, Tensor slot_mapping, Tensor(b!)? signs=None) -> ()");
+  m.def("grouped_linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor[]");
   m.def("has_cuda_kernels() -> bool", &flashcore::binding::has_cuda_kernels);
   m.def("kernel_supports(str device_type, ScalarType dtype, int head_dim, int page_size, int max_q_len, "
         "int num_q_heads, int num_kv_heads) -> bool",

@@ -191,4 +191,23 @@ struct UpdatePageBoundsParams {
   int32_t sign_bytes = 0;    // ceil(head_dim / 8)
 };
 
+// Linear layers of a few tokens that share their input (a decode step's q/k/v or gate/up projections):
+// out_i [m, n_i] = x [m, k] @ w_i [n_i, k]^T (+ bias_i [n_i]) for i < num_weights, fp32 accumulation, outputs in
+// x's dtype. Rows of x are x_stride elements apart; weights and outputs are contiguous. Weight-bandwidth bound: each
+// weight element is read once for all m rows.
+struct GroupedLinearParams {
+  static constexpr int kMaxWeights = 4;
+  static constexpr int kMaxRows = 4;  // m
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  int32_t m = 0;
+  int32_t k = 0;
+  int32_t num_weights = 0;
+  const void* weights[kMaxWeights] = {};
+  const void* biases[kMaxWeights] = {};  // nullptr: no bias
+  void* outs[kMaxWeights] = {};
+  int32_t n[kMaxWeights] = {};
+  DType dtype = DType::kBFloat16;
+};
+
 }  // namespace flashcore

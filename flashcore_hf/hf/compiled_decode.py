@@ -52,9 +52,12 @@ from transformers.cache_utils import Cache
 
 from ..patches import CACHE_KWARG
 from .attention import FlashCoreAttention
+from .linear_grouping import group_small_linears
 
 _ENABLED = os.environ.get("FLASHCORE_COMPILE_DECODE", "1") != "0"
 _BACKEND = os.environ.get("FLASHCORE_COMPILE_BACKEND", "inductor")
+_GROUP_LINEARS = os.environ.get("FLASHCORE_GROUPED_LINEAR", "1") != "0"
+"""Whether a compiled step on CUDA groups its few-token linear layers (linear_grouping.py); read at compile time."""
 
 
 class FlashCoreCompileWarning(UserWarning):
@@ -220,19 +223,24 @@ class CompiledDecodeStep:
     `step(**forward_kwargs)` runs forward(**forward_kwargs) compiled, with the PagedKVCache (under CACHE_KWARG)
     replaced by a FixedStepCache and the attention layers reading its fixed step. Raises what compilation raises (the
     runner falls back to the uncompiled forward). compiles: graphs the backend compiled (a recompile adds one);
-    compile_seconds: wall time of the calls that compiled (tracing, backend compile and that first run).
+    compile_seconds: wall time of the calls that compiled (tracing, backend compile and that first run);
+    grouped_linears: flashcore::grouped_linear calls the compiled graphs make (on CUDA, unless
+    FLASHCORE_GROUPED_LINEAR=0: q/k/v and gate/up of each layer, and the other few-token linears, one call each).
     """
 
     def __init__(self, forward, backend: str | None = None):
         self.backend_name = backend or _BACKEND
         self.compiles = 0
         self.compile_seconds = 0.0
+        self.grouped_linears = 0
         self._backend = torch._dynamo.lookup_backend(self.backend_name)
         self._compiled = torch.compile(_own_code_function(), backend=self._count_compiles, fullgraph=True)
         self._forward = forward
 
     def _count_compiles(self, graph_module, example_inputs):
         self.compiles += 1
+        if _GROUP_LINEARS and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+            self.grouped_linears += group_small_linears(graph_module)
         return self._backend(graph_module, example_inputs)
 
     def __call__(self, *, fail_on_recompile: bool = False, **forward_kwargs):

@@ -74,7 +74,8 @@ class DecodeGraphStats:
     decode steps run eagerly and why (eager_reasons: reason -> steps); compiled decode (compiled_decode.py):
     compiled_captures / compiled_replays (of graphs of the compiled forward), compiles (graphs torch.compile
     compiled: at most 3 per model, see compiled_decode.py), compile_seconds (their time), compile_failures (reason ->
-    captures that fell back to the uncompiled forward)."""
+    captures that fell back to the uncompiled forward), grouped_linears (flashcore::grouped_linear calls in the
+    compiled graphs: linear_grouping.py)."""
 
     captures: int = 0
     capture_seconds: float = 0.0
@@ -86,6 +87,7 @@ class DecodeGraphStats:
     compiles: int = 0
     compile_seconds: float = 0.0
     compile_failures: dict[str, int] = field(default_factory=dict)
+    grouped_linears: int = 0
 
     def count_eager(self, reason: str) -> None:
         self.eager_decode_steps += 1
@@ -252,6 +254,7 @@ class DecodeGraphRunner:
         self.stats.compiled_captures += int(compiled)
         if self._compiled is not None:
             self.stats.compiles = self._compiled.compiles
+            self.stats.grouped_linears = self._compiled.grouped_linears
             compile_seconds = self._compiled.compile_seconds - compile_seconds
             self.stats.compile_seconds += compile_seconds
         self.stats.capture_seconds += time.perf_counter() - start - compile_seconds

@@ -86,6 +86,18 @@ def update_page_bounds(bounds: torch.Tensor, k_cache: torch.Tensor, slot_mapping
     _ops.update_page_bounds(bounds, k_cache, slot_mapping, signs)
 
 
+def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor],
+                   biases: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """Linear layers that share their input: [F.linear(x, weights[i], biases[i]) for each i], in one kernel on CUDA.
+
+    x [..., k] float16 / bfloat16 (float32 on the CPU); weights [n_i, k] and biases [n_i] (or None) in x's dtype, on
+    x's device. Returns [..., n_i] per weight in x's dtype. On CUDA, when x holds at most 4 tokens (the rows of a
+    decode step), all weights are read in one launch of a GEMV kernel with fp32 accumulation (it keeps enough loads in
+    flight for small matrices such as k/v projections); otherwise, and on the CPU, it is torch's linear per weight.
+    """
+    return list(_ops.grouped_linear(x, list(weights), list(biases) if biases is not None else [None] * len(weights)))
+
+
 def kernel_supports(device: torch.device | str, dtype: torch.dtype, head_dim: int, page_size: int, max_q_len: int,
                     num_q_heads: int = 1, num_kv_heads: int = 1) -> bool:
     """Whether the compiled kernels for `device` handle this configuration (no device work, no sync).
@@ -150,3 +162,8 @@ def _select_pages_fake(q, bounds, table_pages, table_counts, table_bias, budget,
 @torch.library.register_fake("flashcore::update_page_bounds")
 def _update_page_bounds_fake(bounds, k_cache, slot_mapping, signs=None):
     return None
+
+
+@torch.library.register_fake("flashcore::grouped_linear")
+def _grouped_linear_fake(x, weights, biases):
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]

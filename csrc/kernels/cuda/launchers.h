@@ -45,4 +45,10 @@ bool select_pages_supported(const SelectPagesParams& p);
 cudaError_t launch_select_pages(const SelectPagesParams& p, cudaStream_t stream);
 cudaError_t launch_update_page_bounds(const UpdatePageBoundsParams& p, cudaStream_t stream);
 
+// ---- linear layers of a few tokens (csrc/kernels/cuda/linear/) ----------------------------------------------------
+// True when the grouped GEMV kernel supports these shapes, dtypes and alignments (m <= kMaxRows, k % 8 == 0,
+// 16-byte aligned x rows and weights, float16 / bfloat16).
+bool grouped_linear_supported(const GroupedLinearParams& p);
+cudaError_t launch_grouped_linear(const GroupedLinearParams& p, cudaStream_t stream);
+
 }  // namespace flashcore

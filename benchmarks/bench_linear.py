@@ -1,0 +1,80 @@
+"""The linear layers of a decode step: flashcore::grouped_linear (one GEMV launch per group of weights sharing an
+input) against torch's linear (cuBLAS) once per weight, as inductor runs them in a compiled decode step.
+
+Llama-3-8B's layer shapes (hidden 4096, 32/8 heads of 128, MLP 14336, vocabulary 128256), bf16, m = 1, 2 and 4
+tokens: q/k/v (three weights, one input), o, gate/up (two), down, lm_head. Each variant is captured in a CUDA graph
+and its replay timed by triton's do_bench (median, L2 flushed between replays: in a decode step the weights stream
+from HBM), so launch overhead is what a decode step's graph pays. TB/s counts the weight bytes read once.
+Writes bench_linear.csv under $OUT (or ./benchmark_results) and prints a table last.
+
+    python benchmarks/bench_linear.py [--rows 1 2 4]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_name, median_ms, print_table, write_csv  # noqa: E402
+
+from flashcore_hf.ops import grouped_linear  # noqa: E402
+
+HIDDEN, HEAD_DIM, Q_HEADS, KV_HEADS, MLP, VOCAB = 4096, 128, 32, 8, 14336, 128256
+GROUPS = {  # name -> (input features, output features of each weight)
+    "q/k/v": (HIDDEN, [Q_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]),
+    "o": (Q_HEADS * HEAD_DIM, [HIDDEN]),
+    "gate/up": (HIDDEN, [MLP, MLP]),
+    "down": (MLP, [HIDDEN]),
+    "lm_head": (HIDDEN, [VOCAB]),
+}
+
+
+def graph_of(fn):
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
+    args = parser.parse_args()
+    dtype, rows_out = torch.bfloat16, []
+    layer_us = {}
+    for rows in args.rows:
+        for name, (k, ns) in GROUPS.items():
+            weights = [torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5 for n in ns]
+            x = torch.randn(rows, k, device="cuda", dtype=dtype)
+            weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+            cublas = graph_of(lambda x=x, weights=weights: [F.linear(x, w) for w in weights])
+            grouped = graph_of(lambda x=x, weights=weights: grouped_linear(x, weights))
+            for out, w in zip(grouped_linear(x, weights), weights):   # same numbers (up to summation order)
+                torch.testing.assert_close(out, F.linear(x, w), rtol=2e-2, atol=2e-2)
+            t_cublas, t_grouped = median_ms(cublas) * 1e3, median_ms(grouped) * 1e3
+            row = dict(rows=rows, weights=name, MB=weight_bytes / 1e6, cublas_us=t_cublas, grouped_us=t_grouped,
+                       cublas_TBps=weight_bytes / t_cublas / 1e6, grouped_TBps=weight_bytes / t_grouped / 1e6,
+                       speedup=t_cublas / t_grouped)
+            rows_out.append(row)
+            if name != "lm_head":
+                layer_us.setdefault(rows, [0.0, 0.0])
+                layer_us[rows][0] += t_cublas
+                layer_us[rows][1] += t_grouped
+        torch.cuda.empty_cache()
+    for rows, (t_cublas, t_grouped) in layer_us.items():
+        rows_out.append(dict(rows=rows, weights="one layer (all but lm_head)", cublas_us=t_cublas,
+                             grouped_us=t_grouped, speedup=t_cublas / t_grouped))
+    path = write_csv(rows_out, "bench_linear.csv")
+    print(f"\n{device_name()}, bf16; CSV: {path}")
+    print_table(rows_out, ["rows", "weights", "MB", "cublas_us", "grouped_us", "cublas_TBps", "grouped_TBps",
+                           "speedup"])
+
+
+if __name__ == "__main__":
+    main()

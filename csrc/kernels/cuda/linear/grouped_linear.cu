@@ -1,0 +1,206 @@
+// Grouped GEMV for the linear layers of a decode step (GroupedLinearParams in params.h): up to kMaxWeights weight
+// matrices that share one input of m <= kMaxRows tokens, computed in one launch. At these sizes a linear layer is
+// bound by reading its weights once, so the kernel's job is to keep enough 16-byte weight loads in flight on every
+// SM, including for the small matrices (k/v projections of 8 MB) that a launch per matrix leaves latency-bound.
+//
+// Work split: the rows of all matrices, one after the other, in tiles of kRowsPerWarp rows; each warp takes tiles
+// in a grid-stride loop (the grid is sized to the resident capacity, so there is no tail wave). Within a tile every
+// lane streams 16-byte chunks of the tile's rows (L1 bypassed: each weight byte is read once) and the matching
+// chunks of x (L1-cached: every warp reads the same x), accumulates in fp32, and the warp sums its lanes at the end.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../../params.h"
+#include "../launchers.h"
+
+namespace flashcore {
+namespace {
+
+constexpr int kWarps = 8;        // warps per block
+constexpr int kRowsPerWarp = 2;  // weight rows a warp computes together (they share the x chunks)
+constexpr int kUnroll = 4;       // chunks per lane and row loaded before the first is used
+
+__device__ __forceinline__ uint4 load_streaming(const uint4* ptr) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+      : "l"(ptr));
+  return r;
+}
+
+// The 8 values of a 16-byte chunk as floats.
+template <typename T>
+__device__ __forceinline__ void to_float8(const uint4& v, float (&f)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    } else {
+      const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+      f[2 * i] = pair.x;
+      f[2 * i + 1] = pair.y;
+    }
+  }
+}
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __float2bfloat16_rn(v);
+  } else {
+    return __float2half_rn(v);
+  }
+}
+
+template <typename T, int M>
+__global__ void __launch_bounds__(kWarps * 32) grouped_linear_kernel(const GroupedLinearParams p) {
+  const int lane = threadIdx.x & 31;
+  const int chunks = p.k / 8;
+  int first_tile[GroupedLinearParams::kMaxWeights + 1];  // matrix i owns tiles [first_tile[i], first_tile[i + 1])
+  first_tile[0] = 0;
+#pragma unroll
+  for (int i = 0; i < GroupedLinearParams::kMaxWeights; ++i)
+    first_tile[i + 1] = first_tile[i] + (i < p.num_weights ? (p.n[i] + kRowsPerWarp - 1) / kRowsPerWarp : 0);
+  const int total = first_tile[GroupedLinearParams::kMaxWeights];
+  const uint4* x_rows[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) x_rows[m] = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.x_stride);
+
+  for (int tile = blockIdx.x * kWarps + (threadIdx.x >> 5); tile < total; tile += gridDim.x * kWarps) {
+    // The tile's matrix, selected with constant indices only (a runtime index would put these arrays in local memory).
+    int n = 0, row0 = 0;
+    const T *weight = nullptr, *bias = nullptr;
+    T* out = nullptr;
+#pragma unroll
+    for (int j = 0; j < GroupedLinearParams::kMaxWeights; ++j)
+      if (tile >= first_tile[j] && tile < first_tile[j + 1]) {
+        n = p.n[j];
+        row0 = (tile - first_tile[j]) * kRowsPerWarp;
+        weight = static_cast<const T*>(p.weights[j]);
+        bias = static_cast<const T*>(p.biases[j]);
+        out = static_cast<T*>(p.outs[j]);
+      }
+    const int rows = min(kRowsPerWarp, n - row0);
+    const uint4* w_rows[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r)  // a missing last row re-reads the tile's first (its result is dropped)
+      w_rows[r] = reinterpret_cast<const uint4*>(weight + static_cast<int64_t>(row0 + (r < rows ? r : 0)) * p.k);
+    float acc[kRowsPerWarp][M] = {};
+    for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
+      uint4 wv[kUnroll][kRowsPerWarp], xv[kUnroll][M];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int c = c0 + 32 * u;
+        const bool in = c < chunks;
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) wv[u][r] = in ? load_streaming(w_rows[r] + c) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int m = 0; m < M; ++m) xv[u][m] = in ? __ldg(x_rows[m] + c) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          float xf[8];
+          to_float8<T>(xv[u][m], xf);
+#pragma unroll
+          for (int r = 0; r < kRowsPerWarp; ++r) {
+            float wf[8];
+            to_float8<T>(wv[u][r], wf);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[r][m] = fmaf(wf[e], xf[e], acc[r][m]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int s = 16; s >= 1; s >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], s);
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        if (r >= rows) break;
+        const float b = bias != nullptr ? to_float(bias[row0 + r]) : 0.f;
+#pragma unroll
+        for (int m = 0; m < M; ++m) out[static_cast<int64_t>(m) * n + row0 + r] = from_float<T>(acc[r][m] + b);
+      }
+    }
+  }
+}
+
+int sm_count() {
+  static const int count = [] {
+    int device = 0, value = 0;
+    if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount,
+                                                                          device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 132;
+    }
+    return value;
+  }();
+  return count;
+}
+
+template <typename T, int M>
+cudaError_t launch_rows(const GroupedLinearParams& p, cudaStream_t stream) {
+  auto kernel = grouped_linear_kernel<T, M>;
+  static const int blocks_per_sm = [&] {
+    int value = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&value, kernel, kWarps * 32, 0) != cudaSuccess || value < 1) {
+      (void)cudaGetLastError();
+      return 1;
+    }
+    return value;
+  }();
+  int64_t tiles = 0;
+  for (int i = 0; i < p.num_weights; ++i) tiles += (p.n[i] + kRowsPerWarp - 1) / kRowsPerWarp;
+  if (tiles == 0) return cudaSuccess;
+  const int64_t wanted = (tiles + kWarps - 1) / kWarps;
+  const int blocks = static_cast<int>(wanted < int64_t(sm_count()) * blocks_per_sm ? wanted
+                                                                                    : int64_t(sm_count()) * blocks_per_sm);
+  kernel<<<blocks, kWarps * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_dtype(const GroupedLinearParams& p, cudaStream_t stream) {
+  switch (p.m) {
+    case 1: return launch_rows<T, 1>(p, stream);
+    case 2: return launch_rows<T, 2>(p, stream);
+    case 3: return launch_rows<T, 3>(p, stream);
+    default: return launch_rows<T, 4>(p, stream);
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+bool grouped_linear_supported(const GroupedLinearParams& p) {
+  if (p.dtype == DType::kFloat32 || p.m < 1 || p.m > GroupedLinearParams::kMaxRows || p.k <= 0 || p.k % 8 != 0 ||
+      p.x_stride % 8 != 0 || p.num_weights < 1 || p.num_weights > GroupedLinearParams::kMaxWeights)
+    return false;
+  if (p.x != nullptr && !aligned16(p.x)) return false;
+  for (int i = 0; i < p.num_weights; ++i)
+    if (p.weights[i] != nullptr && !aligned16(p.weights[i])) return false;
+  return true;
+}
+
+cudaError_t launch_grouped_linear(const GroupedLinearParams& p, cudaStream_t stream) {
+  if (p.m == 0) return cudaSuccess;
+  return p.dtype == DType::kBFloat16 ? launch_dtype<__nv_bfloat16>(p, stream) : launch_dtype<__half>(p, stream);
+}
+
+}  // namespace flashcore

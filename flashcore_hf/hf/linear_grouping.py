@@ -1,0 +1,121 @@
+"""Grouped linear layers in a compiled decode step: the linear layers that read the same few-token input (a Llama
+layer's q/k/v projections, its gate/up projections) become one `flashcore::grouped_linear` call.
+
+A decode step's linear layers are matrix-vector products bound by reading the weights. Run one by one (cuBLAS, as
+inductor calls them), the small ones (the k/v projections of an 8B model are 8 MB each) cannot keep enough loads in
+flight to reach the memory bandwidth, and every matrix pays a launch. The grouped op reads all of a group's weights
+in one launch of a GEMV kernel. The weights stay where the model keeps them (no concatenated copy: memory is
+unchanged and the module is not modified); only the traced graph is rewritten, before inductor compiles it.
+
+`group_small_linears(gm)` rewrites a dynamo FX graph in place: calls of torch's linear whose input has at most
+`max_rows` tokens (static shape, float16 / bfloat16, last dimension a multiple of 8) are grouped by input node, up to
+GROUPED_LINEAR_MAX_WEIGHTS per group in graph order; each group becomes one call whose outputs replace the linears'.
+A single linear on such an input becomes a group of one (same launch count) unless its weight is larger than
+SINGLE_LINEAR_MAX_BYTES (there cuBLAS is as fast or faster).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from ..ops import grouped_linear  # noqa: F401  (registers the op and its fake kernel)
+
+GROUPED_LINEAR_MAX_ROWS = 4
+"""Tokens up to which the CUDA op runs its GEMV kernel (GroupedLinearParams::kMaxRows in csrc/kernels/params.h)."""
+GROUPED_LINEAR_MAX_WEIGHTS = 4
+"""Weights one call takes (GroupedLinearParams::kMaxWeights)."""
+GROUPED_ROWS = 2
+"""Tokens up to which a compiled step groups its linears. Measured on the H200 (benchmarks/bench_linear.py, 8B layer,
+bf16): a layer's linears 1.14x cuBLAS's speed at 1 token, 1.13x at 2, 0.63x at 4 (the kernel's FMAs per weight byte
+grow with the tokens, cuBLAS moves to tensor cores)."""
+SINGLE_LINEAR_MAX_BYTES = 128 * 2**20
+"""A linear alone on its input is rewritten only up to this weight size: the kernel beats cuBLAS on o (33 MB, 1.11x)
+and down (117 MB, 1.01x) but not on an 8B model's lm_head (1 GB, 0.94x)."""
+
+_LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _example(node) -> torch.Tensor | None:
+    value = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _static(t: torch.Tensor) -> bool:
+    return all(isinstance(d, int) for d in t.shape)
+
+
+def _linear_args(node: torch.fx.Node):
+    args = list(node.args) + [None] * (3 - len(node.args))
+    x = node.kwargs.get("input", args[0])
+    weight = node.kwargs.get("weight", args[1])
+    bias = node.kwargs.get("bias", args[2])
+    return x, weight, bias
+
+
+def _groupable(x, weight, bias, max_rows: int) -> bool:
+    """Whether linear(x, weight, bias) can join a group: x a few tokens with a static shape in a kernel dtype, the
+    weight [n, k] contiguous in x's dtype and device, the bias None or [n]."""
+    xv, wv = _example(x), _example(weight)
+    if xv is None or wv is None or xv.dim() < 1 or not _static(xv) or not _static(wv):
+        return False
+    k = xv.shape[-1]
+    if xv.dtype not in _KERNEL_DTYPES or k == 0 or k % 8 != 0 or xv.numel() // k > max_rows:
+        return False
+    if wv.dim() != 2 or wv.shape[1] != k or wv.dtype != xv.dtype or wv.device != xv.device or \
+            not wv.is_contiguous():
+        return False
+    if bias is None:
+        return True
+    bv = _example(bias)
+    return bv is not None and bv.shape == (wv.shape[0],) and bv.dtype == xv.dtype and bv.is_contiguous()
+
+
+def group_small_linears(gm: torch.fx.GraphModule, max_rows: int = GROUPED_ROWS) -> int:
+    """Rewrite gm's few-token linear layers into flashcore::grouped_linear calls (in place); returns the number of
+    grouped calls made (0: gm unchanged)."""
+    graph = gm.graph
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    by_input: dict[torch.fx.Node, list[tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node | None]]] = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _LINEAR_TARGETS:
+            continue
+        x, weight, bias = _linear_args(node)
+        if _groupable(x, weight, bias, max_rows):
+            by_input.setdefault(x, []).append((node, weight, bias))
+    calls = 0
+    for x, linears in by_input.items():
+        # The grouped call takes the place of the group's first linear, so every weight and bias must exist there.
+        first = linears[0][0]
+        linears = [entry for entry in linears
+                   if all(position[arg] < position[first] for arg in entry[1:] if arg is not None)]
+        if len(linears) == 1 and _weight_bytes(linears[0][1]) > SINGLE_LINEAR_MAX_BYTES:
+            continue
+        for start in range(0, len(linears), GROUPED_LINEAR_MAX_WEIGHTS):
+            group = linears[start:start + GROUPED_LINEAR_MAX_WEIGHTS]
+            _replace_group(graph, x, group)
+            calls += 1
+    if calls:
+        graph.lint()
+        gm.recompile()
+    return calls
+
+
+def _weight_bytes(weight: torch.fx.Node) -> int:
+    value = _example(weight)
+    return value.numel() * value.element_size()
+
+
+def _replace_group(graph: torch.fx.Graph, x: torch.fx.Node, group) -> None:
+    with graph.inserting_before(group[0][0]):
+        grouped = graph.call_function(torch.ops.flashcore.grouped_linear.default,
+                                      (x, [weight for _, weight, _ in group], [bias for _, _, bias in group]))
+        grouped.meta["example_value"] = [node.meta.get("example_value") for node, _, _ in group]
+        for j, (node, _, _) in enumerate(group):
+            item = graph.call_function(operator.getitem, (grouped, j))
+            item.meta.update(node.meta)
+            node.replace_all_uses_with(item)
+    for node, _, _ in group:
+        graph.erase_node(node)
