@@ -18,7 +18,7 @@ ROOT_OUT=${OUT:-$PWD/benchmark_results}
 RESULTS=$ROOT_OUT/gpu_check
 mkdir -p "$RESULTS"
 export OUT=$RESULTS PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} FLASHCORE_CUDA_ARCHS=${FLASHCORE_CUDA_ARCHS:-90a}
-STEPS=${GPU_CHECK_STEPS:-"build tests sanitizer decode prefill sparse e2e"}
+STEPS=${GPU_CHECK_STEPS:-"build tests sanitizer decode prefill linear sparse e2e"}
 E2E_ARGS=${GPU_CHECK_E2E_ARGS:-"--new 32"}
 SPARSE_ARGS=${GPU_CHECK_SPARSE_ARGS:-"--new-tokens 32"}
 DEADLINE=${GPU_CHECK_SECONDS:-575}
@@ -53,6 +53,7 @@ run_step tests python -m pytest tests -q -rs
 run_step sanitizer bash scripts/sanitize.sh
 run_step decode python benchmarks/bench_decode.py
 run_step prefill python benchmarks/bench_prefill.py
+run_step linear python benchmarks/bench_linear.py
 # shellcheck disable=SC2086
 run_step sparse python benchmarks/bench_sparse.py $SPARSE_ARGS
 # shellcheck disable=SC2086
