@@ -7,8 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import flashcore_hf as fc  # noqa: F401
-from flashcore_hf.hf import linear_grouping
-from flashcore_hf.hf.linear_grouping import GROUPED_ROWS, group_small_linears
+from flashcore_hf.hf.linear_grouping import GROUPED_LINEAR_MAX_ROWS, group_small_linears
 from flashcore_hf.ops import grouped_linear
 
 
@@ -47,14 +46,14 @@ def test_op_names_the_bad_argument(case, message, generator):
         torch.ops.flashcore.grouped_linear(x, weights, biases)
 
 
-def _tiny(family="llama", layers=2, vocab=96):
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+def _tiny(family="llama", layers=2):
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2)
     model = (Qwen2ForCausalLM(Qwen2Config(**common)) if family == "qwen2" else LlamaForCausalLM(LlamaConfig(**common)))
     return model.to(torch.bfloat16).eval()
 
 
-def _compiled_with_pass(model, max_rows=GROUPED_ROWS):
+def _compiled_with_pass(model, max_rows=GROUPED_LINEAR_MAX_ROWS):
     """The model's forward compiled with a backend that applies the rewrite; returns (fn, record)."""
     record = {"calls": [], "graphs": []}
 
@@ -73,7 +72,7 @@ def _targets(gm):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("tokens", [1, GROUPED_ROWS])
+@pytest.mark.parametrize("tokens", [1, GROUPED_LINEAR_MAX_ROWS])
 def test_llama_layers_group_q_k_v_and_gate_up(family, tokens, generator):
     """Per layer: q/k/v one call (Qwen2's biases included), o alone, gate/up one call, down alone; then lm_head:
     4 calls per layer + 1, no torch linear left, and the logits equal the model's (the CPU op is torch's linear)."""
@@ -95,23 +94,9 @@ def test_more_rows_than_the_kernel_takes_are_left_alone(generator):
     model = _tiny()
     fn, record = _compiled_with_pass(model)
     with torch.no_grad():
-        fn(torch.randint(0, 96, (1, GROUPED_ROWS + 1), generator=generator))
+        fn(torch.randint(0, 96, (1, GROUPED_LINEAR_MAX_ROWS + 1), generator=generator))
     assert record["calls"] == [0]
     assert torch._C._nn.linear in _targets(record["graphs"][0])
-
-
-def test_a_large_linear_alone_stays_torch_linear(monkeypatch, generator):
-    """lm_head (alone on its input) above SINGLE_LINEAR_MAX_BYTES keeps torch's linear; the layers' groups do not
-    depend on the limit."""
-    model = _tiny(vocab=200)
-    lm_head_bytes = model.lm_head.weight.numel() * 2
-    monkeypatch.setattr(linear_grouping, "SINGLE_LINEAR_MAX_BYTES", lm_head_bytes - 1)
-    fn, record = _compiled_with_pass(model)
-    ids = torch.randint(0, 200, (1, 1), generator=generator)
-    with torch.no_grad():
-        torch.testing.assert_close(fn(ids), model(input_ids=ids, use_cache=False).logits, rtol=0, atol=0)
-    assert record["calls"] == [4 * 2]
-    assert _targets(record["graphs"][0]).count(torch._C._nn.linear) == 1
 
 
 def test_float32_models_are_left_alone(generator):

@@ -115,14 +115,16 @@ void update_page_bounds_cuda(at::Tensor& bounds, const at::Tensor& k_cache, cons
   check_launch(launch_update_page_bounds(p, at::cuda::getCurrentCUDAStream()), "update_page_bounds kernel");
 }
 
-// One kernel for every weight when x has at most GroupedLinearParams::kMaxRows tokens (and the kernel's dtype and
-// alignment needs hold), else torch's linear once per weight: the same results up to rounding either way.
+// One kernel launch for every weight when the kernel takes the call and is the faster way
+// (grouped_linear_prefers_kernel: at most GroupedLinearParams::kMaxRows tokens, ...), else torch's linear once per
+// weight: the same results up to rounding either way.
 std::vector<at::Tensor> grouped_linear_cuda(const at::Tensor& x, const at::TensorList weights,
                                             const c10::List<std::optional<at::Tensor>>& biases) {
   check_grouped_linear(x, weights, biases);
   const int64_t k = x.size(-1), m = k > 0 ? x.numel() / k : 0;
-  bool fits = weights.size() <= size_t(GroupedLinearParams::kMaxWeights) && m <= GroupedLinearParams::kMaxRows &&
-              k <= INT32_MAX && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
+  bool fits = weights.size() <= size_t(GroupedLinearParams::kMaxWeights) && m >= 1 &&
+              m <= GroupedLinearParams::kMaxRows && k <= INT32_MAX &&
+              (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16);
   for (size_t i = 0; fits && i < weights.size(); ++i) {
     const std::optional<at::Tensor> b = biases.get(i);
     fits = weights[i].is_contiguous() && weights[i].size(0) <= INT32_MAX && (!b.has_value() || b->is_contiguous());
@@ -138,19 +140,21 @@ std::vector<at::Tensor> grouped_linear_cuda(const at::Tensor& x, const at::Tenso
   p.k = static_cast<int32_t>(k);
   p.num_weights = static_cast<int32_t>(weights.size());
   p.dtype = x.scalar_type() == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    p.weights[i] = weights[i].data_ptr();
+    const std::optional<at::Tensor> b = biases.get(i);
+    p.biases[i] = b.has_value() ? b->data_ptr() : nullptr;
+    p.n[i] = static_cast<int32_t>(weights[i].size(0));
+  }
+  if (!grouped_linear_prefers_kernel(p)) return grouped_linear_reference(x, weights, biases);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < weights.size(); ++i) {
     out_shape.back() = weights[i].size(0);
     outs.push_back(at::empty(out_shape, x.options()));
-    p.weights[i] = weights[i].data_ptr();
-    const std::optional<at::Tensor> b = biases.get(i);
-    p.biases[i] = b.has_value() ? b->data_ptr() : nullptr;
     p.outs[i] = outs.back().data_ptr();
-    p.n[i] = static_cast<int32_t>(weights[i].size(0));
   }
-  if (!grouped_linear_supported(p)) return grouped_linear_reference(x, weights, biases);
-  if (m > 0) check_launch(launch_grouped_linear(p, at::cuda::getCurrentCUDAStream()), "grouped_linear kernel");
+  check_launch(launch_grouped_linear(p, at::cuda::getCurrentCUDAStream()), "grouped_linear kernel");
   return outs;
 }
 

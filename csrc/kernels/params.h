@@ -197,7 +197,9 @@ struct UpdatePageBoundsParams {
 // weight element is read once for all m rows.
 struct GroupedLinearParams {
   static constexpr int kMaxWeights = 4;
-  static constexpr int kMaxRows = 4;  // m
+  // m. Measured on the H200 (benchmarks/bench_linear.py, an 8B layer): 1.14x cuBLAS at 1 token, 1.13x at 2, 0.63x at
+  // 4 (the FMAs per weight byte grow with m while cuBLAS moves to tensor cores), so the kernel stops at 2.
+  static constexpr int kMaxRows = 2;
   const void* x = nullptr;
   int64_t x_stride = 0;
   int32_t m = 0;

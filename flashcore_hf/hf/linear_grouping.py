@@ -10,8 +10,8 @@ unchanged and the module is not modified); only the traced graph is rewritten, b
 `group_small_linears(gm)` rewrites a dynamo FX graph in place: calls of torch's linear whose input has at most
 `max_rows` tokens (static shape, float16 / bfloat16, last dimension a multiple of 8) are grouped by input node, up to
 GROUPED_LINEAR_MAX_WEIGHTS per group in graph order; each group becomes one call whose outputs replace the linears'.
-A single linear on such an input becomes a group of one (same launch count) unless its weight is larger than
-SINGLE_LINEAR_MAX_BYTES (there cuBLAS is as fast or faster).
+A single linear on such an input becomes a group of one. Whether a call runs the kernel or torch's linear per weight
+(where that measured faster, e.g. an 8B model's 1 GB lm_head) is the op's decision, made per call on its shapes.
 """
 from __future__ import annotations
 
@@ -22,17 +22,11 @@ import torch.fx
 
 from ..ops import grouped_linear  # noqa: F401  (registers the op and its fake kernel)
 
-GROUPED_LINEAR_MAX_ROWS = 4
-"""Tokens up to which the CUDA op runs its GEMV kernel (GroupedLinearParams::kMaxRows in csrc/kernels/params.h)."""
+GROUPED_LINEAR_MAX_ROWS = 2
+"""Tokens up to which the CUDA op runs its GEMV kernel (GroupedLinearParams::kMaxRows in csrc/kernels/params.h, where
+the measurement that set it is)."""
 GROUPED_LINEAR_MAX_WEIGHTS = 4
 """Weights one call takes (GroupedLinearParams::kMaxWeights)."""
-GROUPED_ROWS = 2
-"""Tokens up to which a compiled step groups its linears. Measured on the H200 (benchmarks/bench_linear.py, 8B layer,
-bf16): a layer's linears 1.14x cuBLAS's speed at 1 token, 1.13x at 2, 0.63x at 4 (the kernel's FMAs per weight byte
-grow with the tokens, cuBLAS moves to tensor cores)."""
-SINGLE_LINEAR_MAX_BYTES = 128 * 2**20
-"""A linear alone on its input is rewritten only up to this weight size: the kernel beats cuBLAS on o (33 MB, 1.11x)
-and down (117 MB, 1.01x) but not on an 8B model's lm_head (1 GB, 0.94x)."""
 
 _LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -73,7 +67,7 @@ def _groupable(x, weight, bias, max_rows: int) -> bool:
     return bv is not None and bv.shape == (wv.shape[0],) and bv.dtype == xv.dtype and bv.is_contiguous()
 
 
-def group_small_linears(gm: torch.fx.GraphModule, max_rows: int = GROUPED_ROWS) -> int:
+def group_small_linears(gm: torch.fx.GraphModule, max_rows: int = GROUPED_LINEAR_MAX_ROWS) -> int:
     """Rewrite gm's few-token linear layers into flashcore::grouped_linear calls (in place); returns the number of
     grouped calls made (0: gm unchanged)."""
     graph = gm.graph
@@ -91,8 +85,6 @@ def group_small_linears(gm: torch.fx.GraphModule, max_rows: int = GROUPED_ROWS) 
         first = linears[0][0]
         linears = [entry for entry in linears
                    if all(position[arg] < position[first] for arg in entry[1:] if arg is not None)]
-        if len(linears) == 1 and _weight_bytes(linears[0][1]) > SINGLE_LINEAR_MAX_BYTES:
-            continue
         for start in range(0, len(linears), GROUPED_LINEAR_MAX_WEIGHTS):
             group = linears[start:start + GROUPED_LINEAR_MAX_WEIGHTS]
             _replace_group(graph, x, group)
@@ -101,11 +93,6 @@ def group_small_linears(gm: torch.fx.GraphModule, max_rows: int = GROUPED_ROWS) 
         graph.lint()
         gm.recompile()
     return calls
-
-
-def _weight_bytes(weight: torch.fx.Node) -> int:
-    value = _example(weight)
-    return value.numel() * value.element_size()
 
 
 def _replace_group(graph: torch.fx.Graph, x: torch.fx.Node, group) -> None:

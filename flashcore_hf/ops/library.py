@@ -91,9 +91,10 @@ def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor],
     """Linear layers that share their input: [F.linear(x, weights[i], biases[i]) for each i], in one kernel on CUDA.
 
     x [..., k] float16 / bfloat16 (float32 on the CPU); weights [n_i, k] and biases [n_i] (or None) in x's dtype, on
-    x's device. Returns [..., n_i] per weight in x's dtype. On CUDA, when x holds at most 4 tokens (the rows of a
+    x's device. Returns [..., n_i] per weight in x's dtype. On CUDA, when x holds at most 2 tokens (the rows of a
     decode step), all weights are read in one launch of a GEMV kernel with fp32 accumulation (it keeps enough loads in
-    flight for small matrices such as k/v projections); otherwise, and on the CPU, it is torch's linear per weight.
+    flight for small matrices such as k/v projections); otherwise, for a single weight over 128 MiB (as fast through
+    cuBLAS), and on the CPU, it is torch's linear per weight.
     """
     return list(_ops.grouped_linear(x, list(weights), list(biases) if biases is not None else [None] * len(weights)))
 

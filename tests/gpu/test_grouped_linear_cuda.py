@@ -1,5 +1,6 @@
-"""CUDA flashcore::grouped_linear: the GEMV kernel (x of at most 4 tokens) against a float64 reference, held to
-cuBLAS's error on the same inputs; the paths that fall back to torch's linear; CUDA-graph replay."""
+"""CUDA flashcore::grouped_linear: the GEMV kernel (x of at most 2 tokens) against a float64 reference, held to
+cuBLAS's error on the same inputs (3 and 4 tokens take torch's linear); the paths that fall back to torch's linear;
+CUDA-graph replay."""
 from __future__ import annotations
 
 import pytest
@@ -58,7 +59,8 @@ def test_leading_dims_and_strided_rows(generator):
         torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["many_rows", "float32", "k_not_multiple_of_8", "five_weights", "empty"])
+@pytest.mark.parametrize("case", ["many_rows", "float32", "k_not_multiple_of_8", "five_weights", "empty",
+                                  "large_single_weight"])
 def test_other_shapes_equal_torch_linear(case, generator):
     rows, k, ns, dtype = 2, 64, [16, 8], torch.bfloat16
     if case == "many_rows":
@@ -71,6 +73,8 @@ def test_other_shapes_equal_torch_linear(case, generator):
         ns = [8, 8, 8, 8, 8]
     elif case == "empty":
         rows = 0
+    elif case == "large_single_weight":   # over 128 MiB alone: as fast through cuBLAS (grouped_linear_prefers_kernel)
+        rows, k, ns = 1, 8192, [8256]
     x, weights, biases = make(generator, dtype, rows, k, ns, True)
     for out, w, b in zip(grouped_linear(x, weights, biases), weights, biases):
         torch.testing.assert_close(out, F.linear(x, w, b), rtol=0, atol=0)

@@ -49,6 +49,9 @@ cudaError_t launch_update_page_bounds(const UpdatePageBoundsParams& p, cudaStrea
 // True when the grouped GEMV kernel supports these shapes, dtypes and alignments (m <= kMaxRows, k % 8 == 0,
 // 16-byte aligned x rows and weights, float16 / bfloat16).
 bool grouped_linear_supported(const GroupedLinearParams& p);
+// Whether the kernel is also the faster way for this call (supported, and not a single weight large enough to
+// stream as fast through cuBLAS); otherwise the binding runs torch's linear per weight.
+bool grouped_linear_prefers_kernel(const GroupedLinearParams& p);
 cudaError_t launch_grouped_linear(const GroupedLinearParams& p, cudaStream_t stream);
 
 }  // namespace flashcore
