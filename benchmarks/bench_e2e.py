@@ -144,7 +144,7 @@ def run_generate_case(model, path: str, case: str, batch: int, prompt: int, new:
                    captures_in_timed_run=stats.captures - captures_before[0],
                    compiled_steps_in_timed_run=stats.compiled_replays - captures_before[1],
                    compiles=stats.compiles - compiled_before[0], compile_s=stats.compile_seconds - compiled_before[1],
-                   compiled_model_total_s=stats.compile_seconds)
+                   compiled_model_total_s=stats.compile_seconds, grouped_linears=stats.grouped_linears)
         if stats.compile_failures:
             row["compile_failures"] = "; ".join(stats.compile_failures)[:200]
     if path.startswith("flashcore"):
@@ -285,7 +285,8 @@ def main() -> None:
     print(f"\n{device_name()}, torch {torch.__version__}; CSV: {path}")
     print_table(rows, ["case", "path", "prefill_s", "later_prefill_s", "later_vs_first", "total_s", "decode_tok_s",
                        "ms_per_step", "peak_GiB", "speedup_vs_dynamic",
-                       "memory_vs_dynamic", "captures", "capture_s", "compiles", "compile_s", "identical_to_eager",
+                       "memory_vs_dynamic", "captures", "capture_s", "compiles", "compile_s", "grouped_linears",
+                       "identical_to_eager",
                        "eager_agreement", "identical_to_shared", "compile_failures", "error"])
 
 
