@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, median_ms, print_table, write_csv  # noqa: E402
+from common import device_name, graph_of, median_ms, print_table, write_csv  # noqa: E402
 
 from flashcore_hf.ops import grouped_linear  # noqa: E402
 
@@ -33,13 +33,12 @@ GROUPS = {  # name -> (input features, output features of each weight)
 }
 
 
-def graph_of(fn):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+def replay_of(fn):
+    """fn captured in a CUDA graph (common.graph_of): its replay; a capture failure stops the benchmark."""
+    replay, why = graph_of(fn)
+    if replay is None:
+        raise RuntimeError(f"CUDA graph capture failed: {why}")
+    return replay
 
 
 def main():
@@ -53,8 +52,8 @@ def main():
             weights = [torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5 for n in ns]
             x = torch.randn(rows, k, device="cuda", dtype=dtype)
             weight_bytes = sum(w.numel() * w.element_size() for w in weights)
-            cublas = graph_of(lambda x=x, weights=weights: [F.linear(x, w) for w in weights])
-            grouped = graph_of(lambda x=x, weights=weights: grouped_linear(x, weights))
+            cublas = replay_of(lambda x=x, weights=weights: [F.linear(x, w) for w in weights])
+            grouped = replay_of(lambda x=x, weights=weights: grouped_linear(x, weights))
             for out, w in zip(grouped_linear(x, weights), weights):   # same numbers (up to summation order)
                 torch.testing.assert_close(out, F.linear(x, w), rtol=2e-2, atol=2e-2)
             t_cublas, t_grouped = median_ms(cublas) * 1e3, median_ms(grouped) * 1e3

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, kernels_of, median_ms, output_dir, print_table, write_csv  # noqa: E402
+from common import device_name, graph_of, kernels_of, median_ms, output_dir, print_table, write_csv  # noqa: E402
 
 import flashcore_hf as fc  # noqa: E402
 from flashcore_hf.cache import page_count_bucket  # noqa: E402
@@ -55,23 +55,6 @@ def wall_us(fn, iters: int = 200) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / iters * 1e6
-
-
-def graph_of(fn):
-    """fn captured in a CUDA graph (warmed on a side stream first); returns graph.replay, or None with the reason."""
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay, ""
-    except RuntimeError as err:  # a host sync or an unsupported op inside: report it
-        return None, str(err).splitlines()[0][:120]
 
 
 def layer_benchmark(context: int, budget: int, page_size: int, kernels: bool = False) -> list[dict]:

@@ -86,3 +86,20 @@ def kernels_of(fn, calls: int = 8, warmup: int = 1) -> list[tuple[str, float, fl
             totals[event.name][0] += 1
             totals[event.name][1] += event.device_time
     return sorted(((name, count / calls, us / calls) for name, (count, us) in totals.items()), key=lambda r: -r[2])
+
+
+def graph_of(fn):
+    """fn captured in a CUDA graph (warmed on a side stream first); returns graph.replay, or None with the reason."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, ""
+    except RuntimeError as err:  # a host sync or an unsupported op inside: report it
+        return None, str(err).splitlines()[0][:120]
