@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../merge_states_math.h"
+#include "common/convert.cuh"
 #include "launchers.h"
 
 namespace flashcore {
@@ -15,14 +16,6 @@ namespace {
 constexpr int kMergeThreads = 256;
 constexpr int kWarpsPerBlock = kMergeThreads / 32;
 
-template <typename T> __device__ __forceinline__ float to_float(T x);
-template <> __device__ __forceinline__ float to_float(float x) { return x; }
-template <> __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <> __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads) merge_states_kernel(const MergeStatesParams p) {

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "../../params.h"
+#include "../common/convert.cuh"
 #include "../launchers.h"
 
 namespace flashcore {
@@ -46,18 +47,6 @@ __device__ __forceinline__ void to_float8(const uint4& v, float (&f)[8]) {
       f[2 * i] = pair.x;
       f[2 * i + 1] = pair.y;
     }
-  }
-}
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    return __float2bfloat16_rn(v);
-  } else {
-    return __float2half_rn(v);
   }
 }
 

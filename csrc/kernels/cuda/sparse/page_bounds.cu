@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../launchers.h"
+#include "../common/convert.cuh"
 #include "../common/pdl.cuh"
 
 namespace flashcore {
@@ -16,12 +17,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
 template <typename TK, typename TB>
 __global__ void __launch_bounds__(kThreads) update_page_bounds_kernel(const UpdatePageBoundsParams p) {

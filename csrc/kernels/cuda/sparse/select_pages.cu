@@ -27,6 +27,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "../launchers.h"
+#include "../common/convert.cuh"
 #include "../common/pdl.cuh"
 
 namespace flashcore {
@@ -41,8 +42,6 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kSelectThreads = 256;
 constexpr int kMaxSmemKeys = 48 * 1024;  // 192 KB of shared memory; longer rows read their scores from global
 
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // 4 consecutive elements as stored (16-byte aligned for float, 8-byte for 16-bit types: guaranteed by the launcher).
 template <typename T>
@@ -148,7 +147,6 @@ __device__ __forceinline__ float4 max4(float4 a, float4 b) {
   return make_float4(fmaxf(a.x, b.x), fmaxf(a.y, b.y), fmaxf(a.z, b.z), fmaxf(a.w, b.w));
 }
 __device__ __forceinline__ float component(float4 v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-__device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float4 warp_sum4(float4 v) {
 #pragma unroll
   for (int s = 16; s >= 1; s >>= 1) {
