@@ -154,7 +154,8 @@ std::vector<at::Tensor> grouped_linear_cuda(const at::Tensor& x, const at::Tenso
     outs.push_back(at::empty(out_shape, x.options()));
     p.outs[i] = outs.back().data_ptr();
   }
-  check_launch(launch_grouped_linear(p, at::cuda::getCurrentCUDAStream()), "grouped_linear kernel");
+  const int num_sms = at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
+  check_launch(launch_grouped_linear(p, num_sms, at::cuda::getCurrentCUDAStream()), "grouped_linear kernel");
   return outs;
 }
 

@@ -52,6 +52,7 @@ bool grouped_linear_supported(const GroupedLinearParams& p);
 // Whether the kernel is also the faster way for this call (supported, and not a single weight large enough to
 // stream as fast through cuBLAS); otherwise the binding runs torch's linear per weight.
 bool grouped_linear_prefers_kernel(const GroupedLinearParams& p);
-cudaError_t launch_grouped_linear(const GroupedLinearParams& p, cudaStream_t stream);
+// The grid fills the resident capacity of num_sms multiprocessors (warps loop over the weights' row tiles).
+cudaError_t launch_grouped_linear(const GroupedLinearParams& p, int num_sms, cudaStream_t stream);
 
 }  // namespace flashcore

@@ -129,21 +129,8 @@ __global__ void __launch_bounds__(kWarps * 32) grouped_linear_kernel(const Group
   }
 }
 
-int sm_count() {
-  static const int count = [] {
-    int device = 0, value = 0;
-    if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount,
-                                                                          device) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 132;
-    }
-    return value;
-  }();
-  return count;
-}
-
 template <typename T, int M>
-cudaError_t launch_rows(const GroupedLinearParams& p, cudaStream_t stream) {
+cudaError_t launch_rows(const GroupedLinearParams& p, int num_sms, cudaStream_t stream) {
   auto kernel = grouped_linear_kernel<T, M>;
   static const int blocks_per_sm = [&] {
     int value = 0;
@@ -156,17 +143,16 @@ cudaError_t launch_rows(const GroupedLinearParams& p, cudaStream_t stream) {
   int64_t tiles = 0;
   for (int i = 0; i < p.num_weights; ++i) tiles += (p.n[i] + kRowsPerWarp - 1) / kRowsPerWarp;
   if (tiles == 0) return cudaSuccess;
-  const int64_t wanted = (tiles + kWarps - 1) / kWarps;
-  const int blocks = static_cast<int>(wanted < int64_t(sm_count()) * blocks_per_sm ? wanted
-                                                                                    : int64_t(sm_count()) * blocks_per_sm);
+  const int64_t wanted = (tiles + kWarps - 1) / kWarps, resident = int64_t(num_sms) * blocks_per_sm;
+  const int blocks = static_cast<int>(wanted < resident ? wanted : resident);
   kernel<<<blocks, kWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_dtype(const GroupedLinearParams& p, cudaStream_t stream) {
+cudaError_t launch_dtype(const GroupedLinearParams& p, int num_sms, cudaStream_t stream) {
   static_assert(GroupedLinearParams::kMaxRows == 2, "one instantiation per row count");
-  return p.m == 1 ? launch_rows<T, 1>(p, stream) : launch_rows<T, 2>(p, stream);
+  return p.m == 1 ? launch_rows<T, 1>(p, num_sms, stream) : launch_rows<T, 2>(p, num_sms, stream);
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
@@ -191,9 +177,10 @@ bool grouped_linear_prefers_kernel(const GroupedLinearParams& p) {
   return !(p.num_weights == 1 && int64_t(p.n[0]) * p.k * 2 > kSingleWeightMaxBytes);
 }
 
-cudaError_t launch_grouped_linear(const GroupedLinearParams& p, cudaStream_t stream) {
+cudaError_t launch_grouped_linear(const GroupedLinearParams& p, int num_sms, cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
-  return p.dtype == DType::kBFloat16 ? launch_dtype<__nv_bfloat16>(p, stream) : launch_dtype<__half>(p, stream);
+  return p.dtype == DType::kBFloat16 ? launch_dtype<__nv_bfloat16>(p, num_sms, stream)
+                                     : launch_dtype<__half>(p, num_sms, stream);
 }
 
 }  // namespace flashcore
