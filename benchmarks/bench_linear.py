@@ -1,13 +1,15 @@
-"""The linear layers of a decode step: flashcore::grouped_linear (one GEMV launch per group of weights sharing an
-input) against torch's linear (cuBLAS) once per weight, as inductor runs them in a compiled decode step.
+"""The linear layers of a decode step: flashcore::grouped_linear's kernels (one launch per group of weights sharing
+an input: the GEMV at 1-2 tokens, the sm_90a tensor-core kernel at 3-64, forced on for every group here with
+FLASHCORE_GROUPED_LINEAR_KERNEL=tensor_core, whatever the op would choose by default) against torch's linear (cuBLAS)
+once per weight, as inductor runs them in a compiled decode step.
 
-Llama-3-8B's layer shapes (hidden 4096, 32/8 heads of 128, MLP 14336, vocabulary 128256), bf16, m = 1, 2 and 4
+Llama-3-8B's layer shapes (hidden 4096, 32/8 heads of 128, MLP 14336, vocabulary 128256), bf16, m = 1 to 64
 tokens: q/k/v (three weights, one input), o, gate/up (two), down, lm_head. Each variant is captured in a CUDA graph
 and its replay timed by triton's do_bench (median, L2 flushed between replays: in a decode step the weights stream
 from HBM), so launch overhead is what a decode step's graph pays. TB/s counts the weight bytes read once.
 Writes bench_linear.csv under $OUT (or ./benchmark_results) and prints a table last.
 
-    python benchmarks/bench_linear.py [--rows 1 2 4]
+    python benchmarks/bench_linear.py [--rows 1 2 8 32 64]
 """
 from __future__ import annotations
 
@@ -43,9 +45,10 @@ def replay_of(fn):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     args = parser.parse_args()
     dtype, rows_out = torch.bfloat16, []
+    os.environ["FLASHCORE_GROUPED_LINEAR_KERNEL"] = "tensor_core"   # our kernels for every row, cuBLAS or not
     layer_us = {}
     for rows in args.rows:
         for name, (k, ns) in GROUPS.items():

@@ -146,7 +146,9 @@ std::vector<at::Tensor> grouped_linear_cuda(const at::Tensor& x, const at::Tenso
     p.biases[i] = b.has_value() ? b->data_ptr() : nullptr;
     p.n[i] = static_cast<int32_t>(weights[i].size(0));
   }
-  if (!grouped_linear_prefers_kernel(p)) return grouped_linear_reference(x, weights, biases);
+  const cudaDeviceProp* props = at::cuda::getDeviceProperties(x.device().index());
+  const GroupedLinearDevice device{props->multiProcessorCount, props->major, props->minor};
+  if (!grouped_linear_prefers_kernel(p, device)) return grouped_linear_reference(x, weights, biases);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < weights.size(); ++i) {
@@ -154,8 +156,7 @@ std::vector<at::Tensor> grouped_linear_cuda(const at::Tensor& x, const at::Tenso
     outs.push_back(at::empty(out_shape, x.options()));
     p.outs[i] = outs.back().data_ptr();
   }
-  const int num_sms = at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
-  check_launch(launch_grouped_linear(p, num_sms, at::cuda::getCurrentCUDAStream()), "grouped_linear kernel");
+  check_launch(launch_grouped_linear(p, device, at::cuda::getCurrentCUDAStream()), "grouped_linear kernel");
   return outs;
 }
 

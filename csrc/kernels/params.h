@@ -197,9 +197,11 @@ struct UpdatePageBoundsParams {
 // weight element is read once for all m rows.
 struct GroupedLinearParams {
   static constexpr int kMaxWeights = 4;
-  // m. Measured on the H200 (benchmarks/bench_linear.py, an 8B layer): 1.14x cuBLAS at 1 token, 1.13x at 2, 0.63x at
-  // 4 (the FMAs per weight byte grow with m while cuBLAS moves to tensor cores), so the kernel stops at 2.
-  static constexpr int kMaxRows = 2;
+  // m. The GEMV kernel takes 1-2 tokens: measured on the H200 (benchmarks/bench_linear.py, an 8B layer) 1.23x cuBLAS
+  // at 1 token, 1.16x at 2, 0.63x at 4 (its FMAs per weight byte grow with m while cuBLAS moves to tensor cores). The
+  // sm_90a tensor-core kernel (grouped_linear_wgmma.cu) takes 3-64.
+  static constexpr int kGemvMaxRows = 2;
+  static constexpr int kMaxRows = 64;
   const void* x = nullptr;
   int64_t x_stride = 0;
   int32_t m = 0;

@@ -22,9 +22,9 @@ import torch.fx
 
 from ..ops import grouped_linear  # noqa: F401  (registers the op and its fake kernel)
 
-GROUPED_LINEAR_MAX_ROWS = 2
-"""Tokens up to which the CUDA op runs its GEMV kernel (GroupedLinearParams::kMaxRows in csrc/kernels/params.h, where
-the measurement that set it is)."""
+GROUPED_LINEAR_MAX_ROWS = 64
+"""Tokens up to which the CUDA op has a kernel (GroupedLinearParams::kMaxRows in csrc/kernels/params.h: the GEMV
+to 2, the sm_90a tensor-core kernel beyond; the op itself picks kernel or cuBLAS per call)."""
 GROUPED_LINEAR_MAX_WEIGHTS = 4
 """Weights one call takes (GroupedLinearParams::kMaxWeights)."""
 

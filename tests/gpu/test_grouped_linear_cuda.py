@@ -1,6 +1,6 @@
-"""CUDA flashcore::grouped_linear: the GEMV kernel (x of at most 2 tokens) against a float64 reference, held to
-cuBLAS's error on the same inputs (3 and 4 tokens take torch's linear); the paths that fall back to torch's linear;
-CUDA-graph replay."""
+"""CUDA flashcore::grouped_linear: the GEMV kernel (1-2 tokens) and the tensor-core kernel (3-64 tokens, sm_90a)
+against a float64 reference, held to cuBLAS's error on the same inputs; the paths that fall back to torch's linear;
+strided rows; CUDA-graph replay."""
 from __future__ import annotations
 
 import pytest
@@ -31,9 +31,11 @@ def reference(x, w, b):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("k, ns", [(8, [1]), (64, [3, 17]), (520, [33, 1, 64]), (4096, [4096, 1024, 1024]),
-                                   (2056, [5, 7, 11, 13])])
+                                   (2056, [5, 7, 11, 13]), (14336, [40])])
 @pytest.mark.parametrize("bias", [False, True])
 def test_kernel_matches_float64_within_cublas_error(dtype, rows, k, ns, bias, generator):
+    """The GEMV (1-2 tokens; 3-4 take torch's linear unless the tensor-core kernel is on), k with a partial last
+    group of chunks."""
     x, weights, biases = make(generator, dtype, rows, k, ns, bias)
     outs = grouped_linear(x, weights, biases)
     for out, w, b in zip(outs, weights, biases):
@@ -46,14 +48,17 @@ def test_kernel_matches_float64_within_cublas_error(dtype, rows, k, ns, bias, ge
         assert ours <= cublas + ulp, (ours, cublas, ulp)
 
 
-def test_leading_dims_and_strided_rows(generator):
-    """x [2, 1, k] (a decode step's hidden states) and a row-strided x view give the same as a contiguous x."""
-    x, weights, biases = make(generator, torch.bfloat16, 2, 256, [40, 24], True)
+@pytest.mark.parametrize("rows", [2, 17])
+def test_leading_dims_and_strided_rows(rows, monkeypatch, generator):
+    """x [rows, 1, k] (a decode step's hidden states) and a row-strided x view give the same as a contiguous x
+    (17 rows: the tensor-core kernel, whose TMA map carries the row stride)."""
+    monkeypatch.setenv("FLASHCORE_GROUPED_LINEAR_KERNEL", "tensor_core")
+    x, weights, biases = make(generator, torch.bfloat16, rows, 256, [40, 24], True)
     base = grouped_linear(x, weights, biases)
-    for out, want in zip(grouped_linear(x.view(2, 1, 256), weights, biases), base):
-        assert out.shape == (2, 1, want.shape[-1])
+    for out, want in zip(grouped_linear(x.view(rows, 1, 256), weights, biases), base):
+        assert out.shape == (rows, 1, want.shape[-1])
         torch.testing.assert_close(out.view_as(want), want, rtol=0, atol=0)
-    wide = torch.zeros(2, 512, dtype=torch.bfloat16, device=DEV)
+    wide = torch.zeros(rows, 512, dtype=torch.bfloat16, device=DEV)
     wide[:, :256] = x
     for out, want in zip(grouped_linear(wide[:, :256], weights, biases), base):
         torch.testing.assert_close(out, want, rtol=0, atol=0)
@@ -80,8 +85,10 @@ def test_other_shapes_equal_torch_linear(case, generator):
         torch.testing.assert_close(out, F.linear(x, w, b), rtol=0, atol=0)
 
 
-def test_cuda_graph_replay(generator):
-    x, weights, biases = make(generator, torch.bfloat16, 1, 4096, [1024, 512], False)
+@pytest.mark.parametrize("rows", [1, 40])
+def test_cuda_graph_replay(rows, monkeypatch, generator):
+    monkeypatch.setenv("FLASHCORE_GROUPED_LINEAR_KERNEL", "tensor_core")
+    x, weights, biases = make(generator, torch.bfloat16, rows, 4096, [1024, 512], False)
     static_x = x.clone()
     grouped_linear(static_x, weights, biases)   # warm up (launch configuration) outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -92,3 +99,58 @@ def test_cuda_graph_replay(generator):
         graph.replay()
         for out, want in zip(outs, grouped_linear(static_x, weights, biases)):
             torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [3, 17, 32, 33, 64])
+@pytest.mark.parametrize("k, ns", [(8, [1]), (136, [3, 17]), (520, [33, 1, 64]), (4096, [4096, 1024, 1024]),
+                                   (2048, [200]), (14336, [40])])
+@pytest.mark.parametrize("bias", [False, True])
+def test_tensor_core_kernel_matches_float64_within_cublas_error(dtype, rows, k, ns, bias, monkeypatch, generator):
+    """The tensor-core kernel (3-64 tokens; forced for every call it supports, by default it takes calls of 3+ weights): token counts
+    below and at its 32 / 64 padding, weights shorter than its 128-row tile, k not a multiple of its 64-element
+    stage, and the split-k clusters (4096 x [4096, 1024, 1024]: 48 tiles; 2048 x [200] and 14336 x [40]: 2 and 1
+    tiles, split 4 and 8 ways on an H200)."""
+    monkeypatch.setenv("FLASHCORE_GROUPED_LINEAR_KERNEL", "tensor_core")
+    x, weights, biases = make(generator, dtype, rows, k, ns, bias)
+    outs = grouped_linear(x, weights, biases)
+    for out, w, b in zip(outs, weights, biases):
+        ref = reference(x, w, b)
+        ours = (out.double() - ref).abs().max().item()
+        cublas = (F.linear(x, w, b).double() - ref).abs().max().item()
+        ulp = (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10) * ref.abs().max().item()
+        assert ours <= cublas + ulp, (ours, cublas, ulp)
+
+
+@pytest.mark.parametrize("rows, kernel", [(1, "grouped_linear_kernel"), (2, "grouped_linear_kernel"),
+                                          (17, "grouped_linear_wgmma_kernel"), (64, "grouped_linear_wgmma_kernel")])
+def test_the_kernel_runs(rows, kernel, monkeypatch, generator):
+    """The results above could also come from the cuBLAS fallback: the profiler shows which kernel ran."""
+    if rows > 2 and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the tensor-core kernel is sm_90a only")
+    monkeypatch.setenv("FLASHCORE_GROUPED_LINEAR_KERNEL", "tensor_core")
+    x, weights, biases = make(generator, torch.bfloat16, rows, 4096, [1024, 512], True)
+    grouped_linear(x, weights, biases)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        grouped_linear(x, weights, biases)
+        torch.cuda.synchronize()
+    names = [event.name for event in prof.events()]
+    assert sum(kernel + "<" in name or name.startswith(kernel) for name in names) == 1, names
+
+
+@pytest.mark.parametrize("ns, kernel", [([4096, 1024, 1024], "grouped_linear_wgmma_kernel"), ([4096], None),
+                                        ([14336, 14336], None)])
+def test_default_choice_for_several_tokens(ns, kernel, generator):
+    """Without the switch, 3-64 tokens: the tensor-core kernel for 3+ weights (q/k/v), cuBLAS for one or two weights
+    (grouped_linear_prefers_kernel's measured rule)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the tensor-core kernel is sm_90a only")
+    x, weights, biases = make(generator, torch.bfloat16, 24, 4096, ns, False)
+    grouped_linear(x, weights, biases)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        outs = grouped_linear(x, weights, biases)
+        torch.cuda.synchronize()
+    ours = sum("grouped_linear" in event.name for event in prof.events())
+    assert ours == (1 if kernel else 0), [event.name for event in prof.events()]
+    for out, w in zip(outs, weights):
+        torch.testing.assert_close(out, F.linear(x, w), rtol=2e-2, atol=2e-2)

@@ -46,13 +46,23 @@ cudaError_t launch_select_pages(const SelectPagesParams& p, cudaStream_t stream)
 cudaError_t launch_update_page_bounds(const UpdatePageBoundsParams& p, cudaStream_t stream);
 
 // ---- linear layers of a few tokens (csrc/kernels/cuda/linear/) ----------------------------------------------------
-// True when the grouped GEMV kernel supports these shapes, dtypes and alignments (m <= kMaxRows, k % 8 == 0,
-// 16-byte aligned x rows and weights, float16 / bfloat16).
+// The device a grouped linear call runs on (the binding reads it from torch's cached properties).
+struct GroupedLinearDevice {
+  int num_sms = 0;
+  int cc_major = 0;
+  int cc_minor = 0;
+};
+// True when a kernel supports these shapes, dtypes and alignments (m <= kMaxRows, k % 8 == 0, 16-byte aligned x
+// rows and weights, float16 / bfloat16) on some device.
 bool grouped_linear_supported(const GroupedLinearParams& p);
-// Whether the kernel is also the faster way for this call (supported, and not a single weight large enough to
-// stream as fast through cuBLAS); otherwise the binding runs torch's linear per weight.
-bool grouped_linear_prefers_kernel(const GroupedLinearParams& p);
-// The grid fills the resident capacity of num_sms multiprocessors (warps loop over the weights' row tiles).
-cudaError_t launch_grouped_linear(const GroupedLinearParams& p, int num_sms, cudaStream_t stream);
+// Whether a kernel takes this call on this device and is also the faster way (measured: see the definition);
+// otherwise the binding runs torch's linear per weight.
+bool grouped_linear_prefers_kernel(const GroupedLinearParams& p, const GroupedLinearDevice& device);
+// 1-2 tokens: the GEMV (grid = the resident capacity of the device's multiprocessors); more: the tensor-core kernel
+// (grouped_linear_wgmma.cu, sm_90a only).
+cudaError_t launch_grouped_linear(const GroupedLinearParams& p, const GroupedLinearDevice& device, cudaStream_t stream);
+// Whether this build has the sm_90a tensor-core kernel for this dtype and the driver can encode its TMA maps.
+bool grouped_linear_wgmma_available(DType dtype);
+cudaError_t launch_grouped_linear_wgmma(const GroupedLinearParams& p, int num_sms, cudaStream_t stream);
 
 }  // namespace flashcore

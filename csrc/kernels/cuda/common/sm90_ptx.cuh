@@ -108,6 +108,43 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[32], const uint32_t (&a)[4],
   }
 }
 
+// D[64xN] (+)= A[64x16] * B[16xN] for N = 32 or 64, A and B from shared memory, both K-major (the linear layers'
+// tensor-core kernel: A = 64 weight rows, B = N tokens).
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_ss(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, "
+        "%13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : FC_D8(0), FC_D8(8)
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, "
+        "%13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : FC_D8(0), FC_D8(8)
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  }
+}
+template <bool kBf16>
+__device__ __forceinline__ void wgmma_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " FC_ACC_LIST32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : FC_D32
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " FC_ACC_LIST32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : FC_D32
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  }
+}
+
 #undef FC_ACC_LIST32
 #undef FC_D32
 #undef FC_ACC_LIST
@@ -155,6 +192,34 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* tensor_map
       "[%6];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
       : "memory");
+}
+
+// The 2-D form: the box at (c0 innermost, c1).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tensor_map, uint32_t bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+
+// ---- thread block clusters -------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+// Every thread of every CTA of the cluster: shared-memory writes before it are visible to the cluster's reads after.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+// A float in the shared memory of CTA `rank` of the cluster, at the address `addr` has in this CTA's window.
+__device__ __forceinline__ float ld_shared_cluster(uint32_t addr, uint32_t rank) {
+  uint32_t remote;
+  float value;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(value) : "r"(remote) : "memory");
+  return value;
 }
 
 // ---- named barriers, proxy fence, register reallocation -----------------------------------------------------------

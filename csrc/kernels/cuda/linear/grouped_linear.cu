@@ -1,5 +1,6 @@
 // Grouped GEMV for the linear layers of a decode step (GroupedLinearParams in params.h): up to kMaxWeights weight
-// matrices that share one input of m <= kMaxRows tokens, computed in one launch. At these sizes a linear layer is
+// matrices that share one input of m <= kGemvMaxRows tokens, computed in one launch (more tokens: the tensor-core
+// kernel in grouped_linear_wgmma.cu; this file's launch_grouped_linear dispatches and prefers_kernel decides). At these sizes a linear layer is
 // bound by reading its weights once, so the kernel's job is to keep enough 16-byte weight loads in flight on every
 // SM, including for the small matrices (k/v projections of 8 MB) that a launch per matrix leaves latency-bound.
 //
@@ -7,11 +8,14 @@
 // in a grid-stride loop (the grid is sized to the resident capacity, so there is no tail wave). Within a tile every
 // lane streams 16-byte chunks of the tile's rows (L1 bypassed: each weight byte is read once) and the matching
 // chunks of x (L1-cached: every warp reads the same x), accumulates in fp32, and the warp sums its lanes at the end.
+// The loads of a lane's next group of kUnroll chunks are issued before the FMAs of the current one.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "../../params.h"
@@ -84,8 +88,8 @@ __global__ void __launch_bounds__(kWarps * 32) grouped_linear_kernel(const Group
     for (int r = 0; r < kRowsPerWarp; ++r)  // a missing last row re-reads the tile's first (its result is dropped)
       w_rows[r] = reinterpret_cast<const uint4*>(weight + static_cast<int64_t>(row0 + (r < rows ? r : 0)) * p.k);
     float acc[kRowsPerWarp][M] = {};
-    for (int c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
-      uint4 wv[kUnroll][kRowsPerWarp], xv[kUnroll][M];
+    // A group: kUnroll chunks per lane and row (and the matching x chunks).
+    auto load_group = [&](int c0, uint4 (&wv)[kUnroll][kRowsPerWarp], uint4 (&xv)[kUnroll][M]) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int c = c0 + 32 * u;
@@ -95,6 +99,8 @@ __global__ void __launch_bounds__(kWarps * 32) grouped_linear_kernel(const Group
 #pragma unroll
         for (int m = 0; m < M; ++m) xv[u][m] = in ? __ldg(x_rows[m] + c) : make_uint4(0, 0, 0, 0);
       }
+    };
+    auto use_group = [&](const uint4 (&wv)[kUnroll][kRowsPerWarp], const uint4 (&xv)[kUnroll][M]) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
@@ -110,6 +116,21 @@ __global__ void __launch_bounds__(kWarps * 32) grouped_linear_kernel(const Group
           }
         }
       }
+    };
+    // Two groups in registers: the next one's loads are issued before this one's FMAs (alternating buffers, so no
+    // register moves). Measured on the H200 against loading each group right before its FMAs (the compiler then
+    // interleaves a group's loads with the previous group's FMAs): o 17.3 -> 15.6 us, down 41.8 -> 36.1 us at 1 token.
+    constexpr int kGroup = 32 * kUnroll;  // chunks a warp's group covers
+    uint4 wa[kUnroll][kRowsPerWarp], xa[kUnroll][M], wb[kUnroll][kRowsPerWarp], xb[kUnroll][M];
+    load_group(lane, wa, xa);
+    for (int c0 = lane; c0 < chunks;) {
+      if (c0 + kGroup < chunks) load_group(c0 + kGroup, wb, xb);
+      use_group(wa, xa);
+      c0 += kGroup;
+      if (c0 >= chunks) break;
+      if (c0 + kGroup < chunks) load_group(c0 + kGroup, wa, xa);
+      use_group(wb, xb);
+      c0 += kGroup;
     }
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r)
@@ -151,7 +172,7 @@ cudaError_t launch_rows(const GroupedLinearParams& p, int num_sms, cudaStream_t 
 
 template <typename T>
 cudaError_t launch_dtype(const GroupedLinearParams& p, int num_sms, cudaStream_t stream) {
-  static_assert(GroupedLinearParams::kMaxRows == 2, "one instantiation per row count");
+  static_assert(GroupedLinearParams::kGemvMaxRows == 2, "one instantiation per row count");
   return p.m == 1 ? launch_rows<T, 1>(p, num_sms, stream) : launch_rows<T, 2>(p, num_sms, stream);
 }
 
@@ -169,18 +190,29 @@ bool grouped_linear_supported(const GroupedLinearParams& p) {
   return true;
 }
 
-bool grouped_linear_prefers_kernel(const GroupedLinearParams& p) {
-  // A weight alone above this size streams as fast through cuBLAS: measured on the H200, the kernel's one-launch
-  // advantage carries o (33 MB, 1.11x) and down (117 MB, 1.01x) but not an 8B model's lm_head (1 GB, 0.94x).
-  constexpr int64_t kSingleWeightMaxBytes = int64_t(128) << 20;
+bool grouped_linear_prefers_kernel(const GroupedLinearParams& p, const GroupedLinearDevice& device) {
   if (!grouped_linear_supported(p)) return false;
+  if (p.m > GroupedLinearParams::kGemvMaxRows) {
+    if (device.cc_major != 9 || device.cc_minor != 0 || !grouped_linear_wgmma_available(p.dtype)) return false;
+    // Measured on the H200 (benchmarks/bench_linear.py, 8-64 tokens, an 8B layer): the tensor-core kernel beats
+    // three cuBLAS launches for q/k/v (1.25-1.53x) but not one or two large weights (o 0.62-0.86x, down 0.80-0.85x,
+    // gate/up 0.92-1.01x), so it takes calls of 3+ weights. FLASHCORE_GROUPED_LINEAR_KERNEL=tensor_core makes it
+    // take every call it supports (tests, benchmarks).
+    const char* forced = std::getenv("FLASHCORE_GROUPED_LINEAR_KERNEL");
+    return p.num_weights >= 3 || (forced != nullptr && std::strcmp(forced, "tensor_core") == 0);
+  }
+  // A weight alone above this size streams as fast through cuBLAS: measured on the H200, the GEMV's one-launch
+  // advantage carries o (33 MB, 1.24x) and down (117 MB, 1.18x) but not an 8B model's lm_head (1 GB, 1.0x).
+  constexpr int64_t kSingleWeightMaxBytes = int64_t(128) << 20;
   return !(p.num_weights == 1 && int64_t(p.n[0]) * p.k * 2 > kSingleWeightMaxBytes);
 }
 
-cudaError_t launch_grouped_linear(const GroupedLinearParams& p, int num_sms, cudaStream_t stream) {
+cudaError_t launch_grouped_linear(const GroupedLinearParams& p, const GroupedLinearDevice& device,
+                                  cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
-  return p.dtype == DType::kBFloat16 ? launch_dtype<__nv_bfloat16>(p, num_sms, stream)
-                                     : launch_dtype<__half>(p, num_sms, stream);
+  if (p.m > GroupedLinearParams::kGemvMaxRows) return launch_grouped_linear_wgmma(p, device.num_sms, stream);
+  return p.dtype == DType::kBFloat16 ? launch_dtype<__nv_bfloat16>(p, device.num_sms, stream)
+                                     : launch_dtype<__half>(p, device.num_sms, stream);
 }
 
 }  // namespace flashcore
