@@ -19,7 +19,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <cudaTypedefs.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -28,6 +27,7 @@
 #include "../common/convert.cuh"
 #include "../common/ptx.cuh"
 #include "../common/sm90_ptx.cuh"
+#include "../common/tensor_map_encoder.h"
 #include "../launchers.h"
 
 namespace flashcore {
@@ -175,23 +175,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// The driver's cuTensorMapEncodeTiled through the runtime's entry-point query (no link against libcuda); nullptr
-// when the driver lacks it.
-PFN_cuTensorMapEncodeTiled_v12000 encode_function() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
-
 // A row-major [rows, k] matrix (row stride `stride` elements) in boxes of [box_rows][kChunkK], 128-byte swizzle.
 bool encode_matrix(CUtensorMap* map, const void* ptr, int64_t rows, int64_t k, int64_t stride, int box_rows,
                    DType dtype) {
@@ -201,7 +184,7 @@ bool encode_matrix(CUtensorMap* map, const void* ptr, int64_t rows, int64_t k, i
   const cuuint32_t element_strides[2] = {1, 1};
   const CUtensorMapDataType type =
       dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return encode_function()(map, type, 2, const_cast<void*>(ptr), dims, strides, box, element_strides,
+  return tensor_map_encoder()(map, type, 2, const_cast<void*>(ptr), dims, strides, box, element_strides,
                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
@@ -286,7 +269,7 @@ cudaError_t launch_dtype(const GroupedLinearParams& p, int num_sms, cudaStream_t
 }  // namespace
 
 bool grouped_linear_wgmma_available(DType dtype) {
-  if (encode_function() == nullptr) return false;
+  if (tensor_map_encoder() == nullptr) return false;
   return dtype == DType::kBFloat16 ? has_sm90a_body<__nv_bfloat16, 32>() && has_sm90a_body<__nv_bfloat16, 64>()
                                    : has_sm90a_body<__half, 32>() && has_sm90a_body<__half, 64>();
 }

@@ -1,31 +1,13 @@
 // Host encoding of the TMA tensor maps over the paged K/V pools (see kv_tensor_maps.h).
 #include "kv_tensor_maps.h"
 
-#include <cuda_runtime_api.h>
-#include <cudaTypedefs.h>
-
 #include <cstdint>
+
+#include "../common/tensor_map_encoder.h"
 
 namespace flashcore {
 namespace prefill_sm90 {
 namespace {
-
-// The driver's cuTensorMapEncodeTiled through the runtime's entry-point query (no link against libcuda); nullptr
-// when the driver lacks it.
-PFN_cuTensorMapEncodeTiled_v12000 encode_function() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
 
 bool encode_pool(CUtensorMap* map, const void* pool, const PagedAttentionParams& p, int box_rows) {
   const cuuint64_t elem = 2;
@@ -37,7 +19,7 @@ bool encode_pool(CUtensorMap* map, const void* pool, const PagedAttentionParams&
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const CUtensorMapDataType type =
       p.dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  return encode_function()(map, type, 4, const_cast<void*>(pool), dims, strides, box, element_strides,
+  return tensor_map_encoder()(map, type, 4, const_cast<void*>(pool), dims, strides, box, element_strides,
                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
@@ -47,7 +29,7 @@ bool encode_pool(CUtensorMap* map, const void* pool, const PagedAttentionParams&
 KvTensorMaps encode_kv_tensor_maps(const PagedAttentionParams& p) {
   KvTensorMaps maps{};
   const bool aligned = reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0 && reinterpret_cast<uintptr_t>(p.v_cache) % 16 == 0;
-  if (!tma_page_size(p.page_size) || !aligned || (p.head_dim != 64 && p.head_dim != 128) || p.num_pages < 1 || encode_function() == nullptr)
+  if (!tma_page_size(p.page_size) || !aligned || (p.head_dim != 64 && p.head_dim != 128) || p.num_pages < 1 || tensor_map_encoder() == nullptr)
     return maps;
   const int box_rows = p.page_size < 128 ? p.page_size : 128;
   if (encode_pool(&maps.k, p.k_cache, p, box_rows) && encode_pool(&maps.v, p.v_cache, p, box_rows))
