@@ -91,10 +91,11 @@ def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor],
     """Linear layers that share their input: [F.linear(x, weights[i], biases[i]) for each i], in one kernel on CUDA.
 
     x [..., k] float16 / bfloat16 (float32 on the CPU); weights [n_i, k] and biases [n_i] (or None) in x's dtype, on
-    x's device. Returns [..., n_i] per weight in x's dtype. On CUDA, when x holds at most 2 tokens (the rows of a
-    decode step), all weights are read in one launch of a GEMV kernel with fp32 accumulation (it keeps enough loads in
-    flight for small matrices such as k/v projections); otherwise, for a single weight over 128 MiB (as fast through
-    cuBLAS), and on the CPU, it is torch's linear per weight.
+    x's device. Returns [..., n_i] per weight in x's dtype. On CUDA all weights are read in one launch with fp32
+    accumulation when a kernel measured faster than cuBLAS for the call: at most 2 tokens (the rows of a decode step),
+    a GEMV kernel (it keeps enough loads in flight for small matrices such as k/v projections), except a single weight
+    over 128 MiB; 3-64 tokens and 3+ weights (q/k/v of a batched step) on compute capability 9.0, a tensor-core kernel
+    (TMA + wgmma). Otherwise, and on the CPU, it is torch's linear per weight.
     """
     return list(_ops.grouped_linear(x, list(weights), list(biases) if biases is not None else [None] * len(weights)))
 
