@@ -132,7 +132,10 @@ std::vector<at::Tensor> grouped_linear_cuda(const at::Tensor& x, const at::Tenso
   if (!fits) return grouped_linear_reference(x, weights, biases);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor rows = x.reshape({m, k});
-  const at::Tensor x2 = rows.stride(1) == 1 && rows.stride(0) % 8 == 0 ? rows : rows.contiguous();
+  // Rows the kernels can read in place: unit element stride, 16-byte row stride, and rows that do not overlap (an
+  // expanded x has row stride 0, which a TMA map cannot describe).
+  const bool in_place = rows.stride(1) == 1 && rows.stride(0) % 8 == 0 && (m == 1 || rows.stride(0) >= k);
+  const at::Tensor x2 = in_place ? rows : rows.contiguous();
   GroupedLinearParams p;
   p.x = x2.data_ptr();
   p.x_stride = x2.stride(0);

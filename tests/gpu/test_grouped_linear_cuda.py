@@ -62,6 +62,9 @@ def test_leading_dims_and_strided_rows(rows, monkeypatch, generator):
     wide[:, :256] = x
     for out, want in zip(grouped_linear(wide[:, :256], weights, biases), base):
         torch.testing.assert_close(out, want, rtol=0, atol=0)
+    one = x[:1].expand(rows, 256)   # rows of stride 0: read as a contiguous copy
+    for out, want in zip(grouped_linear(one, weights, biases), grouped_linear(one.contiguous(), weights, biases)):
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", ["many_rows", "float32", "k_not_multiple_of_8", "five_weights", "empty",
