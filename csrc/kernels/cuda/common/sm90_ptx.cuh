@@ -204,11 +204,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tensor_map
 }
 
 // ---- thread block clusters -------------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t cluster_ctarank() {
-  uint32_t rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-  return rank;
-}
 // Every thread of every CTA of the cluster: shared-memory writes before it are visible to the cluster's reads after.
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");

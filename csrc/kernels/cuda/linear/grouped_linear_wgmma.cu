@@ -69,7 +69,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
   const uint32_t base = (raw_addr + 1023) & ~1023u;
-  float* partial = reinterpret_cast<float*>(smem_raw + (base - raw_addr));  // [N][kReduceStride], after the ring
+  // The partial sums [N][kReduceStride] reuse the ring once every stage is consumed.
+  float* partial = reinterpret_cast<float*>(smem_raw + (base - raw_addr));
   const uint32_t bar_full = smem_addr(&bars[0]), bar_empty = bar_full + 8 * kStages;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
 
@@ -90,7 +91,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     seen += tiles;
   }
-  const int splits = gridDim.x, rank = blockIdx.x;  // the cluster spans grid x: rank == cluster_ctarank()
+  const int splits = gridDim.x, rank = blockIdx.x;  // the cluster spans grid x: rank is the CTA's rank in it
   const int chunks_total = (p.k + kChunkK - 1) / kChunkK;
   const int per_split = (chunks_total + splits - 1) / splits;
   const int chunk0 = rank * per_split;
