@@ -27,6 +27,7 @@
 #include "../common/convert.cuh"
 #include "../common/ptx.cuh"
 #include "../common/sm90_ptx.cuh"
+#include "../common/sm90a_body.cuh"
 #include "../common/tensor_map_encoder.h"
 #include "../launchers.h"
 
@@ -64,7 +65,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   using S = Shape<N>;
-  // Static shared memory also tells the host that this body was built (an sm_90a build): has_sm90a_body().
+  // Static shared memory also tells the host that this body was built (an sm_90a build): sm90a_body_built().
   __shared__ __align__(8) uint64_t bars[2 * kStages];  // full [kStages], empty [kStages]
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
@@ -191,17 +192,6 @@ bool encode_matrix(CUtensorMap* map, const void* ptr, int64_t rows, int64_t k, i
 }
 
 template <typename T, int N>
-bool has_sm90a_body() {
-  static const bool built = [] {
-    cudaFuncAttributes attr;
-    const bool ok = cudaFuncGetAttributes(&attr, grouped_linear_wgmma_kernel<T, N>) == cudaSuccess;
-    if (!ok) (void)cudaGetLastError();
-    return ok && attr.sharedSizeBytes > 0;
-  }();
-  return built;
-}
-
-template <typename T, int N>
 int blocks_per_sm() {
   static const int value = [] {
     auto kernel = grouped_linear_wgmma_kernel<T, N>;
@@ -235,7 +225,7 @@ int choose_splits(int64_t tiles, int k, int slots) {
 
 template <typename T, int N>
 cudaError_t launch_tokens(const GroupedLinearParams& p, int num_sms, cudaStream_t stream) {
-  if (!has_sm90a_body<T, N>()) return cudaErrorNotSupported;
+  if (!sm90a_body_built<grouped_linear_wgmma_kernel<T, N>>()) return cudaErrorNotSupported;
   const int64_t tiles = total_tiles(p);
   if (tiles == 0) return cudaSuccess;
   LinearTensorMaps maps{};
@@ -271,8 +261,10 @@ cudaError_t launch_dtype(const GroupedLinearParams& p, int num_sms, cudaStream_t
 
 bool grouped_linear_wgmma_available(DType dtype) {
   if (tensor_map_encoder() == nullptr) return false;
-  return dtype == DType::kBFloat16 ? has_sm90a_body<__nv_bfloat16, 32>() && has_sm90a_body<__nv_bfloat16, 64>()
-                                   : has_sm90a_body<__half, 32>() && has_sm90a_body<__half, 64>();
+  return dtype == DType::kBFloat16 ? sm90a_body_built<grouped_linear_wgmma_kernel<__nv_bfloat16, 32>>() &&
+                                         sm90a_body_built<grouped_linear_wgmma_kernel<__nv_bfloat16, 64>>()
+                                   : sm90a_body_built<grouped_linear_wgmma_kernel<__half, 32>>() &&
+                                         sm90a_body_built<grouped_linear_wgmma_kernel<__half, 64>>();
 }
 
 cudaError_t launch_grouped_linear_wgmma(const GroupedLinearParams& p, int num_sms, cudaStream_t stream) {

@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
   constexpr int kChunks = L::kChunks, kRowsPerPass = 128 / kChunks;  // rows one pass of the 128 producer threads copies
   // mbarriers full_k, full_v, empty_k, empty_v [kStages] each: K and V stages are filled and recycled separately
   // (K as soon as S = Q K^T is done, V after P V), which lets the producer run further ahead. Static shared memory
-  // also tells the host that this body was built (an sm_90a build); see prefill_sm90_launch.cuh.
+  // also tells the host that this body was built (an sm_90a build); see common/sm90a_body.cuh.
   __shared__ __align__(8) uint64_t bars[4 * kStages];
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);

@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 
 #include "../common/page_walk.cuh"
+#include "../common/sm90a_body.cuh"
 #include "kv_tensor_maps.h"
 #include "prefill_sm90.h"
 #include "prefill_sm90_kernel.cuh"
@@ -10,25 +11,12 @@
 namespace flashcore {
 namespace prefill_sm90 {
 
-// The kernel body exists only in sm_90a code and is the only part that declares static shared memory (its
-// mbarriers): a build for other targets yields an empty kernel with none, which must never be launched.
-template <typename T, bool kSoftcap, int kHeadDim>
-bool has_sm90a_body() {
-  static const bool built = [] {
-    cudaFuncAttributes attr;
-    const bool ok = cudaFuncGetAttributes(&attr, prefill_sm90_kernel<T, kSoftcap, kHeadDim>) == cudaSuccess;
-    if (!ok) (void)cudaGetLastError();
-    return ok && attr.sharedSizeBytes > 0;
-  }();
-  return built;
-}
-
 // Grid (KV head, sequence, query tile of Layout::kBlockM (query, head) rows), Layout::kThreads threads; tiles past a sequence's real length
 // exit at once. No host sync, no allocation; the TMA maps over the pools are encoded on the host per call (a few
 // microseconds) and passed by value, so a captured launch keeps its own.
 template <typename T, bool kSoftcap, int kHeadDim>
 cudaError_t launch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) {
-  if (!has_sm90a_body<T, kSoftcap, kHeadDim>()) return cudaErrorNotSupported;
+  if (!sm90a_body_built<prefill_sm90_kernel<T, kSoftcap, kHeadDim>>()) return cudaErrorNotSupported;
   using L = Layout<kHeadDim>;
   const int64_t tiles = prefill::query_tiles(p, L::kBlockM);
   if (tiles == 0 || p.batch == 0 || p.total_q == 0) return cudaSuccess;
