@@ -19,7 +19,7 @@ SUMMARIES = {
     "bench_prefill.csv": ("prefill attention (TFLOP/s; causal counts half)",
                           ["shape", "flashcore_ps128_TF", "flashcore_ps16_TF", "sdpa_flash_TF", "sdpa_cudnn_TF",
                            "flex_TF", "ps128_vs_flash", "ps16_vs_flash"]),
-    "bench_linear.csv": ("a decode step's linear layers: grouped GEMV vs cuBLAS (8B shapes, bf16, graph replays)",
+    "bench_linear.csv": ("a decode step's linear layers: grouped kernels vs cuBLAS (8B shapes, bf16, graph replays)",
                          ["rows", "weights", "cublas_us", "grouped_us", "cublas_TBps", "grouped_TBps", "speedup"]),
     "bench_e2e.csv": ("generate() on a Llama-3-8B-shaped model",
                       ["case", "path", "prefill_s", "decode_tok_s", "ms_per_step", "peak_GiB", "speedup_vs_dynamic",

@@ -4,8 +4,9 @@ layer's q/k/v projections, its gate/up projections) become one `flashcore::group
 A decode step's linear layers are matrix-vector products bound by reading the weights. Run one by one (cuBLAS, as
 inductor calls them), the small ones (the k/v projections of an 8B model are 8 MB each) cannot keep enough loads in
 flight to reach the memory bandwidth, and every matrix pays a launch. The grouped op reads all of a group's weights
-in one launch (a GEMV kernel at 1-2 tokens, a tensor-core kernel for q/k/v at 3-64). The weights stay where the model keeps them (no concatenated copy: memory is
-unchanged and the module is not modified); only the traced graph is rewritten, before inductor compiles it.
+in one launch (a GEMV kernel at 1-2 tokens, a tensor-core kernel for q/k/v at 3-64). The weights stay where the
+model keeps them (no concatenated copy: memory is unchanged and the module is not modified); only the traced graph is
+rewritten, before inductor compiles it.
 
 `group_small_linears(gm)` rewrites a dynamo FX graph in place: calls of torch's linear whose input has at most
 `max_rows` tokens (static shape, float16 / bfloat16, last dimension a multiple of 8) are grouped by input node, up to

@@ -16,7 +16,6 @@ namespace {
 constexpr int kMergeThreads = 256;
 constexpr int kWarpsPerBlock = kMergeThreads / 32;
 
-
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads) merge_states_kernel(const MergeStatesParams p) {
   const int64_t total = (int64_t)p.rows * p.num_heads;

@@ -197,14 +197,15 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* tensor_map
 // The 2-D form: the box at (c0 innermost, c1).
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tensor_map, uint32_t bar, int c0, int c1) {
   asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-          dst),
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], "
+      "[%4];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
 
-// ---- thread block clusters -------------------------------------------------------------------------------------------
-// Every thread of every CTA of the cluster: shared-memory writes before it are visible to the cluster's reads after.
+// ---- thread block clusters ------------------------------------------------------------------------------------------
+// Every thread of every CTA of the cluster: shared-memory writes before it are visible to the cluster's reads
+// after.
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }

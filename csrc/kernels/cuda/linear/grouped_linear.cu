@@ -1,7 +1,7 @@
 // Grouped GEMV for the linear layers of a decode step (GroupedLinearParams in params.h): up to kMaxWeights weight
 // matrices that share one input of m <= kGemvMaxRows tokens, computed in one launch (more tokens: the tensor-core
-// kernel in grouped_linear_wgmma.cu; this file's launch_grouped_linear dispatches and prefers_kernel decides). At these sizes a linear layer is
-// bound by reading its weights once, so the kernel's job is to keep enough 16-byte weight loads in flight on every
+// kernel in grouped_linear_wgmma.cu; this file's launch_grouped_linear dispatches and prefers_kernel decides). At
+// these sizes a linear layer is bound by reading its weights once, so the kernel's job is to keep enough 16-byte weight loads in flight on every
 // SM, including for the small matrices (k/v projections of 8 MB) that a launch per matrix leaves latency-bound.
 //
 // Work split: the rows of all matrices, one after the other, in tiles of kRowsPerWarp rows; each warp takes tiles

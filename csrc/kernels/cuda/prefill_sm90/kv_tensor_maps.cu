@@ -20,8 +20,8 @@ bool encode_pool(CUtensorMap* map, const void* pool, const PagedAttentionParams&
   const CUtensorMapDataType type =
       p.dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   return tensor_map_encoder()(map, type, 4, const_cast<void*>(pool), dims, strides, box, element_strides,
-                           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                           CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 }  // namespace
@@ -29,7 +29,8 @@ bool encode_pool(CUtensorMap* map, const void* pool, const PagedAttentionParams&
 KvTensorMaps encode_kv_tensor_maps(const PagedAttentionParams& p) {
   KvTensorMaps maps{};
   const bool aligned = reinterpret_cast<uintptr_t>(p.k_cache) % 16 == 0 && reinterpret_cast<uintptr_t>(p.v_cache) % 16 == 0;
-  if (!tma_page_size(p.page_size) || !aligned || (p.head_dim != 64 && p.head_dim != 128) || p.num_pages < 1 || tensor_map_encoder() == nullptr)
+  if (!tma_page_size(p.page_size) || !aligned || (p.head_dim != 64 && p.head_dim != 128) || p.num_pages < 1 ||
+      tensor_map_encoder() == nullptr)
     return maps;
   const int box_rows = p.page_size < 128 ? p.page_size : 128;
   if (encode_pool(&maps.k, p.k_cache, p, box_rows) && encode_pool(&maps.v, p.v_cache, p, box_rows))

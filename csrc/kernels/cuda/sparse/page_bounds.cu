@@ -17,7 +17,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-
 template <typename TK, typename TB>
 __global__ void __launch_bounds__(kThreads) update_page_bounds_kernel(const UpdatePageBoundsParams p) {
   grid_dependency_wait();

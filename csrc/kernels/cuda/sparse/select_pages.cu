@@ -42,7 +42,6 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kSelectThreads = 256;
 constexpr int kMaxSmemKeys = 48 * 1024;  // 192 KB of shared memory; longer rows read their scores from global
 
-
 // 4 consecutive elements as stored (16-byte aligned for float, 8-byte for 16-bit types: guaranteed by the launcher).
 template <typename T>
 using Quad = std::conditional_t<sizeof(T) == 4, float4, uint2>;
