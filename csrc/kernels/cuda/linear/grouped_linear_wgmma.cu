@@ -168,8 +168,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int token = idx / rows_per_rank, row = rank * rows_per_rank + idx % rows_per_rank;
     if (row0 + row >= n) continue;
     const uint32_t addr = partial_addr + 4 * (token * kReduceStride + row);
+    // All of the splits' loads issued before the first add (a runtime-length loop waited for each remote load in
+    // turn: ~50 dependent DSMEM round trips per thread at 8 splits); the sum stays in rank order.
+    float part[kMaxSplits];
+#pragma unroll
+    for (int r = 0; r < kMaxSplits; ++r) part[r] = r < splits ? ld_shared_cluster(addr, r) : 0.f;
     float sum = 0.f;
-    for (int r = 0; r < splits; ++r) sum += ld_shared_cluster(addr, r);
+#pragma unroll
+    for (int r = 0; r < kMaxSplits; ++r) sum += part[r];
     if (bias != nullptr) sum += to_float(bias[row0 + row]);
     out[static_cast<int64_t>(token) * n + row0 + row] = from_float<T>(sum);
   }
