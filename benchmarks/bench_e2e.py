@@ -1,9 +1,10 @@
 """End-to-end generate() on a Llama-3-8B-shaped model (random bf16 weights): flashcore vs stock transformers.
 
-Paths, measured in the same run: flashcore (default PagedKVCache, CUDA graphs of the torch.compile'd decode step),
-flashcore_nocompile (the same graphs of the uncompiled forward: set_compiled_decode(False)), flashcore_eager (no CUDA
-graphs; prompts <= 32K), sdpa + DynamicCache, sdpa + static cache (generate's auto-compile; 1 x 32K), and
-transformers' `generate_batch` continuous batching where available (64 x 1K).
+Paths, measured in the same run: flashcore (default PagedKVCache, CUDA graphs of the torch.compile'd decode step,
+compiled prefill layers for prompts of 16K+ tokens), flashcore_nocompile (the same graphs of the uncompiled forward,
+and an uncompiled prefill: set_compiled_decode(False), set_compiled_prefill(False)), flashcore_eager (no CUDA graphs,
+so no compiling either; prompts <= 32K), sdpa + DynamicCache, sdpa + static cache (generate's auto-compile; 1 x 32K),
+and transformers' `generate_batch` continuous batching where available (64 x 1K).
 Cases: B=1 x 32K prompt, B=1 x 128K, B=32 x 2K, B=64 x 1K; shared prompts (--cases 128x2048same 256x2048same
 64samples8192): 128 and 256 copies of one 2K prompt, 64 sampled answers (num_return_sequences) to one 8K prompt,
 with flashcore_noshare (flashcore with share_prefixes=False) as a third path; a prefix cache (--cases 32768doc8q):
@@ -103,6 +104,7 @@ def run_generate_case(model, path: str, case: str, batch: int, prompt: int, new:
     kwargs = dict(do_sample=False)
     flashcore_hf.set_cuda_graphs(path in GRAPH_PATHS)
     flashcore_hf.set_compiled_decode(path != "flashcore_nocompile")
+    flashcore_hf.set_compiled_prefill(path != "flashcore_nocompile")
     flashcore_hf.set_default_cache_options(share_prefixes=path != "flashcore_noshare")
     model.set_attn_implementation("flashcore" if path.startswith("flashcore") else "sdpa")
     if path == "sdpa_static":
@@ -144,7 +146,8 @@ def run_generate_case(model, path: str, case: str, batch: int, prompt: int, new:
                    captures_in_timed_run=stats.captures - captures_before[0],
                    compiled_steps_in_timed_run=stats.compiled_replays - captures_before[1],
                    compiles=stats.compiles - compiled_before[0], compile_s=stats.compile_seconds - compiled_before[1],
-                   compiled_model_total_s=stats.compile_seconds, grouped_linears=stats.grouped_linears)
+                   compiled_model_total_s=stats.compile_seconds, grouped_linears=stats.grouped_linears,
+                   compiled_prefills=stats.compiled_prefills, prefill_compile_s=stats.prefill_compile_seconds)
         if stats.compile_failures:
             row["compile_failures"] = "; ".join(stats.compile_failures)[:200]
     if path.startswith("flashcore"):
@@ -152,6 +155,7 @@ def run_generate_case(model, path: str, case: str, batch: int, prompt: int, new:
         flashcore_hf.release_decode_graphs(model)     # free graphs and pooled pages before the next path
     flashcore_hf.set_cuda_graphs(True)
     flashcore_hf.set_compiled_decode(True)
+    flashcore_hf.set_compiled_prefill(True)
     flashcore_hf.set_default_cache_options(share_prefixes=True)
     return row
 
@@ -280,12 +284,14 @@ def main() -> None:
         if ref and "decode_tok_s" in row and row["path"] != "generate_batch":
             row["speedup_vs_dynamic"] = row["decode_tok_s"] / ref["decode_tok_s"]
             row["memory_vs_dynamic"] = row["peak_GiB"] / ref["peak_GiB"]
+            row["prefill_vs_dynamic"] = row["prefill_s"] / ref["prefill_s"]
     path = write_csv(rows, "bench_e2e.csv")
     plot(rows)
     print(f"\n{device_name()}, torch {torch.__version__}; CSV: {path}")
-    print_table(rows, ["case", "path", "prefill_s", "later_prefill_s", "later_vs_first", "total_s", "decode_tok_s",
-                       "ms_per_step", "peak_GiB", "speedup_vs_dynamic",
-                       "memory_vs_dynamic", "captures", "capture_s", "compiles", "compile_s", "grouped_linears",
+    print_table(rows, ["case", "path", "prefill_s", "prefill_vs_dynamic", "later_prefill_s", "later_vs_first",
+                       "total_s", "decode_tok_s", "ms_per_step", "peak_GiB", "speedup_vs_dynamic",
+                       "memory_vs_dynamic", "captures", "capture_s", "compiles", "compile_s", "prefill_compile_s",
+                       "grouped_linears",
                        "identical_to_eager",
                        "eager_agreement", "identical_to_shared", "compile_failures", "error"])
 

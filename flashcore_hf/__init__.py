@@ -12,7 +12,7 @@ from ._ext import HAS_CUDA_KERNELS
 from .cache import CacheStats, OutOfPagesError, PageAllocator, PagedKVCache, PrefixCache
 from .hf import (ATTN_IMPLEMENTATION, FlashCoreAttention, FlashCoreCompileWarning, FlashCoreFallbackWarning,
                  decode_graph_stats, flashcore_attention_forward, flashcore_mask, register, release_decode_graphs,
-                 set_compiled_decode, set_cuda_graphs, set_default_cache_options, unpatch)
+                 set_compiled_decode, set_compiled_prefill, set_cuda_graphs, set_default_cache_options, unpatch)
 from .layout import PageLayout
 from .ops import AttentionPlan, append_kv, build_layout, kernel_supports, paged_attention, plan_attention
 from .patches import CACHE_KWARG
@@ -25,4 +25,4 @@ __all__ = ["ATTN_IMPLEMENTATION", "AttentionPlan", "CACHE_KWARG", "CacheStats", 
            "PageAllocator", "PageLayout", "PagedKVCache", "PrefixCache", "SparseConfig", "append_kv", "build_layout",
            "decode_graph_stats", "flashcore_attention_forward", "flashcore_mask", "kernel_supports",
            "paged_attention", "plan_attention", "register", "release_decode_graphs", "set_compiled_decode",
-           "set_cuda_graphs", "set_default_cache_options", "unpatch"]
+           "set_compiled_prefill", "set_cuda_graphs", "set_default_cache_options", "unpatch"]

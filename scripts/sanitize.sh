@@ -2,7 +2,8 @@
 # compute-sanitizer over a reduced GPU set (part of scripts/gpu_check.sh, step "sanitizer"):
 # - memcheck: repeated generate() calls with sparse policies and CUDA graphs (8K tokens in 16-token pages cross the
 #   same 2 MiB bounds-granule boundary as 32K in 64-token pages), the sparse GPU tests (key signs included), graph
-#   reuse across calls, growable pools unmapped behind queued kernels, the prefill kernels on a reduced grid;
+#   reuse across calls, growable pools unmapped behind queued kernels, the prefill kernels on a reduced grid, the
+#   grouped linear kernels;
 # - racecheck: append_kv; the decode and prefill kernels are tried and reported (see below).
 # Exits non-zero when the sanitizer reports an error or a test fails.
 set -uo pipefail
@@ -26,6 +27,10 @@ compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/te
 # unused slots at TMA page sizes 8..512.
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_prefill_cuda.py \
   -k "wgmma and (mixed_batch and -4- or unused_slots)" || status=1
+# The grouped linear kernels: the tensor-core one (TMA ring, wgmma, split-k reduced through distributed shared memory
+# across a cluster) over odd token counts, short weights and k not a multiple of a stage, and the GEMV.
+compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_grouped_linear_cuda.py \
+  -k "tensor_core_kernel and bfloat16 or leading_dims or graph_replay" || status=1
 echo "== racecheck =="
 # Only flashcore's kernels (cuBLAS's own GEMM kernels report races racecheck cannot tell are benign).
 compute-sanitizer --tool racecheck --kernel-name kns=append_kv --error-exitcode 1 "${pytest[@]}" \

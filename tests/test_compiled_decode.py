@@ -19,8 +19,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 import flashcore_hf as fc
 from flashcore_hf import CACHE_KWARG
-from flashcore_hf.hf import compiled_decode
-from flashcore_hf.hf.compiled_decode import CompiledDecodeStep, FixedStepCache, active_step, tracing_fixed_step
+from flashcore_hf.hf import compiled_forward
+from flashcore_hf.hf.compiled_decode import CompiledDecodeStep
+from flashcore_hf.hf.compiled_forward import StandInCache, active_step, tracing_compiled_step
 from flashcore_hf.hf.decode_graphs import DecodeGraphRunner, _FixedStep
 from tests.capture_checks import HostDataLog
 
@@ -213,10 +214,10 @@ def test_attention_op_opcheck(generator):
     with active_step(step.cache):
         for test in ("test_schema", "test_faketensor"):
             step.begin()
-            torch.library.opcheck(torch.ops.flashcore.fixed_step_attention.default,
-                                  (q, k, v, 0, 0.25, None, True, None, None), test_utils=(test,))
-    with pytest.raises(RuntimeError, match="inside a compiled decode step"):
-        torch.ops.flashcore.fixed_step_attention(q, k, v, 0, 0.25, None, True, None, None)
+            torch.library.opcheck(torch.ops.flashcore.step_attention.default,
+                                  (q, k, v, None, 0, 0.25, None, True, None, None), test_utils=(test,))
+    with pytest.raises(RuntimeError, match="inside a compiled forward"):
+        torch.ops.flashcore.step_attention(q, k, v, None, 0, 0.25, None, True, None, None)
 
 
 def test_compile_failure_falls_back_with_one_warning(generator):
@@ -243,7 +244,7 @@ def test_compile_failure_falls_back_with_one_warning(generator):
     assert sum(runner.stats.compile_failures.values()) == 2
     assert "cache length" in next(iter(runner.stats.compile_failures))
     assert not runner._compile_this_capture()            # later captures take the uncompiled forward
-    assert not tracing_fixed_step()
+    assert not tracing_compiled_step()
 
 
 class _NoCuda:
@@ -298,7 +299,7 @@ def test_runner_capture_compiles_once_and_reports(monkeypatch, generator):
         def untraceable(self, *args):
             raise NotImplementedError("untraceable")
 
-        monkeypatch.setattr(compiled_decode.FixedStepCache, "get_mask_sizes", untraceable)
+        monkeypatch.setattr(compiled_forward.StandInCache, "get_mask_sizes", untraceable)
         broken = DecodeGraphRunner(model, model.forward)
         cache = prefill(model, torch.randint(1, 96, (2, 6), generator=generator))
         plan = cache.plan_decode_step(CPU)
@@ -349,13 +350,13 @@ def test_model_unchanged_after_compiled_steps(generator):
     assert torch.equal(after_paged, before_paged)
     assert "forward" not in model.__dict__ and type(model).forward is forward_class
     assert AttentionInterface._global_mapping["flashcore"] is attention
-    assert not tracing_fixed_step() and compiled_decode._ACTIVE_CACHE is None
+    assert not tracing_compiled_step() and compiled_forward._ACTIVE_CACHE is None
 
 
-def test_fixed_step_cache_stand_in():
+def test_stand_in_cache():
     """What the model's mask code and layers see of the cache in a compiled step."""
     config = LlamaConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
-    stand_in = FixedStepCache(fc.PagedKVCache(config, page_size=4))
+    stand_in = StandInCache(fc.PagedKVCache(config, page_size=4))
     k = torch.randn(1, 2, 1, 8)
     assert stand_in.update(k, k, 2)[0] is k
     assert stand_in.get_mask_sizes(1, 0) == (1, 0) and stand_in.get_query_offset(0) == 0

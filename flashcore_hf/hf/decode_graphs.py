@@ -9,7 +9,8 @@ inputs are fixed buffers, and every decode step then
      runs the previous step, `PagedKVCache.prepare_next_decode_step`),
   2. copies that plan (one host-to-device copy) and the new token ids into the graph's buffers,
   3. replays the graph.
-Prefill, multi-token steps, beam reordering (host side) and anything unusual run eagerly.
+Prefill, multi-token steps, beam reordering (host side) and anything unusual run eagerly; a long prefill (at least
+compiled_prefill.MIN_TOKENS new tokens) runs with its decoder layers compiled (compiled_prefill.py).
 
 The captured forward is compiled (compiled_decode.py: torch.compile with inductor, attention and the cache as one
 opaque op per layer), so norms, rotary, activations and residual adds run fused; compiled once per model and batch
@@ -26,7 +27,7 @@ addresses of the per-page key bounds, which come from the same arena). Caches th
 their pools from one `PoolArena` per model, so the next generate() call reuses the same memory and the same graphs;
 a pool growth (rare: `PagedKVCache(expected_max_length=...)` grows once per generation) captures anew.
 
-On by default for flashcore models on one CUDA device. Off (graphs and compilation):
+On by default for flashcore models on one CUDA device. Off (graphs and compilation, decode and prefill):
 `flashcore_hf.set_cuda_graphs(False)`, the environment variable FLASHCORE_CUDA_GRAPHS=0, or
 `model.generate(..., disable_compile=True)`.
 `decode_graph_stats(model)` reports captures, compiles and their cost, and replays; `release_decode_graphs(model)`
@@ -48,8 +49,10 @@ from ..cache import PagedKVCache, PoolArena, StepPlan
 from ..cache.step_plan import StepShape
 from ..layout import PageLayout
 from ..patches import CACHE_KWARG
-from .compiled_decode import (CompiledDecodeStep, FlashCoreCompileWarning, compile_backend, compiled_decode_enabled,
-                              failure_reason)
+from .compiled_decode import CompiledDecodeStep, compiled_decode_enabled
+from .compiled_forward import FlashCoreCompileWarning, compile_backend, failure_reason
+from .compiled_prefill import MIN_TOKENS as MIN_COMPILED_PREFILL_TOKENS
+from .compiled_prefill import CompiledPrefill, compiled_prefill_enabled, decoder_layers
 
 _ENABLED = os.environ.get("FLASHCORE_CUDA_GRAPHS", "1") != "0"
 _MAX_GRAPHS_PER_MODEL = 8
@@ -74,8 +77,10 @@ class DecodeGraphStats:
     decode steps run eagerly and why (eager_reasons: reason -> steps); compiled decode (compiled_decode.py):
     compiled_captures / compiled_replays (of graphs of the compiled forward), compiles (graphs torch.compile
     compiled: at most 3 per model, see compiled_decode.py), compile_seconds (their time), compile_failures (reason ->
-    captures that fell back to the uncompiled forward), grouped_linears (flashcore::grouped_linear calls in the
-    compiled graphs: linear_grouping.py)."""
+    captures that fell back to the uncompiled forward, and prefills that stayed eager), grouped_linears
+    (flashcore::grouped_linear calls in the compiled graphs: linear_grouping.py); compiled prefill
+    (compiled_prefill.py): compiled_prefills (forwards run with compiled layers), prefill_compiles and
+    prefill_compile_seconds (what compiling their layers took)."""
 
     captures: int = 0
     capture_seconds: float = 0.0
@@ -88,6 +93,9 @@ class DecodeGraphStats:
     compile_seconds: float = 0.0
     compile_failures: dict[str, int] = field(default_factory=dict)
     grouped_linears: int = 0
+    compiled_prefills: int = 0
+    prefill_compiles: int = 0
+    prefill_compile_seconds: float = 0.0
 
     def count_eager(self, reason: str) -> None:
         self.eager_decode_steps += 1
@@ -126,7 +134,8 @@ class _FixedStep:
 
 
 class DecodeGraphRunner:
-    """Stands in for a model's `forward`: decode steps over a PagedKVCache replay CUDA graphs, all else runs eagerly."""
+    """Stands in for a model's `forward`: decode steps over a PagedKVCache replay CUDA graphs, long prefills over one
+    run with compiled decoder layers, all else runs eagerly."""
 
     def __init__(self, model: torch.nn.Module, forward):
         self._model = weakref.ref(model)
@@ -137,9 +146,13 @@ class DecodeGraphRunner:
         self.enabled_for_call = True       # generate(disable_compile=True) turns it off for that call
         self._compiled: CompiledDecodeStep | None = None   # made at the first compiled capture, kept for the model
         self._compile_failure: str | None = None           # why compiling failed (the runner then stops trying)
+        self._prefill: CompiledPrefill | None = None       # made at the first long prefill, kept for the model
+        self._warned: set[str] = set()                     # what a FlashCoreCompileWarning was given for
         functools.update_wrapper(self, forward)
 
     def __call__(self, *args, **kwargs):
+        if not args and self._prefill_eligible(kwargs):
+            return self._compiled_prefill(kwargs)
         if args or not self._eligible(kwargs):
             return self._forward(*args, **kwargs)
         return self._replay(kwargs)
@@ -181,6 +194,39 @@ class DecodeGraphRunner:
         if kwargs.get("logits_to_keep") not in (None, 0, 1):
             return "logits_to_keep > 1"
         return None
+
+    # ---- compiled prefill ---------------------------------------------------------------------------------------
+
+    def _prefill_eligible(self, kwargs) -> bool:
+        """Whether this forward is a long prefill to run with compiled layers: at least MIN_COMPILED_PREFILL_TOKENS
+        new tokens over a PagedKVCache on CUDA, without gradients or extra outputs, while compiling has not failed."""
+        ids = kwargs.get("input_ids")
+        if not (_ENABLED and self.enabled_for_call and compiled_prefill_enabled()
+                and isinstance(kwargs.get(CACHE_KWARG), PagedKVCache) and isinstance(ids, torch.Tensor)
+                and ids.dim() == 2 and ids.numel() >= MIN_COMPILED_PREFILL_TOKENS and ids.is_cuda):
+            return False
+        if (self._prefill is not None and self._prefill.failure is not None) or torch.is_grad_enabled():
+            return False
+        if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
+            return False
+        model = self._model()
+        return (model is not None and model.config.get_text_config(decoder=True)._attn_implementation == "flashcore"
+                and decoder_layers(model) is not None)
+
+    def _compiled_prefill(self, kwargs):
+        if self._prefill is None:
+            self._prefill = CompiledPrefill(compile_backend())
+        prefill = self._prefill
+        try:
+            return prefill(self._forward, decoder_layers(self._model()), kwargs)
+        finally:
+            self.stats.compiled_prefills = prefill.runs
+            self.stats.prefill_compiles = prefill.compiles
+            self.stats.prefill_compile_seconds = prefill.compile_seconds
+            if prefill.failure is not None:   # (set in this call: a failed CompiledPrefill is not called again)
+                self._warn_compile_failure(prefill.failure, "prefill layers",
+                                           "its prefills run uncompiled (same results, more kernels per layer). "
+                                           "flashcore_hf.set_compiled_prefill(False) skips the attempt.")
 
     # ---- replay and capture ------------------------------------------------------------------------------------
 
@@ -290,16 +336,20 @@ class DecodeGraphRunner:
         return True
 
     def _compile_failed(self, err: Exception) -> None:
+        self._warn_compile_failure(err, "decode step", "its CUDA graphs capture the uncompiled forward (same results, "
+                                   "more kernels per step). flashcore_hf.set_compiled_decode(False) skips the attempt.")
+        self._compile_failure = failure_reason(err)
+
+    def _warn_compile_failure(self, err: BaseException, what: str, consequence: str) -> None:
+        """Count why compiling `what` failed; warn once per model and `what`."""
         reason = failure_reason(err)
         self.stats.compile_failures[reason] = self.stats.compile_failures.get(reason, 0) + 1
-        if self._compile_failure is None:
+        if what not in self._warned:
+            self._warned.add(what)
             model = self._model()
-            warnings.warn(f"flashcore: torch.compile could not compile the decode step of "
-                          f"{type(model).__name__ if model is not None else 'the model'} ({reason}); its CUDA graphs "
-                          "capture the uncompiled forward (same results, more kernels per step). "
-                          "flashcore_hf.set_compiled_decode(False) skips the attempt.", FlashCoreCompileWarning,
-                          stacklevel=2)
-        self._compile_failure = reason
+            warnings.warn(f"flashcore: torch.compile could not compile the {what} of "
+                          f"{type(model).__name__ if model is not None else 'the model'} ({reason}); {consequence}",
+                          FlashCoreCompileWarning, stacklevel=3)
 
 
 _MODELS_WITH_RUNNERS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()

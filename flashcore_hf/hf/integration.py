@@ -33,7 +33,7 @@ from ..patches import CACHE_KWARG, PrefillHooks, apply_transformers_patches, rem
 from ..sparse.config import SparseConfig
 from .attention import FlashCoreAttention
 from .attention_kwargs import check_attention_kwargs
-from .compiled_decode import fixed_step_attention, tracing_fixed_step
+from .compiled_forward import step_attention, tracing_compiled_step
 from .decode_graphs import pool_arena, prepare_for_generate, remove_runners
 
 ATTN_IMPLEMENTATION = "flashcore"
@@ -79,9 +79,10 @@ def flashcore_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
                                   "use attn_implementation='sdpa' for this model.")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    if tracing_fixed_step():  # a compiled decode step (compiled_decode.py): key/value are the layer's new K/V
-        out = fixed_step_attention(module, query, key, value, scaling=scaling, sliding_window=sliding_window,
-                                   is_causal=is_causal, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"))
+    if tracing_compiled_step():  # a compiled forward (compiled_forward.py): key/value are the layer's new K/V
+        out = step_attention(module, query, key, value, attention_mask, scaling=scaling,
+                             sliding_window=sliding_window, is_causal=is_causal, softcap=kwargs.get("softcap"),
+                             sinks=kwargs.get("s_aux"))
         return out, None
     out = _ATTENTION(query, key, value, attention_mask, scaling=scaling, sliding_window=sliding_window,
                      is_causal=is_causal, softcap=kwargs.get("softcap"), sinks=kwargs.get("s_aux"),

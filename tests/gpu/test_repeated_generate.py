@@ -52,9 +52,10 @@ def prompt(length, seed):
 
 def generate(model, ids, *, graphs=True, compiled=True, cache=None):
     """Greedy NEW tokens; returns (tokens, replays, eager decode steps) of this call. compiled=False: graphs of the
-    uncompiled forward (bit-identical to eager decoding)."""
+    uncompiled forward and an uncompiled prefill (bit-identical to eager decoding, which graphs=False gives)."""
     fc.set_cuda_graphs(graphs)
     fc.set_compiled_decode(compiled)
+    fc.set_compiled_prefill(compiled)
     before = fc.decode_graph_stats(model)
     replays, eager = (before.replays, before.eager_decode_steps) if before else (0, 0)
     try:
@@ -65,6 +66,7 @@ def generate(model, ids, *, graphs=True, compiled=True, cache=None):
     finally:
         fc.set_cuda_graphs(True)
         fc.set_compiled_decode(True)
+        fc.set_compiled_prefill(True)
     torch.cuda.synchronize()
     after = fc.decode_graph_stats(model)
     if after is None:

@@ -1,0 +1,117 @@
+"""Compiled prefill (flashcore_hf/hf/compiled_prefill.py) on the CPU: a prefill through CompiledPrefill against the
+same prefill run eagerly.
+
+backend="aot_eager" traces exactly what inductor gets (dynamo with dynamic shapes, the fake kernel of the attention
+op, AOTAutograd) in about a second and runs the same ATen ops as eager code, so outputs must match eager ones to
+float32 rounding; inductor's fused kernels are judged on the GPU (tests/gpu/test_compiled_prefill_gpu.py). What the
+cache holds afterwards is checked through a decode step over it.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import flashcore_hf as fc
+from flashcore_hf import CACHE_KWARG
+from flashcore_hf.hf import compiled_forward
+from flashcore_hf.hf.compiled_forward import tracing_compiled_step
+from flashcore_hf.hf.compiled_prefill import CompiledPrefill, decoder_layers
+
+
+def tiny_llama(layers: int = 3):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("flashcore")
+    return model
+
+
+def prefill_and_decode(model, ids, mask, prefill=None):
+    """(prefill logits [B, S, V], logits [B, V] of one decode step over the cache the prefill wrote); the prefill
+    eagerly, or through `prefill` (a CompiledPrefill)."""
+    cache = fc.PagedKVCache(model.config, page_size=4)
+    kwargs = {"input_ids": ids, "attention_mask": mask, CACHE_KWARG: cache, "use_cache": True}
+    with torch.no_grad():
+        out = model(**kwargs) if prefill is None else prefill(model.forward, decoder_layers(model), kwargs)
+        nxt = torch.full((ids.shape[0], 1), 5)
+        step_mask = None if mask is None else torch.cat([mask, torch.ones_like(nxt)], 1)
+        step = model(input_ids=nxt, attention_mask=step_mask, **{CACHE_KWARG: cache}, use_cache=True)
+    return out.logits, step.logits[:, -1]
+
+
+def left_padded(generator, rows: int, length: int):
+    ids = torch.randint(1, 96, (rows, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for r in range(1, rows):
+        mask[r, :r * 3] = 0
+        ids[r, :r * 3] = 0
+    return ids, mask
+
+
+def test_compiled_prefill_matches_eager_across_lengths_and_batches(generator):
+    """Batches of 2 rows (left-padded) of lengths 13 and 30, then 1 row of 21 and 9: the same logits as eager and
+    the same K/V in the cache (the next decode step agrees). Graphs: at most 2 for 4 layers (not one per layer),
+    none more for a new length, 1 more for a single row; the layers keep no instance forward afterwards."""
+    model = tiny_llama(layers=4)
+    prefill = CompiledPrefill(backend="aot_eager")
+    compiles = []
+    for rows, length in ((2, 13), (2, 30), (1, 21), (1, 9)):
+        ids, mask = left_padded(generator, rows, length)
+        eager, eager_step = prefill_and_decode(model, ids, mask)
+        out, step = prefill_and_decode(model, ids, mask, prefill)
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(step, eager_step, rtol=1e-5, atol=1e-5)
+        compiles.append(prefill.compiles)
+    assert compiles == [2, 2, 3, 3] and prefill.runs == 4 and prefill.failure is None
+    assert prefill.compile_seconds > 0
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    assert not tracing_compiled_step() and compiled_forward._ACTIVE_CACHE is None
+
+
+def test_compile_failure_runs_the_layer_eagerly_once(monkeypatch, generator):
+    """A layer that cannot be traced (here: the stand-in cache raises) runs eagerly in the same forward, its K/V
+    written once (the decode step after it matches eager); later layers and calls do not try again."""
+    model = tiny_llama()
+    prefill = CompiledPrefill(backend="aot_eager")
+
+    def untraceable(self, *args, **kwargs):
+        raise NotImplementedError("untraceable")
+
+    monkeypatch.setattr(compiled_forward.StandInCache, "update", untraceable)
+    ids, mask = left_padded(generator, 2, 17)
+    eager, eager_step = prefill_and_decode(model, ids, mask)
+    out, step = prefill_and_decode(model, ids, mask, prefill)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(step, eager_step, rtol=1e-6, atol=1e-6)
+    assert "untraceable" in str(prefill.failure) and prefill.compiles == 0
+    prefill_and_decode(model, ids, mask, prefill)
+    assert prefill.compiles == 0 and prefill.runs == 2
+
+
+def test_error_after_the_attention_op_ran_is_raised(monkeypatch, generator):
+    """An error a compiled layer raises after its attention op ran (the layer's K/V may be in the cache) is not
+    retried eagerly, which would write them twice: it reaches the caller."""
+    model = tiny_llama(layers=1)
+    prefill = CompiledPrefill(backend="aot_eager")
+    original = compiled_forward._ATTENTION.forward
+
+    def fails_after_writing(*args, **kwargs):
+        original(*args, **kwargs)
+        raise RuntimeError("late failure")
+
+    monkeypatch.setattr(compiled_forward._ATTENTION, "forward", fails_after_writing)
+    ids, mask = left_padded(generator, 1, 9)
+    with pytest.raises(RuntimeError, match="late failure"):
+        prefill_and_decode(model, ids, mask, prefill)
+    assert prefill.failure is None
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+
+
+def test_decoder_layers():
+    """Layers with an instance forward of their own (accelerate's hooks) are left alone."""
+    model = tiny_llama(layers=2)
+    assert decoder_layers(model) is model.model.layers
+    model.model.layers[1].forward = model.model.layers[1].forward
+    assert decoder_layers(model) is None
