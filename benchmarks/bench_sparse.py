@@ -73,8 +73,10 @@ def layer_benchmark(context: int, budget: int, page_size: int, kernels: bool = F
     summaries_of = {"bounds": PageKeySummaries(), "signs": PageKeySummaries(keep_signs=True)}   # by scoring
     all_slots = refresh_slots(cols, counts, page_size)
     refresh_ms = {scoring: median_ms(lambda s=s: s.refresh(k_pool, *all_slots)) for scoring, s in summaries_of.items()}
-    # A decode step wrote the last slot of the last page: its key widens that page's bounds.
+    # A decode step writes the last slot of the last page: its key widens that page's bounds (the append and the
+    # bounds are one kernel: PageKeySummaries.append_decode).
     last_slot = cols[-1:] * page_size + page_size - 1
+    k_new, v_new = (torch.randn(1, HKV, D, device="cuda", dtype=DTYPE, generator=gen) for _ in range(2))
 
     def plan(rows_, pages_, nnz_):  # a decode step's plan (once per step; every layer and graph replay runs it)
         shape = fc.PageLayout(*(torch.empty(n, dtype=torch.int32, device=q.device) for n in (rows_ + 1, nnz_, nnz_, nnz_)))
@@ -140,13 +142,13 @@ def layer_benchmark(context: int, budget: int, page_size: int, kernels: bool = F
         if policy != "topk_rerank":
             speedup(add(f"{policy}: attention on {k} selected pages", attend))
         if policy in ("topk", "topk_signs"):
-            add(f"{policy}: summary update of the written page (per layer)",
-                lambda: summaries.update_decode(k_pool, last_slot))
+            add(f"{policy}: append + summary update of the written page (per layer)",
+                lambda: summaries.append_decode(k_pool, v_pool, k_new, v_new, last_slot))
         if policy.startswith("topk"):
             def per_layer(step=step, sparse_plan=sparse_plan, summaries=summaries):
-                summaries.update_decode(k_pool, last_slot)
+                summaries.append_decode(k_pool, v_pool, k_new, v_new, last_slot)
                 return sparse_plan.run(q, k_pool, v_pool, step.layout_for(q, summaries, k_pool), q_indptr)
-            speedup(add(f"{policy}: update + selection + attention (per layer)", per_layer,
+            speedup(add(f"{policy}: append + update + selection + attention (per layer)", per_layer,
                         note=f"the whole per-layer cost of a {policy} decode step"))
     for scoring, ms in refresh_ms.items():
         rows.append(dict(what=f"topk ({scoring}): summary refresh of the whole context (prefill, per layer)",

@@ -80,3 +80,10 @@ def unpack_signs(signs, head_dim):
     independently of flashcore_hf.sparse.summaries."""
     bits = (signs[..., None] >> torch.arange(8, dtype=torch.uint8, device=signs.device)) & 1
     return bits.reshape(*signs.shape[:-1], -1)[..., :head_dim].bool()
+
+
+def append_pool_keys(summaries, pool: torch.Tensor, slots: torch.Tensor) -> None:
+    """A decode step's append of the keys `pool` already holds at `slots` (< 0: none), through append_decode (the
+    same values written again, their keys folded into the summaries); V goes to a scratch pool."""
+    keys = pool.view(-1, *pool.shape[2:])[slots.clamp(min=0).long()]
+    summaries.append_decode(pool, torch.empty_like(pool), keys, torch.zeros_like(keys), slots)

@@ -38,6 +38,10 @@ def test_append_kv_opcheck(generator):
     k = torch.randn(3, 2, 8, generator=generator)
     torch.library.opcheck(torch.ops.flashcore.append_kv, (k_cache, v_cache, k, k.clone(),
                                                           torch.tensor([1, 7, 15], dtype=torch.int64)))
+    bounds = torch.randn(4, 2, 16, generator=generator)                 # with key bounds and signs (a decode step)
+    signs = torch.zeros(4, 2, 4, 1, dtype=torch.uint8)
+    torch.library.opcheck(torch.ops.flashcore.append_kv, (k_cache, v_cache, k, k.clone(),
+                                                          torch.tensor([1, 7, 12], dtype=torch.int64), bounds, signs))
 
 
 def _i32(values):

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import flashcore_hf as fc
-from flashcore_hf.ops import select_pages, update_page_bounds
+from flashcore_hf.ops import append_kv, select_pages
 from flashcore_hf.sparse import (PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots,
                                  step_is_sparse, streaming_layout, topk_layout)
 from tests.reference import random_paged_kv, reference_paged_attention
-from tests.sparse_reference import assert_topk_picks, reference_page_scores, unpack_signs
+from tests.sparse_reference import append_pool_keys, assert_topk_picks, reference_page_scores, unpack_signs
 
 
 def _dense_layout(lengths, page_size, hkv, d, generator):
@@ -107,8 +107,9 @@ def test_summaries_refresh_in_chunks(generator, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_decode_update_matches_refresh_and_restarts_reused_pages(generator, dtype):
-    """update_page_bounds folds one new key per page into its bounds: token by token it builds exactly the bounds a
-    full refresh computes, starts over at offset 0 (a reused page), and skips negative slots."""
+    """append_kv with key bounds (PageKeySummaries.append_decode) folds one new key per page into its bounds: token
+    by token it builds exactly the bounds a full refresh computes, starts over at offset 0 (a reused page), and skips
+    negative slots."""
     page_size, hkv, d, num_pages = 4, 2, 6, 5
     pool = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(dtype)
     pool[3] += 50                                                           # old tokens of a page about to be reused
@@ -117,24 +118,34 @@ def test_decode_update_matches_refresh_and_restarts_reused_pages(generator, dtyp
     pool[3] = torch.randn(page_size, hkv, d, generator=generator).to(dtype)
     for offset in range(page_size):                                        # pages 3 and 1 fill in step
         slots = torch.tensor([3 * page_size + offset, -1, 1 * page_size + offset], dtype=torch.int32)
-        incremental.update_decode(pool, slots)
+        append_pool_keys(incremental, pool, slots)
         full.refresh(pool, *refresh_slots(torch.tensor([3, 1]), torch.tensor([offset + 1] * 2), page_size))
         torch.testing.assert_close(incremental.bounds[[1, 3]], full.bounds[[1, 3]], rtol=0, atol=0)
     assert incremental.bounds.dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
 
 
-def test_update_page_bounds_rejects_bad_input():
+def test_append_kv_with_bounds_rejects_bad_input():
     bounds = torch.zeros(4, 2, 12)
-    pool = torch.randn(4, 3, 2, 6)
+    pool, v_pool = torch.randn(4, 3, 2, 6), torch.zeros(4, 3, 2, 6)
+    before = pool.clone()
+    k = torch.randn(2, 2, 6)
+
+    def append(bounds_, slots, signs=None, k_=k):
+        append_kv(pool, v_pool, k_[:slots.numel()], k_[:slots.numel()], slots, key_bounds=bounds_, key_signs=signs)
+
     with pytest.raises(RuntimeError, match="one new token per page"):
-        update_page_bounds(bounds, pool, torch.tensor([3, 4]))              # both on page 1
+        append(bounds, torch.tensor([3, 4]))                                # both on page 1
     with pytest.raises(RuntimeError, match="slot_mapping.*outside"):
-        update_page_bounds(bounds, pool, torch.tensor([12]))
-    with pytest.raises(RuntimeError, match="bounds must be"):
-        update_page_bounds(torch.zeros(4, 2, 6), pool, torch.tensor([0]))
+        append(bounds, torch.tensor([12]))
+    with pytest.raises(RuntimeError, match="key_bounds must be"):
+        append(torch.zeros(4, 2, 6), torch.tensor([0]))
     with pytest.raises(RuntimeError, match="bfloat16 keys"):
-        update_page_bounds(bounds.bfloat16(), pool, torch.tensor([0]))
-    assert torch.all(bounds == 0)                                           # nothing written by a rejected call
+        append(bounds.bfloat16(), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="no key_bounds row"):
+        append(bounds[:1], torch.tensor([3]))                               # page 1, bounds for page 0 only
+    with pytest.raises(RuntimeError, match="key_signs needs key_bounds"):
+        append(None, torch.tensor([0]), torch.zeros(4, 2, 3, 1, dtype=torch.uint8))
+    assert torch.all(bounds == 0) and torch.equal(pool, before) and not v_pool.any()   # a rejected call writes nothing
 
 
 # ---- scores and top-k --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flashcore_hf as fc
-from flashcore_hf.ops import select_pages, update_page_bounds
+from flashcore_hf.ops import append_kv, select_pages
 from flashcore_hf.sparse import (
     PageKeySummaries,
     SparseConfig,
@@ -18,6 +18,7 @@ from flashcore_hf.sparse.summaries import pack_signs
 from tests.capture_checks import HostDataLog
 from tests.reference import random_paged_kv
 from tests.sparse_reference import (
+    append_pool_keys,
     assert_topk_picks,
     reference_sign_scores,
     unpack_signs,
@@ -68,25 +69,25 @@ def test_signs_follow_refresh_decode_updates_copies_and_growth(generator, dtype)
     pool[3] = torch.randn(page_size, hkv, d, generator=generator).to(dtype)     # page 3 reused
     for offset in range(page_size):
         slots = torch.tensor([-1, 3 * page_size + offset, -1, 1 * page_size + offset], dtype=torch.int32)
-        incremental.update_decode(pool, slots)
+        append_pool_keys(incremental, pool, slots)
         full.refresh(pool, *refresh_slots(torch.tensor([3, 1]), torch.tensor([offset + 1] * 2), page_size))
         _assert_signs_of_valid_keys(incremental.signs, pool, [3, 1], [offset + 1] * 2)
         assert torch.equal(incremental.signs[[1, 3], :, :offset + 1], full.signs[[1, 3], :, :offset + 1])
     before = incremental.signs.clone()
-    incremental.update_decode(pool, torch.tensor([-1, -1], dtype=torch.int32))   # no row writes: nothing changes
+    append_pool_keys(incremental, pool, torch.tensor([-1, -1], dtype=torch.int32))   # no row writes: nothing changes
     _assert_signs_of_valid_keys(incremental.signs, pool, [3, 1], [page_size] * 2)
     assert torch.equal(incremental.signs[[1, 3]], before[[1, 3]])
     incremental.copy_pages(pool, torch.tensor([3]), torch.tensor([0]))
     assert torch.equal(incremental.signs[0], incremental.signs[3])
     grown = torch.cat([pool, torch.randn(3, page_size, hkv, d, generator=generator).to(dtype)])
-    incremental.update_decode(grown, torch.tensor([6 * page_size], dtype=torch.int32))
+    append_pool_keys(incremental, grown, torch.tensor([6 * page_size], dtype=torch.int32))
     assert incremental.signs.shape == (8, hkv, page_size, 2)
     _assert_signs_of_valid_keys(incremental.signs, grown, [3, 1, 6], [page_size, page_size, 1])
 
 
 @pytest.mark.parametrize("d", [16, 20, 64])
-def test_update_page_bounds_writes_the_new_keys_sign_bits(generator, d):
-    """The decode update's op writes each new key's sign bits (padding bits zero) and nothing else: the slots of
+def test_append_kv_writes_the_new_keys_sign_bits(generator, d):
+    """append_kv with key signs writes each new key's sign bits (padding bits zero) and nothing else: the slots of
     rows without a key (< 0) and every other token keep their bytes."""
     num_pages, page_size, hkv = 6, 4, 3
     pool = torch.randn(num_pages, page_size, hkv, d, generator=generator)
@@ -94,23 +95,30 @@ def test_update_page_bounds_writes_the_new_keys_sign_bits(generator, d):
     signs = torch.randint(0, 256, (num_pages, hkv, page_size, -(-d // 8)), generator=generator, dtype=torch.uint8)
     want = signs.clone()
     slots = torch.tensor([2 * page_size + 3, -1, 5 * page_size], dtype=torch.int32)
-    update_page_bounds(bounds, pool, slots, signs)
+    keys = pool.view(-1, hkv, d)[slots.clamp(min=0).long()]
+    append_kv(pool, torch.empty_like(pool), keys, keys, slots, key_bounds=bounds, key_signs=signs)
     for slot in (2 * page_size + 3, 5 * page_size):
         page, offset = divmod(slot, page_size)
         want[page, :, offset] = pack_signs(pool[page, offset])
     assert torch.equal(signs, want)
 
 
-def test_update_page_bounds_rejects_bad_signs():
-    bounds, pool = torch.zeros(4, 2, 32), torch.randn(4, 3, 2, 16)
+def test_append_kv_rejects_bad_signs():
+    bounds, pool, v_pool = torch.zeros(4, 2, 32), torch.randn(4, 3, 2, 16), torch.zeros(4, 3, 2, 16)
+    before = pool.clone()
     signs = torch.zeros(4, 2, 3, 2, dtype=torch.uint8)
+    k = torch.randn(1, 2, 16)
+
+    def append(signs_):
+        append_kv(pool, v_pool, k, k, torch.tensor([0]), key_bounds=bounds, key_signs=signs_)
+
     with pytest.raises(RuntimeError, match="signs must be"):
-        update_page_bounds(bounds, pool, torch.tensor([0]), signs[..., :1].contiguous())  # 1 byte for 16 channels
+        append(signs[..., :1].contiguous())                                # 1 byte for 16 channels
     with pytest.raises(RuntimeError, match="signs must be"):
-        update_page_bounds(bounds, pool, torch.tensor([0]), signs[:, :, :2].contiguous())  # page_size 2, pool 3
+        append(signs[:, :, :2].contiguous())                               # page_size 2, pool 3
     with pytest.raises(RuntimeError, match="uint8"):
-        update_page_bounds(bounds, pool, torch.tensor([0]), signs.to(torch.int32))
-    assert not bounds.any() and not signs.any()   # nothing written by a rejected call
+        append(signs.to(torch.int32))
+    assert not bounds.any() and not signs.any() and torch.equal(pool, before)   # nothing written by a rejected call
 
 
 @pytest.mark.parametrize("query_len, reduction, q_dtype", [(1, "max", torch.float32), (1, "sum", torch.float32),
@@ -207,6 +215,7 @@ def test_summary_update_and_selection_need_no_host_data(generator, scoring, rera
     cfg = SparseConfig(policy="topk", token_budget=3 * page_size, sink_tokens=1, recent_tokens=1, rerank=rerank,
                        scoring=scoring)
     with HostDataLog() as log:
-        summaries.update_decode(k_cache, slots)
+        keys = k_cache.view(-1, hkv, d)[slots.clamp(min=0).long()]
+        summaries.append_decode(k_cache, torch.empty_like(k_cache), keys, keys, slots)
         StepSelection(cfg, layout, 16, 1, page_size).layout_for(q, summaries, k_cache)
     assert log.hits == []

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include "bindings/checks.h"
+#include "bindings/sparse_checks.h"
 #include "bindings/plan.h"
 #include "kernels/cpu/cpu_kernels.h"
 
@@ -171,7 +172,8 @@ at::Tensor merge_attention_states_cpu(const at::Tensor& out_a, const at::Tensor&
 }
 
 void append_kv_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& slot_mapping) {
+                   const at::Tensor& slot_mapping, const std::optional<at::Tensor>& key_bounds,
+                   const std::optional<at::Tensor>& key_signs) {
   AppendKVParams p = make_append_kv_params(k_cache, v_cache, k, v, slot_mapping);
   const int64_t num_slots = int64_t(p.num_pages) * p.page_size;
   const at::Tensor slots = slot_mapping.to(at::kLong);
@@ -180,9 +182,16 @@ void append_kv_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k
     FC_CHECK(s[t] < num_slots, "append_kv: slot_mapping[", t, "] = ", s[t], " is outside the cache's ", num_slots,
                 " slots (num_pages * page_size); negative slots mean 'skip'");
   }
+  FC_CHECK(key_bounds.has_value() || !key_signs.has_value(), "append_kv: key_signs needs key_bounds");
+  std::optional<UpdatePageBoundsParams> bounds;
+  if (key_bounds.has_value()) {   // every check before anything is written
+    bounds = make_update_page_bounds_params(*key_bounds, k_cache, slot_mapping, key_signs);
+    check_one_new_key_per_page(*bounds, slot_mapping);
+  }
   const int64_t bytes_per_token = int64_t(2) * p.num_kv_heads * p.head_dim * (p.dtype == DType::kFloat32 ? 4 : 2);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(bytes_per_token, 1));
   at::parallel_for(0, p.num_tokens, grain, [&](int64_t begin, int64_t end) { cpu::append_kv(p, begin, end); });
+  if (bounds.has_value()) cpu::update_page_bounds(*bounds);   // from the keys just appended
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_layout_cpu(
@@ -273,14 +282,14 @@ TORCH_LIBRARY(flashcore, m) {
         "int num_q_heads, int num_kv_heads, int batch, int layout_rows, int total_q, int nnz, int max_q_len, "
         "int max_pages_per_seq, bool exact, bool causal, int window) -> int[]",
         &flashcore::binding::plan_paged_attention);
-  m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
+  m.def("append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping, "
+        "Tensor(c!)? key_bounds=None, Tensor(d!)? key_signs=None) -> ()");
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b, Tensor? sinks, "
         "Tensor? a_rows) -> Tensor");
   m.def("build_layout(Tensor token_to_page, Tensor seq_starts, Tensor seq_ends, Tensor page_resident_bitmap, "
         "int page_tokens, int num_pages) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("select_pages(Tensor q, Tensor bounds, Tensor table_pages, Tensor table_counts, Tensor table_bias, "
         "int budget, int query_len, str head_reduction, Tensor? signs=None) -> (Tensor, Tensor)");
-  m.def("update_page_bounds(Tensor(a!) bounds, Tensor k_cache, Tensor slot_mapping, Tensor(b!)? signs=None) -> ()");
   m.def("grouped_linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor[]");
   m.def("has_cuda_kernels() -> bool", &flashcore::binding::has_cuda_kernels);
   m.def("kernel_supports(str device_type, ScalarType dtype, int head_dim, int page_size, int max_q_len, "

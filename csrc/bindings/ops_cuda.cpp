@@ -78,11 +78,20 @@ at::Tensor merge_attention_states_cuda(const at::Tensor& out_a, const at::Tensor
 }
 
 void append_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-                    const at::Tensor& slot_mapping) {
+                    const at::Tensor& slot_mapping, const std::optional<at::Tensor>& key_bounds,
+                    const std::optional<at::Tensor>& key_signs) {
   const AppendKVParams p = make_append_kv_params(k_cache, v_cache, k, v, slot_mapping);
+  FC_CHECK(key_bounds.has_value() || !key_signs.has_value(), "append_kv: key_signs needs key_bounds");
+  std::optional<UpdatePageBoundsParams> bounds;
+  if (key_bounds.has_value()) bounds = make_update_page_bounds_params(*key_bounds, k_cache, slot_mapping, key_signs);
   if (p.num_tokens == 0) return;
   const c10::cuda::CUDAGuard guard(k_cache.device());
-  check_launch(launch_append_kv(p, at::cuda::getCurrentCUDAStream()), "append_kv kernel");
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (bounds.has_value()) {
+    check_launch(launch_append_kv_with_bounds(p, *bounds, stream), "append_kv (with key bounds) kernel");
+  } else {
+    check_launch(launch_append_kv(p, stream), "append_kv kernel");
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> select_pages_cuda(const at::Tensor& q, const at::Tensor& bounds,
@@ -106,13 +115,6 @@ std::tuple<at::Tensor, at::Tensor> select_pages_cuda(const at::Tensor& q, const 
            ", batch * num_kv_heads=", int64_t(p.batch) * p.num_kv_heads);
   check_launch(launch_select_pages(p, at::cuda::getCurrentCUDAStream()), "select_pages kernels");
   return {cols, counts};
-}
-
-void update_page_bounds_cuda(at::Tensor& bounds, const at::Tensor& k_cache, const at::Tensor& slot_mapping,
-                             const std::optional<at::Tensor>& signs) {
-  const UpdatePageBoundsParams p = make_update_page_bounds_params(bounds, k_cache, slot_mapping, signs);
-  const c10::cuda::CUDAGuard guard(k_cache.device());
-  check_launch(launch_update_page_bounds(p, at::cuda::getCurrentCUDAStream()), "update_page_bounds kernel");
 }
 
 // One kernel launch for every weight when the kernel takes the call and is the faster way
@@ -195,6 +197,5 @@ TORCH_LIBRARY_IMPL(flashcore, CUDA, m) {
   m.impl("append_kv", &flashcore::binding::append_kv_cuda);
   m.impl("merge_attention_states", &flashcore::binding::merge_attention_states_cuda);
   m.impl("select_pages", &flashcore::binding::select_pages_cuda);
-  m.impl("update_page_bounds", &flashcore::binding::update_page_bounds_cuda);
   m.impl("grouped_linear", &flashcore::binding::grouped_linear_cuda);
 }

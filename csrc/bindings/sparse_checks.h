@@ -1,7 +1,8 @@
-// Argument checks of the sparse selection ops (select_pages, update_page_bounds), shared by the CPU and CUDA
+// Argument checks of the sparse selection op (select_pages) and of append_kv's key bounds, shared by the CPU and CUDA
 // implementations: shapes, dtypes and devices for every backend; index values on the host (CPU tensors) only.
 #pragma once
 #include <optional>
+#include <set>
 #include <string>
 
 #include "bindings/checks.h"
@@ -70,7 +71,7 @@ inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at:
            budget);
   FC_CHECK(head_reduction == "max" || head_reduction == "sum", op,
            ": head_reduction must be 'max' or 'sum', got '", head_reduction, "'");
-  check_fits_int32(bounds.size(0), op, "bounds.size(0)");
+  check_fits_int32(bounds.size(0), op, "key_bounds.size(0)");
   check_fits_int32(batch * max_pages, op, "batch * max_pages");
   check_fits_int32(q.size(0), op, "q.size(0)");
   const int64_t sign_bytes = (q.size(2) + 7) / 8;
@@ -109,19 +110,19 @@ inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at:
   return p;
 }
 
-// Validates update_page_bounds' arguments and fills the params.
+// Validates append_kv's key_bounds / key_signs (with the pool and slots it appends to) and fills the params.
 inline UpdatePageBoundsParams make_update_page_bounds_params(const at::Tensor& bounds, const at::Tensor& k_cache,
                                                              const at::Tensor& slot_mapping,
                                                              const std::optional<at::Tensor>& signs) {
-  constexpr const char* op = "update_page_bounds";
+  constexpr const char* op = "append_kv";
   FC_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous(), op,
            ": k_cache must be a contiguous [num_pages, page_size, num_kv_heads, head_dim] tensor, got shape ",
            k_cache.sizes());
-  const DType k_dtype = to_dtype(k_cache.scalar_type(), "update_page_bounds: k_cache");
+  const DType k_dtype = to_dtype(k_cache.scalar_type(), "append_kv: k_cache");
   FC_CHECK(bounds.dim() == 3 && bounds.size(1) == k_cache.size(2) && bounds.size(2) == 2 * k_cache.size(3), op,
-           ": bounds must be [num_pages, num_kv_heads=", k_cache.size(2), ", 2 * head_dim=", 2 * k_cache.size(3),
+           ": key_bounds must be [num_pages, num_kv_heads=", k_cache.size(2), ", 2 * head_dim=", 2 * k_cache.size(3),
            "], got shape ", bounds.sizes());
-  FC_CHECK(bounds.is_contiguous(), op, ": bounds must be contiguous");
+  FC_CHECK(bounds.is_contiguous(), op, ": key_bounds must be contiguous");
   const DType b_dtype = bounds_dtype(bounds, op);
   FC_CHECK(b_dtype == DType::kFloat32 || k_dtype == DType::kBFloat16, op,
            ": bfloat16 bounds need bfloat16 keys (the min/max must stay exact), got k_cache ", k_cache.scalar_type());
@@ -130,9 +131,9 @@ inline UpdatePageBoundsParams make_update_page_bounds_params(const at::Tensor& b
   FC_CHECK(slot_mapping.scalar_type() == at::kInt || slot_mapping.scalar_type() == at::kLong, op,
            ": slot_mapping must be int32 or int64, got ", slot_mapping.scalar_type());
   FC_CHECK(bounds.device() == k_cache.device() && slot_mapping.device() == k_cache.device(), op,
-           ": bounds, k_cache and slot_mapping must share one device");
+           ": key_bounds, k_cache and slot_mapping must share one device");
   check_fits_int32(k_cache.size(0), op, "num_pages");
-  check_fits_int32(bounds.size(0), op, "bounds.size(0)");
+  check_fits_int32(bounds.size(0), op, "key_bounds.size(0)");
   check_fits_int32(slot_mapping.numel(), op, "num_tokens");
   const int64_t sign_bytes = (k_cache.size(3) + 7) / 8;
   if (signs.has_value()) {
@@ -156,6 +157,21 @@ inline UpdatePageBoundsParams make_update_page_bounds_params(const at::Tensor& b
     p.sign_bytes = static_cast<int32_t>(sign_bytes);
   }
   return p;
+}
+
+// CPU only (it reads the slots on the host): every slot names a page that has a bounds row, one slot per page.
+inline void check_one_new_key_per_page(const UpdatePageBoundsParams& p, const at::Tensor& slot_mapping) {
+  constexpr const char* op = "append_kv";
+  const at::Tensor slots = slot_mapping.to(at::kLong);
+  const int64_t* s = slots.data_ptr<int64_t>();
+  std::set<int64_t> pages;
+  for (int64_t t = 0; t < p.num_tokens; ++t) {
+    if (s[t] < 0) continue;
+    FC_CHECK(s[t] / p.page_size < p.num_bound_rows, op, ": slot_mapping[", t, "] = ", s[t], " is on page ",
+             s[t] / p.page_size, ", which has no key_bounds row (key_bounds.size(0) = ", p.num_bound_rows, ")");
+    FC_CHECK(pages.insert(s[t] / p.page_size).second, op, ": slot_mapping[", t, "] = ", s[t], " is on page ",
+             s[t] / p.page_size, " like an earlier slot; with key_bounds, one new token per page per call");
+  }
 }
 
 }  // namespace flashcore::binding

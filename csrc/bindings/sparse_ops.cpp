@@ -1,9 +1,8 @@
-// CPU implementations of the sparse selection ops (schemas in ops.cpp; CUDA ones in ops_cuda.cpp).
+// CPU implementation of the sparse selection op (schema in ops.cpp; CUDA in ops_cuda.cpp; append_kv's key bounds are
+// in ops.cpp).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-
-#include <set>
 
 #include "bindings/sparse_checks.h"
 #include "kernels/cpu/cpu_kernels.h"
@@ -28,30 +27,9 @@ std::tuple<at::Tensor, at::Tensor> select_pages_cpu(const at::Tensor& q, const a
   return {cols, counts};
 }
 
-void update_page_bounds_cpu(at::Tensor& bounds, const at::Tensor& k_cache, const at::Tensor& slot_mapping,
-                            const std::optional<at::Tensor>& signs) {
-  constexpr const char* op = "update_page_bounds";
-  const UpdatePageBoundsParams p = make_update_page_bounds_params(bounds, k_cache, slot_mapping, signs);
-  const at::Tensor slots = slot_mapping.to(at::kLong);
-  const int64_t* s = slots.data_ptr<int64_t>();
-  const int64_t num_slots = int64_t(p.num_pages) * p.page_size;
-  std::set<int64_t> pages;
-  for (int64_t t = 0; t < p.num_tokens; ++t) {
-    if (s[t] < 0) continue;
-    FC_CHECK(s[t] < num_slots, op, ": slot_mapping[", t, "] = ", s[t], " is outside the cache's ", num_slots,
-             " slots; negative slots mean 'skip'");
-    FC_CHECK(s[t] / p.page_size < p.num_bound_rows, op, ": slot_mapping[", t, "] = ", s[t], " is on page ",
-             s[t] / p.page_size, ", which has no bounds row (bounds.size(0) = ", p.num_bound_rows, ")");
-    FC_CHECK(pages.insert(s[t] / p.page_size).second, op, ": slot_mapping[", t, "] = ", s[t], " is on page ",
-             s[t] / p.page_size, " like an earlier slot; one new token per page per call");
-  }
-  cpu::update_page_bounds(p);
-}
-
 }  // namespace
 }  // namespace flashcore::binding
 
 TORCH_LIBRARY_IMPL(flashcore, CPU, m) {
   m.impl("select_pages", &flashcore::binding::select_pages_cpu);
-  m.impl("update_page_bounds", &flashcore::binding::update_page_bounds_cpu);
 }

@@ -168,12 +168,12 @@ struct SelectPagesParams {
   int32_t sign_bytes = 0;  // ceil(head_dim / 8)
 };
 
-// Decode-step update of the page key bounds (layout as in SelectPagesParams) after append_kv wrote one new token
-// into each of some pages: for slot s >= 0 (page s / page_size, offset s % page_size) the page's bounds become the
-// token's key when the offset is 0 (a page starting over), else the element-wise max / min of the old bounds and
-// the key. Pages fill in slot order, so this equals the bounds of the page's valid tokens. Slots must name distinct
-// pages (one new token per sequence); slots < 0 or outside the pool, and pages without a bounds row, are skipped.
-// With signs, the token's sign bits are written too: bit b of byte j is (key channel 8 j + b) > 0.
+// The page key bounds append_kv folds a decode step's new keys into (layout as in SelectPagesParams): for slot
+// s >= 0 (page s / page_size, offset s % page_size) the page's bounds become the token's key when the offset is 0 (a
+// page starting over), else the element-wise max / min of the old bounds and the key. Pages fill in slot order, so
+// this equals the bounds of the page's valid tokens. Slots must name distinct pages (one new token per sequence);
+// slots < 0 or outside the pool, and pages without a bounds row, are skipped. With signs, the token's sign bits are
+// written too: bit b of byte j is (key channel 8 j + b) > 0. k_cache is the pool the keys are appended to.
 struct UpdatePageBoundsParams {
   void* bounds = nullptr;
   const void* k_cache = nullptr;        // [num_pages, page_size, num_kv_heads, head_dim] contiguous, k_dtype

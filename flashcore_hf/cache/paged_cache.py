@@ -257,12 +257,14 @@ class PagedKVCache(Cache):
         # transpose of the projection), otherwise one copy.
         k = key_states.transpose(1, 2).reshape(batch_size * query_len, hkv, head_dim)
         v = value_states.transpose(1, 2).reshape(batch_size * query_len, hkv, head_dim)
-        append_kv(layer.k_pool, layer.v_pool, k, v, device_step.slot_mapping)
+        if step.sparse is None or not self._sparse.append_decode(layer_idx, layer.k_pool, layer.v_pool, k, v,
+                                                                 device_step.slot_mapping, step.sparse):
+            append_kv(layer.k_pool, layer.v_pool, k, v, device_step.slot_mapping)
         layer.seq_length = step.padded_len
         selector = None
         if step.sparse is not None:
             selector = self._sparse.layer_selector(layer_idx, layer.k_pool, step.sparse, device_step.layouts[FULL],
-                                                   step.max_pages[FULL], device_step.slot_mapping)
+                                                   step.max_pages[FULL])
         return PagedLayerStep(layer.k_pool, layer.v_pool, step, device_step, selector)
 
     def _layer_with_pools(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> PagedKVLayer:

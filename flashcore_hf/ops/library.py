@@ -39,13 +39,20 @@ def build_layout(token_to_page: torch.Tensor, seq_starts: torch.Tensor, seq_ends
 
 
 def append_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              slot_mapping: torch.Tensor) -> None:
-    """Write new tokens' K/V into page slots, in place.
+              slot_mapping: torch.Tensor, key_bounds: torch.Tensor | None = None,
+              key_signs: torch.Tensor | None = None) -> None:
+    """Write new tokens' K/V into page slots, in place; with key_bounds, also fold the new keys into their pages'
+    bounds (and sign bits), in the same kernel on CUDA (a sparse layer's decode step).
 
     k_cache, v_cache [num_pages, page_size, Hkv, D] contiguous; k, v [T, Hkv, D] (same dtype, last dim contiguous);
     slot_mapping [T] int32/int64: slot = page * page_size + offset; a negative slot skips that token (padding).
+    key_bounds [num_bound_rows, Hkv, 2 * D] (as in select_pages; bfloat16 only with bfloat16 keys), in place: a token
+    at offset 0 of its page starts the page's bounds over, at offset > 0 it widens them, so pages must fill in slot
+    order and the slots must name distinct pages (a decode step: one new token per sequence); pages without a row
+    are skipped. key_signs [num_bound_rows, Hkv, page_size, ceil(D / 8)] uint8 (PageKeySummaries.signs; needs
+    key_bounds): bit b of byte j of [page, h, offset] becomes (key channel 8 j + b) > 0 for each new token.
     """
-    _ops.append_kv(k_cache, v_cache, k, v, slot_mapping)
+    _ops.append_kv(k_cache, v_cache, k, v, slot_mapping, key_bounds, key_signs)
 
 
 def select_pages(q: torch.Tensor, bounds: torch.Tensor, table_pages: torch.Tensor, table_counts: torch.Tensor,
@@ -69,21 +76,6 @@ def select_pages(q: torch.Tensor, bounds: torch.Tensor, table_pages: torch.Tenso
     """
     return _ops.select_pages(q, bounds, table_pages, table_counts, table_bias, int(budget), int(query_len),
                              head_reduction, signs)
-
-
-def update_page_bounds(bounds: torch.Tensor, k_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                       signs: torch.Tensor | None = None) -> None:
-    """After append_kv wrote one new token into each of some pages: fold the tokens' keys into those pages' bounds
-    (and write their sign bits into `signs`).
-
-    bounds [num_pages, Hkv, 2 * D] (as in select_pages; bfloat16 only with bfloat16 keys), updated in place;
-    k_cache [num_pages, page_size, Hkv, D] contiguous, holding the new keys; slot_mapping [T] int32/int64 (< 0:
-    skip). A token at offset 0 of its page starts the page's bounds over; at offset > 0 it widens them, so pages
-    must fill in slot order and the slots must name distinct pages (a decode step: one new token per sequence).
-    signs [num_pages, Hkv, page_size, ceil(D / 8)] uint8 or None (PageKeySummaries.signs): bit b of byte j of
-    [page, h, offset] becomes (key channel 8 j + b) > 0 for each new token, in the same kernel.
-    """
-    _ops.update_page_bounds(bounds, k_cache, slot_mapping, signs)
 
 
 def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor],
@@ -145,7 +137,7 @@ torch.library.register_autograd("flashcore::paged_attention", _no_backward, setu
 
 
 @torch.library.register_fake("flashcore::append_kv")
-def _append_kv_fake(k_cache, v_cache, k, v, slot_mapping):
+def _append_kv_fake(k_cache, v_cache, k, v, slot_mapping, key_bounds=None, key_signs=None):
     return None
 
 
@@ -159,11 +151,6 @@ def _select_pages_fake(q, bounds, table_pages, table_counts, table_bias, budget,
                        signs=None):
     shape = (table_pages.shape[0], bounds.shape[1], budget)
     return table_pages.new_empty(shape), table_pages.new_empty(shape)
-
-
-@torch.library.register_fake("flashcore::update_page_bounds")
-def _update_page_bounds_fake(bounds, k_cache, slot_mapping, signs=None):
-    return None
 
 
 @torch.library.register_fake("flashcore::grouped_linear")

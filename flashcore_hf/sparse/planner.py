@@ -3,12 +3,12 @@
 - At construction: which layers select pages, and a `PageKeySummaries` per such layer under "topk".
 - Once per step (`plan_step` on the host; `fixed_decode_plan` for CUDA-graph decode steps): whether this step
   selects pages, and which pages' summaries to refresh. A step of one new token per sequence needs no host data:
-  each layer folds the new keys into their pages' bounds on the device (`PageKeySummaries.update_decode`), so
-  eager decode steps and CUDA-graph replays run the very same ops. Longer steps (prefill) list their written pages
-  on the host and recompute those pages' bounds.
-- Per layer (`layer_selector`, after the layer's K/V were appended): bring the layer's summaries of the written
-  pages up to date (every step, prefill included, so decode always scores fresh bounds), then give attention a
-  `LayerSelector` (the pages this layer reads) on sparse steps of sparse layers, None otherwise.
+  each layer appends its new K/V and folds the new keys into their pages' bounds in one kernel (`append_decode`:
+  `PageKeySummaries.append_decode`), so eager decode steps and CUDA-graph replays run the very same ops. Longer
+  steps (prefill) list their written pages on the host and recompute those pages' bounds after the append.
+- Per layer (`layer_selector`, after the layer's K/V were appended): bring the layer's summaries of the pages a
+  longer step wrote up to date (so decode always scores fresh bounds), then give attention a `LayerSelector` (the
+  pages this layer reads) on sparse steps of sparse layers, None otherwise.
 - Copy-on-write page copies (`copy_page_summaries`) carry the copied pages' summaries along.
 """
 from __future__ import annotations
@@ -42,12 +42,11 @@ class SparseStepPlan:
     _refresh: dict = field(default_factory=dict)
     _selections: dict = field(default_factory=dict)
 
-    def update_summaries(self, summaries: PageKeySummaries, k_pool: torch.Tensor, slot_mapping: torch.Tensor,
-                         page_size: int) -> None:
-        """Bring one layer's bounds of the pages this step wrote up to date. k_pool: the layer's key pool after the
-        append; slot_mapping: the step's [B * query_len] slots on that device."""
+    def update_summaries(self, summaries: PageKeySummaries, k_pool: torch.Tensor, page_size: int) -> None:
+        """After a step of several tokens per sequence appended one layer's K/V into k_pool: recompute that layer's
+        bounds of the pages the step wrote. (A decode step's keys went into the bounds with the append:
+        SparseCachePlanner.append_decode.)"""
         if self.written is None:
-            summaries.update_decode(k_pool, slot_mapping)
             return
         device = k_pool.device
         found = self._refresh.get(device)
@@ -118,16 +117,27 @@ class SparseCachePlanner:
         """The plan of a decode step (one token per sequence) whose metadata sits in fixed device buffers."""
         return SparseStepPlan(1, step_is_sparse(self.config, 1, max_pages_per_seq, self.page_size))
 
+    def append_decode(self, layer_idx: int, k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, slot_mapping: torch.Tensor, plan: SparseStepPlan) -> bool:
+        """On a decode step (one new token per sequence) of a layer with page summaries: append its new K/V (k, v
+        [B, Hkv, D]; slot_mapping [B]) and fold the keys into the summaries, in one kernel; True when done, False
+        when the caller appends (other layers and steps)."""
+        summaries = self.summaries.get(layer_idx)
+        if summaries is None or plan.written is not None:
+            return False
+        summaries.append_decode(k_pool, v_pool, k, v, slot_mapping)
+        return True
+
     def layer_selector(self, layer_idx: int, k_pool: torch.Tensor, plan: SparseStepPlan, layout: PageLayout,
-                       max_pages: int, slot_mapping: torch.Tensor) -> LayerSelector | None:
-        """After layer `layer_idx` appended its K/V: refresh its summaries; on sparse steps of sparse layers, the
-        selector of the pages it reads (None: it reads every page of `layout`). layout / max_pages: the step's dense
-        per-sequence layout on the layer's device and its bound; slot_mapping: the step's [B * S] slots there."""
+                       max_pages: int) -> LayerSelector | None:
+        """After layer `layer_idx` appended its K/V: refresh its summaries of the pages a longer step wrote; on
+        sparse steps of sparse layers, the selector of the pages it reads (None: it reads every page of `layout`).
+        layout / max_pages: the step's dense per-sequence layout on the layer's device and its bound."""
         if layer_idx not in self.sparse_layers:
             return None
         summaries = self.summaries.get(layer_idx)
         if summaries is not None:
-            plan.update_summaries(summaries, k_pool, slot_mapping, self.page_size)
+            plan.update_summaries(summaries, k_pool, self.page_size)
         if not plan.select:
             return None
         return LayerSelector(plan.selection_on(layout, max_pages, self.config, self.page_size), summaries, k_pool)

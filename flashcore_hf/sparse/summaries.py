@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..ops import update_page_bounds
+from ..ops import append_kv
 
 # Pages gathered per chunk while refreshing (bounds the temporary copy of a long prefill's pages to
 # _REFRESH_CHUNK_ELEMENTS elements of the pool's dtype).
@@ -72,13 +72,14 @@ class PageKeySummaries:
             if self.signs is not None:
                 self.signs.index_copy_(0, pages[start:start + chunk], pack_signs(tokens).transpose(1, 2))
 
-    def update_decode(self, k_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """A decode step wrote one new key per sequence (slot_mapping [B] int32/int64, < 0: none) into k_pool:
-        widen those pages' bounds by the new keys, or start them over for a page's first token, and write the keys'
-        sign bits (one kernel, `flashcore_hf.ops.update_page_bounds`; fixed shapes and no host data, so CUDA graphs
-        replay it)."""
+    def append_decode(self, k_pool: torch.Tensor, v_pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+        """Append a decode step's new K/V (k, v [B, Hkv, D], one token per sequence; slot_mapping [B] int32/int64,
+        < 0: none) into the layer's pools, widening those pages' bounds by the new keys (or starting them over for a
+        page's first token) and writing the keys' sign bits: one kernel (`flashcore_hf.ops.append_kv` with
+        key_bounds; fixed shapes and no host data, so CUDA graphs replay it)."""
         self.fit(k_pool)
-        update_page_bounds(self.bounds, k_pool, slot_mapping, self.signs)
+        append_kv(k_pool, v_pool, k, v, slot_mapping, key_bounds=self.bounds, key_signs=self.signs)
 
     def copy_pages(self, k_pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy-on-write copied pages src -> dst [n] int64 of k_pool: bounds[dst] = bounds[src] (signs too)."""

@@ -1,11 +1,11 @@
-"""The CUDA selection kernels (flashcore_hf.ops.select_pages / update_page_bounds) against float64 references and
+"""The CUDA selection kernels (flashcore_hf.ops.select_pages; append_kv with key bounds) against float64 references and
 the CPU op: odd page counts, scattered page ids, sinks / padding, every dtype pair, GQA groups, several queries per
 sequence, strided q, budgets from 1 to all pages, and inside a CUDA graph."""
 import pytest
 import torch
 
 import flashcore_hf as fc
-from flashcore_hf.ops import select_pages, update_page_bounds
+from flashcore_hf.ops import append_kv, select_pages
 from flashcore_hf.sparse import padded_page_table
 from tests.sparse_reference import assert_topk_picks, reference_page_scores
 
@@ -86,23 +86,32 @@ def test_select_pages_cuda_in_a_graph_follows_new_queries(generator):
 @pytest.mark.parametrize("k_dtype,bounds_dtype,d", [(torch.bfloat16, torch.bfloat16, 128), (torch.float16, torch.float32, 64),
                                                     (torch.float32, torch.float32, 20)])
 @pytest.mark.parametrize("with_signs", [False, True], ids=["bounds", "bounds+signs"])
-def test_update_page_bounds_cuda_equals_cpu(k_dtype, bounds_dtype, d, with_signs, generator):
+def test_append_kv_with_bounds_cuda_equals_cpu(k_dtype, bounds_dtype, d, with_signs, generator):
+    """append_kv with key bounds (and signs): the fused CUDA kernel writes the same K/V, bounds and sign bytes as the
+    CPU op (append, then fold the appended keys), for new keys given with strides (rows of a wider tensor)."""
     num_pages, page_size, hkv = 40, 16, 8
     pool = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(k_dtype)
+    v_pool = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(k_dtype)
     bounds = torch.randn(num_pages, hkv, 2 * d, generator=generator).to(bounds_dtype)
     signs = torch.randint(0, 256, (num_pages, hkv, page_size, -(-d // 8)), generator=generator, dtype=torch.uint8)
-    gpu_pool, gpu_bounds, gpu_signs = pool.cuda(), bounds.cuda(), signs.cuda()
+    gpu = [t.cuda() for t in (pool, v_pool, bounds, signs)]
     for step in range(3):   # offsets 0 (restart), then widening; one token per page; padding slots skipped
         pages = torch.randperm(num_pages, generator=generator)[:9]
         offset = torch.randint(0, page_size, (9,), generator=generator) * (step > 0)
         slots = torch.cat([pages * page_size + offset, torch.tensor([-1, -5])]).to(torch.int32)
-        update_page_bounds(bounds, pool, slots, signs if with_signs else None)
-        update_page_bounds(gpu_bounds, gpu_pool, slots.cuda().long(), gpu_signs if with_signs else None)
-        torch.testing.assert_close(gpu_bounds.cpu(), bounds, rtol=0, atol=0)
-        assert torch.equal(gpu_signs.cpu(), signs)
+        k, v = (torch.randn(11, hkv, 2 * d, generator=generator).to(k_dtype)[..., :d] for _ in range(2))
+        append_kv(pool, v_pool, k, v, slots, key_bounds=bounds, key_signs=signs if with_signs else None)
+        append_kv(gpu[0], gpu[1], k.cuda(), v.cuda(), slots.cuda().long(), key_bounds=gpu[2],
+                  key_signs=gpu[3] if with_signs else None)
+        for ours, want in zip(gpu, (pool, v_pool, bounds, signs)):
+            torch.testing.assert_close(ours.cpu(), want, rtol=0, atol=0)
     untouched = torch.zeros(num_pages + 1, hkv, 2 * d, device="cuda")
-    update_page_bounds(untouched[:num_pages], gpu_pool, torch.tensor([num_pages * page_size], device="cuda"))
+    k_one = torch.randn(1, hkv, d, device="cuda").to(k_dtype)
+    before = [t.clone() for t in gpu[:2]]
+    append_kv(gpu[0], gpu[1], k_one, k_one, torch.tensor([num_pages * page_size], device="cuda"),
+              key_bounds=untouched[:num_pages])
     assert not untouched.any()  # a slot outside the pool writes nothing
+    assert all(torch.equal(a, b) for a, b in zip(gpu[:2], before))
 
 
 def test_select_pages_cuda_rejects_unsupported_head_dim():

@@ -103,20 +103,26 @@ def test_select_pages_with_signs_in_a_cuda_graph(generator):
 
 
 def test_decode_sign_updates_in_a_cuda_graph(generator):
-    """update_decode's sign writes replayed from a graph (rows without a key included) equal a refresh."""
+    """append_decode's sign writes replayed from a graph (rows without a key included) equal a refresh."""
     page_size, hkv, d, num_pages = 16, 8, 128, 64
     pool = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(torch.bfloat16).cuda()
     summaries = PageKeySummaries(keep_signs=True)
     summaries.fit(pool)
     slots = torch.zeros(4, dtype=torch.int32, device="cuda")
+    v_pool = torch.empty_like(pool)
+
+    def append():   # the keys the pool already holds at `slots`, appended again (their bounds and signs folded in)
+        keys = pool.view(-1, hkv, d)[slots.clamp(min=0).long()]
+        summaries.append_decode(pool, v_pool, keys, keys, slots)
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        summaries.update_decode(pool, slots)                  # warm up outside the capture
+        append()                                              # warm up outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        summaries.update_decode(pool, slots)
+        append()
     pages = [5, 9, 33]
     for offset in range(page_size):
         slots.copy_(torch.tensor([pages[0] * page_size + offset, -1, pages[1] * page_size + offset,

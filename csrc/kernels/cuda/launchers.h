@@ -43,7 +43,9 @@ cudaError_t launch_append_kv(const AppendKVParams& p, cudaStream_t stream);
 bool select_pages_supported(const SelectPagesParams& p);
 // Scores pages into p.scores, then writes p.out_cols / p.out_counts.
 cudaError_t launch_select_pages(const SelectPagesParams& p, cudaStream_t stream);
-cudaError_t launch_update_page_bounds(const UpdatePageBoundsParams& p, cudaStream_t stream);
+// append_kv (a) that also folds the new keys into their pages' bounds and sign bits (b: the same pool and slots).
+cudaError_t launch_append_kv_with_bounds(const AppendKVParams& a, const UpdatePageBoundsParams& b,
+                                         cudaStream_t stream);
 
 // ---- linear layers of a few tokens (csrc/kernels/cuda/linear/) ----------------------------------------------------
 // The device a grouped linear call runs on (the binding reads it from torch's cached properties).
