@@ -115,3 +115,46 @@ def test_decoder_layers():
     assert decoder_layers(model) is model.model.layers
     model.model.layers[1].forward = model.model.layers[1].forward
     assert decoder_layers(model) is None
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gpt_oss", "phi3", "qwen3"])
+def test_other_families_match_eager(model_type, generator):
+    """Families whose layers differ from Llama's (sliding windows, softcap and hybrid sliding layers, sinks and MoE,
+    fused qkv, q/k norms) run compiled and match their eager prefill and the decode step after it, without a
+    compile failure."""
+    from tests.test_hf_families import available, build
+
+    if not available(model_type):
+        pytest.skip(f"no {model_type} in this transformers")
+    model = build(model_type)
+    prefill = CompiledPrefill(backend="aot_eager")
+    ids, mask = left_padded(generator, 2, 19)
+    ids = ids.clamp(max=model.config.vocab_size - 1)
+    eager, eager_step = prefill_and_decode(model, ids, mask)
+    out, step = prefill_and_decode(model, ids, mask, prefill)
+    assert prefill.failure is None and prefill.compiles >= 1
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step, eager_step, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_cache_prefill(generator):
+    """A sparse PagedKVCache (topk with the keys' signs): the prefill's page summaries are refreshed after the op's
+    append as eagerly, so the decode step's selection and output match."""
+    model = tiny_llama()
+    config = fc.SparseConfig(policy="topk", token_budget=8, sink_tokens=4, recent_tokens=4, dense_layers=1,
+                             scoring="signs")
+    prefill = CompiledPrefill(backend="aot_eager")
+    ids, mask = left_padded(generator, 2, 40)
+    results = []
+    for runner in (None, prefill):
+        cache = fc.PagedKVCache(model.config, page_size=4, sparse=config)
+        kwargs = {"input_ids": ids, "attention_mask": mask, CACHE_KWARG: cache, "use_cache": True}
+        with torch.no_grad():
+            out = model(**kwargs) if runner is None else runner(model.forward, decoder_layers(model), kwargs)
+            nxt = torch.full((2, 1), 5)
+            step = model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), use_cache=True,
+                         **{CACHE_KWARG: cache})
+        results.append((out.logits, step.logits))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-5)
+    assert prefill.failure is None
