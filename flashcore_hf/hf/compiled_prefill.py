@@ -11,17 +11,16 @@ prompt length (dynamo treats the layer's parameters as graph inputs, and `allow_
 layer's integer attributes, `layer_idx` among them, into graph inputs instead of a guard per layer). Measured (CPU,
 4 layers): batches of several rows compile 2 graphs (layer 0's, which holds its index as a constant, then one that
 takes it as an input and serves every other layer), a single row 1 more; none for a new prompt length. Layer
-variants (sliding and full attention layers) add theirs. The model's own
-forward (embedding, positions, the mask, the final norm, lm_head) runs eagerly around it, so positions and masks
-come from the real cache as always. A layer is compiled by giving it an instance `forward` for the duration of the
+variants (sliding and full attention layers) add theirs. The model's own forward (embedding, positions, the mask,
+the final norm, lm_head) runs eagerly around it, so positions and masks come from the real cache as always. A layer is compiled by giving it an instance `forward` for the duration of the
 call (removed afterwards: a later forward of the model runs its own code); layers that already have an instance
 `forward` (accelerate's hooks) leave the model's prefill eager.
 
 Where: the CUDA-graph runner's forward (decode_graphs.py) runs a forward through CompiledPrefill when it is a
 multi-token forward over a PagedKVCache of at least MIN_TOKENS new tokens on CUDA without gradients. Shorter prompts
-run eagerly (the compile, ~15 s cold for the 8B shape and ~1-3 s from inductor's on-disk caches in a later process,
-is paid once per model and process, and it pays back only on long prompts; short prompts also stay bit-identical to
-uncompiled flashcore). Fusion changes rounding: compiled prefill logits match eager ones up to bf16 rounding
+run eagerly (the compile, 13-17 s cold for the 8B shape on an H200, less from inductor's on-disk caches in a later
+process, is paid once per model and process, and it pays back only on long prompts; short prompts also stay
+bit-identical to uncompiled flashcore). Fusion changes rounding: compiled prefill logits match eager ones up to bf16 rounding
 (tests/gpu/test_compiled_prefill_gpu.py holds its error against an fp32 reference to stock sdpa's).
 
 Off: `set_compiled_prefill(False)`, FLASHCORE_COMPILE_PREFILL=0, or what turns CUDA-graph decode off
