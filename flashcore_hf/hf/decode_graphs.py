@@ -51,8 +51,8 @@ from ..layout import PageLayout
 from ..patches import CACHE_KWARG
 from .compiled_decode import CompiledDecodeStep, compiled_decode_enabled
 from .compiled_forward import FlashCoreCompileWarning, compile_backend, failure_reason
-from .compiled_prefill import MIN_TOKENS as MIN_COMPILED_PREFILL_TOKENS
-from .compiled_prefill import CompiledPrefill, compiled_prefill_enabled, decoder_layers
+from .compiled_prefill import MIN_TOKENS as MIN_COMPILED_PREFILL_TOKENS, CompiledPrefill, compiled_prefill_enabled, \
+    decoder_layers
 
 _ENABLED = os.environ.get("FLASHCORE_CUDA_GRAPHS", "1") != "0"
 _MAX_GRAPHS_PER_MODEL = 8
@@ -151,8 +151,9 @@ class DecodeGraphRunner:
         functools.update_wrapper(self, forward)
 
     def __call__(self, *args, **kwargs):
-        if not args and self._prefill_eligible(kwargs):
-            return self._compiled_prefill(kwargs)
+        layers = None if args else self._compiled_prefill_layers(kwargs)
+        if layers is not None:
+            return self._compiled_prefill(layers, kwargs)
         if args or not self._eligible(kwargs):
             return self._forward(*args, **kwargs)
         return self._replay(kwargs)
@@ -197,28 +198,30 @@ class DecodeGraphRunner:
 
     # ---- compiled prefill ---------------------------------------------------------------------------------------
 
-    def _prefill_eligible(self, kwargs) -> bool:
-        """Whether this forward is a long prefill to run with compiled layers: at least MIN_COMPILED_PREFILL_TOKENS
-        new tokens over a PagedKVCache on CUDA, without gradients or extra outputs, while compiling has not failed."""
+    def _compiled_prefill_layers(self, kwargs) -> torch.nn.ModuleList | None:
+        """The decoder layers to compile when this forward is a long prefill that runs with compiled layers (at least
+        MIN_COMPILED_PREFILL_TOKENS new tokens over a PagedKVCache on CUDA, without gradients or extra outputs, while
+        compiling has not failed), else None."""
         ids = kwargs.get("input_ids")
         if not (_ENABLED and self.enabled_for_call and compiled_prefill_enabled()
                 and isinstance(kwargs.get(CACHE_KWARG), PagedKVCache) and isinstance(ids, torch.Tensor)
                 and ids.dim() == 2 and ids.numel() >= MIN_COMPILED_PREFILL_TOKENS and ids.is_cuda):
-            return False
+            return None
         if (self._prefill is not None and self._prefill.failure is not None) or torch.is_grad_enabled():
-            return False
+            return None
         if kwargs.get("output_attentions") or kwargs.get("output_hidden_states"):
-            return False
+            return None
         model = self._model()
-        return (model is not None and model.config.get_text_config(decoder=True)._attn_implementation == "flashcore"
-                and decoder_layers(model) is not None)
+        if model is None or model.config.get_text_config(decoder=True)._attn_implementation != "flashcore":
+            return None
+        return decoder_layers(model)
 
-    def _compiled_prefill(self, kwargs):
+    def _compiled_prefill(self, layers: torch.nn.ModuleList, kwargs):
         if self._prefill is None:
             self._prefill = CompiledPrefill(compile_backend())
         prefill = self._prefill
         try:
-            return prefill(self._forward, decoder_layers(self._model()), kwargs)
+            return prefill(self._forward, layers, kwargs)
         finally:
             self.stats.compiled_prefills = prefill.runs
             self.stats.prefill_compiles = prefill.compiles
