@@ -186,7 +186,7 @@ void append_kv_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k
   std::optional<UpdatePageBoundsParams> bounds;
   if (key_bounds.has_value()) {   // every check before anything is written
     bounds = make_update_page_bounds_params(*key_bounds, k_cache, slot_mapping, key_signs);
-    check_one_new_key_per_page(*bounds, slot_mapping);
+    check_one_new_key_per_page(*bounds, s);
   }
   const int64_t bytes_per_token = int64_t(2) * p.num_kv_heads * p.head_dim * (p.dtype == DType::kFloat32 ? 4 : 2);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(bytes_per_token, 1));

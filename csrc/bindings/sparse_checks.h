@@ -159,11 +159,9 @@ inline UpdatePageBoundsParams make_update_page_bounds_params(const at::Tensor& b
   return p;
 }
 
-// CPU only (it reads the slots on the host): every slot names a page that has a bounds row, one slot per page.
-inline void check_one_new_key_per_page(const UpdatePageBoundsParams& p, const at::Tensor& slot_mapping) {
+// CPU only (s: the slots, read on the host): every slot names a page that has a bounds row, one slot per page.
+inline void check_one_new_key_per_page(const UpdatePageBoundsParams& p, const int64_t* s) {
   constexpr const char* op = "append_kv";
-  const at::Tensor slots = slot_mapping.to(at::kLong);
-  const int64_t* s = slots.data_ptr<int64_t>();
   std::set<int64_t> pages;
   for (int64_t t = 0; t < p.num_tokens; ++t) {
     if (s[t] < 0) continue;
