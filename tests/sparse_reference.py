@@ -82,8 +82,9 @@ def unpack_signs(signs, head_dim):
     return bits.reshape(*signs.shape[:-1], -1)[..., :head_dim].bool()
 
 
-def append_pool_keys(summaries, pool: torch.Tensor, slots: torch.Tensor) -> None:
+def append_pool_keys(summaries, pool: torch.Tensor, slots: torch.Tensor, v_pool: torch.Tensor | None = None) -> None:
     """A decode step's append of the keys `pool` already holds at `slots` (< 0: none), through append_decode (the
-    same values written again, their keys folded into the summaries); V goes to a scratch pool."""
+    same values written again, their keys folded into the summaries); V (the keys too) goes to v_pool, a scratch
+    pool when None."""
     keys = pool.view(-1, *pool.shape[2:])[slots.clamp(min=0).long()]
-    summaries.append_decode(pool, torch.empty_like(pool), keys, torch.zeros_like(keys), slots)
+    summaries.append_decode(pool, torch.empty_like(pool) if v_pool is None else v_pool, keys, keys, slots)

@@ -215,7 +215,6 @@ def test_summary_update_and_selection_need_no_host_data(generator, scoring, rera
     cfg = SparseConfig(policy="topk", token_budget=3 * page_size, sink_tokens=1, recent_tokens=1, rerank=rerank,
                        scoring=scoring)
     with HostDataLog() as log:
-        keys = k_cache.view(-1, hkv, d)[slots.clamp(min=0).long()]
-        summaries.append_decode(k_cache, torch.empty_like(k_cache), keys, keys, slots)
+        append_pool_keys(summaries, k_cache, slots)
         StepSelection(cfg, layout, 16, 1, page_size).layout_for(q, summaries, k_cache)
     assert log.hits == []
