@@ -154,6 +154,7 @@ std::vector<int64_t> plan_paged_attention(const std::string& device_type, int64_
   d.kernel = cuda.kernel;
   d.splits = cuda.splits;
   d.workspace_bytes = cuda.workspace_bytes;
+  d.split_counter_bytes = cuda.split_counter_bytes;
   return d.encode();
 }
 

@@ -53,7 +53,10 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
     const size_t bytes = static_cast<size_t>(planned.workspace_bytes);
     at::Tensor scratch;
     void* ws_ptr = plan_workspace(workspace, planned.workspace_bytes, q, scratch);
-    check_launch(launch_paged_decode(p, static_cast<int>(planned.splits), ws_ptr, bytes, stream),
+    // A plan's own workspace (zeroed when made) keeps its split counters at zero between runs; fresh scratch has
+    // none, so its splits are merged by a second kernel.
+    const bool counters_zeroed = workspace.has_value();
+    check_launch(launch_paged_decode(p, static_cast<int>(planned.splits), ws_ptr, bytes, counters_zeroed, stream),
                  "paged decode kernel");
     return {out, lse};
   }
@@ -182,6 +185,7 @@ AttentionPlanData plan_cuda(const PagedAttentionParams& p, int64_t device_index,
     d.kernel = PlanKernel::kDecode;
     d.splits = paged_decode_splits(p, props->multiProcessorCount, pages);
     d.workspace_bytes = static_cast<int64_t>(paged_decode_workspace_bytes(p, static_cast<int>(d.splits)));
+    d.split_counter_bytes = static_cast<int64_t>(paged_decode_counter_bytes(p, static_cast<int>(d.splits)));
     return d;
   }
   if (p.per_kv_head_rows || !paged_prefill_supported(p)) return d;

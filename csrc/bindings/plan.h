@@ -29,15 +29,18 @@ constexpr int64_t kDecodeQueriesPerSequence = 16;
 struct AttentionPlanData {
   PlanKernel kernel = PlanKernel::kUnsupported;
   int64_t max_q_len = 0, max_pages_per_seq = 0, splits = 1, workspace_bytes = 0;
+  // Bytes at the start of the workspace that hold the decode kernel's split counters: zero when the workspace is
+  // made, and left zero by every run (0 without splits).
+  int64_t split_counter_bytes = 0;
   // What the plan was made for; a run checks them.
   int64_t batch = 0, layout_rows = 0, total_q = 0, nnz = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0,
           page_size = 0, dtype = 0, causal = 0, window = 0;
 
-  static constexpr size_t kSize = 16;
+  static constexpr size_t kSize = 17;
 
   std::vector<int64_t> encode() const {
-    return {static_cast<int64_t>(kernel), max_q_len, max_pages_per_seq, splits, workspace_bytes, batch, layout_rows,
-            total_q, nnz, num_q_heads, num_kv_heads, head_dim, page_size, dtype, causal, window};
+    return {static_cast<int64_t>(kernel), max_q_len, max_pages_per_seq, splits, workspace_bytes, split_counter_bytes,
+            batch, layout_rows, total_q, nnz, num_q_heads, num_kv_heads, head_dim, page_size, dtype, causal, window};
   }
 
   static AttentionPlanData decode(c10::ArrayRef<int64_t> v) {
@@ -49,17 +52,18 @@ struct AttentionPlanData {
     d.max_pages_per_seq = v[2];
     d.splits = v[3];
     d.workspace_bytes = v[4];
-    d.batch = v[5];
-    d.layout_rows = v[6];
-    d.total_q = v[7];
-    d.nnz = v[8];
-    d.num_q_heads = v[9];
-    d.num_kv_heads = v[10];
-    d.head_dim = v[11];
-    d.page_size = v[12];
-    d.dtype = v[13];
-    d.causal = v[14];
-    d.window = v[15];
+    d.split_counter_bytes = v[5];
+    d.batch = v[6];
+    d.layout_rows = v[7];
+    d.total_q = v[8];
+    d.nnz = v[9];
+    d.num_q_heads = v[10];
+    d.num_kv_heads = v[11];
+    d.head_dim = v[12];
+    d.page_size = v[13];
+    d.dtype = v[14];
+    d.causal = v[15];
+    d.window = v[16];
     return d;
   }
 
@@ -82,7 +86,8 @@ struct AttentionPlanData {
     same(dtype, static_cast<int64_t>(p.dtype), "dtype");
     same(causal, p.causal ? 1 : 0, "causal");
     same(window, p.window, "sliding_window");
-    FC_CHECK(max_q_len >= 0 && max_pages_per_seq >= 0 && splits >= 1 && workspace_bytes >= 0, op,
+    FC_CHECK(max_q_len >= 0 && max_pages_per_seq >= 0 && splits >= 1 && workspace_bytes >= 0 &&
+             split_counter_bytes >= 0 && split_counter_bytes <= workspace_bytes, op,
              ": the plan holds invalid bounds");
     p.max_q_len = static_cast<int32_t>(std::min<int64_t>(max_q_len, INT32_MAX));
     p.max_pages_per_seq = static_cast<int32_t>(std::min<int64_t>(max_pages_per_seq, INT32_MAX));

@@ -28,6 +28,8 @@ from .library import _ops
 
 KERNELS = {-1: "unsupported", 0: "cpu", 1: "decode", 2: "prefill_mma", 3: "prefill_wgmma", 4: "cpu_decode"}
 """Kernel ids the compiled planner returns (csrc/bindings/plan.h)."""
+_SPLIT_COUNTER_BYTES = 5
+"""Index of split_counter_bytes in the planner's data (AttentionPlanData::encode, csrc/bindings/plan.h)."""
 DECODE_QUERIES_PER_SEQUENCE = 16
 """At most this many queries per sequence (on average, for shape-only plans) take the split-KV decode kernel: the
 compiled planner's kDecodeQueriesPerSequence (csrc/bindings/plan.h; tests/test_ops_paged_attention.py checks they
@@ -43,7 +45,8 @@ class AttentionPlan:
     stay within the plan's bounds and shapes (checked by the op). kernel: a name of KERNELS. max_q_len,
     max_pages_per_seq: the bounds the kernels are sized by. splits: split-KV blocks per (sequence, kv head) of the
     decode kernels (CUDA "decode", CPU "cpu_decode"). data: the plan as the compiled op takes it. workspace: float32
-    scratch of their split partials.
+    scratch of their split partials, zeroed when the plan is made: its first `split_counter_bytes` bytes are the
+    CUDA decode kernel's split counters, which every run leaves at zero (so runs of one plan must not overlap).
     """
 
     causal: bool
@@ -56,6 +59,11 @@ class AttentionPlan:
     splits: int
     data: tuple[int, ...] = field(repr=False)
     workspace: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def split_counter_bytes(self) -> int:
+        """Bytes at the start of `workspace` holding the split counters (0 when the kernel does not split)."""
+        return self.data[_SPLIT_COUNTER_BYTES]
 
     @property
     def supported(self) -> bool:
@@ -87,7 +95,7 @@ def plan_attention(layout: PageLayout, q_indptr: torch.Tensor, *, num_q_heads: i
     them from its page tables; values within them may change between runs), otherwise they are hints, checked
     against the metadata. host_metadata: (row_offsets, q_indptr) copies on the CPU, if the caller has them.
     allocate_workspace: False leaves the decode kernel's scratch to each run (the op allocates it per call, as the
-    one-shot paged_attention does); True gives the plan its own, so runs allocate nothing.
+    one-shot paged_attention does); True gives the plan its own (zeroed once), so runs allocate nothing.
     """
     device = q_indptr.device
     if sm_scale is None:
@@ -122,7 +130,7 @@ def plan_attention(layout: PageLayout, q_indptr: torch.Tensor, *, num_q_heads: i
     kernel, max_q_len, max_pages_per_seq, splits, workspace_bytes = data[:5]
     workspace = None
     if workspace_bytes > 0 and allocate_workspace:
-        workspace = torch.empty(math.ceil(workspace_bytes / 4), dtype=torch.float32, device=device)
+        workspace = torch.zeros(math.ceil(workspace_bytes / 4), dtype=torch.float32, device=device)
     return AttentionPlan(bool(causal), float(sm_scale), 0 if sliding_window is None else int(sliding_window),
                          float(softcap or 0.0), KERNELS[kernel], max_q_len, max_pages_per_seq, splits, data,
                          workspace)

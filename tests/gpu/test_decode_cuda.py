@@ -88,8 +88,8 @@ def run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, *, caus
                             max_q_len=max_q_len, max_pages_per_seq=max_pages_per_seq, sm_scale=sm_scale,
                             softcap=softcap)
     assert plan.kernel == "decode"
-    if poison_workspace and plan.workspace is not None:
-        plan.workspace.fill_(float("nan"))
+    if poison_workspace and plan.workspace is not None:   # the scratch part: the split counters stay the plan's
+        plan.workspace[plan.split_counter_bytes // 4:].fill_(float("nan"))
     # Poison the blocks the caching allocator will hand out for out/lse: anything unwritten shows up as NaN.
     poison = (torch.full(q.shape, float("nan"), dtype=q.dtype, device=DEV),
               torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device=DEV))
@@ -230,10 +230,43 @@ def test_invalid_page_entries_are_empty(generator):
 
 
 def test_strided_q_and_nan_workspace(generator):
-    """q with padded head stride; a NaN-filled plan workspace must not leak into the output."""
+    """q with padded head stride; a NaN-filled plan workspace (its scratch part) must not leak into the output."""
     prob = random_problem([3000, 40], [4, 4], 32, 8, 128, 16, torch.bfloat16, generator, q_strided=True)
     out, lse = run_kernel(*prob, poison_workspace=True)
     check_against_reference(out, lse, *prob)
+
+
+@pytest.mark.parametrize("n_q", [1, 4, 16])
+def test_one_plan_many_runs_keeps_split_counters_zero(n_q, generator):
+    """The last split of each row chunk merges the partials and resets its counter: one plan run many times over
+    changing page lists (rows with no page, one split, many splits; their counts change from run to run) is right
+    every time and leaves the counters at zero; the one-shot op (fresh scratch, counters zeroed per call) too."""
+    hq, hkv, d, page_size = 32, 8, 128, 16
+    runs = ([6000, 0, 40, 2500], [17, 5999, 0, 16], [0, 0, 0, 1], [4000, 4000, 4000, 4000])
+    layouts = [make_layout(lengths, page_size, generator, extra_pages=0) for lengths in runs]
+    num_pages = max(layout[0] for layout in layouts)
+    nnz = max(layout[2].numel() for layout in layouts)   # every run's cols padded to one length (the plan's)
+    k_cache = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(torch.bfloat16).to(DEV)
+    v_cache = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(torch.bfloat16).to(DEV)
+    q = torch.empty(4 * n_q, hq, d, dtype=torch.bfloat16, device=DEV)
+    q_indptr = torch.arange(0, 4 * n_q + 1, n_q, dtype=torch.int32)
+    plan = None
+    for _, row_offsets, cols, counts in layouts:
+        cols = torch.cat([cols, torch.zeros(nnz - cols.numel(), dtype=torch.int32)])
+        counts = torch.cat([counts, torch.zeros(nnz - counts.numel(), dtype=torch.int32)])
+        if plan is None:
+            plan, layout = plan_for(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, max_q_len=n_q,
+                                    max_pages_per_seq=nnz)
+            assert plan.splits > 1 and plan.split_counter_bytes > 0
+        layout = fc.PageLayout(row_offsets.to(DEV), cols.to(DEV), counts.to(DEV), torch.full_like(cols, -1).to(DEV))
+        q.copy_(torch.randn(q.shape, generator=generator).to(q.dtype))
+        out, lse = plan.run(q, k_cache, v_cache, layout, q_indptr.to(DEV), return_lse=True)
+        torch.cuda.synchronize()
+        counters = plan.workspace[:plan.split_counter_bytes // 4].view(torch.int32)
+        assert (counters == 0).all(), "split counters must be zero after a run"
+        check_against_reference(out, lse, q, k_cache, v_cache, row_offsets, cols, counts, q_indptr)
+        out, lse = fc.paged_attention(q, k_cache, v_cache, layout, q_indptr.to(DEV), return_lse=True)
+        check_against_reference(out, lse, q, k_cache, v_cache, row_offsets, cols, counts, q_indptr)
 
 
 def test_large_batch_no_split(generator):

@@ -18,10 +18,15 @@ constexpr int kDecodeMaxQueriesPerSeq = 16;
 bool paged_decode_supported(const PagedAttentionParams& p);
 // Split-KV blocks per (sequence, kv head) for layout rows of `pages` pages on a GPU of num_sms multiprocessors.
 int paged_decode_splits(const PagedAttentionParams& p, int num_sms, int pages);
-// Bytes of float32 workspace the decode kernel needs with `splits` splits (partials, key positions; 0 if none).
+// Bytes of workspace the decode kernel needs with `splits` splits (split counters and partials, key positions; 0 if
+// none).
 size_t paged_decode_workspace_bytes(const PagedAttentionParams& p, int splits);
+// Bytes at the start of that workspace holding the split counters (0 without splits). counters_zeroed: they are
+// zero (a workspace zeroed once: every run leaves them zero), so the kernel merges the splits itself; false (fresh,
+// uninitialised scratch): a second kernel merges them.
+size_t paged_decode_counter_bytes(const PagedAttentionParams& p, int splits);
 cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void* workspace, size_t workspace_bytes,
-                                cudaStream_t stream);
+                                bool counters_zeroed, cudaStream_t stream);
 
 // ---- prefill (tensor cores, many queries per sequence) -------------------------------------------------------
 enum class PrefillKernel { kMma, kWgmma };

@@ -58,17 +58,14 @@ __global__ void __launch_bounds__(kPosThreads) key_positions_kernel(const PagedA
   if (tid == 0) seq_len[r] = carry;
 }
 
-// Main kernel of one dtype (head dim and softcap picked here), then the split merge when the page lists are split.
+// The kernels of one dtype (head dim and softcap picked here).
 template <typename T>
-cudaError_t launch_kernels(const DecodeArgs& a, int warps_m, cudaStream_t stream) {
+cudaError_t launch_kernel(const DecodeArgs& a, int warps_m, cudaStream_t stream) {
   const bool d64 = a.p.head_dim == 64;
-  cudaError_t err = a.p.softcap > 0.f
-                        ? (d64 ? launch_decode_typed<T, 64, true>(a, warps_m, stream)
-                               : launch_decode_typed<T, 128, true>(a, warps_m, stream))
-                        : (d64 ? launch_decode_typed<T, 64, false>(a, warps_m, stream)
-                               : launch_decode_typed<T, 128, false>(a, warps_m, stream));
-  if (err != cudaSuccess || a.splits == 1) return err;
-  return d64 ? launch_merge_typed<T, 64>(a, stream) : launch_merge_typed<T, 128>(a, stream);
+  return a.p.softcap > 0.f ? (d64 ? launch_decode_typed<T, 64, true>(a, warps_m, stream)
+                                  : launch_decode_typed<T, 128, true>(a, warps_m, stream))
+                           : (d64 ? launch_decode_typed<T, 64, false>(a, warps_m, stream)
+                                  : launch_decode_typed<T, 128, false>(a, warps_m, stream));
 }
 
 }  // namespace
@@ -98,6 +95,9 @@ DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits) {
   const int64_t rows = typical_rows(p, plan.group);
   plan.warps_m = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
   plan.row_chunks = static_cast<int>(ceil_div(rows, kRowsPerWarp * plan.warps_m));
+  plan.max_row_chunks =
+      static_cast<int>(std::max<int64_t>(1, ceil_div((int64_t)std::max(p.max_q_len, 1) * plan.group,
+                                                     kRowsPerWarp * plan.warps_m)));
   plan.need_pos = p.window > 0 || (p.causal && p.max_q_len > 1);
   plan.splits = std::max(splits, 1);
   plan.min_pages_per_split = static_cast<int>(std::max<int64_t>(1, ceil_div(2 * tile_keys(p.head_dim), p.page_size)));
@@ -109,6 +109,8 @@ DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits) {
     return at;
   };
   if (plan.splits > 1) {
+    take((size_t)p.batch * p.num_kv_heads * plan.max_row_chunks * sizeof(int32_t));  // counters, at offset 0
+    plan.counter_bytes = offset;
     const size_t rows_total = (size_t)plan.splits * p.total_q * p.num_q_heads;
     plan.part_out_offset = take(rows_total * p.head_dim * sizeof(float));
     plan.part_lse_offset = take(rows_total * sizeof(float));
@@ -140,8 +142,12 @@ size_t paged_decode_workspace_bytes(const PagedAttentionParams& p, int splits) {
   return decode::make_decode_plan(p, splits).total_bytes;
 }
 
+size_t paged_decode_counter_bytes(const PagedAttentionParams& p, int splits) {
+  return decode::make_decode_plan(p, splits).counter_bytes;
+}
+
 cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void* workspace, size_t workspace_bytes,
-                                cudaStream_t stream) {
+                                bool counters_zeroed, cudaStream_t stream) {
   using namespace decode;
   if (!paged_decode_supported(p)) return cudaErrorInvalidValue;
   if (p.batch <= 0 || p.total_q <= 0 || p.max_q_len <= 0) return cudaSuccess;  // no query row to write
@@ -154,6 +160,7 @@ cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void*
   a.p = p;
   a.group = plan.group;
   a.row_chunks = plan.row_chunks;
+  a.max_row_chunks = plan.max_row_chunks;
   a.splits = plan.splits;
   a.min_pages_per_split = plan.min_pages_per_split;
   a.need_pos = plan.need_pos;
@@ -161,6 +168,7 @@ cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void*
   a.scale_log2 = p.sm_scale * kLog2e;
   a.cap_in = p.softcap > 0.f ? p.sm_scale / p.softcap : 0.f;
   a.cap_log2 = p.softcap > 0.f ? p.softcap * kLog2e : 0.f;
+  a.split_counters = plan.splits > 1 && counters_zeroed ? reinterpret_cast<int32_t*>(ws) : nullptr;
   a.part_out = plan.splits > 1 ? reinterpret_cast<float*>(ws + plan.part_out_offset) : nullptr;
   a.part_lse = plan.splits > 1 ? reinterpret_cast<float*>(ws + plan.part_lse_offset) : nullptr;
   a.page_pos = plan.need_pos ? reinterpret_cast<int32_t*>(ws + plan.page_pos_offset) : nullptr;
@@ -171,8 +179,8 @@ cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void*
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const cudaError_t err = p.dtype == DType::kBFloat16 ? launch_kernels<__nv_bfloat16>(a, plan.warps_m, stream)
-                                                      : launch_kernels<__half>(a, plan.warps_m, stream);
+  const cudaError_t err = p.dtype == DType::kBFloat16 ? launch_kernel<__nv_bfloat16>(a, plan.warps_m, stream)
+                                                      : launch_kernel<__half>(a, plan.warps_m, stream);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

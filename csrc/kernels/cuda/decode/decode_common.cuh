@@ -2,7 +2,10 @@
 //
 // One block handles (sequence b, kv head h, key split s, query-row chunk c): all group * n_q query rows of that kv
 // head (grouped-query packing, so every K/V page is read from HBM once for the whole group), over the pages of split s.
-// Rows are ordered query-major: row r = i * group + g is query i of head h * group + g.
+// Rows are ordered query-major: row r = i * group + g is query i of head h * group + g. When a row's page list is
+// split, each split writes its partial to the workspace and the last split of (b, h, c) to finish merges them (a
+// counter per (b, h, c) in a plan's zeroed workspace tells which one is last), so a split decode is one kernel; with
+// fresh scratch (no zeroed counters) a second kernel merges them.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -32,10 +35,14 @@ struct DecodePlan {
   int group = 1;            // num_q_heads / num_kv_heads
   int warps_m = 1;          // warps across query rows (1, 2 or 4); the other 4 / warps_m split each key tile
   int row_chunks = 1;       // blocks per (sequence, kv head) along query rows (warps_m * 16 rows each)
+  int max_row_chunks = 1;   // row chunks of the longest sequence (max_q_len queries): the split counters' stride
   int splits = 1;           // blocks per (sequence, kv head, row chunk) along the page list (from the plan)
   int min_pages_per_split = 1;  // a split reads at least this many pages (2 tiles): see row_partition
   bool need_pos = false;    // masks need key positions (causal with several queries, or a sliding window)
-  // Workspace layout (bytes from the start): split partials (only when splits > 1), then key positions.
+  // Workspace layout (bytes from the start): split counters and partials (only when splits > 1), then key positions.
+  size_t counter_bytes = 0;     // int32 [batch, Hkv, max_row_chunks] at offset 0: splits of (b, h, c) done in this
+                                //   run; zero when the workspace is new (zeroed by its owner) and again after every
+                                //   run (the last split resets it)
   size_t part_out_offset = 0;   // float [splits, total_q, Hq, D]: normalised partial outputs
   size_t part_lse_offset = 0;   // float [splits, total_q, Hq]: natural-log partial LSE (-inf: no visible key);
                                 //   partials never include the sink (the merge adds it once)
@@ -69,10 +76,11 @@ __host__ __device__ inline void row_partition(int n_pages, int splits, int min_p
 // Everything the device code needs, passed by value.
 struct DecodeArgs {
   PagedAttentionParams p;
-  int group, row_chunks, splits, min_pages_per_split;
+  int group, row_chunks, max_row_chunks, splits, min_pages_per_split;
   bool need_pos;
   int page_shift;      // log2(page_size) when it is a power of two, else -1
   float scale_log2;    // sm_scale * log2(e): scores live in the log2 domain inside the kernel
+  int32_t* split_counters;  // [batch, Hkv, max_row_chunks] (splits > 1)
   float* part_out;
   float* part_lse;
   int32_t* page_pos;
@@ -121,14 +129,10 @@ __device__ __forceinline__ int effective_count(const PagedAttentionParams& p, in
 
 #endif  // __CUDACC__
 
-// Main kernel for one dtype / head dim, with (kSoftcap) or without logit softcapping; instantiated in
+// The kernel for one dtype / head dim, with (kSoftcap) or without logit softcapping; instantiated in
 // decode_{bf16,fp16}.cu (kSoftcap false) and decode_{bf16,fp16}_softcap.cu (true), so each file builds what it did
 // before the flag.
 template <typename T, int D, bool kSoftcap>
 cudaError_t launch_decode_typed(const DecodeArgs& args, int warps_m, cudaStream_t stream);
-// Split merge kernel, launched right behind the main kernel when plan.splits > 1 (the same for both softcap
-// variants); instantiated in decode_{bf16,fp16}.cu.
-template <typename T, int D>
-cudaError_t launch_merge_typed(const DecodeArgs& args, cudaStream_t stream);
 
 }  // namespace flashcore::decode

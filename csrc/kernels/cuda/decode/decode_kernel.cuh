@@ -1,5 +1,5 @@
-// Split-KV paged decode kernel (tensor cores, mma.sync m16n8k16) and its split-merge kernel.
-// Included only by the per-dtype instantiation files decode_bf16.cu / decode_fp16.cu.
+// Split-KV paged decode kernel (tensor cores, mma.sync m16n8k16), split merge included.
+// Included only by the per-dtype instantiation files decode_bf16.cu / decode_fp16.cu (and their softcap variants).
 //
 // Data path per block: a ring of kStages K/V tiles (tile_keys(D) key slots each) filled with 16-byte cp.async from
 // the paged cache, XOR-swizzled so ldmatrix reads are bank-conflict free; the page ids for tile t + kStages are
@@ -7,9 +7,11 @@
 // position of every slot) afterwards, so the page-table latency never sits in front of a K/V load.
 // Compute per warp: 16 query rows (its m-tile) x the warp's share of the tile's keys; S = Q K^T and O += P V on
 // tensor cores, online softmax in fp32 in registers. Warps that share rows but saw different keys are merged
-// through shared memory at the end; blocks of different key splits are merged by merge_splits_kernel.
-// Softcap (kSoftcap instantiations) changes only the score scaling; the sink of a row joins once: in this kernel's
-// output when the page list is not split, else in merge_splits_kernel (partials stay sink-free).
+// through shared memory at the end. Blocks of different key splits write fp32 partials; the last of them to finish
+// (a counter per (sequence, kv head, row chunk), kept in a plan's zeroed workspace) merges them into the output, so
+// no second kernel waits on this one; with fresh scratch (no counters) merge_splits_kernel runs behind it.
+// Softcap (kSoftcap instantiations) changes only the score scaling; the sink of a row joins once: in the output of a
+// row that one block computes alone, else in the merge (partials stay sink-free).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -24,6 +26,66 @@
 #include "decode_common.cuh"
 
 namespace flashcore::decode {
+
+// ---- split merge -----------------------------------------------------------------------------------------------
+
+// Row r of sequence sb, kv head kvh from the partials of its `active` (>= 2) splits, by one warp (lanes over the
+// head dim): out = sum_s exp(lse_s - lse) * out_s, lse = log sum_s exp(lse_s); lse_s == -inf means "saw no key".
+// The head's sink logit, if any, joins as one more term with lse_s = sink and out_s = 0 (the partials have none), so
+// a row that no split saw gets zeros and lse = sink. Partials are read through L2 (ld.global.cg): in the decode
+// kernel, other blocks wrote them during the same launch.
+template <typename T, int D>
+__device__ __forceinline__ void merge_split_row(const DecodeArgs& a, const SeqBounds& sb, const int kvh, const int r,
+                                                const int active) {
+  constexpr int V = D / 32;  // floats per lane
+  static_assert(V == 2 || V == 4, "head dim");
+  const PagedAttentionParams& p = a.p;
+  const int lane = threadIdx.x & 31;
+  const int64_t split_stride = (int64_t)p.total_q * p.num_q_heads;
+  const int hq = kvh * a.group + r % a.group;
+  const int64_t row = (int64_t)(sb.q0 + r / a.group) * p.num_q_heads + hq;
+  float lse_max = -INFINITY;
+  for (int s = lane; s < active; s += 32) lse_max = fmaxf(lse_max, __ldcg(a.part_lse + s * split_stride + row));
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, off));
+  const float sink = p.sinks != nullptr ? __ldg(p.sinks + hq) : -INFINITY;
+  lse_max = fmaxf(lse_max, sink);
+
+  float acc[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) acc[e] = 0.f;
+  float w_sum = 0.f;
+  if (lse_max != -INFINITY) {
+    // Every active split wrote finite partials for every row of the sequence (zeros where it saw no key, with
+    // lse -inf, whose weight is exactly 0), so the loads are unconditional and can all be in flight at once.
+#pragma unroll 16
+    for (int s = 0; s < active; ++s) {
+      const float w = fast_exp2((__ldcg(a.part_lse + s * split_stride + row) - lse_max) * kLog2e);
+      const float* src = a.part_out + (s * split_stride + row) * D + lane * V;
+      w_sum += w;
+      if constexpr (V == 4) {
+        const float4 x = __ldcg(reinterpret_cast<const float4*>(src));
+        acc[0] += w * x.x; acc[1] += w * x.y; acc[2] += w * x.z; acc[3] += w * x.w;
+      } else {
+        const float2 x = __ldcg(reinterpret_cast<const float2*>(src));
+        acc[0] += w * x.x; acc[1] += w * x.y;
+      }
+    }
+    // The sink's weight (no value); exactly 1 when it is the largest term (e.g. a row that no split saw).
+    if (p.sinks != nullptr) w_sum += fast_exp2((sink - lse_max) * kLog2e);
+  }
+  const float inv = w_sum > 0.f ? 1.f / w_sum : 0.f;
+  T* out = static_cast<T*>(p.out) + row * D + lane * V;
+  if constexpr (V == 4) {
+    uint2 v;
+    v.x = MmaOps<T>::pack(acc[0] * inv, acc[1] * inv);
+    v.y = MmaOps<T>::pack(acc[2] * inv, acc[3] * inv);
+    *reinterpret_cast<uint2*>(out) = v;
+  } else {
+    *reinterpret_cast<uint32_t*>(out) = MmaOps<T>::pack(acc[0] * inv, acc[1] * inv);
+  }
+  if (lane == 0) p.lse[row] = w_sum > 0.f ? lse_max + __logf(w_sum) : -INFINITY;
+}
 
 // ---- main kernel -----------------------------------------------------------------------------------------------
 
@@ -59,7 +121,8 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
   if (row0 >= M) return;  // no query rows here; nobody reads rows that don't exist
   int active, pps;
   row_partition(sb.n_pages, a.splits, a.min_pages_per_split, active, pps);
-  if (a.splits > 1 && split >= active) return;  // inactive split: the merge kernel skips it
+  if (split >= max(active, 1)) return;  // inactive split (the merge skips it); split 0 also writes rows without keys
+  const bool direct = active <= 1;      // this block alone computes its rows: it writes the output itself
   const int pl0 = split * pps;
   const int pages_here = max(0, min(pl0 + pps, sb.n_pages) - pl0);
   const int n_slots = pages_here * p.page_size;
@@ -329,10 +392,10 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
     const int tok = sb.q0 + r / a.group, hq = kvh * a.group + r % a.group;
     const int64_t out_row = (int64_t)tok * p.num_q_heads + hq;
     // The sink joins the final row here only when there is no split merge (which adds it itself).
-    if (a.splits == 1 && p.sinks != nullptr) inv *= add_sink(lse, __ldg(p.sinks + hq));
+    if (direct && p.sinks != nullptr) inv *= add_sink(lse, __ldg(p.sinks + hq));
 #pragma unroll
     for (int e = 0; e < 8; ++e) acc[e] *= inv;
-    if (a.splits == 1) {
+    if (direct) {
       *reinterpret_cast<uint4*>(static_cast<T*>(p.out) + out_row * D + c8 * 8) = pack8<T>(acc);
       if (c8 == 0) p.lse[out_row] = lse;
     } else {
@@ -343,6 +406,21 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
       if (c8 == 0) a.part_lse[part_row] = lse;
     }
   }
+  if (direct || a.split_counters == nullptr) return;  // no counters (fresh scratch): merge_splits_kernel merges
+  // The last of the `active` splits of this row chunk to get here merges their partials. Each block's partials are
+  // made visible device-wide before it counts itself (threadfence, then the barrier, then the atomic); the last one
+  // resets the counter for the next run, since no other split of this run is left to count.
+  __threadfence();
+  __syncthreads();
+  bool last = false;
+  if (tid == 0) {
+    int32_t* counter = a.split_counters + ((int64_t)b * p.num_kv_heads + kvh) * a.max_row_chunks + chunk;
+    last = atomicAdd(counter, 1) == active - 1;
+    if (last) *counter = 0;
+  }
+  if (!__syncthreads_or(last)) return;
+  __threadfence();
+  for (int r = row0 + warp; r < min(row0 + ROWS, M); r += kWarps) merge_split_row<T, D>(a, sb, kvh, r, active);
 }
 
 // Grid: one block per (b, kv head, split, row chunk), row chunk fastest so blocks sharing K/V run together. A plan
@@ -372,79 +450,28 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(co
   }
 }
 
-// ---- split merge -----------------------------------------------------------------------------------------------
+// ---- split merge as a kernel of its own ------------------------------------------------------------------------
 
-// One warp per (sequence, query, q head): out = sum_s exp(lse_s - lse) * out_s, lse = log sum_s exp(lse_s).
-// Only the splits that the main kernel ran (pages left for them) are read; lse_s == -inf means "saw no key".
-// With sinks (kSinks, chosen at launch), the head's sink logit joins as one more term with lse_s = sink and out_s = 0
-// (the partials have none), so a row that no split saw gets zeros and lse = sink.
-// Launched with PDL right behind the main kernel, which triggers at its start: these blocks become resident early
-// and wait in griddepcontrol.wait, so the merge starts as soon as the last split finishes.
-template <typename T, int D, bool kSinks>
+// For a workspace without zeroed split counters (fresh scratch of a one-shot call; zeroing them would cost a launch
+// of its own): one warp per (sequence, query, q head) of a split row, launched with PDL right behind the decode
+// kernel, which triggers at its start, so these blocks are resident early and wait in griddepcontrol.wait.
+template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs a) {
-  constexpr int V = D / 32;  // floats per lane
-  static_assert(V == 2 || V == 4, "head dim");
   const PagedAttentionParams& p = a.p;
-  const int lane = threadIdx.x & 31;
-  const int64_t gw = (int64_t)blockIdx.x * (kThreads / 32) + (threadIdx.x >> 5);
+  const int64_t gw = (int64_t)blockIdx.x * kWarps + (threadIdx.x >> 5);
   const int hq = gw % p.num_q_heads;
   const int64_t rest = gw / p.num_q_heads;
   const int i = rest % p.max_q_len;
   const int b = rest / p.max_q_len;
   if (b >= p.batch) return;
   grid_dependency_wait();
-  const SeqBounds sb = load_seq_bounds(p, b, hq / a.group);
+  const int kvh = hq / a.group;
+  const SeqBounds sb = load_seq_bounds(p, b, kvh);
   if (i >= sb.n_q) return;
   int active, pps;
   row_partition(sb.n_pages, a.splits, a.min_pages_per_split, active, pps);
-  const int64_t row = (int64_t)(sb.q0 + i) * p.num_q_heads + hq;
-  const int64_t split_stride = (int64_t)p.total_q * p.num_q_heads;
-
-  float lse_max = -INFINITY;
-#pragma unroll 2
-  for (int s = lane; s < active; s += 32) lse_max = fmaxf(lse_max, a.part_lse[s * split_stride + row]);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, off));
-  float sink = -INFINITY;
-  if constexpr (kSinks) {
-    sink = __ldg(p.sinks + hq);
-    lse_max = fmaxf(lse_max, sink);
-  }
-
-  float acc[V];
-#pragma unroll
-  for (int e = 0; e < V; ++e) acc[e] = 0.f;
-  float w_sum = 0.f;
-  if (lse_max != -INFINITY) {
-    // Every active split wrote finite partials for every row of the sequence (zeros where it saw no key, with
-    // lse -inf, whose weight is exactly 0), so the loads are unconditional and can all be in flight at once.
-#pragma unroll 16
-    for (int s = 0; s < active; ++s) {
-      const float w = fast_exp2((a.part_lse[s * split_stride + row] - lse_max) * kLog2e);
-      const float* src = a.part_out + (s * split_stride + row) * D + lane * V;
-      w_sum += w;
-      if constexpr (V == 4) {
-        const float4 x = *reinterpret_cast<const float4*>(src);
-        acc[0] += w * x.x; acc[1] += w * x.y; acc[2] += w * x.z; acc[3] += w * x.w;
-      } else {
-        const float2 x = *reinterpret_cast<const float2*>(src);
-        acc[0] += w * x.x; acc[1] += w * x.y;
-      }
-    }
-    // The sink's weight (no value); exactly 1 when it is the largest term (e.g. a row that no split saw).
-    if constexpr (kSinks) w_sum += fast_exp2((sink - lse_max) * kLog2e);
-  }
-  const float inv = w_sum > 0.f ? 1.f / w_sum : 0.f;
-  T* out = static_cast<T*>(p.out) + row * D + lane * V;
-  if constexpr (V == 4) {
-    uint2 v;
-    v.x = MmaOps<T>::pack(acc[0] * inv, acc[1] * inv);
-    v.y = MmaOps<T>::pack(acc[2] * inv, acc[3] * inv);
-    *reinterpret_cast<uint2*>(out) = v;
-  } else {
-    *reinterpret_cast<uint32_t*>(out) = MmaOps<T>::pack(acc[0] * inv, acc[1] * inv);
-  }
-  if (lane == 0) p.lse[row] = w_sum > 0.f ? lse_max + __logf(w_sum) : -INFINITY;
+  if (active <= 1) return;  // the decode block of this row wrote it
+  merge_split_row<T, D>(a, sb, kvh, i * a.group + hq % a.group, active);
 }
 
 // ---- host launcher ---------------------------------------------------------------------------------------------
@@ -469,17 +496,13 @@ cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
 
 template <typename T, int D, bool kSoftcap>
 cudaError_t launch_decode_typed(const DecodeArgs& a, int warps_m, cudaStream_t stream) {
-  return warps_m == 1   ? launch_main<T, D, 1, kSoftcap>(a, stream)
-         : warps_m == 2 ? launch_main<T, D, 2, kSoftcap>(a, stream)
-                        : launch_main<T, D, 4, kSoftcap>(a, stream);
-}
-
-template <typename T, int D>
-cudaError_t launch_merge_typed(const DecodeArgs& a, cudaStream_t stream) {
+  const cudaError_t err = warps_m == 1   ? launch_main<T, D, 1, kSoftcap>(a, stream)
+                          : warps_m == 2 ? launch_main<T, D, 2, kSoftcap>(a, stream)
+                                         : launch_main<T, D, 4, kSoftcap>(a, stream);
+  if (err != cudaSuccess || a.splits == 1 || a.split_counters != nullptr) return err;
   const int64_t warps = (int64_t)a.p.batch * a.p.max_q_len * a.p.num_q_heads;
-  const dim3 grid(static_cast<unsigned>((warps + kThreads / 32 - 1) / (kThreads / 32)));
-  return a.p.sinks != nullptr ? launch_pdl(merge_splits_kernel<T, D, true>, grid, dim3(kThreads), 0, stream, a)
-                              : launch_pdl(merge_splits_kernel<T, D, false>, grid, dim3(kThreads), 0, stream, a);
+  const dim3 grid(static_cast<unsigned>((warps + kWarps - 1) / kWarps));
+  return launch_pdl(merge_splits_kernel<T, D>, grid, dim3(kThreads), 0, stream, a);
 }
 
 }  // namespace flashcore::decode
