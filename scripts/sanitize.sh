@@ -2,7 +2,7 @@
 # compute-sanitizer over a reduced GPU set (part of scripts/gpu_check.sh, step "sanitizer"):
 # - memcheck: repeated generate() calls with sparse policies and CUDA graphs (8K tokens in 16-token pages cross the
 #   same 2 MiB bounds-granule boundary as 32K in 64-token pages), the sparse GPU tests (key signs included), graph
-#   reuse across calls, growable pools unmapped behind queued kernels, the prefill kernels on a reduced grid, the
+#   reuse across calls, the decode kernel's split merge, growable pools unmapped behind queued kernels, the prefill kernels on a reduced grid, the
 #   grouped linear kernels;
 # - racecheck: append_kv; the decode and prefill kernels are tried and reported (see below).
 # Exits non-zero when the sanitizer reports an error or a test fails.
@@ -19,6 +19,10 @@ compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" \
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_sparse_gpu.py \
   tests/gpu/test_sparse_signs_gpu.py tests/gpu/test_decode_graphs.py::test_greedy_identical_with_and_without_graphs \
   || status=1
+# The decode kernel's in-kernel split merge (counters in the plan's workspace, reset by the last split of each run)
+# over changing page lists, rows without pages, and the one-shot op's separate merge kernel.
+compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_decode_cuda.py \
+  -k "one_plan_many_runs or empty_sequences or cuda_graph_replay" || status=1
 # Pools unmapped while kernels that use them are still queued (a cache dropped behind its last graph replays).
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_growable_buffer_cuda.py \
   "tests/gpu/test_decode_graphs.py::test_user_cache_dropped_while_its_last_replays_are_queued[False]" || status=1
