@@ -189,7 +189,7 @@ class FlashCoreAttention(nn.Module):
         plan = plan_attention(layout, q_indptr, num_q_heads=hq, num_kv_heads=key.shape[1], head_dim=d,
                               page_size=page, dtype=q.dtype, total_q=q.shape[0], causal=causal, sm_scale=scale,
                               sliding_window=window, softcap=softcap, max_q_len=max_q_len,
-                              max_pages_per_seq=max_pages, exact=True)
+                              max_pages_per_seq=max_pages, exact=True, allocate_workspace=False)
         out = self._run(plan, q, k_pool, v_pool, layout, q_indptr, window, softcap, sinks)
         return out.view(1, s_q, hq, d) if bounds is not None else out.view(b, s_q, hq, d)
 

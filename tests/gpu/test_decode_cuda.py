@@ -240,7 +240,7 @@ def test_strided_q_and_nan_workspace(generator):
 def test_one_plan_many_runs_keeps_split_counters_zero(n_q, generator):
     """The last split of each row chunk merges the partials and resets its counter: one plan run many times over
     changing page lists (rows with no page, one split, many splits; their counts change from run to run) is right
-    every time and leaves the counters at zero; the one-shot op (fresh scratch, counters zeroed per call) too."""
+    every time and leaves the counters at zero; the one-shot op (fresh scratch: a second kernel merges) agrees."""
     hq, hkv, d, page_size = 32, 8, 128, 16
     runs = ([6000, 0, 40, 2500], [17, 5999, 0, 16], [0, 0, 0, 1], [4000, 4000, 4000, 4000])
     layouts = [make_layout(lengths, page_size, generator, extra_pages=0) for lengths in runs]
@@ -255,8 +255,8 @@ def test_one_plan_many_runs_keeps_split_counters_zero(n_q, generator):
         cols = torch.cat([cols, torch.zeros(nnz - cols.numel(), dtype=torch.int32)])
         counts = torch.cat([counts, torch.zeros(nnz - counts.numel(), dtype=torch.int32)])
         if plan is None:
-            plan, layout = plan_for(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, max_q_len=n_q,
-                                    max_pages_per_seq=nnz)
+            plan, _ = plan_for(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, max_q_len=n_q,
+                               max_pages_per_seq=nnz)
             assert plan.splits > 1 and plan.split_counter_bytes > 0
         layout = fc.PageLayout(row_offsets.to(DEV), cols.to(DEV), counts.to(DEV), torch.full_like(cols, -1).to(DEV))
         q.copy_(torch.randn(q.shape, generator=generator).to(q.dtype))
