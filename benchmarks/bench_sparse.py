@@ -10,6 +10,11 @@
    `gpu_us` is triton's do_bench median (device time, L2 flushed), `wall_us` back-to-back calls on the host clock
    (includes Python and launch overhead, what an eager decode step pays). SDPA cuDNN on a contiguous copy of the
    same K/V is the reference.
+   A graph of one layer pays the graph launch and do_bench's L2 flush (a 256 MB memset whose dirty lines the
+   first kernels write back) once per layer; inside a decode step neither recurs per layer. So the whole per-layer
+   chain is also timed as a decode step runs it (--stacked-layers N, default 16): one CUDA graph of N layers, each
+   with its own K/V pools and page summaries (cold in L2, as after another layer's weights), sharing the step's page
+   table and plans; rows "... per layer in an N-layer graph" report the replay time / N.
 2. End to end: a Llama-3-8B-shaped model with random bf16 weights (32 layers, hidden 4096, 32/8 heads, D128, vocab
    128256), generate() on one 128K-token prompt through the cache generate() builds (set_default_cache_options(
    page_size=64, sparse=...)): dense and topk with flashcore's CUDA-graph decode (--policies dense,topk,streaming
@@ -158,6 +163,73 @@ def layer_benchmark(context: int, budget: int, page_size: int, kernels: bool = F
     return rows
 
 
+def stacked_layers_benchmark(context: int, budget: int, page_size: int, layers: int) -> list[dict]:
+    """Rows of the whole per-layer chain timed inside one CUDA graph of `layers` layers (see the module docstring):
+    dense attention, and topk / topk_signs append + summary update + selection + attention; µs per layer."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    num_pages = context // page_size
+    cols = torch.randperm(num_pages + 8, device="cuda", generator=gen)[:num_pages].to(torch.int32)
+    counts = torch.full_like(cols, page_size)
+    layout = fc.PageLayout(torch.tensor([0, num_pages], device="cuda", dtype=torch.int32), cols, counts,
+                           torch.full_like(cols, -1))
+    q_indptr = torch.tensor([0, 1], device="cuda", dtype=torch.int32)
+    max_pages = page_count_bucket(num_pages)
+    all_slots = refresh_slots(cols, counts, page_size)
+    last_slot = cols[-1:] * page_size + page_size - 1
+    pools, queries, new_kv = [], [], []
+    for _ in range(layers):
+        pools.append([torch.randn(num_pages + 8, page_size, HKV, D, device="cuda", dtype=DTYPE, generator=gen)
+                      for _ in range(2)])
+        queries.append(torch.randn(1, HQ, D, device="cuda", dtype=DTYPE, generator=gen))
+        new_kv.append([torch.randn(1, HKV, D, device="cuda", dtype=DTYPE, generator=gen) for _ in range(2)])
+
+    def plan(rows_, pages_, nnz_):
+        shape = fc.PageLayout(*(torch.empty(n, dtype=torch.int32, device="cuda") for n in (rows_ + 1, nnz_, nnz_, nnz_)))
+        return fc.plan_attention(shape, q_indptr, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=page_size,
+                                 dtype=DTYPE, total_q=1, max_q_len=1, max_pages_per_seq=pages_, exact=True)
+
+    dense_plan = plan(1, max_pages, num_pages)
+
+    def dense_step():
+        for (k_pool, v_pool), q in zip(pools, queries):
+            dense_plan.run(q, k_pool, v_pool, layout, q_indptr)
+
+    def time_per_layer(fn) -> float | None:
+        replay, why = graph_of(fn)
+        if replay is None:
+            print(f"stacked graph capture failed: {why}", flush=True)
+            return None
+        return 1e3 * median_ms(replay) / layers
+
+    rows = [dict(what=f"dense flashcore decode, per layer in a {layers}-layer graph", graph_us=time_per_layer(dense_step))]
+    dense_us = rows[0]["graph_us"]
+    rows[0]["speedup_vs_dense"] = 1.0 if dense_us else None
+    for policy in ("topk", "topk_signs"):
+        config = sparse_config(policy, budget)
+        summaries = []
+        for k_pool, _ in pools:
+            layer_summaries = PageKeySummaries(keep_signs=config.scoring == "signs")
+            layer_summaries.refresh(k_pool, *all_slots)
+            summaries.append(layer_summaries)
+        step = StepSelection(config, layout, max_pages, 1, page_size)
+        k = step.max_pages_per_row
+        sparse_plan = plan(HKV, k, HKV * k)
+
+        def sparse_step(step=step, sparse_plan=sparse_plan, summaries=summaries):
+            for (k_pool, v_pool), q, (k_new, v_new), layer_summaries in zip(pools, queries, new_kv, summaries):
+                layer_summaries.append_decode(k_pool, v_pool, k_new, v_new, last_slot)
+                sparse_plan.run(q, k_pool, v_pool, step.layout_for(q, layer_summaries, k_pool), q_indptr)
+
+        us = time_per_layer(sparse_step)
+        rows.append(dict(what=f"{policy}: append + update + selection + attention, per layer in a {layers}-layer graph",
+                         graph_us=us, speedup_vs_dense=dense_us / us if dense_us and us else None,
+                         note="as inside a decode step's graph"))
+        del summaries
+    for row in rows:
+        row.update(context=context, budget=budget, page_size=page_size, layers=layers)
+    return rows
+
+
 POLICY_OPTIONS = {"topk_rerank": dict(policy="topk", rerank=4), "topk_signs": dict(policy="topk", scoring="signs")}
 """Policy names beyond SparseConfig's own: "topk_rerank" (the bounds pick 4 x budget candidates, their keys' exact
 scores the budget), "topk_signs" (pages scored by their keys' sign bits and the bounds)."""
@@ -238,7 +310,7 @@ def plot(layer_rows, e2e_rows, path):
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    shown = [r for r in layer_rows if r.get("gpu_us")]
+    shown = [r for r in layer_rows if r.get("graph_us") or r.get("gpu_us")]
     axes[0].barh([r["what"] for r in shown], [r.get("graph_us") or r["gpu_us"] for r in shown])
     axes[0].set_xlabel("µs per layer (CUDA graph where measured, else do_bench)")
     axes[0].invert_yaxis()
@@ -264,10 +336,15 @@ def main():
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--eager-too", action="store_true", help="end to end also without CUDA-graph decode")
     parser.add_argument("--kernels", action="store_true", help="print the kernels of each per-layer graph replay")
+    parser.add_argument("--stacked-layers", type=int, default=16,
+                        help="layers in the graph of the stacked per-layer rows (0: skip them)")
     args = parser.parse_args()
     print(f"{device_name()}, torch {torch.__version__}", flush=True)
 
     layer_rows = layer_benchmark(args.context, args.budget, args.page_size, args.kernels)
+    if args.stacked_layers > 0:
+        torch.cuda.empty_cache()
+        layer_rows += stacked_layers_benchmark(args.context, args.budget, args.page_size, args.stacked_layers)
     write_csv(layer_rows, "sparse_layer.csv")
     torch.cuda.empty_cache()
     e2e_rows = [] if args.skip_e2e else e2e_benchmark(args.context, args.budget, args.new_tokens,
