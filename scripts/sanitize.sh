@@ -2,7 +2,7 @@
 # compute-sanitizer over a reduced GPU set (part of scripts/gpu_check.sh, step "sanitizer"):
 # - memcheck: repeated generate() calls with sparse policies and CUDA graphs (8K tokens in 16-token pages cross the
 #   same 2 MiB bounds-granule boundary as 32K in 64-token pages), the sparse GPU tests (key signs included), graph
-#   reuse across calls, the decode kernel's split merge, growable pools unmapped behind queued kernels, the prefill kernels on a reduced grid, the
+#   reuse across calls, the rerank stage's candidate scores, the decode kernel's split merge, growable pools unmapped behind queued kernels, the prefill kernels on a reduced grid, the
 #   grouped linear kernels;
 # - racecheck: append_kv; the decode and prefill kernels are tried and reported (see below).
 # Exits non-zero when the sanitizer reports an error or a test fails.
@@ -18,6 +18,9 @@ compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" \
 # its cache is alive when the next generate() asks for the pool arena and the next call captures afresh.)
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_sparse_gpu.py \
   tests/gpu/test_sparse_signs_gpu.py tests/gpu/test_decode_graphs.py::test_greedy_identical_with_and_without_graphs \
+  || status=1
+# The rerank stage's candidate-score kernel (forced pages, padding entries, page ids outside the pool, graph replay).
+compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_select_pages_cuda.py -k candidate \
   || status=1
 # The decode kernel's in-kernel split merge (counters in the plan's workspace, reset by the last split of each run)
 # over changing page lists, rows without pages, and the one-shot op's separate merge kernel.

@@ -1,4 +1,5 @@
-"""Float64 oracles for the sparse selection op (flashcore_hf.ops.select_pages), shared by CPU and GPU tests."""
+"""Float64 oracles for the sparse selection ops (flashcore_hf.ops.select_pages, candidate_page_scores), shared by CPU
+and GPU tests."""
 import math
 
 import torch
@@ -73,6 +74,25 @@ def reference_sign_scores(q, k_pool, bounds, table, query_len, head_reduction="m
                 scores[b, h, j] = per_head.max() if head_reduction == "max" else per_head.sum()
     bias = table.bias.double()[:, None].expand_as(scores)
     return torch.where(torch.isinf(bias), bias, scores + bias)
+
+
+def reference_candidate_scores(q, k_pool, cols, counts, forced_pages):
+    """candidate_page_scores in float64, [B, Hkv, C]: -inf for counts <= 0 or a page id outside the pool, +inf for
+    a forced page, else the max over the page's first min(count, P) keys and the kv head's query heads of q . k.
+
+    q [B * S, Hq, D]; k_pool [num_pages, P, Hkv, D]; cols / counts [B, Hkv, C]; forced_pages [B, F].
+    """
+    batch, hkv, candidates = cols.shape
+    num_pages, page, _, dim = k_pool.shape
+    queries = q.double().reshape(batch, -1, hkv, q.shape[1] // hkv, dim).transpose(1, 2).reshape(batch, hkv, -1, dim)
+    valid = (counts > 0) & (cols >= 0) & (cols < num_pages)
+    heads = torch.arange(hkv)[None, :, None, None]
+    tokens = torch.arange(page)[None, None, None, :]
+    keys = k_pool.double()[cols.long().clamp(0, num_pages - 1)[..., None], tokens, heads]     # [B, Hkv, C, P, D]
+    scores = torch.einsum("bhqd,bhcpd->bhcpq", queries, keys).amax(dim=-1)                     # [B, Hkv, C, P]
+    scores = scores.masked_fill(tokens >= counts[..., None], -math.inf).amax(dim=-1)           # [B, Hkv, C]
+    forced = (cols[..., None] == forced_pages[:, None, None, :]).any(dim=-1)
+    return torch.where(valid, torch.where(forced, math.inf, scores), -math.inf)
 
 
 def unpack_signs(signs, head_dim):

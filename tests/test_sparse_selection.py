@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import flashcore_hf as fc
-from flashcore_hf.ops import append_kv, select_pages
+from flashcore_hf.ops import append_kv, candidate_page_scores, select_pages
 from flashcore_hf.sparse import (PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots,
                                  step_is_sparse, streaming_layout, topk_layout)
 from tests.reference import random_paged_kv, reference_paged_attention
-from tests.sparse_reference import append_pool_keys, assert_topk_picks, reference_page_scores, unpack_signs
+from tests.sparse_reference import (append_pool_keys, assert_topk_picks, reference_candidate_scores, reference_page_scores,
+                                    unpack_signs)
 
 
 def _dense_layout(lengths, page_size, hkv, d, generator):
@@ -388,6 +389,43 @@ def test_rerank_keeps_the_budget_with_the_best_exact_scores(generator, batch, qu
             expected = forced | set(rest[:budget - len(forced)])
             picked = rows[b * hkv + h][0]
             assert set(picked) == expected and picked == sorted(picked, key=pages.index), (b, h)
+
+
+@pytest.mark.parametrize("query_len, dtype", [(1, torch.float32), (2, torch.bfloat16), (3, torch.float16)])
+def test_candidate_page_scores_match_the_reference(generator, query_len, dtype):
+    """The rerank stage's exact page scores: max over each candidate page's valid keys and the kv head's query
+    heads, +inf for forced pages, -inf for padding entries (count 0) and page ids outside the pool; strided q."""
+    batch, hkv, group, d, page_size, num_pages, candidates = 3, 2, 3, 20, 8, 30, 11
+    k_pool = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(dtype)
+    wide = torch.randn(batch * query_len, hkv * group, 2 * d, generator=generator).to(dtype)
+    q = wide[..., :d]
+    cols = torch.randint(-2, num_pages + 3, (batch, hkv, candidates), generator=generator, dtype=torch.int32)
+    counts = torch.randint(-1, page_size + 3, (batch, hkv, candidates), generator=generator, dtype=torch.int32)
+    forced = torch.tensor([[cols[0, 0, 3].item(), -1], [cols[1, 1, 0].item(), cols[1, 0, 5].item()], [-1, -1]],
+                          dtype=torch.int32)
+    scores = candidate_page_scores(q, k_pool, cols, counts, forced, query_len)
+    want = reference_candidate_scores(q, k_pool, cols, counts, forced)
+    assert scores.dtype == torch.float32 and scores.shape == (batch, hkv, candidates)
+    torch.testing.assert_close(scores.double(), want, atol=1e-4, rtol=1e-5)
+    assert torch.isinf(want).any() and torch.isfinite(want).any()
+
+
+def test_candidate_page_scores_reject_bad_input():
+    q, k_pool = torch.randn(2, 4, 8), torch.randn(10, 4, 2, 8)
+    cols = torch.zeros(2, 2, 5, dtype=torch.int32)
+    counts, forced = torch.ones_like(cols), torch.full((2, 1), -1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="k_cache must have q's dtype"):
+        candidate_page_scores(q, k_pool.double(), cols, counts, forced)
+    with pytest.raises(RuntimeError, match="cols must be"):
+        candidate_page_scores(q, k_pool, cols[:, :1], counts[:, :1], forced)
+    with pytest.raises(RuntimeError, match="counts must have cols' shape"):
+        candidate_page_scores(q, k_pool, cols, counts[..., :4], forced)
+    with pytest.raises(RuntimeError, match="forced_pages must be"):
+        candidate_page_scores(q, k_pool, cols, counts, forced[:1])
+    with pytest.raises(RuntimeError, match="contiguous int32"):
+        candidate_page_scores(q, k_pool, cols.long(), counts, forced)
+    with pytest.raises(RuntimeError, match=r"q.size\(0\)"):
+        candidate_page_scores(q, k_pool, cols, counts, forced, query_len=2)
 
 
 def test_rerank_finds_the_needle_the_bounds_miss(generator):

@@ -120,6 +120,19 @@ std::tuple<at::Tensor, at::Tensor> select_pages_cuda(const at::Tensor& q, const 
   return {cols, counts};
 }
 
+at::Tensor candidate_page_scores_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& cols,
+                                      const at::Tensor& counts, const at::Tensor& forced_pages, int64_t query_len) {
+  CandidateScoresParams p = make_candidate_scores_params(q, k_cache, cols, counts, forced_pages, query_len);
+  const c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor scores = at::empty(cols.sizes(), cols.options().dtype(at::kFloat));
+  p.scores = scores.data_ptr<float>();
+  FC_CHECK(candidate_scores_supported(p), "candidate_page_scores: the CUDA kernel needs head_dim % 4 == 0 and <= 256, "
+           "k_cache aligned to 4 elements, and batch * num_kv_heads <= 65535; got head_dim=", p.head_dim,
+           ", batch * num_kv_heads=", int64_t(p.batch) * p.num_kv_heads);
+  check_launch(launch_candidate_scores(p, at::cuda::getCurrentCUDAStream()), "candidate_page_scores kernel");
+  return scores;
+}
+
 // One kernel launch for every weight when the kernel takes the call and is the faster way
 // (grouped_linear_prefers_kernel: at most GroupedLinearParams::kMaxRows tokens, ...), else torch's linear once per
 // weight: the same results up to rounding either way.
@@ -201,5 +214,6 @@ TORCH_LIBRARY_IMPL(flashcore, CUDA, m) {
   m.impl("append_kv", &flashcore::binding::append_kv_cuda);
   m.impl("merge_attention_states", &flashcore::binding::merge_attention_states_cuda);
   m.impl("select_pages", &flashcore::binding::select_pages_cuda);
+  m.impl("candidate_page_scores", &flashcore::binding::candidate_page_scores_cuda);
   m.impl("grouped_linear", &flashcore::binding::grouped_linear_cuda);
 }

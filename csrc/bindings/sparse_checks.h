@@ -1,4 +1,4 @@
-// Argument checks of the sparse selection op (select_pages) and of append_kv's key bounds, shared by the CPU and CUDA
+// Argument checks of the sparse selection ops (select_pages, candidate_page_scores) and of append_kv's key bounds, shared by the CPU and CUDA
 // implementations: shapes, dtypes and devices for every backend; index values on the host (CPU tensors) only.
 #pragma once
 #include <optional>
@@ -107,6 +107,65 @@ inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at:
     p.page_size = static_cast<int32_t>(signs->size(2));
     p.sign_bytes = static_cast<int32_t>(sign_bytes);
   }
+  return p;
+}
+
+// Validates candidate_page_scores' arguments and fills the params; scores are set by the caller.
+inline CandidateScoresParams make_candidate_scores_params(const at::Tensor& q, const at::Tensor& k_cache,
+                                                          const at::Tensor& cols, const at::Tensor& counts,
+                                                          const at::Tensor& forced_pages, int64_t query_len) {
+  constexpr const char* op = "candidate_page_scores";
+  FC_CHECK(q.dim() == 3, op, ": q must be [batch * query_len, num_q_heads, head_dim], got shape ", q.sizes());
+  FC_CHECK(q.stride(2) == 1, op, ": q must have a contiguous last dimension");
+  const DType dtype = to_dtype(q.scalar_type(), "candidate_page_scores: q");
+  FC_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && k_cache.size(3) == q.size(2), op,
+           ": k_cache must be a contiguous [num_pages, page_size, num_kv_heads, head_dim=", q.size(2),
+           "] tensor, got shape ", k_cache.sizes());
+  FC_CHECK(k_cache.scalar_type() == q.scalar_type(), op, ": k_cache must have q's dtype ", q.scalar_type(),
+           ", got ", k_cache.scalar_type());
+  const int64_t hkv = k_cache.size(2);
+  FC_CHECK(hkv >= 1 && q.size(1) % hkv == 0, op, ": num_q_heads (q.size(1) = ", q.size(1),
+           ") must be a multiple of num_kv_heads (k_cache.size(2) = ", hkv, ")");
+  FC_CHECK(cols.dim() == 3 && cols.size(1) == hkv, op, ": cols must be [batch, num_kv_heads=", hkv,
+           ", candidates], got shape ", cols.sizes());
+  FC_CHECK(counts.sizes() == cols.sizes(), op, ": counts must have cols' shape ", cols.sizes(), ", got ",
+           counts.sizes());
+  const int64_t batch = cols.size(0);
+  FC_CHECK(forced_pages.dim() == 2 && forced_pages.size(0) == batch, op,
+           ": forced_pages must be [batch=", batch, ", num_forced], got shape ", forced_pages.sizes());
+  for (const auto* t : {&cols, &counts, &forced_pages}) {
+    FC_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), op,
+             ": cols, counts and forced_pages must be contiguous int32 tensors, got ", t->scalar_type());
+  }
+  for (const auto* t : {&k_cache, &cols, &counts, &forced_pages}) {
+    FC_CHECK(t->device() == q.device(), op, ": q, k_cache, cols, counts and forced_pages must share one device, got ",
+             q.device(), " and ", t->device());
+  }
+  FC_CHECK(query_len >= 1, op, ": query_len must be >= 1, got ", query_len);
+  FC_CHECK(q.size(0) == batch * query_len, op, ": q.size(0) = ", q.size(0), " must equal batch (", batch,
+           ") * query_len (", query_len, ")");
+  check_fits_int32(k_cache.size(0), op, "k_cache.size(0)");
+  check_fits_int32(cols.size(2), op, "cols.size(2)");
+  check_fits_int32(forced_pages.size(1), op, "forced_pages.size(1)");
+  check_fits_int32(q.size(0), op, "q.size(0)");
+  CandidateScoresParams p;
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.cols = cols.data_ptr<int32_t>();
+  p.counts = counts.data_ptr<int32_t>();
+  p.forced = forced_pages.data_ptr<int32_t>();
+  p.q_stride_token = q.stride(0);
+  p.q_stride_head = q.stride(1);
+  p.batch = static_cast<int32_t>(batch);
+  p.query_len = static_cast<int32_t>(query_len);
+  p.num_q_heads = static_cast<int32_t>(q.size(1));
+  p.num_kv_heads = static_cast<int32_t>(hkv);
+  p.head_dim = static_cast<int32_t>(q.size(2));
+  p.num_pages = static_cast<int32_t>(k_cache.size(0));
+  p.page_size = static_cast<int32_t>(k_cache.size(1));
+  p.candidates = static_cast<int32_t>(cols.size(2));
+  p.num_forced = static_cast<int32_t>(forced_pages.size(1));
+  p.dtype = dtype;
   return p;
 }
 

@@ -1,4 +1,4 @@
-// CPU implementation of the sparse selection op (schema in ops.cpp; CUDA in ops_cuda.cpp; append_kv's key bounds are
+// CPU implementation of the sparse selection ops (schema in ops.cpp; CUDA in ops_cuda.cpp; append_kv's key bounds are
 // in ops.cpp).
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -27,9 +27,20 @@ std::tuple<at::Tensor, at::Tensor> select_pages_cpu(const at::Tensor& q, const a
   return {cols, counts};
 }
 
+at::Tensor candidate_page_scores_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& cols,
+                                     const at::Tensor& counts, const at::Tensor& forced_pages, int64_t query_len) {
+  CandidateScoresParams p = make_candidate_scores_params(q, k_cache, cols, counts, forced_pages, query_len);
+  at::Tensor scores = at::empty(cols.sizes(), cols.options().dtype(at::kFloat));
+  p.scores = scores.data_ptr<float>();
+  at::parallel_for(0, cpu::candidate_scores_work_items(p), 1,
+                   [&](int64_t begin, int64_t end) { cpu::candidate_scores(p, begin, end); });
+  return scores;
+}
+
 }  // namespace
 }  // namespace flashcore::binding
 
 TORCH_LIBRARY_IMPL(flashcore, CPU, m) {
   m.impl("select_pages", &flashcore::binding::select_pages_cpu);
+  m.impl("candidate_page_scores", &flashcore::binding::candidate_page_scores_cpu);
 }

@@ -168,6 +168,37 @@ struct SelectPagesParams {
   int32_t sign_bytes = 0;  // ceil(head_dim / 8)
 };
 
+// Exact scores of candidate pages: the second stage of "topk" with rerank (the first stage, select_pages, picks the
+// candidates by their bounds or sign estimates). For (sequence b, kv head h, candidate c):
+//   q        [batch * query_len, num_q_heads, head_dim]  strides q_stride_token / q_stride_head, last dim contiguous
+//   k_cache  [num_pages, page_size, num_kv_heads, head_dim] contiguous, the same dtype as q
+//   cols, counts [batch, num_kv_heads, candidates] int32: the candidate's page and its valid tokens
+//   forced   [batch, num_forced] int32: page ids kept whatever their score (sinks, recent pages); -1 = none
+//   scores   [batch, num_kv_heads, candidates] float32 (out):
+//     -inf if counts <= 0 or the page id is outside [0, num_pages); else +inf if the page is one of b's forced
+//     pages; else the largest q_g . k_t (fp32) over the query_len * (Hq / Hkv) query heads g of h and the page's
+//     first min(counts, page_size) keys t.
+struct CandidateScoresParams {
+  const void* q = nullptr;
+  const void* k_cache = nullptr;
+  const int32_t* cols = nullptr;
+  const int32_t* counts = nullptr;
+  const int32_t* forced = nullptr;
+  float* scores = nullptr;
+  int64_t q_stride_token = 0;
+  int64_t q_stride_head = 0;
+  int32_t batch = 0;
+  int32_t query_len = 0;
+  int32_t num_q_heads = 0;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t num_pages = 0;
+  int32_t page_size = 0;
+  int32_t candidates = 0;
+  int32_t num_forced = 0;
+  DType dtype = DType::kBFloat16;
+};
+
 // The page key bounds append_kv folds a decode step's new keys into (layout as in SelectPagesParams): for slot
 // s >= 0 (page s / page_size, offset s % page_size) the page's bounds become the token's key when the offset is 0 (a
 // page starting over), else the element-wise max / min of the old bounds and the key. Pages fill in slot order, so

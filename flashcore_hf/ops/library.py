@@ -78,6 +78,20 @@ def select_pages(q: torch.Tensor, bounds: torch.Tensor, table_pages: torch.Tenso
                              head_reduction, signs)
 
 
+def candidate_page_scores(q: torch.Tensor, k_cache: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor,
+                          forced_pages: torch.Tensor, query_len: int = 1) -> torch.Tensor:
+    """Exact scores of candidate pages (the second stage of "topk" with rerank): scores [B, Hkv, C] float32.
+
+    q [B * query_len, Hq, D] (last dim contiguous); k_cache [num_pages, page_size, Hkv, D] contiguous, q's dtype;
+    cols / counts [B, Hkv, C] int32: each (sequence, kv head)'s candidate pages and their valid tokens;
+    forced_pages [B, F] int32: page ids kept whatever their score (-1: none).
+    Candidate c of (b, h) scores -inf when its count is <= 0 or its page id is outside the pool, +inf when the page
+    is one of b's forced pages, else the largest q_g . k_t (fp32) over h's query_len * Hq / Hkv query heads g and the
+    page's first min(count, page_size) keys t. One kernel on CUDA (no host sync, CUDA-graph safe).
+    """
+    return _ops.candidate_page_scores(q, k_cache, cols, counts, forced_pages, int(query_len))
+
+
 def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor],
                    biases: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """Linear layers that share their input: [F.linear(x, weights[i], biases[i]) for each i], in one kernel on CUDA.
@@ -151,6 +165,11 @@ def _select_pages_fake(q, bounds, table_pages, table_counts, table_bias, budget,
                        signs=None):
     shape = (table_pages.shape[0], bounds.shape[1], budget)
     return table_pages.new_empty(shape), table_pages.new_empty(shape)
+
+
+@torch.library.register_fake("flashcore::candidate_page_scores")
+def _candidate_page_scores_fake(q, k_cache, cols, counts, forced_pages, query_len):
+    return cols.new_empty(cols.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("flashcore::grouped_linear")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import PageLayout
-from ..ops import select_pages
+from ..ops import candidate_page_scores, select_pages
 from .config import SparseConfig
 from .summaries import PageKeySummaries
 
@@ -108,21 +108,12 @@ def rerank_layout(q: torch.Tensor, k_pool: torch.Tensor, table: PaddedPageTable,
                   cols: torch.Tensor, counts: torch.Tensor, budget_pages: int,
                   fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> PageLayout:
     """The second stage of "topk" with rerank: of candidate pages cols / counts [B, Hkv, C] (key order, from the
-    bounds), keep the budget_pages with the largest exact score, max over the page's keys and the kv head's queries
-    of q.k (forced_pages [B, F]: sink and recent page ids, always kept; padding entries never). q [B * S, Hq, D];
-    k_pool [num_pages, P, Hkv, D]. Fixed shapes, no host sync. Rows: B * Hkv of min(budget_pages, C) pages."""
-    batch, hkv, candidates = cols.shape
-    page, dim = k_pool.shape[1], k_pool.shape[3]
-    k = min(budget_pages, candidates)
-    device = cols.device
-    heads = torch.arange(hkv, device=device)[None, :, None, None]
-    tokens = torch.arange(page, device=device)[None, None, None, :]
-    keys = k_pool[cols.long()[..., None], tokens, heads]                                # [B, Hkv, C, P, D]
-    queries = q.reshape(batch, -1, hkv, q.shape[1] // hkv, dim).transpose(1, 2).reshape(batch, hkv, -1, dim)
-    scores = torch.einsum("bhqd,bhcpd->bhcpq", queries.float(), keys.float()).amax(dim=-1)   # [B, Hkv, C, P]
-    scores = scores.masked_fill(tokens >= counts[..., None], -math.inf).amax(dim=-1)        # [B, Hkv, C]
-    forced = (cols[..., None] == forced_pages[:, None, None, :]).any(dim=-1)
-    scores = torch.where(forced & (counts > 0), math.inf, torch.where(counts > 0, scores, -math.inf))
+    first stage), keep the budget_pages with the largest exact score, max over the page's keys and the kv head's
+    queries of q.k (the `candidate_page_scores` op: one kernel on CUDA; forced_pages [B, F]: sink and recent page
+    ids, always kept; padding entries never). q [B * S, Hq, D]; k_pool [num_pages, P, Hkv, D]. Fixed shapes, no
+    host sync. Rows: B * Hkv of min(budget_pages, C) pages."""
+    k = min(budget_pages, cols.shape[-1])
+    scores = candidate_page_scores(q, k_pool, cols, counts, forced_pages, q.shape[0] // cols.shape[0])
     picked = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values      # key order
     return rows_layout(cols.gather(-1, picked), counts.gather(-1, picked), fixed)
 

@@ -1,13 +1,13 @@
-"""The CUDA selection kernels (flashcore_hf.ops.select_pages; append_kv with key bounds) against float64 references and
-the CPU op: odd page counts, scattered page ids, sinks / padding, every dtype pair, GQA groups, several queries per
+"""The CUDA selection kernels (flashcore_hf.ops.select_pages, candidate_page_scores; append_kv with key bounds) against
+float64 references and the CPU op: odd page counts, scattered page ids, sinks / padding, every dtype pair, GQA groups, several queries per
 sequence, strided q, budgets from 1 to all pages, and inside a CUDA graph."""
 import pytest
 import torch
 
 import flashcore_hf as fc
-from flashcore_hf.ops import append_kv, select_pages
+from flashcore_hf.ops import append_kv, candidate_page_scores, select_pages
 from flashcore_hf.sparse import padded_page_table
-from tests.sparse_reference import assert_topk_picks, reference_page_scores
+from tests.sparse_reference import assert_topk_picks, reference_candidate_scores, reference_page_scores
 
 pytestmark = pytest.mark.gpu
 
@@ -81,6 +81,62 @@ def test_select_pages_cuda_in_a_graph_follows_new_queries(generator):
         eager = select()
         torch.cuda.synchronize()
         assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
+
+
+CANDIDATE_CASES = [  # (batch, Hkv, group, query_len, D, page_size, candidates, dtype)
+    (1, 8, 4, 1, 128, 64, 256, torch.bfloat16),     # the rerank=4 shape of a 4K budget in 64-token pages
+    (3, 2, 7, 1, 64, 16, 37, torch.float16),
+    (2, 4, 2, 3, 96, 24, 50, torch.bfloat16),        # 6 query heads per kv head, head dim not a power of two
+    (1, 1, 16, 1, 256, 1, 300, torch.float32),       # 16 query heads: two passes over the staged queries
+    (2, 2, 1, 2, 20, 7, 9, torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", CANDIDATE_CASES, ids=lambda c: f"B{c[0]}-Hkv{c[1]}-G{c[2]}-nq{c[3]}-D{c[4]}-P{c[5]}")
+def test_candidate_page_scores_cuda_match_float64(case, generator):
+    """The rerank stage's exact scores on the GPU: every candidate's max over its valid keys (partial pages, pages
+    longer than their count) and the kv head's query heads, forced pages +inf, padding entries and page ids outside
+    the pool -inf, strided q; equal to the CPU op up to fp32 rounding."""
+    batch, hkv, group, query_len, d, page_size, candidates, dtype = case
+    num_pages = 3 * candidates + 5
+    k_pool = torch.randn(num_pages, page_size, hkv, d, generator=generator).to(dtype)
+    q = torch.randn(batch * query_len, hkv * group, 2 * d, generator=generator).to(dtype)[..., :d]
+    cols = torch.randint(-1, num_pages + 2, (batch, hkv, candidates), generator=generator, dtype=torch.int32)
+    counts = torch.randint(0, page_size + 2, (batch, hkv, candidates), generator=generator, dtype=torch.int32)
+    forced = torch.stack([cols[b, 0, :2] for b in range(batch)]).contiguous()
+    want = reference_candidate_scores(q, k_pool, cols, counts, forced)
+    got = candidate_page_scores(q.cuda(), k_pool.cuda(), cols.cuda(), counts.cuda(), forced.cuda(), query_len)
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isinf(got.cpu()) & (got.cpu() > 0), torch.isinf(want) & (want > 0))
+    assert torch.equal(torch.isinf(got.cpu()) & (got.cpu() < 0), torch.isinf(want) & (want < 0))
+    scale = float(want[finite].abs().max())
+    torch.testing.assert_close(got.cpu().double()[finite], want[finite], atol=1e-5 * scale * d ** 0.5, rtol=1e-5)
+    cpu = candidate_page_scores(q, k_pool, cols, counts, forced, query_len)
+    torch.testing.assert_close(got.cpu()[finite], cpu[finite], atol=1e-5 * scale * d ** 0.5, rtol=1e-5)
+
+
+def test_candidate_page_scores_cuda_in_a_graph_follows_new_queries(generator):
+    hkv, group, d, page_size = 8, 4, 128, 64
+    k_pool = torch.randn(600, page_size, hkv, d, generator=generator).to(torch.bfloat16).cuda()
+    cols = torch.randint(0, 600, (1, hkv, 256), generator=generator, dtype=torch.int32).cuda()
+    counts = torch.full_like(cols, page_size)
+    forced = cols[:, 0, :3].contiguous()
+    q = torch.randn(1, hkv * group, d, generator=generator).to(torch.bfloat16).cuda()
+    score = lambda: candidate_page_scores(q, k_pool, cols, counts, forced)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        score()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = score()
+    for _ in range(3):
+        q.copy_(torch.randn(q.shape, generator=generator).to(torch.bfloat16))
+        graph.replay()
+        eager = score()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
 
 
 @pytest.mark.parametrize("k_dtype,bounds_dtype,d", [(torch.bfloat16, torch.bfloat16, 128), (torch.float16, torch.float32, 64),

@@ -50,6 +50,11 @@ void append_kv(const AppendKVParams& p, int64_t begin, int64_t end);
 // Work items of select_pages: one per (sequence, kv head); fills their rows of p.out_cols / p.out_counts.
 inline int64_t select_pages_work_items(const SelectPagesParams& p) { return int64_t(p.batch) * p.num_kv_heads; }
 void select_pages(const SelectPagesParams& p, int64_t begin, int64_t end);
+// Work items of candidate_scores: one per (sequence, kv head); fills their rows of p.scores.
+inline int64_t candidate_scores_work_items(const CandidateScoresParams& p) {
+  return int64_t(p.batch) * p.num_kv_heads;
+}
+void candidate_scores(const CandidateScoresParams& p, int64_t begin, int64_t end);
 
 // Applies a decode step's new keys to the page bounds (sequential: tokens are few, one per sequence).
 void update_page_bounds(const UpdatePageBoundsParams& p);

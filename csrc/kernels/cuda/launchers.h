@@ -48,6 +48,10 @@ cudaError_t launch_append_kv(const AppendKVParams& p, cudaStream_t stream);
 bool select_pages_supported(const SelectPagesParams& p);
 // Scores pages into p.scores, then writes p.out_cols / p.out_counts.
 cudaError_t launch_select_pages(const SelectPagesParams& p, cudaStream_t stream);
+// True when the candidate-score kernel supports these shapes and alignments (head_dim % 8 == 0, <= 256, ...).
+bool candidate_scores_supported(const CandidateScoresParams& p);
+// Writes p.scores (the exact scores of the rerank stage's candidate pages).
+cudaError_t launch_candidate_scores(const CandidateScoresParams& p, cudaStream_t stream);
 // append_kv (a) that also folds the new keys into their pages' bounds and sign bits (b: the same pool and slots).
 cudaError_t launch_append_kv_with_bounds(const AppendKVParams& a, const UpdatePageBoundsParams& b,
                                          cudaStream_t stream);
