@@ -62,6 +62,14 @@ def wall_us(fn, iters: int = 200) -> float:
     return (time.perf_counter() - start) / iters * 1e6
 
 
+def decode_plan(q_indptr, page_size: int, rows: int, pages: int, nnz: int):
+    """The plan of a B=1 decode step (one query, Hq / Hkv / D / dtype of this benchmark) over a layout of `rows` rows,
+    at most `pages` pages per row and `nnz` page entries: made once per step, run by every layer and graph replay."""
+    shape = fc.PageLayout(*(torch.empty(n, dtype=torch.int32, device="cuda") for n in (rows + 1, nnz, nnz, nnz)))
+    return fc.plan_attention(shape, q_indptr, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=page_size,
+                             dtype=DTYPE, total_q=1, max_q_len=1, max_pages_per_seq=pages, exact=True)
+
+
 def layer_benchmark(context: int, budget: int, page_size: int, kernels: bool = False) -> list[dict]:
     """Rows of the per-layer table; kernels: also print the kernels of every graph-captured row (one replay)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -83,13 +91,7 @@ def layer_benchmark(context: int, budget: int, page_size: int, kernels: bool = F
     last_slot = cols[-1:] * page_size + page_size - 1
     k_new, v_new = (torch.randn(1, HKV, D, device="cuda", dtype=DTYPE, generator=gen) for _ in range(2))
 
-    def plan(rows_, pages_, nnz_):  # a decode step's plan (once per step; every layer and graph replay runs it)
-        shape = fc.PageLayout(*(torch.empty(n, dtype=torch.int32, device=q.device) for n in (rows_ + 1, nnz_, nnz_, nnz_)))
-        return fc.plan_attention(shape, q_indptr, num_q_heads=q.shape[1], num_kv_heads=HKV, head_dim=D,
-                                 page_size=page_size, dtype=q.dtype, total_q=q.shape[0], max_q_len=1,
-                                 max_pages_per_seq=pages_, exact=True)
-
-    dense_plan = plan(1, max_pages, layout.cols.numel())
+    dense_plan = decode_plan(q_indptr, page_size, 1, max_pages, layout.cols.numel())
 
     def dense():
         return dense_plan.run(q, k_pool, v_pool, layout, q_indptr)
@@ -142,7 +144,7 @@ def layer_benchmark(context: int, budget: int, page_size: int, kernels: bool = F
             chosen = step.layout_for(q, summaries, k_pool)
         else:
             chosen = step.layout_for(q, None)
-        sparse_plan = plan(chosen.row_offsets.numel() - 1, k, chosen.cols.numel())
+        sparse_plan = decode_plan(q_indptr, page_size, chosen.row_offsets.numel() - 1, k, chosen.cols.numel())
         attend = lambda: sparse_plan.run(q, k_pool, v_pool, chosen, q_indptr)  # noqa: E731
         if policy != "topk_rerank":
             speedup(add(f"{policy}: attention on {k} selected pages", attend))
@@ -183,12 +185,7 @@ def stacked_layers_benchmark(context: int, budget: int, page_size: int, layers: 
         queries.append(torch.randn(1, HQ, D, device="cuda", dtype=DTYPE, generator=gen))
         new_kv.append([torch.randn(1, HKV, D, device="cuda", dtype=DTYPE, generator=gen) for _ in range(2)])
 
-    def plan(rows_, pages_, nnz_):
-        shape = fc.PageLayout(*(torch.empty(n, dtype=torch.int32, device="cuda") for n in (rows_ + 1, nnz_, nnz_, nnz_)))
-        return fc.plan_attention(shape, q_indptr, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=page_size,
-                                 dtype=DTYPE, total_q=1, max_q_len=1, max_pages_per_seq=pages_, exact=True)
-
-    dense_plan = plan(1, max_pages, num_pages)
+    dense_plan = decode_plan(q_indptr, page_size, 1, max_pages, num_pages)
 
     def dense_step():
         for (k_pool, v_pool), q in zip(pools, queries):
@@ -213,7 +210,7 @@ def stacked_layers_benchmark(context: int, budget: int, page_size: int, layers: 
             summaries.append(layer_summaries)
         step = StepSelection(config, layout, max_pages, 1, page_size)
         k = step.max_pages_per_row
-        sparse_plan = plan(HKV, k, HKV * k)
+        sparse_plan = decode_plan(q_indptr, page_size, HKV, k, HKV * k)
 
         def sparse_step(step=step, sparse_plan=sparse_plan, summaries=summaries):
             for (k_pool, v_pool), q, (k_new, v_new), layer_summaries in zip(pools, queries, new_kv, summaries):

@@ -104,7 +104,7 @@ def pick_pages(scores: torch.Tensor, table: PaddedPageTable, k: int) -> tuple[to
     return cols, counts
 
 
-def rerank_layout(q: torch.Tensor, k_pool: torch.Tensor, table: PaddedPageTable, forced_pages: torch.Tensor,
+def rerank_layout(q: torch.Tensor, k_pool: torch.Tensor, forced_pages: torch.Tensor,
                   cols: torch.Tensor, counts: torch.Tensor, budget_pages: int,
                   fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> PageLayout:
     """The second stage of "topk" with rerank: of candidate pages cols / counts [B, Hkv, C] (key order, from the
@@ -194,7 +194,7 @@ class StepSelection:
             return rows_layout(cols, counts, fixed)
         if self._forced is None:
             self._forced = forced_page_ids(self._layout, self.table, *self._forced_counts)
-        return rerank_layout(q, k_pool, self.table, self._forced, cols, counts, self.budget_pages, fixed)
+        return rerank_layout(q, k_pool, self._forced, cols, counts, self.budget_pages, fixed)
 
 
 def step_recent_pages(query_len: int, page_size: int) -> int:
