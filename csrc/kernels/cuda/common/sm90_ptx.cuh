@@ -203,6 +203,15 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tensor_map
       : "memory");
 }
 
+// Asks L2 for a tensor-map box (no shared memory, no barrier): warms the first boxes of a kernel launched with PDL
+// while the previous kernel finishes.
+__device__ __forceinline__ void tma_prefetch_l2_2d(const void* tensor_map, int c0, int c1) {
+  asm volatile("cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(tensor_map)),
+               "r"(c0), "r"(c1)
+               : "memory");
+}
+
 // ---- thread block clusters ------------------------------------------------------------------------------------------
 // Every thread of every CTA of the cluster: shared-memory writes before it are visible to the cluster's reads
 // after.

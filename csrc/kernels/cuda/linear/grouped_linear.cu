@@ -9,6 +9,11 @@
 // lane streams 16-byte chunks of the tile's rows (L1 bypassed: each weight byte is read once) and the matching
 // chunks of x (L1-cached: every warp reads the same x), accumulates in fp32, and the warp sums its lanes at the end.
 // The loads of a lane's next group of kUnroll chunks are issued before the FMAs of the current one.
+//
+// Launched with PDL (common/pdl.cuh): in a decode step the kernel before a linear layer is a short one (a norm, the
+// activation, the split-KV merge), so the GEMV's blocks start while it finishes and ask L2 for the weights of their
+// first tile before waiting for it. Only an L2 prefetch happens before the wait, never a load into registers: L2 is
+// coherent for every SM, so a weight the previous kernel writes is still read correctly after the wait.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -20,6 +25,7 @@
 
 #include "../../params.h"
 #include "../common/convert.cuh"
+#include "../common/pdl.cuh"
 #include "../launchers.h"
 
 namespace flashcore {
@@ -28,6 +34,10 @@ namespace {
 constexpr int kWarps = 8;        // warps per block
 constexpr int kRowsPerWarp = 2;  // weight rows a warp computes together (they share the x chunks)
 constexpr int kUnroll = 4;       // chunks per lane and row loaded before the first is used
+
+__device__ __forceinline__ void prefetch_l2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(__cvta_generic_to_global(ptr)));
+}
 
 __device__ __forceinline__ uint4 load_streaming(const uint4* ptr) {
   uint4 r;
@@ -68,25 +78,51 @@ __global__ void __launch_bounds__(kWarps * 32) grouped_linear_kernel(const Group
 #pragma unroll
   for (int m = 0; m < M; ++m) x_rows[m] = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.x_stride);
 
-  for (int tile = blockIdx.x * kWarps + (threadIdx.x >> 5); tile < total; tile += gridDim.x * kWarps) {
-    // The tile's matrix, selected with constant indices only (a runtime index would put these arrays in local memory).
-    int n = 0, row0 = 0;
+  constexpr int kGroup = 32 * kUnroll;  // chunks a warp's group covers
+  // The tile's matrix, selected with constant indices only (a runtime index would put these arrays in local memory).
+  struct Tile {
+    int n = 0, row0 = 0, rows = 0;
     const T *weight = nullptr, *bias = nullptr;
     T* out = nullptr;
+    const uint4* w_rows[kRowsPerWarp];
+  };
+  auto locate = [&](int tile) {
+    Tile t;
 #pragma unroll
     for (int j = 0; j < GroupedLinearParams::kMaxWeights; ++j)
       if (tile >= first_tile[j] && tile < first_tile[j + 1]) {
-        n = p.n[j];
-        row0 = (tile - first_tile[j]) * kRowsPerWarp;
-        weight = static_cast<const T*>(p.weights[j]);
-        bias = static_cast<const T*>(p.biases[j]);
-        out = static_cast<T*>(p.outs[j]);
+        t.n = p.n[j];
+        t.row0 = (tile - first_tile[j]) * kRowsPerWarp;
+        t.weight = static_cast<const T*>(p.weights[j]);
+        t.bias = static_cast<const T*>(p.biases[j]);
+        t.out = static_cast<T*>(p.outs[j]);
       }
-    const int rows = min(kRowsPerWarp, n - row0);
-    const uint4* w_rows[kRowsPerWarp];
+    t.rows = min(kRowsPerWarp, t.n - t.row0);
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r)  // a missing last row re-reads the tile's first (its result is dropped)
-      w_rows[r] = reinterpret_cast<const uint4*>(weight + static_cast<int64_t>(row0 + (r < rows ? r : 0)) * p.k);
+      t.w_rows[r] = reinterpret_cast<const uint4*>(t.weight + static_cast<int64_t>(t.row0 + (r < t.rows ? r : 0)) * p.k);
+    return t;
+  };
+
+  const int first = blockIdx.x * kWarps + (threadIdx.x >> 5);
+  if (first < total) {  // the first two groups of the warp's first tile, into L2 while the previous kernel finishes
+    const Tile t = locate(first);
+#pragma unroll
+    for (int u = 0; u < 2 * kUnroll; ++u) {
+      const int c = lane + 32 * u;
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r)
+        if (c < chunks) prefetch_l2(t.w_rows[r] + c);
+    }
+  }
+  grid_dependency_wait();
+
+  for (int tile = first; tile < total; tile += gridDim.x * kWarps) {
+    const Tile t = locate(tile);
+    const int n = t.n, row0 = t.row0, rows = t.rows;
+    const T* bias = t.bias;
+    T* out = t.out;
+    const uint4* const(&w_rows)[kRowsPerWarp] = t.w_rows;
     float acc[kRowsPerWarp][M] = {};
     // A group: kUnroll chunks per lane and row (and the matching x chunks).
     auto load_group = [&](int c0, uint4 (&wv)[kUnroll][kRowsPerWarp], uint4 (&xv)[kUnroll][M]) {
@@ -120,7 +156,6 @@ __global__ void __launch_bounds__(kWarps * 32) grouped_linear_kernel(const Group
     // Two groups in registers: the next one's loads are issued before this one's FMAs (alternating buffers, so no
     // register moves). Measured on the H200 against loading each group right before its FMAs (the compiler then
     // interleaves a group's loads with the previous group's FMAs): o 17.3 -> 15.6 us, down 41.8 -> 36.1 us at 1 token.
-    constexpr int kGroup = 32 * kUnroll;  // chunks a warp's group covers
     uint4 wa[kUnroll][kRowsPerWarp], xa[kUnroll][M], wb[kUnroll][kRowsPerWarp], xb[kUnroll][M];
     load_group(lane, wa, xa);
     for (int c0 = lane; c0 < chunks;) {
@@ -166,8 +201,7 @@ cudaError_t launch_rows(const GroupedLinearParams& p, int num_sms, cudaStream_t 
   if (tiles == 0) return cudaSuccess;
   const int64_t wanted = (tiles + kWarps - 1) / kWarps, resident = int64_t(num_sms) * blocks_per_sm;
   const int blocks = static_cast<int>(wanted < resident ? wanted : resident);
-  kernel<<<blocks, kWarps * 32, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_pdl(kernel, dim3(blocks), dim3(kWarps * 32), 0, stream, p);
 }
 
 template <typename T>

@@ -25,6 +25,7 @@
 
 #include "../../params.h"
 #include "../common/convert.cuh"
+#include "../common/pdl.cuh"
 #include "../common/ptx.cuh"
 #include "../common/sm90_ptx.cuh"
 #include "../common/sm90a_body.cuh"
@@ -97,6 +98,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int per_split = (chunks_total + splits - 1) / splits;
   const int chunk0 = rank * per_split;
   const int chunks = max(0, min(chunks_total, chunk0 + per_split) - chunk0);
+
+  // Launched with PDL: the weights are not the previous kernel's output, so their first boxes go into L2 before the
+  // wait (only into L2, which every SM sees coherently: see grouped_linear.cu); x and the outputs only after it.
+  if (warp == 4 && lane == 0)
+    for (int c = 0; c < chunks && c < kStages; ++c) tma_prefetch_l2_2d(&maps.w[j], (chunk0 + c) * kChunkK, row0);
+  grid_dependency_wait();
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -248,13 +255,15 @@ cudaError_t launch_tokens(const GroupedLinearParams& p, int num_sms, cudaStream_
   config.blockDim = dim3(kThreads, 1, 1);
   config.dynamicSmemBytes = Shape<N>::kSmemBytes;
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
+  cudaLaunchAttribute attribute[2];
   attribute[0].id = cudaLaunchAttributeClusterDimension;
   attribute[0].val.clusterDim.x = splits;
   attribute[0].val.clusterDim.y = 1;
   attribute[0].val.clusterDim.z = 1;
+  attribute[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[1].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = 1;
+  config.numAttrs = 2;
   return cudaLaunchKernelEx(&config, grouped_linear_wgmma_kernel<T, N>, p, maps);
 }
 
