@@ -4,7 +4,8 @@
 #   same 2 MiB bounds-granule boundary as 32K in 64-token pages), the sparse GPU tests (key signs included), graph
 #   reuse across calls, the rerank stage's candidate scores, the decode kernel's split merge, growable pools unmapped behind queued kernels, the prefill kernels on a reduced grid, the
 #   grouped linear kernels;
-# - racecheck: append_kv; the decode and prefill kernels are tried and reported (see below).
+# - racecheck: append_kv, the sparse selection kernels; the decode and prefill kernels are tried and reported (see
+#   below).
 # Exits non-zero when the sanitizer reports an error or a test fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,10 @@ echo "== racecheck =="
 # Only flashcore's kernels (cuBLAS's own GEMM kernels report races racecheck cannot tell are benign).
 compute-sanitizer --tool racecheck --kernel-name kns=append_kv --error-exitcode 1 "${pytest[@]}" \
   tests/gpu/test_append_kv_cuda.py || status=1
+# The sparse selection kernels: bounds and sign scoring (queries and sign tables staged in shared memory), the radix
+# select (histograms, scans, the row's keys in shared memory), candidate scores, append with the summary fold.
+compute-sanitizer --tool racecheck --kernel-name kns=flashcore --error-exitcode 1 "${pytest[@]}" \
+  tests/gpu/test_select_pages_cuda.py || status=1
 # Measured 2026-12-01 (H200, compute-sanitizer of CUDA 13.0): racecheck stops with "Internal Sanitizer Error: The
 # Sanitizer failed to handle a hardware exception" on the first decode or prefill kernel (graphs or not), while
 # memcheck runs the same tests clean. Reported, not counted, until that is understood.

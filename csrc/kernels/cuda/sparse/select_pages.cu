@@ -371,6 +371,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_top_pages_kernel(const 
   const uint32_t differ = all_and ^ all_or;
   const int top_bit = differ == 0 ? 0 : 31 - __clz(differ);
   uint32_t mask = top_bit == 31 ? 0u : ~((2u << top_bit) - 1u);  // the common bits
+  // Every thread has read warp_and / warp_or before thread 0 writes the words next to them (the reads above are
+  // vector loads that may cover those words: racecheck reports it without this barrier).
+  __syncthreads();
   if (tid == 0) {
     chosen_prefix = all_and & mask;
     still_needed = budget;
