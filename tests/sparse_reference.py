@@ -1,4 +1,5 @@
-"""Float64 oracles for the sparse selection ops (flashcore_hf.ops.select_pages, candidate_page_scores), shared by CPU
+"""Float64 oracles for the sparse selection ops (flashcore_hf.ops.select_pages, candidate_page_scores,
+select_candidate_pages), shared by CPU
 and GPU tests."""
 import math
 
@@ -93,6 +94,38 @@ def reference_candidate_scores(q, k_pool, cols, counts, forced_pages):
     scores = scores.masked_fill(tokens >= counts[..., None], -math.inf).amax(dim=-1)           # [B, Hkv, C]
     forced = (cols[..., None] == forced_pages[:, None, None, :]).any(dim=-1)
     return torch.where(valid, torch.where(forced, math.inf, scores), -math.inf)
+
+
+def total_order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int64 keys of float32 scores in IEEE total order (-NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN), written
+    from the bit patterns independently of the kernels."""
+    bits = scores.float().contiguous().view(torch.int32).long() & 0xFFFFFFFF
+    negative = bits >= 0x80000000
+    return torch.where(negative, 0xFFFFFFFF - bits, bits + 0x80000000)
+
+
+def tied_scores(shape, generator):
+    """float32 scores with many ties (a few distinct values), both zeros, both infinities and both NaNs."""
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, 1.5, -2.25])
+    pick = torch.randint(0, specials.numel() + 3, shape, generator=generator)
+    values = torch.where(pick < specials.numel(), specials[pick.clamp(max=specials.numel() - 1)],
+                         (pick - specials.numel()).float())
+    return values.contiguous()
+
+
+def reference_select_candidates(scores, cols, counts, budget):
+    """select_candidate_pages by sorting: per row of scores [..., C], the `budget` largest in total order (ties: the
+    lower index), listed in index order, as (cols, counts) [..., budget]."""
+    candidates = scores.shape[-1]
+    keys = total_order_keys(scores).reshape(-1, candidates)
+    flat_cols, flat_counts = cols.reshape(-1, candidates), counts.reshape(-1, candidates)
+    picked = []
+    for row in range(keys.shape[0]):
+        ranked = sorted(range(candidates), key=lambda j: (-int(keys[row, j]), j))
+        picked.append(sorted(ranked[:budget]))
+    index = torch.tensor(picked, dtype=torch.long).reshape(-1, budget)
+    shape = (*scores.shape[:-1], budget)
+    return flat_cols.gather(1, index).reshape(shape), flat_counts.gather(1, index).reshape(shape)
 
 
 def unpack_signs(signs, head_dim):

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import flashcore_hf as fc
-from flashcore_hf.ops import append_kv, candidate_page_scores, select_pages
+from flashcore_hf.ops import append_kv, candidate_page_scores, select_candidate_pages, select_pages
 from flashcore_hf.sparse import (PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots,
                                  step_is_sparse, streaming_layout, topk_layout)
 from tests.reference import random_paged_kv, reference_paged_attention
 from tests.sparse_reference import (append_pool_keys, assert_topk_picks, reference_candidate_scores, reference_page_scores,
-                                    unpack_signs)
+                                    reference_select_candidates, tied_scores, unpack_signs)
 
 
 def _dense_layout(lengths, page_size, hkv, d, generator):
@@ -426,6 +426,38 @@ def test_candidate_page_scores_reject_bad_input():
         candidate_page_scores(q, k_pool, cols.long(), counts, forced)
     with pytest.raises(RuntimeError, match=r"q.size\(0\)"):
         candidate_page_scores(q, k_pool, cols, counts, forced, query_len=2)
+
+
+@pytest.mark.parametrize("shape, budget", [((3, 2, 11), 4), ((1, 8, 256), 64), ((5,), 1), ((2, 3, 7), 7),
+                                           ((2, 1, 2, 9), 3)])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_select_candidate_pages_match_the_reference(generator, shape, budget, ties):
+    """The rerank stage's pick: each row's budget best scores in IEEE total order (ties: the lower index), their
+    cols / counts in candidate order, for any leading shape."""
+    scores = tied_scores(shape, generator) if ties else torch.randn(shape, generator=generator)
+    cols = torch.randint(-1, 1000, shape, generator=generator, dtype=torch.int32)
+    counts = torch.randint(0, 65, shape, generator=generator, dtype=torch.int32)
+    got = select_candidate_pages(scores, cols, counts, budget)
+    want = reference_select_candidates(scores, cols, counts, budget)
+    assert got[0].shape == got[1].shape == (*shape[:-1], budget) and got[0].dtype == torch.int32
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_select_candidate_pages_reject_bad_input():
+    scores = torch.randn(2, 2, 5)
+    cols = torch.zeros(2, 2, 5, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="budget must be in"):
+        select_candidate_pages(scores, cols, cols, 6)
+    with pytest.raises(RuntimeError, match="budget must be in"):
+        select_candidate_pages(scores, cols, cols, 0)
+    with pytest.raises(RuntimeError, match="scores must be a contiguous float32"):
+        select_candidate_pages(scores.double(), cols, cols, 2)
+    with pytest.raises(RuntimeError, match="scores must be a contiguous float32"):
+        select_candidate_pages(scores.transpose(0, 2), cols, cols, 2)
+    with pytest.raises(RuntimeError, match="cols and counts must have scores' shape"):
+        select_candidate_pages(scores, cols[..., :4], cols, 2)
+    with pytest.raises(RuntimeError, match="contiguous int32"):
+        select_candidate_pages(scores, cols.long(), cols.long(), 2)
 
 
 def test_rerank_finds_the_needle_the_bounds_miss(generator):

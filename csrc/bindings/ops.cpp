@@ -293,6 +293,7 @@ TORCH_LIBRARY(flashcore, m) {
         "int budget, int query_len, str head_reduction, Tensor? signs=None) -> (Tensor, Tensor)");
   m.def("candidate_page_scores(Tensor q, Tensor k_cache, Tensor cols, Tensor counts, Tensor forced_pages, "
         "int query_len) -> Tensor");
+  m.def("select_candidate_pages(Tensor scores, Tensor cols, Tensor counts, int budget) -> (Tensor, Tensor)");
   m.def("grouped_linear(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor[]");
   m.def("has_cuda_kernels() -> bool", &flashcore::binding::has_cuda_kernels);
   m.def("kernel_supports(str device_type, ScalarType dtype, int head_dim, int page_size, int max_q_len, "

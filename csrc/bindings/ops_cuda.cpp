@@ -133,6 +133,19 @@ at::Tensor candidate_page_scores_cuda(const at::Tensor& q, const at::Tensor& k_c
   return scores;
 }
 
+std::tuple<at::Tensor, at::Tensor> select_candidate_pages_cuda(const at::Tensor& scores, const at::Tensor& cols,
+                                                               const at::Tensor& counts, int64_t budget) {
+  SelectTopParams p = make_select_top_params(scores, cols, counts, budget);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const auto shape = select_top_output_shape(scores, budget);
+  at::Tensor out_cols = at::empty(shape, cols.options());
+  at::Tensor out_counts = at::empty(shape, cols.options());
+  p.out_cols = out_cols.data_ptr<int32_t>();
+  p.out_counts = out_counts.data_ptr<int32_t>();
+  check_launch(launch_select_top(p, at::cuda::getCurrentCUDAStream()), "select_candidate_pages kernel");
+  return {out_cols, out_counts};
+}
+
 // One kernel launch for every weight when the kernel takes the call and is the faster way
 // (grouped_linear_prefers_kernel: at most GroupedLinearParams::kMaxRows tokens, ...), else torch's linear once per
 // weight: the same results up to rounding either way.
@@ -215,5 +228,6 @@ TORCH_LIBRARY_IMPL(flashcore, CUDA, m) {
   m.impl("merge_attention_states", &flashcore::binding::merge_attention_states_cuda);
   m.impl("select_pages", &flashcore::binding::select_pages_cuda);
   m.impl("candidate_page_scores", &flashcore::binding::candidate_page_scores_cuda);
+  m.impl("select_candidate_pages", &flashcore::binding::select_candidate_pages_cuda);
   m.impl("grouped_linear", &flashcore::binding::grouped_linear_cuda);
 }

@@ -1,9 +1,10 @@
-// Argument checks of the sparse selection ops (select_pages, candidate_page_scores) and of append_kv's key bounds, shared by the CPU and CUDA
-// implementations: shapes, dtypes and devices for every backend; index values on the host (CPU tensors) only.
+// Argument checks of the sparse selection ops (select_pages, candidate_page_scores, select_candidate_pages) and of
+// append_kv's key bounds, shared by the CPU and CUDA implementations: shapes, dtypes and devices for every backend; index values on the host (CPU tensors) only.
 #pragma once
 #include <optional>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "bindings/checks.h"
 
@@ -167,6 +168,47 @@ inline CandidateScoresParams make_candidate_scores_params(const at::Tensor& q, c
   p.num_forced = static_cast<int32_t>(forced_pages.size(1));
   p.dtype = dtype;
   return p;
+}
+
+// Validates select_candidate_pages' arguments and fills the params; outputs are set by the caller.
+inline SelectTopParams make_select_top_params(const at::Tensor& scores, const at::Tensor& cols,
+                                              const at::Tensor& counts, int64_t budget) {
+  constexpr const char* op = "select_candidate_pages";
+  FC_CHECK(scores.dim() >= 1 && scores.scalar_type() == at::kFloat && scores.is_contiguous(), op,
+           ": scores must be a contiguous float32 [..., candidates] tensor, got ", scores.scalar_type(), " of shape ",
+           scores.sizes());
+  FC_CHECK(cols.sizes() == scores.sizes() && counts.sizes() == scores.sizes(), op,
+           ": cols and counts must have scores' shape ", scores.sizes(), ", got ", cols.sizes(), " and ",
+           counts.sizes());
+  for (const auto* t : {&cols, &counts}) {
+    FC_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), op,
+             ": cols and counts must be contiguous int32 tensors, got ", t->scalar_type());
+    FC_CHECK(t->device() == scores.device(), op, ": scores, cols and counts must share one device, got ",
+             scores.device(), " and ", t->device());
+  }
+  const int64_t candidates = scores.size(-1);
+  FC_CHECK(budget >= 1 && budget <= candidates, op, ": budget must be in [1, candidates = ", candidates, "], got ",
+           budget);
+  const int64_t rows = scores.numel() / candidates;
+  check_fits_int32(rows, op, "the number of rows (scores.numel() / candidates)");
+  check_fits_int32(rows * candidates, op, "scores.numel()");
+  check_fits_int32(rows * budget, op, "rows * budget");
+  SelectTopParams p;
+  p.scores = scores.data_ptr<float>();
+  p.table_pages = cols.data_ptr<int32_t>();
+  p.table_counts = counts.data_ptr<int32_t>();
+  p.rows = static_cast<int32_t>(rows);
+  p.rows_per_table = 1;
+  p.max_pages = static_cast<int32_t>(candidates);
+  p.budget = static_cast<int32_t>(budget);
+  return p;
+}
+
+// The [..., budget] shape of select_candidate_pages' outputs.
+inline std::vector<int64_t> select_top_output_shape(const at::Tensor& scores, int64_t budget) {
+  std::vector<int64_t> shape(scores.sizes().begin(), scores.sizes().end());
+  shape.back() = budget;
+  return shape;
 }
 
 // Validates append_kv's key_bounds / key_signs (with the pool and slots it appends to) and fills the params.

@@ -37,10 +37,24 @@ at::Tensor candidate_page_scores_cpu(const at::Tensor& q, const at::Tensor& k_ca
   return scores;
 }
 
+std::tuple<at::Tensor, at::Tensor> select_candidate_pages_cpu(const at::Tensor& scores, const at::Tensor& cols,
+                                                              const at::Tensor& counts, int64_t budget) {
+  SelectTopParams p = make_select_top_params(scores, cols, counts, budget);
+  const auto shape = select_top_output_shape(scores, budget);
+  at::Tensor out_cols = at::empty(shape, cols.options());
+  at::Tensor out_counts = at::empty(shape, cols.options());
+  p.out_cols = out_cols.data_ptr<int32_t>();
+  p.out_counts = out_counts.data_ptr<int32_t>();
+  at::parallel_for(0, cpu::select_top_work_items(p), 1,
+                   [&](int64_t begin, int64_t end) { cpu::select_top(p, begin, end); });
+  return {out_cols, out_counts};
+}
+
 }  // namespace
 }  // namespace flashcore::binding
 
 TORCH_LIBRARY_IMPL(flashcore, CPU, m) {
   m.impl("select_pages", &flashcore::binding::select_pages_cpu);
   m.impl("candidate_page_scores", &flashcore::binding::candidate_page_scores_cpu);
+  m.impl("select_candidate_pages", &flashcore::binding::select_candidate_pages_cpu);
 }

@@ -168,6 +168,26 @@ struct SelectPagesParams {
   int32_t sign_bytes = 0;  // ceil(head_dim / 8)
 };
 
+// The `budget` best entries of each row of scores, as pages and token counts taken from a table: the selection
+// step of select_pages (one table per sequence, shared by its kv heads' rows) and of the rerank stage
+// (select_candidate_pages: a table per row).
+//   scores       [rows, max_pages] float32
+//   table_pages, table_counts [rows / rows_per_table, max_pages] int32: row r reads table row r / rows_per_table
+//   out_cols, out_counts [rows, budget] int32 (out)
+// Row r lists the budget entries with the largest scores in increasing index j (key order); ties go to the lower
+// j; NaN ranks above +inf. 1 <= budget <= max_pages.
+struct SelectTopParams {
+  const float* scores = nullptr;
+  const int32_t* table_pages = nullptr;
+  const int32_t* table_counts = nullptr;
+  int32_t* out_cols = nullptr;
+  int32_t* out_counts = nullptr;
+  int32_t rows = 0;
+  int32_t rows_per_table = 1;
+  int32_t max_pages = 0;
+  int32_t budget = 0;
+};
+
 // Exact scores of candidate pages: the second stage of "topk" with rerank (the first stage, select_pages, picks the
 // candidates by their bounds or sign estimates). For (sequence b, kv head h, candidate c):
 //   q        [batch * query_len, num_q_heads, head_dim]  strides q_stride_token / q_stride_head, last dim contiguous

@@ -92,6 +92,19 @@ def candidate_page_scores(q: torch.Tensor, k_cache: torch.Tensor, cols: torch.Te
     return _ops.candidate_page_scores(q, k_cache, cols, counts, forced_pages, int(query_len))
 
 
+def select_candidate_pages(scores: torch.Tensor, cols: torch.Tensor, counts: torch.Tensor,
+                           budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rerank stage's pick: of each row's candidates, the `budget` with the largest score, as (cols, counts)
+    [..., budget] int32 in candidate order (key order when the candidates are).
+
+    scores [..., C] float32 (`candidate_page_scores`); cols / counts [..., C] int32: the candidates' page ids and
+    valid tokens, copied for the picked entries. 1 <= budget <= C. Ties go to the lower index; scores order as IEEE
+    total order (-NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN). One kernel on CUDA (the radix select of
+    `select_pages`; no host sync, CUDA-graph safe).
+    """
+    return _ops.select_candidate_pages(scores, cols, counts, int(budget))
+
+
 def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor],
                    biases: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
     """Linear layers that share their input: [F.linear(x, weights[i], biases[i]) for each i], in one kernel on CUDA.
@@ -170,6 +183,12 @@ def _select_pages_fake(q, bounds, table_pages, table_counts, table_bias, budget,
 @torch.library.register_fake("flashcore::candidate_page_scores")
 def _candidate_page_scores_fake(q, k_cache, cols, counts, forced_pages, query_len):
     return cols.new_empty(cols.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("flashcore::select_candidate_pages")
+def _select_candidate_pages_fake(scores, cols, counts, budget):
+    shape = (*scores.shape[:-1], budget)
+    return cols.new_empty(shape), cols.new_empty(shape)
 
 
 @torch.library.register_fake("flashcore::grouped_linear")

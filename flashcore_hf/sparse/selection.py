@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import PageLayout
-from ..ops import candidate_page_scores, select_pages
+from ..ops import candidate_page_scores, select_candidate_pages, select_pages
 from .config import SparseConfig
 from .summaries import PageKeySummaries
 
@@ -109,13 +109,13 @@ def rerank_layout(q: torch.Tensor, k_pool: torch.Tensor, forced_pages: torch.Ten
                   fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> PageLayout:
     """The second stage of "topk" with rerank: of candidate pages cols / counts [B, Hkv, C] (key order, from the
     first stage), keep the budget_pages with the largest exact score, max over the page's keys and the kv head's
-    queries of q.k (the `candidate_page_scores` op: one kernel on CUDA; forced_pages [B, F]: sink and recent page
-    ids, always kept; padding entries never). q [B * S, Hq, D]; k_pool [num_pages, P, Hkv, D]. Fixed shapes, no
-    host sync. Rows: B * Hkv of min(budget_pages, C) pages."""
+    queries of q.k (the `candidate_page_scores` op; forced_pages [B, F]: sink and recent page ids, always kept;
+    padding entries never), picked in key order by `select_candidate_pages`: two kernels on CUDA. q [B * S, Hq, D];
+    k_pool [num_pages, P, Hkv, D]. Fixed shapes, no host sync. Rows: B * Hkv of min(budget_pages, C) pages."""
     k = min(budget_pages, cols.shape[-1])
     scores = candidate_page_scores(q, k_pool, cols, counts, forced_pages, q.shape[0] // cols.shape[0])
-    picked = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values      # key order
-    return rows_layout(cols.gather(-1, picked), counts.gather(-1, picked), fixed)
+    picked_cols, picked_counts = select_candidate_pages(scores, cols, counts, k)
+    return rows_layout(picked_cols, picked_counts, fixed)
 
 
 def forced_page_ids(layout: PageLayout, table: PaddedPageTable, sink_pages: int, recent_pages: int) -> torch.Tensor:

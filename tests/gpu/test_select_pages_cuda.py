@@ -1,13 +1,15 @@
-"""The CUDA selection kernels (flashcore_hf.ops.select_pages, candidate_page_scores; append_kv with key bounds) against
+"""The CUDA selection kernels (flashcore_hf.ops.select_pages, candidate_page_scores, select_candidate_pages; append_kv
+with key bounds) against
 float64 references and the CPU op: odd page counts, scattered page ids, sinks / padding, every dtype pair, GQA groups, several queries per
 sequence, strided q, budgets from 1 to all pages, and inside a CUDA graph."""
 import pytest
 import torch
 
 import flashcore_hf as fc
-from flashcore_hf.ops import append_kv, candidate_page_scores, select_pages
+from flashcore_hf.ops import append_kv, candidate_page_scores, select_candidate_pages, select_pages
 from flashcore_hf.sparse import padded_page_table
-from tests.sparse_reference import assert_topk_picks, reference_candidate_scores, reference_page_scores
+from tests.sparse_reference import (assert_topk_picks, reference_candidate_scores, reference_page_scores,
+                                    reference_select_candidates, tied_scores)
 
 pytestmark = pytest.mark.gpu
 
@@ -137,6 +139,44 @@ def test_candidate_page_scores_cuda_in_a_graph_follows_new_queries(generator):
         eager = score()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("shape, budget", [((1, 8, 256), 64), ((3, 2, 37), 5), ((2, 4, 1000), 999), ((7,), 1),
+                                           ((1, 2, 50_000), 300)])   # the last: rows past shared memory's keys
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_select_candidate_pages_cuda_equal_the_cpu_op(shape, budget, ties, generator):
+    """The rerank stage's pick on the GPU (the radix select kernel over a table per row) equals the CPU op and the
+    sorting reference bit for bit: ties to the lower index, both zeros, infinities and NaNs in total order."""
+    scores = tied_scores(shape, generator) if ties else torch.randn(shape, generator=generator)
+    cols = torch.randint(-1, 10_000, shape, generator=generator, dtype=torch.int32)
+    counts = torch.randint(0, 65, shape, generator=generator, dtype=torch.int32)
+    got = select_candidate_pages(scores.cuda(), cols.cuda(), counts.cuda(), budget)
+    cpu = select_candidate_pages(scores, cols, counts, budget)
+    assert torch.equal(got[0].cpu(), cpu[0]) and torch.equal(got[1].cpu(), cpu[1])
+    if scores.numel() <= 10_000:
+        want = reference_select_candidates(scores, cols, counts, budget)
+        assert torch.equal(cpu[0], want[0]) and torch.equal(cpu[1], want[1])
+
+
+def test_select_candidate_pages_cuda_in_a_graph_follow_new_scores(generator):
+    scores = torch.randn(1, 8, 256, generator=generator).cuda()
+    cols = torch.randint(0, 600, (1, 8, 256), generator=generator, dtype=torch.int32).cuda()
+    counts = torch.randint(1, 65, (1, 8, 256), generator=generator, dtype=torch.int32).cuda()
+    pick = lambda: select_candidate_pages(scores, cols, counts, 64)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        pick()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = pick()
+    for _ in range(3):
+        scores.copy_(torch.randn(scores.shape, generator=generator))
+        graph.replay()
+        eager = pick()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
 
 
 @pytest.mark.parametrize("k_dtype,bounds_dtype,d", [(torch.bfloat16, torch.bfloat16, 128), (torch.float16, torch.float32, 64),

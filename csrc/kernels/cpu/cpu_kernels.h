@@ -50,6 +50,9 @@ void append_kv(const AppendKVParams& p, int64_t begin, int64_t end);
 // Work items of select_pages: one per (sequence, kv head); fills their rows of p.out_cols / p.out_counts.
 inline int64_t select_pages_work_items(const SelectPagesParams& p) { return int64_t(p.batch) * p.num_kv_heads; }
 void select_pages(const SelectPagesParams& p, int64_t begin, int64_t end);
+// Work items of select_top: one per row; fills its row of p.out_cols / p.out_counts.
+inline int64_t select_top_work_items(const SelectTopParams& p) { return p.rows; }
+void select_top(const SelectTopParams& p, int64_t begin, int64_t end);
 // Work items of candidate_scores: one per (sequence, kv head); fills their rows of p.scores.
 inline int64_t candidate_scores_work_items(const CandidateScoresParams& p) {
   return int64_t(p.batch) * p.num_kv_heads;

@@ -1,8 +1,9 @@
-// "topk" page selection (page bounds, or key signs and bounds) and the decode-step bounds update on the host
-// (contracts: SelectPagesParams and UpdatePageBoundsParams in params.h). Same results as the CUDA kernels up to
-// float rounding of the scores.
+// "topk" page selection (page bounds, or key signs and bounds), the rerank stage's pick among candidate scores and
+// the decode-step bounds update on the host (contracts: SelectPagesParams, SelectTopParams and
+// UpdatePageBoundsParams in params.h). Same results as the CUDA kernels up to float rounding of the scores.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -11,13 +12,56 @@
 #include "float_convert.h"
 
 namespace flashcore::cpu {
+namespace {
+
+// IEEE total order as a uint32 (the CUDA select's order_key): -NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN.
+uint32_t order_key(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Row `row` of p's outputs from that row's scores (order: scratch of max_pages entries).
+void select_top_row(const SelectTopParams& p, int64_t row, const float* row_scores, std::vector<uint32_t>& keys,
+                    std::vector<int32_t>& order) {
+  const int64_t m = p.max_pages;
+  for (int64_t j = 0; j < m; ++j) keys[j] = order_key(row_scores[j]);
+  // The budget best (ties: lower index first), then back into index (key) order.
+  std::iota(order.begin(), order.end(), 0);
+  const auto better = [&](int32_t a, int32_t c) { return keys[a] > keys[c] || (keys[a] == keys[c] && a < c); };
+  std::nth_element(order.begin(), order.begin() + (p.budget - 1), order.end(), better);
+  std::sort(order.begin(), order.begin() + p.budget);
+  const int64_t table_row = row / p.rows_per_table * m;
+  for (int64_t i = 0; i < p.budget; ++i) {
+    p.out_cols[row * p.budget + i] = p.table_pages[table_row + order[i]];
+    p.out_counts[row * p.budget + i] = p.table_counts[table_row + order[i]];
+  }
+}
+
+}  // namespace
+
+void select_top(const SelectTopParams& p, int64_t begin, int64_t end) {
+  std::vector<uint32_t> keys(p.max_pages);
+  std::vector<int32_t> order(p.max_pages);
+  for (int64_t row = begin; row < end; ++row) select_top_row(p, row, p.scores + row * p.max_pages, keys, order);
+}
 
 void select_pages(const SelectPagesParams& p, int64_t begin, int64_t end) {
   const int64_t d = p.head_dim, m = p.max_pages;
   const int group = p.num_q_heads / p.num_kv_heads;
   constexpr float kInf = std::numeric_limits<float>::infinity();
   std::vector<float> scores(m);
+  std::vector<uint32_t> keys(m);
   std::vector<int32_t> order(m);
+  SelectTopParams top;
+  top.table_pages = p.table_pages;
+  top.table_counts = p.table_counts;
+  top.out_cols = p.out_cols;
+  top.out_counts = p.out_counts;
+  top.rows = p.batch * p.num_kv_heads;
+  top.rows_per_table = p.num_kv_heads;
+  top.max_pages = p.max_pages;
+  top.budget = p.budget;
   for (int64_t row = begin; row < end; ++row) {  // row = b * Hkv + h
     const int64_t b = row / p.num_kv_heads, h = row % p.num_kv_heads;
     for (int64_t j = 0; j < m; ++j) {
@@ -62,15 +106,7 @@ void select_pages(const SelectPagesParams& p, int64_t begin, int64_t end) {
       const float bias = p.table_bias[b * m + j];
       scores[j] = std::isinf(bias) ? bias : (std::isnan(reduced) ? kInf : reduced + bias);
     }
-    // The budget best (ties: lower index first), then back into index (key) order.
-    std::iota(order.begin(), order.end(), 0);
-    const auto better = [&](int32_t a, int32_t c) { return scores[a] > scores[c] || (scores[a] == scores[c] && a < c); };
-    std::nth_element(order.begin(), order.begin() + (p.budget - 1), order.end(), better);
-    std::sort(order.begin(), order.begin() + p.budget);
-    for (int64_t i = 0; i < p.budget; ++i) {
-      p.out_cols[row * p.budget + i] = p.table_pages[b * m + order[i]];
-      p.out_counts[row * p.budget + i] = p.table_counts[b * m + order[i]];
-    }
+    select_top_row(top, row, scores.data(), keys, order);
   }
 }
 

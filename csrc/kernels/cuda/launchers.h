@@ -48,6 +48,11 @@ cudaError_t launch_append_kv(const AppendKVParams& p, cudaStream_t stream);
 bool select_pages_supported(const SelectPagesParams& p);
 // Scores pages into p.scores, then writes p.out_cols / p.out_counts.
 cudaError_t launch_select_pages(const SelectPagesParams& p, cudaStream_t stream);
+// True when the select kernel takes these rows (1 <= budget <= max_pages).
+bool select_top_supported(const SelectTopParams& p);
+// The budget best entries of each row of scores (the rerank stage's pick among its candidates; select_pages' second
+// kernel): one radix-select block per row.
+cudaError_t launch_select_top(const SelectTopParams& p, cudaStream_t stream);
 // True when the candidate-score kernel supports these shapes and alignments (head_dim % 8 == 0, <= 256, ...).
 bool candidate_scores_supported(const CandidateScoresParams& p);
 // Writes p.scores (the exact scores of the rerank stage's candidate pages).

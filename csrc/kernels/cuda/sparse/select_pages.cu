@@ -13,7 +13,8 @@
 //    float4 entry), so a key costs one lookup per 3 channels. 8 entries of 16 B are 128 B, one pass over the 32
 //    banks: lookups never conflict (a first version with 16-entry nibble tables, rebuilt per page from global
 //    bounds with a branch per bit, took 96 us for 2048 pages x 8 heads, bounds scoring ~17 us).
-// 2. select_top_pages_kernel, one block per (sequence, kv head): radix select of the budget-th largest score over an
+// 2. select_top_pages_kernel, one block per row (select_pages: a (sequence, kv head), reading its sequence's table;
+//    launch_select_top alone: the rerank stage's pick among a row's candidates, a table per row): radix select of the budget-th largest score over an
 //    order-preserving uint32 image of the floats (kept in shared memory when the row fits): 8-bit digits from the
 //    highest bit in which the row's keys differ (similar scores share their top bits, which would pile every
 //    histogram increment onto one counter), stopping once the bucket holding the threshold is taken whole; then an
@@ -335,7 +336,7 @@ __device__ __forceinline__ uint32_t order_key(float x) {
 // KEYS_IN_SMEM: the row's order keys are staged in dynamic shared memory once (max_pages <= kMaxSmemKeys), else
 // every pass re-reads the float scores (L2-resident: the score kernel just wrote them).
 template <bool KEYS_IN_SMEM>
-__global__ void __launch_bounds__(kSelectThreads) select_top_pages_kernel(const SelectPagesParams p) {
+__global__ void __launch_bounds__(kSelectThreads) select_top_pages_kernel(const SelectTopParams p) {
   using Scan = cub::BlockScan<int, kSelectThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int histogram[256];
@@ -346,7 +347,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_top_pages_kernel(const 
   allow_dependent_launch();
 
   const int row = blockIdx.x;
-  const int b = row / p.num_kv_heads;
+  const int table = row / p.rows_per_table;
   const int m = p.max_pages, budget = p.budget;
   const float* scores = p.scores + (int64_t)row * m;
   const int tid = threadIdx.x;
@@ -426,7 +427,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_top_pages_kernel(const 
   __syncthreads();
   Scan(scan_storage).ExclusiveSum(ties, ties_before);
   int out = above_before + min(ties_before, ties_taken);
-  const int64_t table_row = (int64_t)b * m;
+  const int64_t table_row = (int64_t)table * m;
   const int64_t out_row = (int64_t)row * budget;
   for (int j = begin; j < end; ++j) {
     const uint32_t key = key_at(j) & mask;
@@ -492,6 +493,27 @@ cudaError_t launch_score_for_q(const SelectPagesParams& p, cudaStream_t stream) 
 
 }  // namespace
 
+bool select_top_supported(const SelectTopParams& p) {
+  return p.rows >= 0 && p.rows_per_table >= 1 && p.budget >= 1 && p.budget <= p.max_pages;
+}
+
+cudaError_t launch_select_top(const SelectTopParams& p, cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  if (!select_top_supported(p)) return cudaErrorInvalidValue;
+  const dim3 grid(p.rows);
+  if (p.max_pages > kMaxSmemKeys) {
+    return launch_pdl(select_top_pages_kernel<false>, grid, dim3(kSelectThreads), 0, stream, p);
+  }
+  const size_t smem = (size_t)p.max_pages * sizeof(uint32_t);
+  if (smem > 48 * 1024) {  // opt in to more than 48 KB (a cheap host call, capture-safe)
+    const cudaError_t err = cudaFuncSetAttribute(select_top_pages_kernel<true>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 kMaxSmemKeys * (int)sizeof(uint32_t));
+    if (err != cudaSuccess) return err;
+  }
+  return launch_pdl(select_top_pages_kernel<true>, grid, dim3(kSelectThreads), smem, stream, p);
+}
+
 bool select_pages_supported(const SelectPagesParams& p) {
   const auto aligned = [](const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; };
   const int q_bytes = p.q_dtype == DType::kFloat32 ? 4 : 2;
@@ -510,17 +532,17 @@ cudaError_t launch_select_pages(const SelectPagesParams& p, cudaStream_t stream)
   cudaError_t err = p.bounds_dtype == DType::kFloat32 ? launch_score_for_q<float>(p, stream)
                                                       : launch_score_for_q<__nv_bfloat16>(p, stream);
   if (err != cudaSuccess) return err;
-  const dim3 grid(p.batch * p.num_kv_heads);
-  if (p.max_pages > kMaxSmemKeys) {
-    return launch_pdl(select_top_pages_kernel<false>, grid, dim3(kSelectThreads), 0, stream, p);
-  }
-  const size_t smem = (size_t)p.max_pages * sizeof(uint32_t);
-  if (smem > 48 * 1024) {  // opt in to more than 48 KB (a cheap host call, capture-safe)
-    err = cudaFuncSetAttribute(select_top_pages_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kMaxSmemKeys * (int)sizeof(uint32_t));
-    if (err != cudaSuccess) return err;
-  }
-  return launch_pdl(select_top_pages_kernel<true>, grid, dim3(kSelectThreads), smem, stream, p);
+  SelectTopParams top;
+  top.scores = p.scores;
+  top.table_pages = p.table_pages;
+  top.table_counts = p.table_counts;
+  top.out_cols = p.out_cols;
+  top.out_counts = p.out_counts;
+  top.rows = p.batch * p.num_kv_heads;
+  top.rows_per_table = p.num_kv_heads;  // a sequence's kv heads share its table
+  top.max_pages = p.max_pages;
+  top.budget = p.budget;
+  return launch_select_top(top, stream);
 }
 
 }  // namespace flashcore
