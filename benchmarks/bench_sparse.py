@@ -165,9 +165,11 @@ def layer_benchmark(context: int, budget: int, page_size: int, kernels: bool = F
     return rows
 
 
-def stacked_layers_benchmark(context: int, budget: int, page_size: int, layers: int) -> list[dict]:
+def stacked_layers_benchmark(context: int, budget: int, page_size: int, layers: int,
+                             policies: list[str]) -> list[dict]:
     """Rows of the whole per-layer chain timed inside one CUDA graph of `layers` layers (see the module docstring):
-    dense attention, and topk / topk_signs append + summary update + selection + attention; µs per layer."""
+    dense attention, and for each "topk" policy of `policies` (topk, topk_rerank, topk_signs) append + summary update
+    + selection + attention; µs per layer."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     num_pages = context // page_size
     cols = torch.randperm(num_pages + 8, device="cuda", generator=gen)[:num_pages].to(torch.int32)
@@ -201,7 +203,7 @@ def stacked_layers_benchmark(context: int, budget: int, page_size: int, layers: 
     rows = [dict(what=f"dense flashcore decode, per layer in a {layers}-layer graph", graph_us=time_per_layer(dense_step))]
     dense_us = rows[0]["graph_us"]
     rows[0]["speedup_vs_dense"] = 1.0 if dense_us else None
-    for policy in ("topk", "topk_signs"):
+    for policy in (p for p in policies if sparse_config(p, budget).policy == "topk"):
         config = sparse_config(policy, budget)
         summaries = []
         for k_pool, _ in pools:
@@ -341,7 +343,8 @@ def main():
     layer_rows = layer_benchmark(args.context, args.budget, args.page_size, args.kernels)
     if args.stacked_layers > 0:
         torch.cuda.empty_cache()
-        layer_rows += stacked_layers_benchmark(args.context, args.budget, args.page_size, args.stacked_layers)
+        layer_rows += stacked_layers_benchmark(args.context, args.budget, args.page_size, args.stacked_layers,
+                                               args.policies.split(","))
     write_csv(layer_rows, "sparse_layer.csv")
     torch.cuda.empty_cache()
     e2e_rows = [] if args.skip_e2e else e2e_benchmark(args.context, args.budget, args.new_tokens,

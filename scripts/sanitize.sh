@@ -2,8 +2,8 @@
 # compute-sanitizer over a reduced GPU set (part of scripts/gpu_check.sh, step "sanitizer"):
 # - memcheck: repeated generate() calls with sparse policies and CUDA graphs (8K tokens in 16-token pages cross the
 #   same 2 MiB bounds-granule boundary as 32K in 64-token pages), the sparse GPU tests (key signs included), graph
-#   reuse across calls, the rerank stage's candidate scores, the decode kernel's split merge, growable pools unmapped behind queued kernels, the prefill kernels on a reduced grid, the
-#   grouped linear kernels;
+#   reuse across calls, the rerank stage's candidate scores and pick, the decode kernel's split merge, growable pools
+#   unmapped behind queued kernels, the prefill kernels on a reduced grid, the grouped linear kernels;
 # - racecheck: append_kv, the sparse selection kernels; the decode and prefill kernels are tried and reported (see
 #   below).
 # Exits non-zero when the sanitizer reports an error or a test fails.
@@ -20,7 +20,8 @@ compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" \
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_sparse_gpu.py \
   tests/gpu/test_sparse_signs_gpu.py tests/gpu/test_decode_graphs.py::test_greedy_identical_with_and_without_graphs \
   || status=1
-# The rerank stage's candidate-score kernel (forced pages, padding entries, page ids outside the pool, graph replay).
+# The rerank stage's candidate-score kernel (forced pages, padding entries, page ids outside the pool, graph replay)
+# and its pick (select_candidate_pages: rows in and past shared memory).
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_select_pages_cuda.py -k candidate \
   || status=1
 # The decode kernel's in-kernel split merge (counters in the plan's workspace, reset by the last split of each run)
