@@ -16,8 +16,10 @@ decode step:
   B rows, plus the K/V pages in use) at --bandwidth-tbs (4.27 TB/s: the H200's measured copy ceiling,
   benchmarks/notes/decode_graphs.md), and floor_ms / gpu_replay_ms;
 - kernels_per_step and the replay's GPU time by kind (torch.profiler over one replay: attention = flashcore's
-  kernels, gemm = cuBLAS/CUTLASS, fused = inductor's Triton kernels, other = everything else, e.g. eager
-  elementwise kernels), and the kernels that take the most time.
+  attention and selection kernels, gemm = cuBLAS/CUTLASS and flashcore's grouped linear kernels, fused = inductor's
+  Triton kernels, other = everything else, e.g. eager elementwise kernels), and the kernels that take the most
+  time. A kernel launched with PDL starts before its predecessor ends and its profiled time includes that wait, so
+  the kinds can add up to more than the replay.
 
     python benchmarks/profile_decode_step.py --case 1x32768 64x1024 --compile on off
 """
@@ -43,9 +45,10 @@ from flashcore_hf import CACHE_KWARG  # noqa: E402
 from flashcore_hf.hf import decode_graphs  # noqa: E402
 from flashcore_hf.cache import PagedKVCache  # noqa: E402
 
-ATTENTION_KERNELS = r"paged_|prefill_sm90|merge_s|append_kv|page_bounds|score_pages|select_top|key_positions"
+ATTENTION_KERNELS = (r"paged_|prefill_sm90|merge_s|append_kv|page_bounds|score_pages|score_sign|select_top|"
+                     r"candidate_scores|key_positions")
 KINDS = (("attention", re.compile(ATTENTION_KERNELS, re.I)),
-         ("gemm", re.compile(r"gemm|gemv|cutlass|cublas|xmma|nvjet|matmul|splitk", re.I)),
+         ("gemm", re.compile(r"gemm|gemv|grouped_linear|cutlass|cublas|xmma|nvjet|matmul|splitk", re.I)),
          ("fused", re.compile(r"triton_", re.I)))
 """Kernel kinds by name: flashcore's kernels (csrc/kernels/cuda), cuBLAS / CUTLASS GEMMs, inductor's Triton kernels."""
 TOP_KERNELS = 15
