@@ -1,8 +1,9 @@
 // Exact scores of the rerank stage's candidate pages (contract: CandidateScoresParams in params.h): grid
 // (candidate chunks, batch * Hkv), a warp per candidate page. The block stages the kv head's query heads in shared
-// memory (fp32, kHeadsPerPass at a time); in the warp, 8 lanes share a key (each holding every 8th group of 4 dims,
-// all of the key's loads issued before the first use) and 4 keys are in flight per pass over the page; the 8 lanes'
-// partial dots are summed with 3 shuffles per head, and the page's score is the warp's max over keys and heads.
+// memory (fp32, kHeadsPerPass at a time); in the warp, 8 lanes share a key (each holding every 8th group of 4 dims),
+// 4 keys per pass over the page, and the loads of several passes (kPassesInFlight: 16 keys at head dim 128,
+// 16-bit) are issued before the first use; the 8 lanes' partial dots are summed with 3 shuffles per head, and the
+// page's score is the warp's max over keys and heads.
 // Replaces a gather of the candidates' keys into a [B, Hkv, C, P, D] copy and an einsum (torch ops: ~290 us per
 // layer at 128K context, 256 candidates of 64 tokens, H200).
 #include <cuda_bf16.h>
@@ -38,6 +39,15 @@ __device__ __forceinline__ float4 quad_to_float4(const Quad<T>& raw) {
     const T* e = reinterpret_cast<const T*>(&raw);
     return make_float4(to_float(e[0]), to_float(e[1]), to_float(e[2]), to_float(e[3]));
   }
+}
+
+// Passes over a page whose loads are issued together: up to 4, within 32 registers of raw key data per lane (one
+// pass at a time left each warp 1 KB in flight at head dim 128: a memory latency per 4 keys).
+template <typename T, int kQuads>
+constexpr int kPassesInFlight() {
+  constexpr int registers_per_pass = kQuads * int(sizeof(Quad<T>)) / 4;
+  constexpr int fit = 32 / registers_per_pass;
+  return fit < 1 ? 1 : fit > 4 ? 4 : fit;
 }
 
 template <typename T, int kQuads>
@@ -77,34 +87,45 @@ __global__ void __launch_bounds__(kWarps * 32) candidate_scores_kernel(const Can
     }
     __syncthreads();
     if (!scan) continue;
-    for (int t0 = 0; t0 < keys; t0 += kKeysPerPass) {
-      const int t = t0 + key_slot;
-      // Every load of this lane's share of key t before the first use; lanes past the head dim or the page's keys
-      // hold zeros (their dots are dropped below).
-      float4 k[kQuads];
+    constexpr int kPasses = kPassesInFlight<T, kQuads>();
+    for (int t0 = 0; t0 < keys; t0 += kKeysPerPass * kPasses) {
+      // Every load of this lane's share of kPasses keys before the first use (one memory latency per kPasses
+      // passes); lanes past the head dim or the page's keys hold zeros (their dots are dropped below).
+      Quad<T> raw[kPasses][kQuads];
 #pragma unroll
-      for (int i = 0; i < kQuads; ++i) {
-        const int quad = key_lane + i * kLanesPerKey;
-        k[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (t < keys && quad < quads)
-          k[i] = quad_to_float4<T>(
-              *reinterpret_cast<const Quad<T>*>(page_keys + (int64_t)t * token_stride + quad * kDimsPerLoad));
+      for (int u = 0; u < kPasses; ++u) {
+        const int t = t0 + u * kKeysPerPass + key_slot;
+#pragma unroll
+        for (int i = 0; i < kQuads; ++i) {
+          const int quad = key_lane + i * kLanesPerKey;
+          raw[u][i] = Quad<T>{};
+          if (t < keys && quad < quads)
+            raw[u][i] = *reinterpret_cast<const Quad<T>*>(page_keys + (int64_t)t * token_stride + quad * kDimsPerLoad);
+        }
       }
 #pragma unroll
-      for (int g = 0; g < kHeadsPerPass; ++g) {
-        if (g < heads) {  // block-uniform
-          float dot = 0.f;
+      for (int u = 0; u < kPasses; ++u) {
+        const int t = t0 + u * kKeysPerPass + key_slot;
+        if (t0 + u * kKeysPerPass >= keys) break;  // warp-uniform: no key of this pass is on the page
+        float4 k[kQuads];
 #pragma unroll
-          for (int i = 0; i < kQuads; ++i) {
-            const int quad = key_lane + i * kLanesPerKey;
-            if (quad < quads) {
-              const float4 qv = q_pass[g * (kMaxHeadDim / kDimsPerLoad) + quad];
-              dot += qv.x * k[i].x + qv.y * k[i].y + qv.z * k[i].z + qv.w * k[i].w;
+        for (int i = 0; i < kQuads; ++i) k[i] = quad_to_float4<T>(raw[u][i]);
+#pragma unroll
+        for (int g = 0; g < kHeadsPerPass; ++g) {
+          if (g < heads) {  // block-uniform
+            float dot = 0.f;
+#pragma unroll
+            for (int i = 0; i < kQuads; ++i) {
+              const int quad = key_lane + i * kLanesPerKey;
+              if (quad < quads) {
+                const float4 qv = q_pass[g * (kMaxHeadDim / kDimsPerLoad) + quad];
+                dot += qv.x * k[i].x + qv.y * k[i].y + qv.z * k[i].z + qv.w * k[i].w;
+              }
             }
-          }
 #pragma unroll
-          for (int s = kLanesPerKey / 2; s >= 1; s >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, s);
-          if (t < keys) best = fmaxf(best, dot);
+            for (int s = kLanesPerKey / 2; s >= 1; s >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, s);
+            if (t < keys) best = fmaxf(best, dot);
+          }
         }
       }
     }
