@@ -22,6 +22,19 @@ def _table(lengths_in_pages, max_pages, num_pages, generator, sinks=1, recent=2)
     return padded_page_table(layout, max_pages, sinks, recent)
 
 
+def _captured(fn):
+    """(graph, out): fn run once on a side stream (warm-up), then captured; replaying the graph refills out."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def _cuda(table):
     return type(table)(table.pages.cuda(), table.counts.cuda(), table.bias.cuda())
 
@@ -69,14 +82,7 @@ def test_select_pages_cuda_in_a_graph_follows_new_queries(generator):
     bounds = torch.randn(900, hkv, 2 * d, generator=generator).to(torch.bfloat16).cuda()
     q = torch.randn(2, hkv * group, d, generator=generator).to(torch.bfloat16).cuda()
     select = lambda: select_pages(q, bounds, table.pages, table.counts, table.bias, 32)  # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        select()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = select()
+    graph, out = _captured(select)
     for _ in range(3):
         q.copy_(torch.randn(q.shape, generator=generator).to(torch.bfloat16))
         graph.replay()
@@ -125,14 +131,7 @@ def test_candidate_page_scores_cuda_in_a_graph_follows_new_queries(generator):
     forced = cols[:, 0, :3].contiguous()
     q = torch.randn(1, hkv * group, d, generator=generator).to(torch.bfloat16).cuda()
     score = lambda: candidate_page_scores(q, k_pool, cols, counts, forced)  # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        score()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = score()
+    graph, out = _captured(score)
     for _ in range(3):
         q.copy_(torch.randn(q.shape, generator=generator).to(torch.bfloat16))
         graph.replay()
@@ -163,14 +162,7 @@ def test_select_candidate_pages_cuda_in_a_graph_follow_new_scores(generator):
     cols = torch.randint(0, 600, (1, 8, 256), generator=generator, dtype=torch.int32).cuda()
     counts = torch.randint(1, 65, (1, 8, 256), generator=generator, dtype=torch.int32).cuda()
     pick = lambda: select_candidate_pages(scores, cols, counts, 64)  # noqa: E731
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        pick()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = pick()
+    graph, out = _captured(pick)
     for _ in range(3):
         scores.copy_(torch.randn(scores.shape, generator=generator))
         graph.replay()
