@@ -182,10 +182,12 @@ def answer_logits(model, tokens, answers, sparse, page_size: int, context: int) 
     import flashcore_hf as fc
 
     cache = fc.PagedKVCache(model.config, page_size=page_size, sparse=sparse)
-    model(tokens[:, :context], **{fc.CACHE_KWARG: cache})
+    # logits_to_keep=1: only the last position's logits are used (the prefill's not at all), and the lm_head over
+    # every prompt position was most of this function's CPU time.
+    model(tokens[:, :context], logits_to_keep=1, **{fc.CACHE_KWARG: cache})
     logits, start = [], context
     for column in answers.tolist():
-        logits.append(model(tokens[:, start:column], **{fc.CACHE_KWARG: cache}).logits[:, -1])
+        logits.append(model(tokens[:, start:column], logits_to_keep=1, **{fc.CACHE_KWARG: cache}).logits[:, -1])
         start = column
     return torch.stack(logits, dim=1)
 
