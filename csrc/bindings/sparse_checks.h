@@ -1,5 +1,6 @@
 // Argument checks of the sparse selection ops (select_pages, candidate_page_scores, select_candidate_pages) and of
-// append_kv's key bounds, shared by the CPU and CUDA implementations: shapes, dtypes and devices for every backend; index values on the host (CPU tensors) only.
+// append_kv's key bounds, shared by the CPU and CUDA implementations: shapes, dtypes and devices for every backend;
+// index values on the host (CPU tensors) only.
 #pragma once
 #include <optional>
 #include <set>
@@ -32,6 +33,22 @@ inline void check_signs(const at::Tensor& signs, const char* op, int64_t num_pag
   check_fits_int32(signs.size(2), op, "signs.size(2)");
 }
 
+// q of a selection op: [batch * query_len, num_q_heads, head_dim] with a contiguous last dimension.
+inline void check_packed_queries(const at::Tensor& q, const char* op) {
+  FC_CHECK(q.dim() == 3, op, ": q must be [batch * query_len, num_q_heads, head_dim], got shape ", q.sizes());
+  FC_CHECK(q.stride(2) == 1, op, ": q must have a contiguous last dimension");
+}
+
+// q's heads are a multiple of the hkv kv heads (read from `hkv_source`) and its rows batch * query_len.
+inline void check_query_heads_and_rows(const at::Tensor& q, int64_t hkv, const char* hkv_source, int64_t batch,
+                                       int64_t query_len, const char* op) {
+  FC_CHECK(hkv >= 1 && q.size(1) % hkv == 0, op, ": num_q_heads (q.size(1) = ", q.size(1),
+           ") must be a multiple of num_kv_heads (", hkv_source, " = ", hkv, ")");
+  FC_CHECK(query_len >= 1, op, ": query_len must be >= 1, got ", query_len);
+  FC_CHECK(q.size(0) == batch * query_len, op, ": q.size(0) = ", q.size(0), " must equal batch (", batch,
+           ") * query_len (", query_len, ")");
+}
+
 // Validates select_pages' arguments and fills the params; scores / outputs are set by the caller.
 inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at::Tensor& bounds,
                                                   const at::Tensor& table_pages, const at::Tensor& table_counts,
@@ -39,8 +56,7 @@ inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at:
                                                   const std::string& head_reduction,
                                                   const std::optional<at::Tensor>& signs) {
   constexpr const char* op = "select_pages";
-  FC_CHECK(q.dim() == 3, op, ": q must be [batch * query_len, num_q_heads, head_dim], got shape ", q.sizes());
-  FC_CHECK(q.stride(2) == 1, op, ": q must have a contiguous last dimension");
+  check_packed_queries(q, op);
   const DType q_dtype = to_dtype(q.scalar_type(), "select_pages: q");
   FC_CHECK(bounds.dim() == 3 && bounds.size(2) == 2 * q.size(2), op,
            ": bounds must be [num_pages, num_kv_heads, 2 * head_dim=", 2 * q.size(2), "], got shape ",
@@ -48,8 +64,6 @@ inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at:
   FC_CHECK(bounds.is_contiguous(), op, ": bounds must be contiguous");
   const DType b_dtype = bounds_dtype(bounds, op);
   const int64_t hkv = bounds.size(1);
-  FC_CHECK(hkv >= 1 && q.size(1) % hkv == 0, op, ": num_q_heads (q.size(1) = ", q.size(1),
-           ") must be a multiple of num_kv_heads (bounds.size(1) = ", hkv, ")");
   FC_CHECK(table_pages.dim() == 2, op, ": table_pages must be [batch, max_pages], got shape ", table_pages.sizes());
   const int64_t batch = table_pages.size(0), max_pages = table_pages.size(1);
   FC_CHECK(table_counts.sizes() == table_pages.sizes() && table_bias.sizes() == table_pages.sizes(), op,
@@ -65,9 +79,7 @@ inline SelectPagesParams make_select_pages_params(const at::Tensor& q, const at:
   }
   FC_CHECK(table_pages.is_contiguous() && table_counts.is_contiguous() && table_bias.is_contiguous(), op,
            ": table_pages, table_counts and table_bias must be contiguous");
-  FC_CHECK(query_len >= 1, op, ": query_len must be >= 1, got ", query_len);
-  FC_CHECK(q.size(0) == batch * query_len, op, ": q.size(0) = ", q.size(0), " must equal batch (", batch,
-           ") * query_len (", query_len, ")");
+  check_query_heads_and_rows(q, hkv, "bounds.size(1)", batch, query_len, op);
   FC_CHECK(budget >= 1 && budget <= max_pages, op, ": budget must be in [1, max_pages = ", max_pages, "], got ",
            budget);
   FC_CHECK(head_reduction == "max" || head_reduction == "sum", op,
@@ -116,8 +128,7 @@ inline CandidateScoresParams make_candidate_scores_params(const at::Tensor& q, c
                                                           const at::Tensor& cols, const at::Tensor& counts,
                                                           const at::Tensor& forced_pages, int64_t query_len) {
   constexpr const char* op = "candidate_page_scores";
-  FC_CHECK(q.dim() == 3, op, ": q must be [batch * query_len, num_q_heads, head_dim], got shape ", q.sizes());
-  FC_CHECK(q.stride(2) == 1, op, ": q must have a contiguous last dimension");
+  check_packed_queries(q, op);
   const DType dtype = to_dtype(q.scalar_type(), "candidate_page_scores: q");
   FC_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && k_cache.size(3) == q.size(2), op,
            ": k_cache must be a contiguous [num_pages, page_size, num_kv_heads, head_dim=", q.size(2),
@@ -125,8 +136,6 @@ inline CandidateScoresParams make_candidate_scores_params(const at::Tensor& q, c
   FC_CHECK(k_cache.scalar_type() == q.scalar_type(), op, ": k_cache must have q's dtype ", q.scalar_type(),
            ", got ", k_cache.scalar_type());
   const int64_t hkv = k_cache.size(2);
-  FC_CHECK(hkv >= 1 && q.size(1) % hkv == 0, op, ": num_q_heads (q.size(1) = ", q.size(1),
-           ") must be a multiple of num_kv_heads (k_cache.size(2) = ", hkv, ")");
   FC_CHECK(cols.dim() == 3 && cols.size(1) == hkv, op, ": cols must be [batch, num_kv_heads=", hkv,
            ", candidates], got shape ", cols.sizes());
   FC_CHECK(counts.sizes() == cols.sizes(), op, ": counts must have cols' shape ", cols.sizes(), ", got ",
@@ -142,9 +151,7 @@ inline CandidateScoresParams make_candidate_scores_params(const at::Tensor& q, c
     FC_CHECK(t->device() == q.device(), op, ": q, k_cache, cols, counts and forced_pages must share one device, got ",
              q.device(), " and ", t->device());
   }
-  FC_CHECK(query_len >= 1, op, ": query_len must be >= 1, got ", query_len);
-  FC_CHECK(q.size(0) == batch * query_len, op, ": q.size(0) = ", q.size(0), " must equal batch (", batch,
-           ") * query_len (", query_len, ")");
+  check_query_heads_and_rows(q, hkv, "k_cache.size(2)", batch, query_len, op);
   check_fits_int32(k_cache.size(0), op, "k_cache.size(0)");
   check_fits_int32(cols.size(2), op, "cols.size(2)");
   check_fits_int32(forced_pages.size(1), op, "forced_pages.size(1)");

@@ -175,7 +175,7 @@ struct SelectPagesParams {
 //   table_pages, table_counts [rows / rows_per_table, max_pages] int32: row r reads table row r / rows_per_table
 //   out_cols, out_counts [rows, budget] int32 (out)
 // Row r lists the budget entries with the largest scores in increasing index j (key order); ties go to the lower
-// j; NaN ranks above +inf. 1 <= budget <= max_pages.
+// j; scores compare in IEEE total order (-NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN). 1 <= budget <= max_pages.
 struct SelectTopParams {
   const float* scores = nullptr;
   const int32_t* table_pages = nullptr;

@@ -9,6 +9,5 @@ from .merge import merge_attention_states
 from .plan import DECODE_QUERIES_PER_SEQUENCE, AttentionPlan, paged_attention, plan_attention
 
 __all__ = ["DECODE_QUERIES_PER_SEQUENCE", "AttentionPlan", "append_kv", "build_layout", "candidate_page_scores",
-           "grouped_linear",
-           "kernel_supports", "merge_attention_states", "paged_attention", "plan_attention", "sdpa_from_pages",
-           "select_candidate_pages", "select_pages"]
+           "grouped_linear", "kernel_supports", "merge_attention_states", "paged_attention", "plan_attention",
+           "sdpa_from_pages", "select_candidate_pages", "select_pages"]
