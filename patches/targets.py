@@ -31,9 +31,11 @@ def checked_target(owner, attr: str, expected_parameters: tuple[str, ...], quali
     return target
 
 
-def install(owner, attr: str, wrapper: Callable, original: Callable) -> None:
-    """Replace owner.attr by `wrapper`, remembering `original` so that `restore` can put it back."""
-    wrapper.__flashcore_original__ = original
+def install(owner, attr: str, wrapper, original) -> None:
+    """Replace owner.attr by `wrapper`, remembering `original` so that `restore` can put it back (for a static
+    method: wrapper a staticmethod, original the staticmethod object it replaces)."""
+    function = wrapper.__func__ if isinstance(wrapper, staticmethod) else wrapper
+    function.__flashcore_original__ = original
     setattr(owner, attr, wrapper)
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, modeling_utils
-from transformers.generation.utils import GenerationMixin
+from transformers.generation.utils import DeferredStopCheck, GenerationMixin
 from transformers.utils import generic
 
 import flashcore_hf
 from flashcore_hf import CACHE_KWARG
 from flashcore_hf import PagedKVCache, patches
-from flashcore_hf.patches import flash_name, generate_cache
+from flashcore_hf.patches import deferred_stop, flash_name, generate_cache
 
 CONFIG = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=128, pad_token_id=0)
@@ -59,11 +59,36 @@ def test_generate_hook_has_expected_signature_and_is_wrapped():
     assert tuple(inspect.signature(wrapped).parameters) == generate_cache.EXPECTED_PARAMETERS
 
 
+def test_deferred_stop_check_has_expected_signature_and_is_wrapped():
+    original = DeferredStopCheck.is_supported.__flashcore_original__
+    assert isinstance(original, staticmethod)
+    assert tuple(inspect.signature(original.__func__).parameters) == deferred_stop.EXPECTED_PARAMETERS
+    assert isinstance(inspect.getattr_static(DeferredStopCheck, "is_supported"), staticmethod)
+
+
+def test_deferred_stop_check_only_for_paged_caches_on_cuda(monkeypatch):
+    """The wrapped check says yes for a PagedKVCache on CUDA (no GPU needed: it reads the device type) while CUDA
+    graphs are on, never for an assistant, and leaves every other case to transformers (MPS only)."""
+    paged, cuda, cpu = PagedKVCache(tiny().config), torch.device("cuda"), torch.device("cpu")
+    check = DeferredStopCheck.is_supported
+    original = check.__flashcore_original__.__func__
+    assert check(cuda, paged, True, is_assistant=False) is True
+    assert check(cuda, paged, True, is_assistant=True) is False
+    assert check(cpu, paged, False, is_assistant=False) is False
+    dynamic = DynamicCache()
+    for device in (cuda, cpu, torch.device("mps")):
+        assert check(device, dynamic, True, is_assistant=False) == original(device, dynamic, True, False)
+    monkeypatch.setattr(flashcore_hf.hf.decode_graphs, "_ENABLED", False)
+    assert check(cuda, paged, True, is_assistant=False) is False
+
+
 def test_register_is_idempotent():
     flash_check, prepare = modeling_utils.is_flash_attention_requested, GenerationMixin._prepare_cache_for_generation
+    stop_check = DeferredStopCheck.is_supported
     flashcore_hf.register()
     assert modeling_utils.is_flash_attention_requested is flash_check
     assert GenerationMixin._prepare_cache_for_generation is prepare
+    assert DeferredStopCheck.is_supported is stop_check
 
 
 def test_changed_target_is_refused(monkeypatch):
@@ -240,6 +265,8 @@ def test_unpatch_restores_stock_transformers():
         flashcore_hf.unpatch()
         assert modeling_utils.is_flash_attention_requested is generic.is_flash_attention_requested
         assert not hasattr(GenerationMixin._prepare_cache_for_generation, "__flashcore_original__")
+        assert not hasattr(DeferredStopCheck.is_supported, "__flashcore_original__")
+        assert isinstance(inspect.getattr_static(DeferredStopCheck, "is_supported"), staticmethod)
         assert "flashcore" not in transformers.AttentionInterface._global_mapping
         with pytest.raises(ValueError, match="flash"):
             tiny("flashcore")                                            # what stock transformers says

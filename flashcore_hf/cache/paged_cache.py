@@ -511,10 +511,13 @@ class PagedKVCache(Cache):
         """Drop the last `-tokens_to_remove` padded positions (tokens_to_remove <= 0) and free their pages.
 
         A positive value is the padded length to keep on transformers < 5.18 (its deprecated meaning) and an error
-        on later versions, as with DynamicCache.
+        on later versions, as with DynamicCache. crop(0) changes nothing, not even a decode step planned ahead
+        (generate() calls it every step when it reads its stop flag a step late over a cache it returns).
         """
-        self.flush()
         tokens_to_remove = int(tokens_to_remove)
+        if tokens_to_remove == 0:
+            return
+        self.flush()
         if tokens_to_remove > 0:
             if not POSITIVE_CROP_IS_LENGTH:
                 raise ValueError(

@@ -27,9 +27,15 @@ addresses of the per-page key bounds, which come from the same arena). Caches th
 their pools from one `PoolArena` per model, so the next generate() call reuses the same memory and the same graphs;
 a pool growth (rare: `PagedKVCache(expected_max_length=...)` grows once per generation) captures anew.
 
-On by default for flashcore models on one CUDA device. Off (graphs and compilation, decode and prefill):
-`flashcore_hf.set_cuda_graphs(False)`, the environment variable FLASHCORE_CUDA_GRAPHS=0, or
-`model.generate(..., disable_compile=True)`.
+The host runs a step ahead: generate() checks whether to stop one step late over a PagedKVCache on CUDA
+(`defers_stop_check`, through transformers' DeferredStopCheck), so it plans and launches step N+1 while the GPU runs
+step N instead of waiting for it; a step past a stop is undone (its tokens dropped, a returned cache cropped by one
+token) and costs one replay per generate() that ends on an end-of-sequence token (none when it ends at max length).
+Streamers get each token one step later.
+
+On by default for flashcore models on one CUDA device. Off (graphs and compilation, decode and prefill, and the
+deferred stop check): `flashcore_hf.set_cuda_graphs(False)`, the environment variable FLASHCORE_CUDA_GRAPHS=0, or
+`model.generate(..., disable_compile=True)` (graphs and compilation for that call).
 `decode_graph_stats(model)` reports captures, compiles and their cost, and replays; `release_decode_graphs(model)`
 frees the graphs and the pool arena (the compiled forward is kept: the next capture does not compile again).
 """
@@ -391,6 +397,13 @@ def prepare_for_generate(model, generation_config) -> None:
         model.forward = runner
         _MODELS_WITH_RUNNERS.add(model)
     runner.enabled_for_call = not getattr(generation_config, "disable_compile", False)
+
+
+def defers_stop_check(device: torch.device, cache) -> bool:
+    """Whether generate() reads its stop flag one step late (patches/deferred_stop.py) for this cache: a PagedKVCache
+    on CUDA while CUDA graphs are on. The flag it would wait for each step is the previous step's, so the host work
+    of step N+1 overlaps the GPU's step N; crop() undoes the extra step past a stop in a returned cache."""
+    return _ENABLED and device.type == "cuda" and isinstance(cache, PagedKVCache)
 
 
 def pool_arena(model) -> PoolArena | None:

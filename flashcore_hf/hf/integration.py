@@ -34,7 +34,7 @@ from ..sparse.config import SparseConfig
 from .attention import FlashCoreAttention
 from .attention_kwargs import check_attention_kwargs
 from .compiled_forward import step_attention, tracing_compiled_step
-from .decode_graphs import pool_arena, prepare_for_generate, remove_runners
+from .decode_graphs import defers_stop_check, pool_arena, prepare_for_generate, remove_runners
 
 ATTN_IMPLEMENTATION = "flashcore"
 """The name to pass as `attn_implementation`."""
@@ -235,7 +235,7 @@ def register() -> None:
     AttentionInterface.register(ATTN_IMPLEMENTATION, flashcore_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flashcore_mask)
     apply_transformers_patches((ATTN_IMPLEMENTATION,), default_generate_cache, prepare_for_generate,
-                               paged_prefill_hooks)
+                               paged_prefill_hooks, defers_stop_check)
 
 
 def unpatch() -> None:

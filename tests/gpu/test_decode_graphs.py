@@ -99,6 +99,44 @@ def test_sequences_finishing_early(model, generator):
     assert (eager[0, ids.shape[1] + 5:] == 0).all()                  # row 0 was padded after its eos
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_end_of_sequence_stop_read_a_step_late(model, generator, monkeypatch, compiled):
+    """With graphs, generate() reads its stop flag a step late (patches/deferred_stop.py): a call that ends on its
+    eos token runs one replay past it, which is undone. Against the same generate() reading it every step: the same
+    tokens and scores, a returned cache one token short of the sequences, and the same continuation from it."""
+    from transformers.generation.utils import DeferredStopCheck
+
+    ids, mask = left_padded([41], generator)
+    probe = generate(model, ids, mask, graphs=True, compiled=compiled, max_new_tokens=12)
+    eos = int(probe[0, ids.shape[1] + 6])      # the call stops at or before new token 7
+    original = DeferredStopCheck.is_supported
+    deferred = []
+
+    def spy(*args, **kwargs):
+        deferred.append(original(*args, **kwargs))
+        return deferred[-1] and allow_deferral
+
+    monkeypatch.setattr(DeferredStopCheck, "is_supported", staticmethod(spy))
+    runs = {}
+    for allow_deferral in (False, True):
+        cache = fc.PagedKVCache(model.config, page_size=16)
+        replays = fc.decode_graph_stats(model).replays
+        first = generate(model, ids, mask, graphs=True, compiled=compiled, max_new_tokens=30, eos_token_id=eos,
+                         return_dict_in_generate=True, output_scores=True, **{CACHE_KWARG: cache})
+        steps = fc.decode_graph_stats(model).replays - replays
+        assert first.sequences[0, -1].item() == eos and cache.get_seq_length() == first.sequences.shape[1] - 1
+        more = torch.ones_like(first.sequences)
+        second = generate(model, first.sequences, more, graphs=True, compiled=compiled, max_new_tokens=9,
+                          **{CACHE_KWARG: cache})
+        runs[allow_deferral] = (first, steps, second)
+    assert deferred == [True] * 4
+    (plain, plain_steps, plain_next), (late, late_steps, late_next) = runs[False], runs[True]
+    assert torch.equal(plain.sequences, late.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(plain.scores, late.scores))
+    assert plain_steps == len(plain.scores) - 1 and late_steps == plain_steps + 1   # one replay past the stop
+    assert torch.equal(plain_next, late_next)
+
+
 def test_disable_compile_turns_graphs_off_for_the_call(model, generator):
     ids, mask = left_padded([20], generator)
     generate(model, ids, mask, graphs=True, max_new_tokens=4)
