@@ -11,10 +11,11 @@ with flashcore_noshare (flashcore with share_prefixes=False) as a third path; a 
 one 32K document and 8 questions, one generate() each, flashcore_prefix_cache (a PrefixCache kept across the calls)
 against flashcore and sdpa (total_s, first and later prefill seconds). Reports prefill seconds, decode tok/s, ms per decode
 step and peak GiB, all from one timed generate() per path and case: a logits processor runs after every forward,
-syncs and timestamps it (generate() syncs every step anyway) and samples torch's peak allocated bytes since the last
-sample; the bytes of flashcore's page pools (mapped outside torch's allocator; they only grow during a call) are added
-once at the end (StepProbe), an upper bound on the call's peak. prefill_s = call start to the first logits; decode =
-first to last logits. Warm runs: each path first generates 4 tokens on the same prompt (for flashcore this captures
+records a CUDA event behind it (no sync: flashcore's generate() runs a step ahead of the GPU, which a per-step sync
+would stop) and samples torch's peak allocated bytes since the last sample; the bytes of flashcore's page pools
+(mapped outside torch's allocator; they only grow during a call) are added once at the end (StepProbe), an upper bound
+on the call's peak. prefill_s = call start to the first logits; decode = first to last logits, on the GPU's clock
+(idle time waiting for the host included). Warm runs: each path first generates 4 tokens on the same prompt (for flashcore this captures
 its decode graph for the timed run's shape, and compiles the step when the model has no compiled graph for the batch
 size yet: compiles / compile_s count what this path and case compiled, capture_s the captures besides compiling).
 Greedy tokens are checked against flashcore_eager's: flashcore_nocompile must be identical (identical_to_eager);
@@ -74,28 +75,39 @@ def _sync_time() -> float:
 
 
 class StepProbe(LogitsProcessor):
-    """After every forward of a generate() call: a synced timestamp and torch's peak allocated bytes since the last
-    one. flashcore's page pools (mapped outside torch's allocator) only grow during a call, so `finish` adds their
-    size at the end to the largest interval peak: an upper bound on the call's peak, and no per-step cost (walking
-    every pool buffer each step added ~2 ms per step to the flashcore paths' timings)."""
+    """After every forward of a generate() call: a CUDA event behind it (no host sync) and torch's peak allocated
+    bytes since the last one. `times` (seconds from `start()`, on the GPU's clock) is ready after `finish()`.
+    flashcore's page pools (mapped outside torch's allocator) only grow during a call, so `finish` adds their size at
+    the end to the largest interval peak: an upper bound on the call's peak, and no per-step cost (walking every pool
+    buffer each step added ~2 ms per step to the flashcore paths' timings)."""
 
     def __init__(self, count_pools: bool):
         self.count_pools = count_pools
         self.peak = 0
         self.times: list[float] = []
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._events: list[torch.cuda.Event] = []
         torch.cuda.reset_peak_memory_stats()
+
+    def start(self) -> None:
+        """Mark the call's start (the GPU idle: the caller synced)."""
+        self._start.record()
 
     def sample(self) -> None:
         self.peak = max(self.peak, torch.cuda.max_memory_allocated())
         torch.cuda.reset_peak_memory_stats()
 
     def finish(self) -> None:
-        """The last sample, plus the page pools' bytes (after the timed part)."""
+        """The last sample, plus the page pools' bytes (after the timed part); the step times."""
         self.sample()
         self.peak += total_mapped_bytes("cuda") if self.count_pools else 0
+        torch.cuda.synchronize()
+        self.times = [self._start.elapsed_time(event) / 1e3 for event in self._events]
 
     def __call__(self, input_ids, scores):
-        self.times.append(_sync_time())
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self._events.append(event)
         self.sample()
         return scores
 
@@ -134,11 +146,12 @@ def run_generate_case(model, path: str, case: str, batch: int, prompt: int, new:
     stats_before = flashcore_hf.decode_graph_stats(model)
     captures_before = (stats_before.captures, stats_before.compiled_replays) if stats_before else (0, 0)
     probe = StepProbe(count_pools=path.startswith("flashcore"))
-    t0 = _sync_time()
+    torch.cuda.synchronize()
+    probe.start()
     tokens = generate(new, probe)
     probe.finish()
     decode_s = probe.times[-1] - probe.times[0]
-    row = dict(prefill_s=probe.times[0] - t0, decode_tok_s=batch * (new - 1) / decode_s,
+    row = dict(prefill_s=probe.times[0], decode_tok_s=batch * (new - 1) / decode_s,
                ms_per_step=1e3 * decode_s / (new - 1), peak_GiB=probe.peak / 2**30)
     stats = flashcore_hf.decode_graph_stats(model)
     if path in GRAPH_PATHS and stats is not None:
@@ -200,10 +213,12 @@ def run_prefix_cache_case(model, path: str, document: int, questions: int, new: 
     for q in range(questions):
         ids = torch.cat([doc, asks[q:q + 1]], dim=1)
         probe = StepProbe(count_pools=path != "sdpa_dynamic")
-        t0 = _sync_time()
+        torch.cuda.synchronize()
+        probe.start()
         model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                        logits_processor=LogitsProcessorList([probe]))
-        prefills.append(probe.times[0] - t0)
+        probe.finish()
+        prefills.append(probe.times[0])
     total = _sync_time() - start
     flashcore_hf.set_default_cache_options(prefix_cache=False)
     flashcore_hf.release_decode_graphs(model)
