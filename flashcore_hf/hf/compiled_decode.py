@@ -50,6 +50,10 @@ from .linear_grouping import group_small_linears
 _ENABLED = os.environ.get("FLASHCORE_COMPILE_DECODE", "1") != "0"
 _GROUP_LINEARS = os.environ.get("FLASHCORE_GROUPED_LINEAR", "1") != "0"
 """Whether a compiled step on CUDA groups its few-token linear layers (linear_grouping.py); read at compile time."""
+_INDUCTOR_PDL = os.environ.get("FLASHCORE_INDUCTOR_PDL", "1") != "0"
+"""Whether inductor's Triton kernels of a compiled step on CUDA launch with programmatic dependent launch (inductor's
+`triton.enable_pdl`: each kernel waits for its predecessor at its first dependent load and lets its successor launch
+after its loads), so their launches overlap the previous kernel's tail; read at compile time."""
 
 
 def set_compiled_decode(enabled: bool, backend: str | None = None) -> None:
@@ -94,9 +98,11 @@ class CompiledDecodeStep:
 
     def _count_compiles(self, graph_module, example_inputs):
         self.compiles += 1
-        if _GROUP_LINEARS and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+        if _GROUP_LINEARS and on_cuda:
             self.grouped_linears += group_small_linears(graph_module)
-        return self._backend(graph_module, example_inputs)
+        with _inductor_pdl(on_cuda and self.backend_name == "inductor"):
+            return self._backend(graph_module, example_inputs)
 
     def __call__(self, *, fail_on_recompile: bool = False, **forward_kwargs):
         """forward_kwargs: the model forward's, the PagedKVCache under CACHE_KWARG. fail_on_recompile: raise instead
@@ -116,6 +122,15 @@ class CompiledDecodeStep:
             if failed or self.compiles > compiles:   # a failed attempt's tracing time counts too
                 self.compile_seconds += time.perf_counter() - start
         return out
+
+
+def _inductor_pdl(wanted: bool):
+    """Inductor's PDL code generation on for the compile inside (when wanted, allowed and this torch has it)."""
+    from torch._inductor import config
+
+    if not (wanted and _INDUCTOR_PDL and hasattr(config.triton, "enable_pdl")):
+        return contextlib.nullcontext()
+    return config.patch({"triton.enable_pdl": True})
 
 
 def _call_forward(forward, kwargs):
