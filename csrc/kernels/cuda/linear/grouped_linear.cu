@@ -13,7 +13,9 @@
 // Launched with PDL (common/pdl.cuh): in a decode step the kernel before a linear layer is a short one (a norm, the
 // activation, the split-KV merge), so the GEMV's blocks start while it finishes and ask L2 for the weights of their
 // first tile before waiting for it. Only an L2 prefetch happens before the wait, never a load into registers: L2 is
-// coherent for every SM, so a weight the previous kernel writes is still read correctly after the wait.
+// coherent for every SM, so a weight the previous kernel writes is still read correctly after the wait. After the wait
+// the kernel lets its successor launch (inductor's kernels of a compiled step launch with PDL too): the successor's
+// blocks take SMs as this grid's last tiles finish instead of after the whole grid, and wait for it before reading.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -116,6 +118,7 @@ __global__ void __launch_bounds__(kWarps * 32) grouped_linear_kernel(const Group
     }
   }
   grid_dependency_wait();
+  allow_dependent_launch();  // the next kernel's blocks fill SMs as this grid's tail drains (it waits for all of it)
 
   for (int tile = first; tile < total; tile += gridDim.x * kWarps) {
     const Tile t = locate(tile);

@@ -104,6 +104,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warp == 4 && lane == 0)
     for (int c = 0; c < chunks && c < kStages; ++c) tma_prefetch_l2_2d(&maps.w[j], (chunk0 + c) * kChunkK, row0);
   grid_dependency_wait();
+  allow_dependent_launch();  // as in grouped_linear.cu: the successor takes SMs as this grid drains
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
