@@ -77,10 +77,10 @@ def _generate(model, ids, deferral, deferred: bool, **kwargs):
     return out, count.calls
 
 
-def _eos_after(model, ids, step: int) -> int:
+def _eos_after(model, ids, step: int, **kwargs) -> int:
     """A token id the greedy continuation of `ids` emits first at new token `step` (row 0)."""
     with torch.no_grad():
-        tokens = model.generate(ids, do_sample=False, max_new_tokens=step + 1)[0, ids.shape[1]:].tolist()
+        tokens = model.generate(ids, do_sample=False, max_new_tokens=step + 1, **kwargs)[0, ids.shape[1]:].tolist()
     candidates = [t for i, t in enumerate(tokens) if i >= step - 1 and t not in tokens[:i] and t != 0]
     assert candidates, tokens
     return candidates[0]
@@ -110,20 +110,36 @@ def test_end_of_sequence_stop_is_undone(model, deferral, user_cache, rows):
         assert cache.get_seq_length() == out.sequences.shape[1] - 1
 
 
-def test_a_returned_cache_continues_as_without_deferral(model, deferral):
-    ids = torch.randint(1, 96, (1, 9), generator=torch.Generator().manual_seed(2))
-    eos = _eos_after(model, ids, 3)
+SPARSE = fc.SparseConfig(policy="topk", token_budget=8, sink_tokens=2, recent_tokens=2, dense_layers=0)
+
+
+def _summaries_by_position(cache) -> list[torch.Tensor]:
+    """Each sparse layer's page bounds of row 0, in the row's page order."""
+    pages = torch.tensor(cache.page_table(0))
+    return [s.bounds[pages] for _, s in sorted(cache._sparse.summaries.items())]
+
+
+@pytest.mark.parametrize("prompt", [9, 10])
+@pytest.mark.parametrize("sparse", [None, SPARSE], ids=["dense", "topk"])
+def test_a_returned_cache_continues_as_without_deferral(model, deferral, sparse, prompt):
+    """The step past the stop is cropped from the returned cache, page key summaries included: the continuation
+    selects, and scores, exactly as after a generate() that never ran that step. (Two prompt lengths: the step past
+    the stop starts a page of its own or lands on a page that holds kept tokens.)"""
+    ids = torch.randint(1, 96, (1, prompt), generator=torch.Generator().manual_seed(2))
+    eos = _eos_after(model, ids, 3, **{CACHE_KWARG: fc.PagedKVCache(model.config, page_size=2, sparse=sparse)})
     continued = {}
     for deferred in (False, True):
-        cache = fc.PagedKVCache(model.config, page_size=4)
+        cache = fc.PagedKVCache(model.config, page_size=2, sparse=sparse)
         first, _ = _generate(model, ids, deferral, deferred, max_new_tokens=10, eos_token_id=eos,
                              **{CACHE_KWARG: cache})
         assert first.sequences[0, -1].item() == eos
         lengths = cache.sequence_lengths()
-        second, _ = _generate(model, first.sequences, deferral, deferred, max_new_tokens=5,
+        summaries = _summaries_by_position(cache) if sparse is not None else []
+        second, _ = _generate(model, first.sequences, deferral, deferred, max_new_tokens=12,
                               **{CACHE_KWARG: cache})
-        continued[deferred] = (lengths, second.sequences, second.scores)
+        continued[deferred] = (lengths, second.sequences, second.scores, summaries)
     assert continued[False][0] == continued[True][0]
+    assert all(torch.equal(a, b) for a, b in zip(continued[False][3], continued[True][3]))
     assert torch.equal(continued[False][1], continued[True][1])
     assert all(torch.equal(a, b) for a, b in zip(continued[False][2], continued[True][2]))
 

@@ -542,6 +542,41 @@ def test_cache_keeps_summaries_fresh_through_decode_beams_crop_and_reuse(generat
     _check_summaries(cache, 3)
 
 
+@pytest.mark.parametrize("scoring", ["bounds", "signs"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_crop_recomputes_the_summaries_of_the_pages_it_cuts(generator, scoring, dtype):
+    """After a crop, a page left partly filled holds the summaries of its kept keys only (as if the removed ones had
+    never been appended); a page other rows still share keeps bounds that cover every row's keys."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    sparse = SparseConfig(policy="topk", token_budget=8, sink_tokens=2, recent_tokens=2, dense_layers=0,
+                          scoring=scoring)
+    cache = fc.PagedKVCache(config, page_size=4, sparse=sparse)
+
+    def step(batch, new):
+        for layer in range(2):
+            k = torch.randn(batch, 2, new, 8, generator=generator).to(dtype)
+            cache.update(k, torch.randn_like(k), layer)[0].resolve()
+
+    step(2, 9)
+    for _ in range(4):                                              # decode steps fold keys into the bounds
+        step(2, 1)
+    for remove in (-2, -3, -1):                                     # 13 -> 11 (page 2 cut), 8 (page 2 freed), 7
+        cache.crop(remove)
+        _check_summaries(cache, 0)
+        _check_summaries(cache, 1)
+    step(2, 1)
+    cache.reorder_cache(torch.tensor([0, 0]))                       # both rows share every page now
+    shared_page = cache.page_table(0)[-1]
+    before = cache._sparse.summaries[1].bounds[shared_page].clone()
+    cache.crop(-1)
+    assert torch.equal(cache._sparse.summaries[1].bounds[shared_page], before)   # shared: left covering
+    valid = cache.layers[1].k_pool[shared_page, :3]
+    bounds = cache._sparse.summaries[1].bounds[shared_page]
+    assert (bounds[:, :8] >= valid.amax(0)).all() and (bounds[:, 8:] <= valid.amin(0)).all()
+
+
 def test_cache_sparse_handle_attention_matches_selected_pages(generator):
     """The handle's selected layout fed to paged_attention equals attention over exactly those pages' keys."""
     from transformers import LlamaConfig

@@ -530,16 +530,36 @@ class PagedKVCache(Cache):
             return
         keep = max(0, self._padded_len + tokens_to_remove)
         self._step = None
+        cut_pages: dict[int, int] = {}   # page -> valid tokens left, for pages a crop left partly filled
         for b, seq_id in enumerate(self._rows):  # the removed columns' real tokens: those not inside a padding run
             pads = self._pads[b]
             padding_removed = sum(max(0, end - max(start, keep)) for start, end in pads)
             real_removed = (self._padded_len - keep) - padding_removed
-            self.allocator.truncate(seq_id, self.allocator.length(seq_id) - real_removed)
+            length = self.allocator.length(seq_id) - real_removed
+            self.allocator.truncate(seq_id, length)
+            if real_removed and length % self.page_size:
+                cut_pages[self.allocator.page_table(seq_id)[-1]] = length % self.page_size
             self._pads[b] = [(start, min(end, keep)) for start, end in pads if start < keep]
         remove = self._padded_len - keep
         self._padded_len = keep
         for layer in self.layers:
             layer.crop(remove)
+        self._refresh_cut_summaries(cut_pages)
+
+    def _refresh_cut_summaries(self, cut_pages: dict[int, int]) -> None:
+        """Page key summaries of pages a crop cut (page -> valid tokens left) recomputed from the kept keys, so that a
+        cropped cache selects as if the removed tokens had never been appended (generate() crops the step it runs
+        past a stop). A page other rows still share keeps its wider summary: it covers their tokens too."""
+        if self._sparse is None:
+            return
+        owned = [(page, count) for page, count in cut_pages.items() if self.allocator.refcount(page) == 1]
+        if not owned:
+            return
+        pages, counts = (torch.tensor(values, dtype=torch.int64) for values in zip(*owned))
+        for layer_idx, layer in enumerate(self.layers):
+            if layer.k_pool is not None:
+                self._sparse.refresh_page_summaries(layer_idx, layer.k_pool, pages.to(layer.k_pool.device),
+                                                    counts.to(layer.k_pool.device))
 
     def reset(self) -> None:
         """Empty the cache: every page goes back to the free list; pools stay allocated for reuse."""

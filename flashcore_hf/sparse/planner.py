@@ -9,7 +9,8 @@
 - Per layer (`layer_selector`, after the layer's K/V were appended): bring the layer's summaries of the pages a
   longer step wrote up to date (so decode always scores fresh bounds), then give attention a `LayerSelector` (the
   pages this layer reads) on sparse steps of sparse layers, None otherwise.
-- Copy-on-write page copies (`copy_page_summaries`) carry the copied pages' summaries along.
+- Copy-on-write page copies (`copy_page_summaries`) carry the copied pages' summaries along; pages a crop cut get
+  theirs recomputed from the kept keys (`refresh_page_summaries`).
 """
 from __future__ import annotations
 
@@ -151,6 +152,14 @@ class SparseCachePlanner:
     def device_buffers(self) -> list[torch.Tensor]:
         """The page key summaries of every layer (what a captured step reads and writes besides the pools)."""
         return [t for s in self.summaries.values() for t in (s.bounds, s.signs) if t is not None]
+
+    def refresh_page_summaries(self, layer_idx: int, k_pool: torch.Tensor, pages: torch.Tensor,
+                               counts: torch.Tensor) -> None:
+        """Recompute the layer's summaries of `pages` [n] from their first counts [n] (1..page_size) keys in k_pool
+        (after a crop cut them)."""
+        summaries = self.summaries.get(layer_idx)
+        if summaries is not None:
+            summaries.refresh(k_pool, *refresh_slots(pages, counts, self.page_size))
 
     def copy_page_summaries(self, layer_idx: int, k_pool: torch.Tensor, src: torch.Tensor,
                             dst: torch.Tensor) -> None:
