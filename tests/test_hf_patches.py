@@ -78,6 +78,13 @@ def test_deferred_stop_check_only_for_paged_caches_on_cuda(monkeypatch):
     dynamic = DynamicCache()
     for device in (cuda, cpu, torch.device("mps")):
         assert check(device, dynamic, True, is_assistant=False) == original(device, dynamic, True, False)
+    spread = PagedKVCache(tiny().config)                    # a model spread over devices: pools elsewhere
+
+    class _Pools:
+        k_pool = v_pool = torch.empty(0, device="meta")
+
+    spread.layers[1].pools = _Pools()
+    assert check(cuda, spread, True, is_assistant=False) is False
     monkeypatch.setattr(flashcore_hf.hf.decode_graphs, "_ENABLED", False)
     assert check(cuda, paged, True, is_assistant=False) is False
 

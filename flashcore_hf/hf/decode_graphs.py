@@ -401,9 +401,11 @@ def prepare_for_generate(model, generation_config) -> None:
 
 def defers_stop_check(device: torch.device, cache) -> bool:
     """Whether generate() reads its stop flag one step late (patches/deferred_stop.py) for this cache: a PagedKVCache
-    on CUDA while CUDA graphs are on. The flag it would wait for each step is the previous step's, so the host work
-    of step N+1 overlaps the GPU's step N; crop() undoes the extra step past a stop in a returned cache."""
-    return _ENABLED and device.type == "cuda" and isinstance(cache, PagedKVCache)
+    whose pools all live on the CUDA device generate() runs on (not a model spread over devices), while CUDA graphs
+    are on. The flag it would wait for each step is the previous step's, so the host work of step N+1 overlaps the
+    GPU's step N; crop() undoes the extra step past a stop in a returned cache."""
+    return (_ENABLED and device.type == "cuda" and isinstance(cache, PagedKVCache)
+            and all(layer.k_pool is None or layer.k_pool.device == device for layer in cache.layers))
 
 
 def pool_arena(model) -> PoolArena | None:
