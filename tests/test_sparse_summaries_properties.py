@@ -4,9 +4,9 @@ a plain model of each row's keys.
 Random programs of prefill, decode steps, multi-token steps, crop, beam reordering (rows duplicated and dropped:
 pages shared, then copied on write), repeat-interleave, row selection and reset. Checked after every step, for every
 page of every row of both (sparse) layers: the pool reads back the row's keys, the page's bounds contain its valid
-keys (exactly their max / min, except for a row's page that a crop cut and no multi-token step has rewritten since:
-its bounds may stay wider, also in the copies beams make of it) and, with "signs", the sign bits of every valid key
-are exact.
+keys (exactly their max / min, except for a page that a crop cut while other rows shared it and no multi-token step
+has rewritten since: its bounds may stay wider, also in the copies beams make of it; a crop recomputes the pages it
+cuts that only one row holds) and, with "signs", the sign bits of every valid key are exact.
 """
 from __future__ import annotations
 
@@ -80,10 +80,15 @@ class SparseSummariesMachine(RuleBasedStateMachine):
         keep = self.length() - remove
         page_size = self.cache.page_size
         self.loose = {(b, j) for b, j in self.loose if j * page_size < keep}
-        if keep % page_size:                      # each row's last kept page lost tokens: its bounds may stay wider
-            self.loose |= {(b, keep // page_size) for b in range(len(self.rows))}
         self.cache.crop(-remove)
         self.rows = [[keys[:keep] for keys in row] for row in self.rows]
+        if keep % page_size:   # each row's last kept page lost tokens: recomputed, unless other rows share it
+            j = keep // page_size
+            for b in range(len(self.rows)):
+                if self.cache.allocator.refcount(self.cache.page_table(b)[j]) > 1:
+                    self.loose.add((b, j))
+                else:
+                    self.loose.discard((b, j))
 
     @rule(data=st.data())
     def reorder(self, data):
