@@ -84,6 +84,6 @@ def failures() -> list[PatchTargetChanged]:
 
 
 __all__ = ["CACHE_KWARG", "POSITIVE_CROP_IS_LENGTH", "PatchTargetChanged", "PrefillHooks", "TESTED_MAX",
-           "TESTED_MIN", "UntestedTransformersWarning", "apply_transformers_patches", "check_transformers_version", "failures",
-           "install_default_cache_factory", "install_deferred_stop_check", "install_shared_prefill", "remove_transformers_patches",
-           "treat_as_not_flash"]
+           "TESTED_MIN", "UntestedTransformersWarning", "apply_transformers_patches", "check_transformers_version",
+           "failures", "install_default_cache_factory", "install_deferred_stop_check", "install_shared_prefill",
+           "remove_transformers_patches", "treat_as_not_flash"]

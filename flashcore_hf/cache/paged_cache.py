@@ -31,6 +31,7 @@ from ..ops import append_kv
 from ..patches import POSITIVE_CROP_IS_LENGTH
 from ..sparse.config import SparseConfig
 from ..sparse.planner import SparseCachePlanner
+from ..sparse.summaries import refresh_slots
 from .allocator import OutOfPagesError, PageAllocator
 from .handles import PagedKVHandle, PagedLayerStep
 from .pools import LayerPools, growth_target
@@ -556,10 +557,14 @@ class PagedKVCache(Cache):
         if not owned:
             return
         pages, counts = (torch.tensor(values, dtype=torch.int64) for values in zip(*owned))
+        on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer_idx, layer in enumerate(self.layers):
-            if layer.k_pool is not None:
-                self._sparse.refresh_page_summaries(layer_idx, layer.k_pool, pages.to(layer.k_pool.device),
-                                                    counts.to(layer.k_pool.device))
+            if layer.k_pool is None:
+                continue
+            dev = layer.k_pool.device
+            if dev not in on_device:
+                on_device[dev] = refresh_slots(pages.to(dev), counts.to(dev), self.page_size)
+            self._sparse.refresh_page_summaries(layer_idx, layer.k_pool, *on_device[dev])
 
     def reset(self) -> None:
         """Empty the cache: every page goes back to the free list; pools stay allocated for reuse."""

@@ -154,12 +154,12 @@ class SparseCachePlanner:
         return [t for s in self.summaries.values() for t in (s.bounds, s.signs) if t is not None]
 
     def refresh_page_summaries(self, layer_idx: int, k_pool: torch.Tensor, pages: torch.Tensor,
-                               counts: torch.Tensor) -> None:
-        """Recompute the layer's summaries of `pages` [n] from their first counts [n] (1..page_size) keys in k_pool
-        (after a crop cut them)."""
+                               page_slots: torch.Tensor) -> None:
+        """Recompute the layer's summaries of `pages` [n] from the keys at page_slots [n, P] of k_pool (after a crop
+        cut them; summaries.refresh_slots makes both)."""
         summaries = self.summaries.get(layer_idx)
         if summaries is not None:
-            summaries.refresh(k_pool, *refresh_slots(pages, counts, self.page_size))
+            summaries.refresh(k_pool, pages, page_slots)
 
     def copy_page_summaries(self, layer_idx: int, k_pool: torch.Tensor, src: torch.Tensor,
                             dst: torch.Tensor) -> None:

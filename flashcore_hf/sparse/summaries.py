@@ -26,8 +26,9 @@ class PageKeySummaries:
 
     bounds [num_pages, Hkv, 2 * D] on the layer's device. Row p belongs to physical page p: [..., :D] is the
     element-wise max and [..., D:] the element-wise min of the page's valid keys per kv head (a crop recomputes the
-    pages it cut, except pages other rows still share, whose bounds stay wider: still an upper bound). Only rows of written pages are meaningful, and every page a
-    sequence holds was written (copy-on-write copies carry their rows along), so selection reads fresh bounds.
+    pages it cut, except pages other rows still share, whose bounds stay wider: still an upper bound). Only rows of
+    written pages are meaningful, and every page a sequence holds was written (copy-on-write copies carry their rows
+    along), so selection reads fresh bounds.
     dtype: bfloat16 for bfloat16 pools (min/max of bf16 keys are exact in bf16 and scoring reads half the bytes),
     float32 otherwise (float16 products could overflow).
 
