@@ -15,9 +15,10 @@ records a CUDA event behind it (no sync: flashcore's generate() runs a step ahea
 would stop) and samples torch's peak allocated bytes since the last sample; the bytes of flashcore's page pools
 (mapped outside torch's allocator; they only grow during a call) are added once at the end (StepProbe), an upper bound
 on the call's peak. prefill_s = call start to the first logits; decode = first to last logits, on the GPU's clock
-(idle time waiting for the host included). Warm runs: each path first generates 4 tokens on the same prompt (for flashcore this captures
-its decode graph for the timed run's shape, and compiles the step when the model has no compiled graph for the batch
-size yet: compiles / compile_s count what this path and case compiled, capture_s the captures besides compiling).
+(idle time waiting for the host included). Warm runs: each path first generates 4 tokens on the same prompt (for
+flashcore this captures its decode graph for the timed run's shape, and compiles the step when the model has no
+compiled graph for the batch size yet: compiles / compile_s count what this path and case compiled, capture_s the
+captures besides compiling).
 Greedy tokens are checked against flashcore_eager's: flashcore_nocompile must be identical (identical_to_eager);
 the compiled flashcore rounds differently, so eager_agreement reports the fraction of new tokens before each row's
 first difference (1.0: identical; tests/gpu/ check that differences start only at near-ties).
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, output_dir, print_table, write_csv  # noqa: E402
+from common import StepEvents, device_name, output_dir, print_table, write_csv  # noqa: E402
 
 import flashcore_hf  # noqa: E402,F401  (registers attn_implementation="flashcore")
 from flashcore_hf.growable import total_mapped_bytes  # noqa: E402
@@ -85,13 +86,12 @@ class StepProbe(LogitsProcessor):
         self.count_pools = count_pools
         self.peak = 0
         self.times: list[float] = []
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._events: list[torch.cuda.Event] = []
+        self._events = StepEvents()
         torch.cuda.reset_peak_memory_stats()
 
     def start(self) -> None:
         """Mark the call's start (the GPU idle: the caller synced)."""
-        self._start.record()
+        self._events.start()
 
     def sample(self) -> None:
         self.peak = max(self.peak, torch.cuda.max_memory_allocated())
@@ -101,13 +101,10 @@ class StepProbe(LogitsProcessor):
         """The last sample, plus the page pools' bytes (after the timed part); the step times."""
         self.sample()
         self.peak += total_mapped_bytes("cuda") if self.count_pools else 0
-        torch.cuda.synchronize()
-        self.times = [self._start.elapsed_time(event) / 1e3 for event in self._events]
+        self.times = self._events.times()
 
     def __call__(self, input_ids, scores):
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        self._events.append(event)
+        self._events.mark()
         self.sample()
         return scores
 

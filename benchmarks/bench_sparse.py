@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, graph_of, kernels_of, median_ms, output_dir, print_table, write_csv  # noqa: E402
+from common import StepEvents, device_name, graph_of, kernels_of, median_ms, output_dir, print_table, write_csv  # noqa: E402
 
 import flashcore_hf as fc  # noqa: E402
 from flashcore_hf.cache import page_count_bucket  # noqa: E402
@@ -239,25 +239,11 @@ def sparse_config(policy: str, budget: int) -> fc.SparseConfig:
     return fc.SparseConfig(token_budget=budget, **POLICY_OPTIONS.get(policy, dict(policy=policy)))
 
 
-class StepClock:
-    """A generate() stopping criterion that only records a CUDA event behind each step (no host sync: flashcore's
-    generate() runs a step ahead of the GPU); `times()` are the events' seconds from `start()`, on the GPU's clock."""
-
-    def __init__(self):
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._events: list[torch.cuda.Event] = []
-
-    def start(self) -> None:
-        self._start.record()
-
-    def times(self) -> list[float]:
-        torch.cuda.synchronize()
-        return [self._start.elapsed_time(event) / 1e3 for event in self._events]
+class StepClock(StepEvents):
+    """A generate() stopping criterion that only marks each step (common.StepEvents: no host sync)."""
 
     def __call__(self, input_ids, scores, **kwargs):
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        self._events.append(event)
+        self.mark()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 

@@ -103,3 +103,25 @@ def graph_of(fn):
         return graph.replay, ""
     except RuntimeError as err:  # a host sync or an unsupported op inside: report it
         return None, str(err).splitlines()[0][:120]
+
+
+class StepEvents:
+    """Times of the steps of a generate() call on the GPU's clock, without a host sync per step (which would keep
+    flashcore's generate() from running a step ahead of the GPU): `start()` after a sync, `mark()` after each step
+    (a CUDA event behind the work queued so far), `times()` the marks' seconds from the start (syncs once)."""
+
+    def __init__(self):
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._marks: list[torch.cuda.Event] = []
+
+    def start(self) -> None:
+        self._start.record()
+
+    def mark(self) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self._marks.append(event)
+
+    def times(self) -> list[float]:
+        torch.cuda.synchronize()
+        return [self._start.elapsed_time(event) / 1e3 for event in self._marks]

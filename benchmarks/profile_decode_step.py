@@ -226,8 +226,8 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     path = write_csv(rows, "profile_decode_step.csv")
-    columns = ["case", "compile", "run_ahead_step_ms", "step_ms", "hf_before_ms", "runner_before_ms", "launch_ms", "after_launch_ms",
-               "gpu_replay_ms", "gpu_single_replay_ms", "floor_ms", "pct_of_floor", "kernels_per_step", "attention_ms",
+    columns = ["case", "compile", "run_ahead_step_ms", "step_ms", "hf_before_ms", "runner_before_ms", "launch_ms",
+               "after_launch_ms", "gpu_replay_ms", "gpu_single_replay_ms", "floor_ms", "pct_of_floor", "kernels_per_step", "attention_ms",
                "gemm_ms", "fused_ms", "other_ms", "compiles", "compile_s"]
     print_table(rows, columns + [c for c in rows[0] if c not in columns])
     print(f"CSV: {path}")
