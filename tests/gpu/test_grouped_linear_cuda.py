@@ -107,13 +107,14 @@ def test_cuda_graph_replay(rows, monkeypatch, generator):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [3, 17, 32, 33, 64])
 @pytest.mark.parametrize("k, ns", [(8, [1]), (136, [3, 17]), (520, [33, 1, 64]), (4096, [4096, 1024, 1024]),
-                                   (2048, [200]), (14336, [40])])
+                                   (2048, [200]), (14336, [40]), (520, [17000, 20000])])
 @pytest.mark.parametrize("bias", [False, True])
 def test_tensor_core_kernel_matches_float64_within_cublas_error(dtype, rows, k, ns, bias, monkeypatch, generator):
     """The tensor-core kernel (3-64 tokens; forced for every call it supports, by default it takes calls of 3+
     weights): token counts below and at its 32 / 64 padding, weights shorter than its 128-row tile, k not a multiple
-    of its 64-element stage, and the split-k clusters (4096 x [4096, 1024, 1024]: 48 tiles; 2048 x [200] and
-    14336 x [40]: 2 and 1 tiles, split 4 and 8 ways on an H200)."""
+    of its 64-element stage, the split-k clusters (4096 x [4096, 1024, 1024]: 48 tiles; 2048 x [200] and
+    14336 x [40]: 2 and 1 tiles, split 4 and 8 ways on an H200) and more tiles than resident CTAs (520 x
+    [17000, 20000]: 290 tiles, partial last tiles of both weights)."""
     monkeypatch.setenv("FLASHCORE_GROUPED_LINEAR_KERNEL", "tensor_core")
     x, weights, biases = make(generator, dtype, rows, k, ns, bias)
     outs = grouped_linear(x, weights, biases)

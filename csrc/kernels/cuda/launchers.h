@@ -79,6 +79,6 @@ bool grouped_linear_prefers_kernel(const GroupedLinearParams& p, const GroupedLi
 cudaError_t launch_grouped_linear(const GroupedLinearParams& p, const GroupedLinearDevice& device, cudaStream_t stream);
 // Whether this build has the sm_90a tensor-core kernel for this dtype and the driver can encode its TMA maps.
 bool grouped_linear_wgmma_available(DType dtype);
-cudaError_t launch_grouped_linear_wgmma(const GroupedLinearParams& p, int num_sms, cudaStream_t stream);
+cudaError_t launch_grouped_linear_wgmma(const GroupedLinearParams& p, cudaStream_t stream);
 
 }  // namespace flashcore

@@ -247,7 +247,7 @@ bool grouped_linear_prefers_kernel(const GroupedLinearParams& p, const GroupedLi
 cudaError_t launch_grouped_linear(const GroupedLinearParams& p, const GroupedLinearDevice& device,
                                   cudaStream_t stream) {
   if (p.m == 0) return cudaSuccess;
-  if (p.m > GroupedLinearParams::kGemvMaxRows) return launch_grouped_linear_wgmma(p, device.num_sms, stream);
+  if (p.m > GroupedLinearParams::kGemvMaxRows) return launch_grouped_linear_wgmma(p, stream);
   return p.dtype == DType::kBFloat16 ? launch_dtype<__nv_bfloat16>(p, device.num_sms, stream)
                                      : launch_dtype<__half>(p, device.num_sms, stream);
 }

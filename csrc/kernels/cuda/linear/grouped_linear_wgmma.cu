@@ -14,7 +14,8 @@
 // the end each writes its partial sums to its shared memory and, after a cluster barrier, CTA r adds up rows
 // [r * kTileRows / s, (r + 1) * kTileRows / s) of all s partials through distributed shared memory in rank order
 // (deterministic), adds the bias and writes the outputs. No global workspace, no extra launch. The split count
-// fills the GPU's resident CTAs for the small matrices (q/k/v, o, down: a few dozen tiles).
+// fills the GPU for the small matrices (q/k/v, o, down: a few dozen tiles) as far as all clusters stay resident at
+// once (choose_splits).
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -205,21 +206,43 @@ bool encode_matrix(CUtensorMap* map, const void* ptr, int64_t rows, int64_t k, i
                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The most clusters of `splits` CTAs that can be resident at once, for splits 1, 2, 4 and 8 (index log2(splits)),
+// queried once per kernel: a cluster is placed within one GPC, so this can be less than the resident CTAs / splits
+// (the H200 holds 30 clusters of 8, not 33, at two CTAs per SM).
 template <typename T, int N>
-int blocks_per_sm() {
-  static const int value = [] {
-    auto kernel = grouped_linear_wgmma_kernel<T, N>;
-    int v = 0;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Shape<N>::kSmemBytes) !=
-            cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, kThreads, Shape<N>::kSmemBytes) != cudaSuccess ||
-        v < 1) {
-      (void)cudaGetLastError();
-      return 1;
+const int* max_active_clusters() {
+  struct Table {
+    int value[4] = {1, 1, 1, 1};
+    Table() {
+      auto kernel = grouped_linear_wgmma_kernel<T, N>;
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Shape<N>::kSmemBytes) !=
+          cudaSuccess) {
+        (void)cudaGetLastError();
+        return;
+      }
+      for (int i = 0; i < 4; ++i) {
+        cudaLaunchConfig_t config = {};
+        config.gridDim = dim3(1u << i, 1, 1);
+        config.blockDim = dim3(kThreads, 1, 1);
+        config.dynamicSmemBytes = Shape<N>::kSmemBytes;
+        cudaLaunchAttribute cluster;
+        cluster.id = cudaLaunchAttributeClusterDimension;
+        cluster.val.clusterDim.x = 1u << i;
+        cluster.val.clusterDim.y = 1;
+        cluster.val.clusterDim.z = 1;
+        config.attrs = &cluster;
+        config.numAttrs = 1;
+        int clusters = 0;
+        if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters < 1) {
+          (void)cudaGetLastError();
+          clusters = 1;
+        }
+        value[i] = clusters;
+      }
     }
-    return v;
-  }();
-  return value;
+  };
+  static const Table table;
+  return table.value;
 }
 
 int64_t total_tiles(const GroupedLinearParams& p) {
@@ -228,17 +251,20 @@ int64_t total_tiles(const GroupedLinearParams& p) {
   return tiles;
 }
 
-// Splits of k (the cluster size): doubled while the CTAs still fit in one wave of the resident slots and each split
-// keeps at least 4 chunks.
-int choose_splits(int64_t tiles, int k, int slots) {
+// Splits of k (the cluster size): doubled while every cluster of the doubled size is still resident at once (one
+// wave: a tile whose cluster waits for a second wave doubles the call's time) and each split keeps at least 4 chunks.
+int choose_splits(int64_t tiles, int k, const int* max_clusters) {
   const int chunks = (k + kChunkK - 1) / kChunkK;
-  int splits = 1;
-  while (splits < kMaxSplits && tiles * splits * 2 <= slots && chunks >= 2 * splits * 4) splits *= 2;
+  int splits = 1, log2_splits = 0;
+  while (splits < kMaxSplits && tiles <= max_clusters[log2_splits + 1] && chunks >= 2 * splits * 4) {
+    splits *= 2;
+    ++log2_splits;
+  }
   return splits;
 }
 
 template <typename T, int N>
-cudaError_t launch_tokens(const GroupedLinearParams& p, int num_sms, cudaStream_t stream) {
+cudaError_t launch_tokens(const GroupedLinearParams& p, cudaStream_t stream) {
   if (!sm90a_body_built<grouped_linear_wgmma_kernel<T, N>>()) return cudaErrorNotSupported;
   const int64_t tiles = total_tiles(p);
   if (tiles == 0) return cudaSuccess;
@@ -246,7 +272,7 @@ cudaError_t launch_tokens(const GroupedLinearParams& p, int num_sms, cudaStream_
   if (!encode_matrix(&maps.x, p.x, p.m, p.k, p.x_stride, N, p.dtype)) return cudaErrorInvalidValue;
   for (int i = 0; i < p.num_weights; ++i)
     if (!encode_matrix(&maps.w[i], p.weights[i], p.n[i], p.k, p.k, kTileRows, p.dtype)) return cudaErrorInvalidValue;
-  const int splits = choose_splits(tiles, p.k, num_sms * blocks_per_sm<T, N>());
+  const int splits = choose_splits(tiles, p.k, max_active_clusters<T, N>());
   // Set per launch (a cheap host call): the attribute belongs to the current device.
   const cudaError_t err = cudaFuncSetAttribute(grouped_linear_wgmma_kernel<T, N>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Shape<N>::kSmemBytes);
@@ -269,8 +295,8 @@ cudaError_t launch_tokens(const GroupedLinearParams& p, int num_sms, cudaStream_
 }
 
 template <typename T>
-cudaError_t launch_dtype(const GroupedLinearParams& p, int num_sms, cudaStream_t stream) {
-  return p.m <= 32 ? launch_tokens<T, 32>(p, num_sms, stream) : launch_tokens<T, 64>(p, num_sms, stream);
+cudaError_t launch_dtype(const GroupedLinearParams& p, cudaStream_t stream) {
+  return p.m <= 32 ? launch_tokens<T, 32>(p, stream) : launch_tokens<T, 64>(p, stream);
 }
 
 }  // namespace
@@ -283,9 +309,8 @@ bool grouped_linear_wgmma_available(DType dtype) {
                                          sm90a_body_built<grouped_linear_wgmma_kernel<__half, 64>>();
 }
 
-cudaError_t launch_grouped_linear_wgmma(const GroupedLinearParams& p, int num_sms, cudaStream_t stream) {
-  return p.dtype == DType::kBFloat16 ? launch_dtype<__nv_bfloat16>(p, num_sms, stream)
-                                     : launch_dtype<__half>(p, num_sms, stream);
+cudaError_t launch_grouped_linear_wgmma(const GroupedLinearParams& p, cudaStream_t stream) {
+  return p.dtype == DType::kBFloat16 ? launch_dtype<__nv_bfloat16>(p, stream) : launch_dtype<__half>(p, stream);
 }
 
 }  // namespace flashcore
