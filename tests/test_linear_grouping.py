@@ -107,17 +107,23 @@ def test_float32_models_are_left_alone(generator):
     assert record["calls"] == [0]
 
 
-def test_dynamic_batch_is_left_alone(generator):
-    """A graph compiled with a symbolic batch (dynamo's automatic dynamic shapes) does not know its row count."""
+def test_dynamic_batch_is_grouped_and_the_op_decides_per_call(generator):
+    """A graph compiled with a symbolic batch (dynamo's automatic dynamic shapes: the decode step's graph for every
+    batch size > 1) groups its linears like a static one; the op takes any row count (the kernels up to 64 tokens,
+    torch's linear per weight beyond), so the logits equal the model's at 2, 3 and 65 rows from one graph."""
     model = _tiny(layers=1)
-    record = {"calls": []}
+    record = {"calls": [], "graphs": []}
 
     def backend(gm, example_inputs):
         record["calls"].append(group_small_linears(gm))
+        record["graphs"].append(gm)
         return gm.forward
 
     fn = torch.compile(lambda ids: model(input_ids=ids, use_cache=False).logits, backend=backend, fullgraph=True,
                        dynamic=True)
     with torch.no_grad():
-        fn(torch.randint(0, 96, (2, 1), generator=generator))
-    assert record["calls"] == [0]
+        for batch in (2, 3, GROUPED_LINEAR_MAX_ROWS + 1):
+            ids = torch.randint(0, 96, (batch, 1), generator=generator)
+            torch.testing.assert_close(fn(ids), model(input_ids=ids, use_cache=False).logits, rtol=0, atol=0)
+    assert record["calls"] == [4 * 1 + 1]
+    assert torch._C._nn.linear not in _targets(record["graphs"][0])

@@ -9,10 +9,12 @@ model keeps them (no concatenated copy: memory is unchanged and the module is no
 rewritten, before inductor compiles it.
 
 `group_small_linears(gm)` rewrites a dynamo FX graph in place: calls of torch's linear whose input has at most
-`max_rows` tokens (static shape, float16 / bfloat16, last dimension a multiple of 8) are grouped by input node, up to
-GROUPED_LINEAR_MAX_WEIGHTS per group in graph order; each group becomes one call whose outputs replace the linears'.
-A single linear on such an input becomes a group of one. Whether a call runs the kernel or torch's linear per weight
-(where that measured faster, e.g. an 8B model's 1 GB lm_head) is the op's decision, made per call on its shapes.
+`max_rows` tokens (float16 / bfloat16, a static last dimension that is a multiple of 8) are grouped by input node, up
+to GROUPED_LINEAR_MAX_WEIGHTS per group in graph order; each group becomes one call whose outputs replace the
+linears'. A single linear on such an input becomes a group of one. A symbolic token count (the decode step's graph
+for batch sizes > 1 has a dynamic batch: compiled_decode.py) is grouped too, since the op takes any row count. Whether
+a call runs a kernel or torch's linear per weight (more than 64 tokens; where that measured faster, e.g. an 8B model's
+1 GB lm_head, or one or two weights at 3-64 tokens) is the op's decision, made per call on its shapes.
 """
 from __future__ import annotations
 
@@ -51,13 +53,16 @@ def _linear_args(node: torch.fx.Node):
 
 
 def _groupable(x, weight, bias, max_rows: int) -> bool:
-    """Whether linear(x, weight, bias) can join a group: x a few tokens with a static shape in a kernel dtype, the
-    weight [n, k] contiguous in x's dtype and device, the bias None or [n]."""
+    """Whether linear(x, weight, bias) can join a group: x in a kernel dtype with a static last dimension k and at
+    most max_rows tokens (or a symbolic count, left to the op per call), the weight [n, k] static and contiguous in
+    x's dtype and device, the bias None or [n]."""
     xv, wv = _example(x), _example(weight)
-    if xv is None or wv is None or xv.dim() < 1 or not _static(xv) or not _static(wv):
+    if xv is None or wv is None or xv.dim() < 1 or not _static(wv):
         return False
     k = xv.shape[-1]
-    if xv.dtype not in _KERNEL_DTYPES or k == 0 or k % 8 != 0 or xv.numel() // k > max_rows:
+    if not isinstance(k, int) or xv.dtype not in _KERNEL_DTYPES or k == 0 or k % 8 != 0:
+        return False
+    if _static(xv) and xv.numel() // k > max_rows:
         return False
     if wv.dim() != 2 or wv.shape[1] != k or wv.dtype != xv.dtype or wv.device != xv.device or \
             not wv.is_contiguous():

@@ -129,6 +129,9 @@ def test_compile_reported_once_per_model(generator):
         stats = generate(rows, 300)
     print(f"after batch sizes 1, 5, 7, 2: {stats}")
     assert stats.compiles <= 3 and stats.compiled_replays == stats.replays
+    # Every compiled graph groups its linears (q/k/v, o, gate/up, down per layer, and lm_head), the one with a
+    # dynamic batch included: the op picks kernel or cuBLAS per call.
+    assert stats.grouped_linears == (4 * config.num_hidden_layers + 1) * stats.compiles
     fc.release_decode_graphs(model)
     stats = generate(5, 300)                                            # graphs freed, compiled code kept
     assert stats.compiles <= 3 and stats.compiled_replays == stats.replays
