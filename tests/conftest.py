@@ -1,6 +1,12 @@
-"""Test configuration: GPU tests (marked `gpu`) are skipped unless CUDA and the CUDA kernels are available."""
+"""Test configuration: GPU tests (marked `gpu`) are skipped unless CUDA and the CUDA kernels are available; the suite
+runs offline, so transformers' Hub kernels (from_pretrained kernelizes layers with code downloaded from the Hub by
+default since 5.25) are off unless the environment says otherwise."""
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 
 
 def _cuda_kernels_available() -> bool:
