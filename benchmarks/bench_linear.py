@@ -67,9 +67,8 @@ def main():
             t_cublas = median_ms(cublas) * 1e3 / copies
             t_grouped = median_ms(grouped) * 1e3 / copies
             row = dict(rows=rows, weights=name, MB=weight_bytes / 1e6, copies=copies, cublas_us=t_cublas,
-                       grouped_us=t_grouped,
-                       cublas_TBps=weight_bytes / t_cublas / 1e6, grouped_TBps=weight_bytes / t_grouped / 1e6,
-                       speedup=t_cublas / t_grouped)
+                       grouped_us=t_grouped, cublas_TBps=weight_bytes / t_cublas / 1e6,
+                       grouped_TBps=weight_bytes / t_grouped / 1e6, speedup=t_cublas / t_grouped)
             rows_out.append(row)
             if name != "lm_head":
                 layer_us.setdefault(rows, [0.0, 0.0])

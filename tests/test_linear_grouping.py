@@ -53,7 +53,7 @@ def _tiny(family="llama", layers=2):
     return model.to(torch.bfloat16).eval()
 
 
-def _compiled_with_pass(model, max_rows=GROUPED_LINEAR_MAX_ROWS):
+def _compiled_with_pass(model, max_rows=GROUPED_LINEAR_MAX_ROWS, dynamic=False):
     """The model's forward compiled with a backend that applies the rewrite; returns (fn, record)."""
     record = {"calls": [], "graphs": []}
 
@@ -63,7 +63,7 @@ def _compiled_with_pass(model, max_rows=GROUPED_LINEAR_MAX_ROWS):
         return gm.forward
 
     fn = torch.compile(lambda ids: model(input_ids=ids, use_cache=False).logits, backend=backend, fullgraph=True,
-                       dynamic=False)
+                       dynamic=dynamic)
     return fn, record
 
 
@@ -112,15 +112,7 @@ def test_dynamic_batch_is_grouped_and_the_op_decides_per_call(generator):
     batch size > 1) groups its linears like a static one; the op takes any row count (the kernels up to 64 tokens,
     torch's linear per weight beyond), so the logits equal the model's at 2, 3 and 65 rows from one graph."""
     model = _tiny(layers=1)
-    record = {"calls": [], "graphs": []}
-
-    def backend(gm, example_inputs):
-        record["calls"].append(group_small_linears(gm))
-        record["graphs"].append(gm)
-        return gm.forward
-
-    fn = torch.compile(lambda ids: model(input_ids=ids, use_cache=False).logits, backend=backend, fullgraph=True,
-                       dynamic=True)
+    fn, record = _compiled_with_pass(model, dynamic=True)
     with torch.no_grad():
         for batch in (2, 3, GROUPED_LINEAR_MAX_ROWS + 1):
             ids = torch.randint(0, 96, (batch, 1), generator=generator)
