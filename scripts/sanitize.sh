@@ -3,7 +3,8 @@
 # - memcheck: repeated generate() calls with sparse policies and CUDA graphs (8K tokens in 16-token pages cross the
 #   same 2 MiB bounds-granule boundary as 32K in 64-token pages), the sparse GPU tests (key signs included), graph
 #   reuse across calls, the rerank stage's candidate scores and pick, the decode kernel's split merge, growable pools
-#   unmapped behind queued kernels, the prefill kernels on a reduced grid, the grouped linear kernels;
+#   unmapped behind queued kernels, the prefill kernels on a reduced grid, cascade decode with prefix key splits, the
+#   grouped linear kernels;
 # - racecheck: append_kv, the sparse selection kernels; the decode and prefill kernels are tried and reported (see
 #   below).
 # Exits non-zero when the sanitizer reports an error or a test fails.
@@ -36,6 +37,10 @@ compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/te
 # unused slots at TMA page sizes 8..512.
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_prefill_cuda.py \
   -k "wgmma and (mixed_batch and -4- or unused_slots)" || status=1
+# Cascade decode: a large group's prefix in key splits through the prefill kernel (splits without pages among them),
+# decode-sized groups through the decode kernel, and the merge of the split partials with each row's own pages.
+compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" \
+  tests/gpu/test_shared_prefix_gpu.py::test_cascade_matches_one_pass_attention || status=1
 # The grouped linear kernels: the tensor-core one (TMA ring, wgmma, split-k reduced through distributed shared memory
 # across a cluster) over odd token counts, short weights and k not a multiple of a stage, and the GEMV.
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_grouped_linear_cuda.py \

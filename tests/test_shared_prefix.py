@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import flashcore_hf as fc
-from flashcore_hf.cache.step_plan import CASCADE_MIN_SAVED, PREFIX, SUFFIX, QueryRuns, cascade_layouts, shared_prefixes
+from flashcore_hf.cache.step_plan import (CASCADE_MIN_SAVED, PREFIX, SUFFIX, QueryRuns, cascade_layouts,
+                                          prefix_splits, shared_prefixes)
 from flashcore_hf.hf.attention import FlashCoreAttention
-from flashcore_hf.ops import merge_attention_states
+from flashcore_hf.ops import cascade_attention, merge_attention_states, plan_attention
 from tests.reference import reference_paged_attention
 
 
@@ -50,6 +51,25 @@ def test_merge_attention_states_equals_attention_over_the_union(generator, split
         a = torch.zeros_like(a)
     merged = merge_attention_states(a.float(), lse_a.float(), b.float(), lse_b.float(),
                                     None if sinks is None else sinks.float())
+    torch.testing.assert_close(merged.double(), whole, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cuts", [(0, 13, 40), (5, 5, 21, 40), (9, 40, 40, 40)])
+def test_merge_of_part_a_in_key_splits(generator, cuts):
+    """Part a as several partial states [S, T_a, H, D] (key splits, some empty) read through a_rows: the same as
+    attention over all the keys."""
+    t, h, d, n = 5, 3, 16, 40
+    q, k, v = (torch.randn(x, h, d, generator=generator) for x in (t, n, n))
+    rows = torch.tensor([4, 0, 3, 1, 2], dtype=torch.int32)
+    sinks = torch.randn(h, generator=generator)
+    whole, _ = _attention(q, k, v, sinks)
+    starts = (0,) + cuts[:-1]
+    parts = [_attention(q[rows.long().argsort()], k[a:b], v[a:b]) for a, b in zip(starts, cuts)]
+    out_a = torch.stack([o if b > a else torch.zeros_like(o) for (o, _), a, b in zip(parts, starts, cuts)]).float()
+    lse_a = torch.stack([lse for _, lse in parts]).float()
+    rest, lse_rest = _attention(q, k[n:], v[n:])
+    merged = merge_attention_states(out_a, lse_a, torch.zeros_like(rest).float(), lse_rest.float(), sinks,
+                                    a_rows=rows)
     torch.testing.assert_close(merged.double(), whole, atol=1e-5, rtol=1e-5)
 
 
@@ -85,12 +105,18 @@ def test_merge_rejects_bad_input():
         merge_attention_states(out, lse, out.half(), lse)
     with pytest.raises(RuntimeError, match="same rows"):
         merge_attention_states(out[:1], lse[:1], out, lse)
+    with pytest.raises(RuntimeError, match="lse_a must be a contiguous float32 \\[2, 2, 3\\]"):
+        merge_attention_states(out.expand(2, 2, 3, 4).contiguous(), lse, out, lse)
+    with pytest.raises(RuntimeError, match="out_a must be"):
+        merge_attention_states(out[None, None], lse, out, lse)
 
 
 def test_merge_opcheck(generator):
     out, lse = torch.randn(5, 2, 8, generator=generator), torch.randn(5, 2, generator=generator)
     rows = torch.tensor([4, 3, 2, 1, 0], dtype=torch.int32)
     torch.library.opcheck(torch.ops.flashcore.merge_attention_states, (out, lse, out + 1, lse - 1, None, rows))
+    torch.library.opcheck(torch.ops.flashcore.merge_attention_states,
+                          (torch.stack([out, out - 1]), torch.stack([lse, lse + 1]), out + 1, lse - 1, None, rows))
 
 
 def test_merge_of_rows_without_keys_gives_zeros():
@@ -113,14 +139,44 @@ def test_groups_share_only_full_pages_before_each_rows_last_key():
     assert layouts[SUFFIX].cols.tolist() == [7, 9, 7, 1, 3]
     assert layouts[SUFFIX].token_counts.tolist() == [8, 3, 1, 5, 4]
     assert largest == {PREFIX: 2, SUFFIX: 1} and group_indptr.tolist() == [0, 3, 4, 5]
+    assert order.tolist() == [0, 1, 2, 3, 4] and inverse.tolist() == [0, 1, 2, 3, 4]
     assert shared_prefixes(tables, [40, 35, 33, 20, 4], 16) is None   # 64 of 132 keys saved: under the threshold
 
 
-def test_large_groups_are_cut_into_decode_sized_groups():
+def test_prefix_key_splits_are_rows_of_the_prefix_layout_split_major():
+    tables = [[5, 6, 7, 8, 9, 20], [1, 2], [5, 6, 7, 8, 9, 21]]
+    keys = [90, 20, 88]                     # page size 16: rows 0 and 2 share 5 full pages
+    shared = shared_prefixes(tables, keys, 16, min_saved=0.0)
+    assert shared.order == [0, 2, 1] and shared.group_starts == [0, 2, 3] and shared.prefix_pages == [5, 0]
+    runs = QueryRuns(list(range(4)), list(range(3)), keys)
+    layouts, largest, (order, inverse, group_indptr) = cascade_layouts(shared, runs, tables, 16, splits=3)
+    # 5 pages in 3 splits of ceil(5 / 3) = 2: [5, 6], [7, 8], [9]; the row alone has no shared page in any split
+    assert layouts[PREFIX].row_offsets.tolist() == [0, 2, 2, 4, 4, 5, 5]
+    assert layouts[PREFIX].cols.tolist() == [5, 6, 7, 8, 9]
+    assert order.tolist() == [0, 2, 1] * 3 and inverse.tolist() == [0, 2, 1]
+    assert group_indptr.tolist() == [0, 2, 3, 5, 6, 8, 9] and largest[PREFIX] == 2
+
+
+def test_rows_sharing_a_prefix_form_one_group_unless_capped():
     tables = [[1, 2, 3, 10 + r] for r in range(40)]
     shared = shared_prefixes(tables, [60] * 40, 16)
-    assert shared.group_starts == [0, 16, 32, 40] and shared.prefix_pages == [3, 3, 3]
-    assert shared.largest_group == 16
+    assert shared.group_starts == [0, 40] and shared.prefix_pages == [3] and shared.largest_group == 40
+    capped = shared_prefixes(tables, [60] * 40, 16, max_group=16)
+    assert capped.group_starts == [0, 16, 32, 40] and capped.prefix_pages == [3, 3, 3]
+
+
+def test_prefix_splits_fill_the_gpu_for_large_groups():
+    def splits(rows, prefix_keys, page=64, heads=32, sms=132):
+        tables = [list(range(prefix_keys // page)) + [10_000 + r] for r in range(rows)]
+        shared = shared_prefixes(tables, [prefix_keys + 1] * rows, page)
+        return prefix_splits(shared, page, heads, sms)
+    assert splits(128, 2048) == 4          # 32 blocks of 128 query rows: 4 splits of 512 keys fill 132 SMs
+    assert splits(256, 2048) == 2          # 64 blocks
+    assert splits(64, 8192) == 8           # 16 blocks
+    assert splits(64, 1024) == 2           # no split under CASCADE_SPLIT_KEYS keys
+    assert splits(1000, 32768) == 1        # 250 blocks fill the GPU alone
+    assert splits(16, 32768) == 1          # decode-sized groups: the decode kernel splits keys itself
+    assert splits(128, 2048, sms=0) == 1   # CPU
 
 
 def test_no_cascade_when_it_saves_little():
@@ -129,22 +185,24 @@ def test_no_cascade_when_it_saves_little():
     assert 16 / 96 < CASCADE_MIN_SAVED
 
 
-def _assert_cascade_equals_full_attention(tables, keys, page, shared, generator, *, group, num_pages=None):
+def _assert_cascade_equals_full_attention(tables, keys, page, shared, generator, *, group, num_pages=None, splits=1):
     """Decode rows (one query each) reading `keys[b]` keys through `tables[b]`: attention over the cascade layouts
-    of `shared` (prefix grouped, non-causal; suffix per row) merged by lse equals attention over each row's pages."""
+    of `shared` (prefix grouped in `splits` key splits, non-causal; suffix per row) merged by lse
+    (ops.cascade_attention) equals attention over each row's pages."""
     hkv, d = 2, 8
     num_pages = num_pages or max(p for t in tables for p in t) + 1
     k_pool = torch.randn(num_pages, page, hkv, d, generator=generator)
     v_pool = torch.randn(num_pages, page, hkv, d, generator=generator)
     rows = len(tables)
     runs = QueryRuns(list(range(rows + 1)), list(range(rows)), keys)
-    layouts, _, (order, inverse, group_indptr) = cascade_layouts(shared, runs, tables, page)
+    layouts, _, (order, inverse, group_indptr) = cascade_layouts(shared, runs, tables, page, splits)
     q = torch.randn(rows, hkv * group, d, generator=generator)
     q_indptr = torch.arange(rows + 1, dtype=torch.int32)
-    out_p, lse_p = fc.paged_attention(q[order.long()], k_pool, v_pool, layouts[PREFIX], group_indptr, causal=False,
-                                      return_lse=True)
-    out_s, lse_s = fc.paged_attention(q, k_pool, v_pool, layouts[SUFFIX], q_indptr, return_lse=True)
-    merged = merge_attention_states(out_p, lse_p, out_s, lse_s, a_rows=inverse)
+    options = dict(num_q_heads=hkv * group, num_kv_heads=hkv, head_dim=d, page_size=page, dtype=q.dtype)
+    prefix_plan = plan_attention(layouts[PREFIX], group_indptr, causal=False, **options)
+    suffix_plan = plan_attention(layouts[SUFFIX], q_indptr, **options)
+    merged = cascade_attention(q, k_pool, v_pool, prefix_plan, layouts[PREFIX], suffix_plan, layouts[SUFFIX], order,
+                               inverse, group_indptr, q_indptr)
     cols = torch.tensor([p for t, n in zip(tables, keys) for p in t[:-(-n // page)]], dtype=torch.int32)
     counts = torch.tensor([min(page, n - i * page) for n in keys for i in range(-(-n // page))], dtype=torch.int32)
     offsets = torch.tensor([0, *torch.tensor([-(-n // page) for n in keys]).cumsum(0).tolist()], dtype=torch.int32)
@@ -164,7 +222,7 @@ def test_cascade_layouts_read_the_same_keys_as_the_full_layout(generator):
 @st.composite
 def _decode_batches(draw):
     """Page tables of a decode step whose rows continue a few prompts (shared leading pages, then their own), each
-    row's key count, the page size and a group size cap."""
+    row's key count, the page size, a group size cap and a prefix split count."""
     page = draw(st.integers(1, 5))
     trunks = draw(st.lists(st.lists(st.integers(0, 59), min_size=0, max_size=4, unique=True), min_size=1,
                            max_size=3))
@@ -176,22 +234,23 @@ def _decode_batches(draw):
         next_page += own
         tables.append(table)
         keys.append(draw(st.integers((len(table) - 1) * page + 1, len(table) * page)))
-    return tables, keys, page, draw(st.integers(1, 4))
+    return tables, keys, page, draw(st.integers(1, 4)), draw(st.integers(1, 3))
 
 
 @given(_decode_batches(), st.integers(0, 2**16))
 @settings(max_examples=80, deadline=None)
 def test_cascade_equals_full_attention_on_random_decode_batches(batch, seed):
-    """Any batch of rows sharing leading pages (any page size, partial last pages, group caps cutting groups): the
-    prefix attention (groups, non-causal) merged with each row's suffix equals attention over each row's pages."""
-    tables, keys, page, max_group = batch
+    """Any batch of rows sharing leading pages (any page size, partial last pages, group caps cutting groups, prefix
+    key splits): the prefix attention (groups, non-causal) merged with each row's suffix equals attention over each
+    row's pages."""
+    tables, keys, page, max_group, splits = batch
     shared = shared_prefixes(tables, keys, page, min_saved=0.0, max_group=max_group)
     if shared is None:
         return
     assert sorted(shared.order) == list(range(len(tables)))
     assert all(b - a <= max_group for a, b in zip(shared.group_starts[:-1], shared.group_starts[1:]))
     layouts = _assert_cascade_equals_full_attention(tables, keys, page, shared, torch.Generator().manual_seed(seed),
-                                                    group=2)
+                                                    group=2, splits=splits)
     for layout in layouts.values():
         assert layout.cols.numel() == layout.token_counts.numel() == int(layout.row_offsets[-1])
 
@@ -255,6 +314,26 @@ def test_repeated_prompts_in_scattered_rows_greedy(model, monkeypatch):
     finally:
         model.set_attn_implementation("flashcore")
     assert torch.equal(shared_out, sdpa_out)
+
+
+def test_large_groups_read_their_prefix_in_key_splits(model, monkeypatch):
+    """A group larger than the decode kernel's takes the prefill kernel over key splits of its prefix (as on a GPU:
+    the split rule is given a GPU's multiprocessor count and a small split size here): same tokens as without
+    sharing, over several generate() calls of different lengths."""
+    from flashcore_hf.cache import paged_cache, step_plan
+    monkeypatch.setattr(paged_cache, "device_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(step_plan, "CASCADE_SPLIT_KEYS", 16)
+    splits = []
+    original = paged_cache.prefix_splits
+    monkeypatch.setattr(paged_cache, "prefix_splits", lambda *args: splits.append(original(*args)) or splits[-1])
+    generator = torch.Generator().manual_seed(4)
+    for rows, length in ((20, 70), (24, 41), (20, 70)):
+        ids = torch.randint(1, 200, (1, length), generator=generator).expand(rows, -1)
+        splits.clear()
+        shared_out, _ = _generate(model, ids, True, max_new_tokens=6, do_sample=False)
+        assert splits and min(splits) >= 2, splits
+        plain_out, _ = _generate(model, ids, False, max_new_tokens=6, do_sample=False)
+        assert torch.equal(shared_out, plain_out), (rows, length)
 
 
 def test_samples_and_beams_of_one_prompt(model, monkeypatch):

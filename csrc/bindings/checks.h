@@ -136,26 +136,34 @@ inline MergeStatesParams make_merge_states_params(const at::Tensor& out_a, const
                                                   const std::optional<at::Tensor>& sinks,
                                                   const std::optional<at::Tensor>& a_rows, at::Tensor& out) {
   constexpr const char* op = "merge_attention_states";
-  FC_CHECK(out_a.dim() == 3 && out_b.dim() == 3, op, ": out_a and out_b must be [rows, num_heads, head_dim], got ",
+  // Part a: one state [rows_a, num_heads, head_dim] or a_splits partial states [a_splits, rows_a, num_heads, head_dim].
+  FC_CHECK((out_a.dim() == 3 || out_a.dim() == 4) && out_b.dim() == 3, op, ": out_a must be [rows_a, num_heads, "
+           "head_dim] or [splits, rows_a, num_heads, head_dim] and out_b [rows, num_heads, head_dim], got ",
            out_a.sizes(), " and ", out_b.sizes());
-  FC_CHECK(out_a.size(1) == out_b.size(1) && out_a.size(2) == out_b.size(2), op, ": out_a ", out_a.sizes(),
+  const bool split_a = out_a.dim() == 4;
+  const int64_t a_splits = split_a ? out_a.size(0) : 1, rows_a = out_a.size(split_a ? 1 : 0);
+  FC_CHECK(out_a.size(-2) == out_b.size(1) && out_a.size(-1) == out_b.size(2), op, ": out_a ", out_a.sizes(),
            " and out_b ", out_b.sizes(), " differ in num_heads or head_dim");
+  FC_CHECK(a_splits >= 1, op, ": out_a has no splits");
   FC_CHECK(out_a.scalar_type() == out_b.scalar_type(), op, ": out_a and out_b must have one dtype, got ",
            out_a.scalar_type(), " and ", out_b.scalar_type());
   FC_CHECK(out_a.is_contiguous() && out_b.is_contiguous(), op, ": out_a and out_b must be contiguous");
-  for (const auto& [t, name, rows] : {std::tuple{&lse_a, "lse_a", out_a.size(0)}, {&lse_b, "lse_b", out_b.size(0)}}) {
-    FC_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == rows &&
-             t->size(1) == out_a.size(1), op, ": ", name, " must be a contiguous float32 [", rows, ", ",
-             out_a.size(1), "] tensor, got ", t->scalar_type(), " ", t->sizes());
-  }
+  const at::IntArrayRef lse_a_shape = out_a.sizes().slice(0, out_a.dim() - 1);
+  FC_CHECK(lse_a.scalar_type() == at::kFloat && lse_a.is_contiguous() && lse_a.sizes() == lse_a_shape, op,
+           ": lse_a must be a contiguous float32 ", lse_a_shape, " tensor, got ", lse_a.scalar_type(), " ",
+           lse_a.sizes());
+  FC_CHECK(lse_b.scalar_type() == at::kFloat && lse_b.is_contiguous() && lse_b.dim() == 2 &&
+           lse_b.size(0) == out_b.size(0) && lse_b.size(1) == out_b.size(1), op,
+           ": lse_b must be a contiguous float32 [", out_b.size(0), ", ", out_b.size(1), "] tensor, got ",
+           lse_b.scalar_type(), " ", lse_b.sizes());
   const at::Device device = out_b.device();
   for (const auto& [t, name] : {std::pair{&out_a, "out_a"}, {&lse_a, "lse_a"}, {&lse_b, "lse_b"}}) {
     FC_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but out_b on ", device);
   }
   if (sinks.has_value()) {
     FC_CHECK(sinks->scalar_type() == at::kFloat && sinks->is_contiguous() && sinks->dim() == 1 &&
-             sinks->size(0) == out_a.size(1) && sinks->device() == device, op,
-             ": sinks must be a contiguous float32 [num_heads=", out_a.size(1), "] tensor on ", device, ", got ",
+             sinks->size(0) == out_b.size(1) && sinks->device() == device, op,
+             ": sinks must be a contiguous float32 [num_heads=", out_b.size(1), "] tensor on ", device, ", got ",
              sinks->scalar_type(), " ", sinks->sizes(), " on ", sinks->device());
   }
   if (a_rows.has_value()) {
@@ -164,10 +172,10 @@ inline MergeStatesParams make_merge_states_params(const at::Tensor& out_a, const
              ": a_rows must be a contiguous int32 [rows=", out_b.size(0), "] tensor on ", device, ", got ",
              a_rows->scalar_type(), " ", a_rows->sizes(), " on ", a_rows->device());
   } else {
-    FC_CHECK(out_a.size(0) == out_b.size(0), op, ": without a_rows, out_a and out_b need the same rows, got ",
-             out_a.size(0), " and ", out_b.size(0));
+    FC_CHECK(rows_a == out_b.size(0), op, ": without a_rows, out_a and out_b need the same rows, got ", rows_a,
+             " and ", out_b.size(0));
   }
-  FC_CHECK(out_b.size(0) <= INT32_MAX && out_a.size(0) <= INT32_MAX, op, ": too many rows");
+  FC_CHECK(out_b.size(0) <= INT32_MAX && rows_a <= INT32_MAX && a_splits <= INT32_MAX, op, ": too many rows");
   out = at::empty_like(out_b);
   MergeStatesParams p;
   p.out_a = out_a.data_ptr();
@@ -177,7 +185,8 @@ inline MergeStatesParams make_merge_states_params(const at::Tensor& out_a, const
   p.sinks = sinks.has_value() ? sinks->data_ptr<float>() : nullptr;
   p.a_rows = a_rows.has_value() ? a_rows->data_ptr<int32_t>() : nullptr;
   p.out = out.data_ptr();
-  p.rows_a = static_cast<int32_t>(out_a.size(0));
+  p.a_splits = static_cast<int32_t>(a_splits);
+  p.rows_a = static_cast<int32_t>(rows_a);
   p.rows = static_cast<int32_t>(out_b.size(0));
   p.num_heads = static_cast<int32_t>(out_b.size(1));
   p.head_dim = static_cast<int32_t>(out_b.size(2));

@@ -67,13 +67,13 @@ struct PagedAttentionParams {
   int32_t max_pages_per_seq = 0;  // >= max over layout rows r of (row_offsets[r+1] - row_offsets[r])
 };
 
-// Attention over two disjoint key sets merged into attention over both (cascade decode: a group's shared pages and
-// each row's own pages). Row t (of rows) and head h:
-//   out[t, h] = (w_a * out_a[a_row(t), h] + w_b * out_b[t, h]) / (w_a + w_b + exp(sink_h - m)),
-//   w_x = exp(lse_x - m), m = max(lse_a, lse_b, sink_h), a_row(t) = a_rows ? a_rows[t] : t
+// Attention over disjoint key sets merged into attention over all of them (cascade decode: a group's shared pages,
+// read in a_splits key ranges, and each row's own pages). Row t (of rows) and head h, with a = a_row(t):
+//   out[t, h] = (sum_s w_s * out_a[s, a, h] + w_b * out_b[t, h]) / (sum_s w_s + w_b + exp(sink_h - m)),
+//   w_x = exp(lse_x - m), m = the largest of lse_a[s, a, h], lse_b[t, h], sink_h; a_row(t) = a_rows ? a_rows[t] : t
 // (an a_row outside [0, rows_a) contributes nothing); all float32 math. Rows with no key and no sink give zeros.
-//   out_a [rows_a, num_heads, head_dim], out_b / out [rows, num_heads, head_dim] (dtype, contiguous)
-//   lse_a [rows_a, num_heads], lse_b [rows, num_heads] float32; sinks [num_heads] float32 or nullptr
+//   out_a [a_splits, rows_a, num_heads, head_dim], out_b / out [rows, num_heads, head_dim] (dtype, contiguous)
+//   lse_a [a_splits, rows_a, num_heads], lse_b [rows, num_heads] float32; sinks [num_heads] float32 or nullptr
 struct MergeStatesParams {
   const void* out_a = nullptr;
   const float* lse_a = nullptr;
@@ -82,6 +82,7 @@ struct MergeStatesParams {
   const float* sinks = nullptr;
   const int32_t* a_rows = nullptr;
   void* out = nullptr;
+  int32_t a_splits = 1;
   int32_t rows_a = 0;
   int32_t rows = 0;
   int32_t num_heads = 0;

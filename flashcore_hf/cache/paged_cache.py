@@ -34,10 +34,11 @@ from ..sparse.planner import SparseCachePlanner
 from ..sparse.summaries import refresh_slots
 from .allocator import OutOfPagesError, PageAllocator
 from .handles import PagedKVHandle, PagedLayerStep
-from .pools import LayerPools, growth_target
+from .pools import LayerPools, device_multiprocessors, growth_target
 from .prefix import PrefixCache
 from .step_plan import (FULL, PREFIX, SUFFIX, WINDOW, DeviceStep, StepPlan, StepShape, build_layouts,
-                        cascade_layouts, int32, page_count_bucket, query_runs, shared_prefixes, window_page_bound)
+                        cascade_layouts, int32, page_count_bucket, prefix_splits, query_runs, shared_prefixes,
+                        window_page_bound)
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 """Layer types whose KV this cache can hold: sliding-window layers keep every token (windows are applied by reading
@@ -190,6 +191,7 @@ class PagedKVCache(Cache):
             text_config, "use_sliding_window", True) is not False
         self.window: int | None = int(text_config.sliding_window) if windowed else None
         """The sliding window of the model's window layers (they read only the pages inside it), or None."""
+        self._num_q_heads = int(getattr(text_config, "num_attention_heads", 0) or 0)
         self.sparse = SparseConfig() if sparse is None else sparse
         self.share_prefixes = bool(share_prefixes)
         if prefix_cache is not None and not isinstance(prefix_cache, PrefixCache):
@@ -378,17 +380,18 @@ class PagedKVCache(Cache):
         if self.window is not None:
             max_pages[WINDOW] = window_page_bound(self.window, self.page_size, query_len, max_pages[FULL])
         runs_are_rows = len(runs.rows) == batch_size
-        cascade, max_group = None, 0
+        cascade, max_group, groups, splits = None, 0, 0, 1
         if query_len == 1 and runs_are_rows and self._sparse is None and self.share_prefixes:
             shared = shared_prefixes(page_tables, runs.keys, self.page_size)
             if shared is not None:
-                extra, extra_largest, cascade = cascade_layouts(shared, runs, page_tables, self.page_size)
+                splits = prefix_splits(shared, self.page_size, self._num_q_heads, device_multiprocessors(device))
+                extra, extra_largest, cascade = cascade_layouts(shared, runs, page_tables, self.page_size, splits)
                 layouts.update(extra)
                 max_pages.update({kind: page_count_bucket(n) for kind, n in extra_largest.items()})
                 max_group = page_count_bucket(shared.largest_group)
+                groups = len(shared.prefix_pages)
         shape = StepShape(batch_size, query_len, len(runs.rows),
-                          tuple((kind, layout.cols.numel()) for kind, layout in layouts.items()),
-                          0 if cascade is None else len(cascade[2]) - 1)
+                          tuple((kind, layout.cols.numel()) for kind, layout in layouts.items()), groups, splits)
         host_parts = (int32(runs.starts), int32(slot_mapping), layouts, cascade)
         sparse = None
         if self._sparse is not None:
@@ -663,8 +666,8 @@ class PagedKVCache(Cache):
         if self.window is not None:
             capacities.append((WINDOW, batch_size * bounds[WINDOW]))
         if plan.shape.groups:
-            capacities += [(PREFIX, plan.shape.groups * bounds[PREFIX]), (SUFFIX, batch_size * bounds[SUFFIX])]
-        return StepShape(batch_size, 1, batch_size, tuple(capacities), plan.shape.groups)
+            capacities += [(PREFIX, plan.shape.rows(PREFIX) * bounds[PREFIX]), (SUFFIX, batch_size * bounds[SUFFIX])]
+        return StepShape(batch_size, 1, batch_size, tuple(capacities), plan.shape.groups, plan.shape.prefix_splits)
 
     def begin_fixed_step(self, device_step: DeviceStep, shape: StepShape, plan: StepPlan) -> None:
         """Make the next forward's layers take `device_step` (fixed device buffers of a CUDA graph, made by

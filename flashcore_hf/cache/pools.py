@@ -32,6 +32,11 @@ def device_memory_bytes(device: torch.device) -> int:
                      "pass num_pages to allocate a fixed pool instead")
 
 
+def device_multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 0 for any other device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
 def growth_target(capacity: int, shortfall: int, *, prompt: bool, expected_pages: int | None,
                   page_size: int) -> int:
     """How many pages the pools should hold after growing by at least `shortfall` pages.

@@ -12,9 +12,10 @@ first n_keys tokens. No padding, or left padding only: one run per row.
 Layouts. "full": every page a run reads. "window" (models with sliding-window layers): only the pages that hold a
 key inside the window of the run's first query (positions are relative, so dropping whole leading pages changes no
 mask decision). Cascade (decode steps whose rows share prompt pages: parallel samples, beams, repeated prompts; see
-`shared_prefixes`): "prefix" has one row per group of rows that start with the same pages, listing those pages, and
-is read once by all the group's queries (non-causal: every shared key precedes them); "suffix" has one row per run
-with the rest of its pages. Attention over both, merged by their lse, equals attention over "full". Page-count bounds are bucketed (powers of two) so that an eager step and a CUDA-graph replay of the
+`shared_prefixes`): "prefix" has one row per group of rows that start with the same pages and key split of those
+pages (`prefix_splits`), listing the split's pages, and is read once by all the group's queries (non-causal: every
+shared key precedes them); "suffix" has one row per run with the rest of its pages. Attention over both, merged by
+their lse, equals attention over "full". Page-count bounds are bucketed (powers of two) so that an eager step and a CUDA-graph replay of the
 same bucket run the very same attention plans and give bit-identical results.
 """
 from __future__ import annotations
@@ -28,11 +29,11 @@ from ..layout import PageLayout
 from ..ops import DECODE_QUERIES_PER_SEQUENCE, AttentionPlan, plan_attention
 
 FULL, WINDOW, PREFIX, SUFFIX = "full", "window", "prefix", "suffix"
-CASCADE_MAX_GROUP = DECODE_QUERIES_PER_SEQUENCE
-"""Most rows of one cascade group (the queries that read a group's shared pages together): as many as the split-KV
-decode kernel takes per sequence. Measured on the H200 (128 copies of a 2K prompt, Llama-3-8B shape): groups of 16
-decode at 10,260 tok/s, of 32 at 9,870 and one group of 128 (the prefill kernel, whose few query tiles leave most
-SMs idle) at 8,990; a group of 16 still reads the shared pages 16x less often than without the cascade."""
+CASCADE_SPLIT_KEYS = 512
+"""Fewest shared keys in one key split of a large group's prefix (see `prefix_splits`)."""
+CASCADE_QUERY_TILE = 128
+"""Query rows (query x head) of one block of the prefill kernels, which read a large group's prefix: what
+`prefix_splits` counts blocks with."""
 CASCADE_MIN_SAVED = 0.5
 """A decode step reads shared prompt pages once per group (cascade) when that saves at least this fraction of the
 keys the step reads otherwise: it costs a second attention call and a merge per layer."""
@@ -58,26 +59,27 @@ def int32(values) -> torch.Tensor:
 @dataclass(frozen=True)
 class StepShape:
     """Sizes of a step's packed int32 metadata: q_indptr [runs + 1], slot_mapping [batch * query_len], then per
-    layout kind row_offsets [rows + 1], cols / token_counts / staging_ids [capacity] (rows: `groups` for "prefix",
-    else runs), then with a cascade (groups > 0) order [batch], inverse [batch] and group_indptr [groups + 1]
-    (CascadeStep). An eager step's capacities are exact; a captured decode step's are its bucket's bounds (entries
-    past a step's pages unused)."""
+    layout kind row_offsets [rows + 1], cols / token_counts / staging_ids [capacity] (rows: groups * prefix_splits
+    for "prefix", else runs), then with a cascade (groups > 0) order [prefix_splits * batch], inverse [batch] and
+    group_indptr [groups * prefix_splits + 1] (CascadeStep). An eager step's capacities are exact; a captured decode
+    step's are its bucket's bounds (entries past a step's pages unused)."""
 
     batch: int
     query_len: int
     runs: int
     capacities: tuple[tuple[str, int], ...]
     groups: int = 0
+    prefix_splits: int = 1
 
     def rows(self, kind: str) -> int:
-        return self.groups if kind == PREFIX else self.runs
+        return self.groups * self.prefix_splits if kind == PREFIX else self.runs
 
     def sizes(self) -> list[int]:
         sizes = [self.runs + 1, self.batch * self.query_len]
         for kind, cap in self.capacities:
             sizes += [self.rows(kind) + 1, cap, cap, cap]
         if self.groups:
-            sizes += [self.batch, self.batch, self.groups + 1]
+            sizes += [self.prefix_splits * self.batch, self.batch, self.rows(PREFIX) + 1]
         return sizes
 
     def split(self, buffer: torch.Tensor) -> "DeviceStep":
@@ -107,9 +109,10 @@ class StepShape:
 
 @dataclass
 class CascadeStep:
-    """A cascade decode step's query order on one device. order [B] int32: the rows group by group (the "prefix"
-    layout's queries are q[order], group g's at group_indptr[g] .. group_indptr[g + 1]); inverse [B]: the position of
-    each row in `order`."""
+    """A cascade decode step's query order on one device. order [S * B] int32: the rows group by group, once per key
+    split s of the prefix (the "prefix" layout's queries are q[order]; split s of group g, layout row s * G + g, at
+    group_indptr[s * G + g] .. group_indptr[s * G + g + 1]); inverse [B]: the position of each row in split 0 (in
+    split s: s * B + inverse)."""
 
     order: torch.Tensor
     inverse: torch.Tensor
@@ -165,11 +168,12 @@ class StepPlan:
 
     @property
     def cascade_key(self) -> tuple | None:
-        """What a captured step's buffers and plans depend on besides the full bucket: (groups, prefix bound, suffix
-        bound, group bound), or None without a cascade."""
+        """What a captured step's buffers and plans depend on besides the full bucket: (groups, prefix splits, prefix
+        bound, suffix bound, group bound), or None without a cascade."""
         if not self.shape.groups:
             return None
-        return self.shape.groups, self.max_pages[PREFIX], self.max_pages[SUFFIX], self.max_group
+        return (self.shape.groups, self.shape.prefix_splits, self.max_pages[PREFIX], self.max_pages[SUFFIX],
+                self.max_group)
 
     def on(self, device: torch.device) -> DeviceStep:
         """The metadata on `device`, copied there on first use (once per device per step)."""
@@ -188,7 +192,7 @@ class StepPlan:
         """The step's attention plan for a layout kind and attention options (made once, then shared by every layer
         that asks the same). rows / max_pages / nnz describe a layout other than the step's own (sparse page lists
         selected on the device: rows B * Hkv of max_pages pages). "prefix" plans run the cascade's groups: their
-        queries are the step's in CascadeStep.order, up to max_group per group."""
+        queries are the step's in CascadeStep.order (once per key split), up to max_group per group."""
         key = (device, kind, num_q_heads, num_kv_heads, head_dim, page_size, dtype, causal, sm_scale, window, softcap)
         plan = self._plans.get(key)
         if plan is None:
@@ -197,10 +201,11 @@ class StepPlan:
             if layout is None:  # a layout made per layer on the device (sparse): only its shape matters here
                 layout = _shape_only_layout(rows, nnz, device)
             prefix = kind == PREFIX
+            queries = self.shape.batch * self.shape.query_len * (self.shape.prefix_splits if prefix else 1)
             plan = plan_attention(layout, step.cascade.group_indptr if prefix else step.q_indptr,
                                   num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                                   head_dim=head_dim, page_size=page_size, dtype=dtype,
-                                  total_q=self.shape.batch * self.shape.query_len, causal=causal, sm_scale=sm_scale,
+                                  total_q=queries, causal=causal, sm_scale=sm_scale,
                                   sliding_window=window, softcap=softcap,
                                   max_q_len=self.max_group if prefix else self.max_q_len,
                                   max_pages_per_seq=self.max_pages[kind] if max_pages is None else max_pages,
@@ -315,9 +320,9 @@ def shared_prefixes(page_tables: list[list[int]], n_keys: list[int], page_size: 
     A page id names the same tokens wherever it appears (pages are shared by reference count, never written while
     shared), so rows that start with the same page ids hold the same prompt. Only full pages are shared (a row's
     partly filled last page is its own), and every row keeps at least its last page outside the prefix. Rows sharing
-    pages form groups of at most max_group rows (default CASCADE_MAX_GROUP).
+    pages form one group, or groups of at most max_group rows.
     """
-    max_group = CASCADE_MAX_GROUP if max_group is None else max(1, int(max_group))
+    max_group = None if max_group is None else max(1, int(max_group))
     by_first: dict[int, list[int]] = {}
     for row, pages in enumerate(page_tables):
         key = pages[0] if pages else -1 - row           # rows without pages stay alone
@@ -336,8 +341,9 @@ def shared_prefixes(page_tables: list[list[int]], n_keys: list[int], page_size: 
                 while k < shared and pages[k] == first[k]:
                     k += 1
                 shared = k
-        for at in range(0, len(rows), max_group):          # groups of at most max_group rows
-            chunk = rows[at:at + max_group]
+        step = max_group or len(rows)
+        for at in range(0, len(rows), step):          # groups of at most max_group rows
+            chunk = rows[at:at + step]
             order.extend(chunk)
             starts.append(len(order))
             prefix_pages.append(shared)
@@ -347,18 +353,40 @@ def shared_prefixes(page_tables: list[list[int]], n_keys: list[int], page_size: 
     return SharedPrefixes(order, starts, prefix_pages)
 
 
-def cascade_layouts(shared: SharedPrefixes, runs: QueryRuns, page_tables: list[list[int]], page_size: int
-                    ) -> tuple[dict[str, PageLayout], dict[str, int], tuple[torch.Tensor, ...]]:
-    """Host "prefix" (one row per group) and "suffix" (one row per run) layouts of a decode step whose runs are its
-    rows, each kind's largest row, and the CascadeStep parts (order, inverse, group_indptr) as int32 tensors."""
+def prefix_splits(shared: SharedPrefixes, page_size: int, num_q_heads: int, num_sms: int) -> int:
+    """Key splits of a cascade's "prefix" layout: each group's shared pages are cut into this many key ranges, each
+    read by all the group's queries and merged with the rest by lse (CascadeStep).
+
+    Groups of at most DECODE_QUERIES_PER_SEQUENCE rows take the split-KV decode kernel, which splits a row's keys
+    itself: 1. Larger groups take a prefill kernel, whose blocks cover CASCADE_QUERY_TILE query rows (query x head)
+    each and all of a row's keys: as many splits as keep every block of the first wave busy (num_sms: the device's
+    multiprocessors; 0 on the CPU: 1), each of at least CASCADE_SPLIT_KEYS shared keys.
+    """
+    if num_sms <= 0 or shared.largest_group <= DECODE_QUERIES_PER_SEQUENCE:
+        return 1
+    sizes = [b - a for a, b in zip(shared.group_starts[:-1], shared.group_starts[1:])]
+    blocks = sum(-(-n * num_q_heads // CASCADE_QUERY_TILE) for n, pages in zip(sizes, shared.prefix_pages) if pages)
+    keys = max(shared.prefix_pages) * page_size
+    return max(1, min(num_sms // max(blocks, 1), keys // CASCADE_SPLIT_KEYS))
+
+
+def cascade_layouts(shared: SharedPrefixes, runs: QueryRuns, page_tables: list[list[int]], page_size: int,
+                    splits: int = 1) -> tuple[dict[str, PageLayout], dict[str, int], tuple[torch.Tensor, ...]]:
+    """Host "prefix" (one row per key split and group, split-major; split s of a group's P shared pages: pages
+    [s * ceil(P / splits), (s + 1) * ceil(P / splits)), possibly none) and "suffix" (one row per run) layouts of a
+    decode step whose runs are its rows, each kind's largest row, and the CascadeStep parts (order, inverse,
+    group_indptr) as int32 tensors."""
     group_of = {}
     for g in range(len(shared.prefix_pages)):
         for row in shared.order[shared.group_starts[g]:shared.group_starts[g + 1]]:
             group_of[row] = g
     prefix_offsets, prefix_cols = [0], []
-    for g, n in enumerate(shared.prefix_pages):
-        prefix_cols.extend(page_tables[shared.order[shared.group_starts[g]]][:n])
-        prefix_offsets.append(len(prefix_cols))
+    for s in range(splits):
+        for g, n in enumerate(shared.prefix_pages):
+            per_split = -(-n // splits)
+            pages = page_tables[shared.order[shared.group_starts[g]]]
+            prefix_cols.extend(pages[s * per_split:min(n, (s + 1) * per_split)])
+            prefix_offsets.append(len(prefix_cols))
     suffix_offsets, suffix_cols, suffix_counts = [0], [], []
     for row, n_keys in zip(runs.rows, runs.keys):
         skip = shared.prefix_pages[group_of[row]]
@@ -376,6 +404,8 @@ def cascade_layouts(shared: SharedPrefixes, runs: QueryRuns, page_tables: list[l
 
     layouts = {PREFIX: layout(prefix_offsets, prefix_cols, [page_size] * len(prefix_cols)),
                SUFFIX: layout(suffix_offsets, suffix_cols, suffix_counts)}
-    largest = {PREFIX: max(shared.prefix_pages),
+    largest = {PREFIX: max(b - a for a, b in zip(prefix_offsets[:-1], prefix_offsets[1:])),
                SUFFIX: max(b - a for a, b in zip(suffix_offsets[:-1], suffix_offsets[1:]))}
-    return layouts, largest, (int32(shared.order), int32(inverse), int32(shared.group_starts))
+    batch = len(shared.order)
+    group_indptr = [s * batch + start for s in range(splits) for start in shared.group_starts[:-1]] + [splits * batch]
+    return layouts, largest, (int32(shared.order * splits), int32(inverse), int32(group_indptr))

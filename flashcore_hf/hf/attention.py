@@ -30,7 +30,7 @@ from torch import nn
 from ..cache.handles import PagedKVHandle, PagedLayerStep
 from ..cache.step_plan import FULL, PREFIX, SUFFIX, WINDOW, build_layouts, query_runs
 from ..layout import PageLayout
-from ..ops import AttentionPlan, merge_attention_states, plan_attention, sdpa_from_pages
+from ..ops import AttentionPlan, cascade_attention, plan_attention, sdpa_from_pages
 
 DENSE_PAGE_SIZE = 64
 """Page size used for dense K/V: supported by the CPU kernel and the CUDA decode and prefill kernels."""
@@ -124,21 +124,17 @@ class FlashCoreAttention(nn.Module):
         return out.view(b, s, hq, d)
 
     def _cascade(self, q, layer: PagedLayerStep, plan_options: dict, sinks) -> torch.Tensor | None:
-        """Decode over shared prompt pages (step_plan.py, "Cascade"): each group's queries read the group's shared
-        pages once (non-causal: every shared key precedes them), each row reads its own pages, and the two are
-        merged by lse (sinks join the merge, once). None when a kernel lacks the configuration."""
+        """Decode over shared prompt pages (step_plan.py, "Cascade"; ops.cascade_attention). None when a kernel lacks
+        the configuration."""
         step, cascade = layer.step, layer.device_step.cascade
         prefix_plan = step.attention_plan(q.device, PREFIX, **{**plan_options, "causal": False})
         suffix_plan = step.attention_plan(q.device, SUFFIX, **plan_options)
         if not (prefix_plan.supported and suffix_plan.supported):
             return None
         layouts = layer.device_step.layouts
-        grouped = q.index_select(0, cascade.order)
-        out_p, lse_p = prefix_plan.run(grouped, layer.k_cache, layer.v_cache, layouts[PREFIX], cascade.group_indptr,
-                                       return_lse=True)
-        out_s, lse_s = suffix_plan.run(q, layer.k_cache, layer.v_cache, layouts[SUFFIX], layer.q_indptr,
-                                       return_lse=True)
-        return merge_attention_states(out_p, lse_p, out_s, lse_s, sinks, a_rows=cascade.inverse)
+        return cascade_attention(q, layer.k_cache, layer.v_cache, prefix_plan, layouts[PREFIX], suffix_plan,
+                                 layouts[SUFFIX], cascade.order, cascade.inverse, cascade.group_indptr,
+                                 layer.q_indptr, sinks)
 
     # ---- dense K/V (DynamicCache / StaticCache / no cache) --------------------------------------------------
 

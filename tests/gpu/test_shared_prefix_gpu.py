@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import flashcore_hf as fc
 from flashcore_hf import CACHE_KWARG
-from flashcore_hf.cache.step_plan import PREFIX, SUFFIX, QueryRuns, cascade_layouts, shared_prefixes
-from flashcore_hf.hf.attention import FlashCoreAttention
-from flashcore_hf.ops import merge_attention_states
+from flashcore_hf.cache.step_plan import PREFIX, SUFFIX, QueryRuns, cascade_layouts, prefix_splits, shared_prefixes
+from flashcore_hf.hf import attention as attention_module
+from flashcore_hf.ops import cascade_attention
 from tests.gpu.conftest import diverge_only_at_near_ties
 from tests.reference import reference_paged_attention
 
@@ -23,8 +23,11 @@ pytestmark = pytest.mark.gpu
 VOCAB = 512
 
 
-@pytest.mark.parametrize("rows, prefix, suffix, page", [(64, 2048, 40, 64), (5, 1000, 300, 16), (128, 512, 1, 64)])
-def test_cascade_matches_one_pass_attention(rows, prefix, suffix, page):
+@pytest.mark.parametrize("rows, prefix, suffix, page, max_group, splits", [
+    (64, 2048, 40, 64, 16, 1), (5, 1000, 300, 16, None, 1), (128, 512, 1, 64, 16, 1),     # decode-sized groups
+    (128, 2048, 1, 64, None, 4), (64, 8192, 70, 128, None, 8), (40, 1000, 300, 16, None, 3),  # key splits
+    (256, 2048, 5, 64, None, None), (33, 640, 3, 64, None, 7)])       # the cache's choice; splits with no page
+def test_cascade_matches_one_pass_attention(rows, prefix, suffix, page, max_group, splits):
     generator = torch.Generator().manual_seed(rows + prefix)
     hkv, group, d = 8, 4, 128
     shared_pages = prefix // page
@@ -40,15 +43,18 @@ def test_cascade_matches_one_pass_attention(rows, prefix, suffix, page):
     k_pool = torch.randn(num_pages, page, hkv, d, generator=generator).to(torch.bfloat16).cuda()
     v_pool = torch.randn(num_pages, page, hkv, d, generator=generator).to(torch.bfloat16).cuda()
     q = torch.randn(rows, hkv * group, d, generator=generator).to(torch.bfloat16).cuda()
-    groups = shared_prefixes(tables, keys, page, min_saved=0.0)
+    groups = shared_prefixes(tables, keys, page, min_saved=0.0, max_group=max_group)
+    if splits is None:
+        splits = prefix_splits(groups, page, hkv * group, torch.cuda.get_device_properties(0).multi_processor_count)
     runs = QueryRuns(list(range(rows + 1)), list(range(rows)), keys)
-    layouts, _, parts = cascade_layouts(groups, runs, tables, page)
+    layouts, _, parts = cascade_layouts(groups, runs, tables, page, splits)
     order, inverse, group_indptr = (t.cuda() for t in parts)
     q_indptr = torch.arange(rows + 1, dtype=torch.int32, device="cuda")
-    out_p, lse_p = fc.paged_attention(q[order.long()], k_pool, v_pool, layouts[PREFIX].to("cuda"), group_indptr,
-                                      causal=False, return_lse=True)
-    out_s, lse_s = fc.paged_attention(q, k_pool, v_pool, layouts[SUFFIX].to("cuda"), q_indptr, return_lse=True)
-    cascade = merge_attention_states(out_p, lse_p, out_s, lse_s, a_rows=inverse)
+    options = dict(num_q_heads=hkv * group, num_kv_heads=hkv, head_dim=d, page_size=page, dtype=q.dtype)
+    prefix_plan = fc.plan_attention(layouts[PREFIX].to("cuda"), group_indptr, causal=False, **options)
+    suffix_plan = fc.plan_attention(layouts[SUFFIX].to("cuda"), q_indptr, **options)
+    cascade = cascade_attention(q, k_pool, v_pool, prefix_plan, layouts[PREFIX].to("cuda"), suffix_plan,
+                                layouts[SUFFIX].to("cuda"), order, inverse, group_indptr, q_indptr)
     counts = [min(page, n - i * page) for n in keys for i in range(-(-n // page))]
     cols = [p for t, n in zip(tables, keys) for p in t[:-(-n // page)]]
     offsets = torch.tensor([0, *torch.tensor([-(-n // page) for n in keys]).cumsum(0).tolist()], dtype=torch.int32)
@@ -58,8 +64,10 @@ def test_cascade_matches_one_pass_attention(rows, prefix, suffix, page):
     ref, _ = reference_paged_attention(q.cpu(), k_pool.cpu(), v_pool.cpu(), *full[:3], q_indptr.cpu(), causal=True)
     err_cascade = (cascade.double().cpu() - ref).abs().max().item()
     err_one_pass = (one_pass.double().cpu() - ref).abs().max().item()
-    print(f"rows {rows} prefix {prefix}: max |out - fp64| cascade {err_cascade:.2e}, one pass {err_one_pass:.2e}")
+    print(f"rows {rows} prefix {prefix} splits {splits} ({prefix_plan.kernel}): max |out - fp64| cascade "
+          f"{err_cascade:.2e}, one pass {err_one_pass:.2e}")
     assert err_cascade <= err_one_pass + 2 ** -8 * ref.abs().max().item()
+    assert prefix_plan.kernel == ("decode" if groups.largest_group <= 16 else "prefill_wgmma")
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +92,11 @@ def _generate(model, ids, share, seed=0, **kwargs):
 
 
 def test_repeated_prompts_samples_and_beams_with_graphs(model, monkeypatch):
-    cascades = []
-    original = FlashCoreAttention._cascade
-    monkeypatch.setattr(FlashCoreAttention, "_cascade",
-                        lambda self, *a, **k: cascades.append(1) or original(self, *a, **k))
+    splits = []       # prefix key splits of each cascade layer run (captured or eager)
+    original = attention_module.cascade_attention
+    monkeypatch.setattr(attention_module, "cascade_attention",
+                        lambda q, k, v, pp, pl, sp, sl, order, *a: splits.append(order.numel() // q.shape[0]) or
+                        original(q, k, v, pp, pl, sp, sl, order, *a))
     fc.set_cuda_graphs(True)
     generator = torch.Generator().manual_seed(7)
     base = torch.randint(1, VOCAB, (3, 3000), generator=generator).cuda()
@@ -95,7 +104,8 @@ def test_repeated_prompts_samples_and_beams_with_graphs(model, monkeypatch):
     cases = [(base[[0, 1, 0, 0, 2, 0, 1, 0]], dict(max_new_tokens=24, do_sample=False)),
              (base[:1], dict(max_new_tokens=16, do_sample=True, num_return_sequences=16)),
              (base[:2, :1700], dict(max_new_tokens=12, do_sample=False, num_beams=4, num_return_sequences=2)),
-             (base[[2, 2, 2, 2]], dict(max_new_tokens=20, do_sample=False))]
+             (base[[2, 2, 2, 2]], dict(max_new_tokens=20, do_sample=False)),
+             (base[[1] * 40, :2500], dict(max_new_tokens=20, do_sample=False))]      # one group of 40: key splits
     for ids, kwargs in cases:
         shared = _generate(model, ids, True, **kwargs)
         replays = stats(model).replays
@@ -105,7 +115,8 @@ def test_repeated_prompts_samples_and_beams_with_graphs(model, monkeypatch):
         if kwargs["do_sample"]:
             assert shared.sequences.shape == plain.sequences.shape
         assert replays > 0
-    assert cascades, "no decode step ran as a cascade"
+    assert splits, "no decode step ran as a cascade"
+    assert min(splits) == 1 and max(splits) > 1, "decode-sized groups read their prefix whole, large ones in splits"
 
 
 def test_prefix_cache_across_calls_with_graphs(model):

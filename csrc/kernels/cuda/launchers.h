@@ -37,7 +37,7 @@ bool paged_prefill_supported(const PagedAttentionParams& p);
 bool paged_prefill_wgmma_applies(const PagedAttentionParams& p, int cc_major, int cc_minor);
 cudaError_t launch_paged_prefill(const PagedAttentionParams& p, PrefillKernel kernel, cudaStream_t stream);
 
-// ---- merge of two attention states (cascade decode) ----------------------------------------------------------
+// ---- merge of attention states (cascade decode) --------------------------------------------------------------
 cudaError_t launch_merge_states(const MergeStatesParams& p, cudaStream_t stream);
 
 // ---- cache writes --------------------------------------------------------------------------------------------

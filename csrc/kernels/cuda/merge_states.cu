@@ -1,4 +1,4 @@
-// Merge of two attention states (MergeStatesParams in params.h): one warp per (row, head), lanes over the head dim.
+// Merge of attention states (MergeStatesParams in params.h): one warp per (row, head), lanes over the head dim.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -19,21 +19,29 @@ constexpr int kWarpsPerBlock = kMergeThreads / 32;
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads) merge_states_kernel(const MergeStatesParams p) {
   const int64_t total = (int64_t)p.rows * p.num_heads;
+  const int64_t split_stride = (int64_t)p.rows_a * p.num_heads;  // between part a's splits, in (row, head) rows
   const int lane = threadIdx.x % 32;
   for (int64_t row = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; row < total;
        row += (int64_t)gridDim.x * kWarpsPerBlock) {
     const int64_t t = row / p.num_heads, h = row % p.num_heads;
     const int64_t a = p.a_rows ? p.a_rows[t] : t;
     const bool has_a = a >= 0 && a < p.rows_a;  // a row index outside part a contributes nothing
-    const float lse_a = has_a ? p.lse_a[a * p.num_heads + h] : -INFINITY;
-    const MergeWeights w = merge_weights(lse_a, p.lse_b[row], p.sinks ? p.sinks[h] : -INFINITY);
-    const T* out_a = static_cast<const T*>(p.out_a) + (has_a ? (a * p.num_heads + h) * p.head_dim : 0);
+    const int64_t a_row = a * p.num_heads + h;
+    const float* lse_a = has_a ? p.lse_a + a_row : nullptr;
+    const MergeScale scale =
+        merge_scale(lse_a, p.a_splits, split_stride, p.lse_b[row], p.sinks ? p.sinks[h] : -INFINITY);
+    const float w_b = scale.weight(p.lse_b[row]);
+    const T* out_a = static_cast<const T*>(p.out_a) + (has_a ? a_row * p.head_dim : 0);
     const T* out_b = static_cast<const T*>(p.out_b) + row * p.head_dim;
     T* out = static_cast<T*>(p.out) + row * p.head_dim;
     for (int d = lane; d < p.head_dim; d += 32) {
-      const float va = w.a != 0.f ? to_float(out_a[d]) : 0.f;
-      const float vb = w.b != 0.f ? to_float(out_b[d]) : 0.f;
-      out[d] = from_float<T>(w.a * va + w.b * vb);
+      float acc = 0.f;
+      for (int s = 0; has_a && s < p.a_splits; ++s) {
+        const float w = scale.weight(lse_a[s * split_stride]);
+        if (w != 0.f) acc += w * to_float(out_a[s * split_stride * p.head_dim + d]);
+      }
+      if (w_b != 0.f) acc += w_b * to_float(out_b[d]);
+      out[d] = from_float<T>(acc);
     }
   }
 }
