@@ -7,15 +7,16 @@ float64 reference as tightly as the one-pass kernel: its error may exceed the on
 rounding of the output (2^-8 relative). Model level: greedy tokens of the shared run agree with the same run without
 sharing, except after a near-tie of the two best logits (as in test_hf_gpu.py).
 """
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import flashcore_hf as fc
-from flashcore_hf import CACHE_KWARG
 from flashcore_hf.cache.step_plan import PREFIX, SUFFIX, QueryRuns, cascade_layouts, prefix_splits, shared_prefixes
 from flashcore_hf.hf import attention as attention_module
-from flashcore_hf.ops import cascade_attention
+from flashcore_hf.ops import cascade_attention, merge_attention_states
 from tests.gpu.conftest import diverge_only_at_near_ties
 from tests.reference import reference_paged_attention
 
@@ -68,6 +69,26 @@ def test_cascade_matches_one_pass_attention(rows, prefix, suffix, page, max_grou
           f"{err_cascade:.2e}, one pass {err_one_pass:.2e}")
     assert err_cascade <= err_one_pass + 2 ** -8 * ref.abs().max().item()
     assert prefix_plan.kernel == ("decode" if groups.largest_group <= 16 else "prefill_wgmma")
+
+
+@pytest.mark.parametrize("dtype, d", [(torch.bfloat16, 128), (torch.float16, 64), (torch.bfloat16, 42),
+                                      (torch.float32, 40), (torch.float32, 33)])
+def test_merge_kernel_matches_the_cpu_op(dtype, d):
+    """The CUDA merge (8-byte vectors where head_dim and the pointers allow, else element by element) against the CPU
+    op: part a in 3 splits read through a permutation, rows whose part b has no key, sinks."""
+    generator = torch.Generator().manual_seed(d)
+    rows, heads = 300, 6
+    out_a = torch.randn(3, rows + 4, heads, d, generator=generator).to(dtype)
+    lse_a = torch.randn(3, rows + 4, heads, generator=generator) * 3
+    out_b = torch.randn(rows, heads, d, generator=generator).to(dtype)
+    lse_b = torch.randn(rows, heads, generator=generator) * 3
+    lse_b[::7] = -math.inf
+    a_rows = torch.randperm(rows + 4, generator=generator)[:rows].to(torch.int32)
+    sinks = torch.randn(heads, generator=generator)
+    args = (out_a, lse_a, out_b, lse_b, sinks, a_rows)
+    expected = merge_attention_states(*args[:4], sinks, a_rows=a_rows)
+    got = merge_attention_states(*(t.cuda() for t in args[:4]), sinks.cuda(), a_rows=a_rows.cuda())
+    torch.testing.assert_close(got.cpu().float(), expected.float(), atol=2 ** -7, rtol=2 ** -7)
 
 
 @pytest.fixture(scope="module")
