@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_check.sh                 # everything, about 9 minutes on an H200
 #   GPU_CHECK_STEPS="build tests decode" bash scripts/gpu_check.sh
+#   GPU_CHECK_STEPS="build cascade" bash scripts/gpu_check.sh   # cascade decode (not in the default steps: time)
 #
 # It keeps to one 10-minute device call: every step runs under `timeout` with what is left of GPU_CHECK_SECONDS
 # (default 575), and a step that would start with under a minute left is skipped and reported, so the summary and
@@ -58,6 +59,7 @@ run_step linear python benchmarks/bench_linear.py
 run_step sparse python benchmarks/bench_sparse.py $SPARSE_ARGS
 # shellcheck disable=SC2086
 run_step e2e python benchmarks/bench_e2e.py $E2E_ARGS
+run_step cascade python benchmarks/bench_cascade.py
 
 echo "== summary =="
 python benchmarks/summarize.py "$RESULTS" | tee "$RESULTS/summary.txt"
