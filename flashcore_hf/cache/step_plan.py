@@ -341,9 +341,9 @@ def shared_prefixes(page_tables: list[list[int]], n_keys: list[int], page_size: 
                 while k < shared and pages[k] == first[k]:
                     k += 1
                 shared = k
-        step = max_group or len(rows)
-        for at in range(0, len(rows), step):          # groups of at most max_group rows
-            chunk = rows[at:at + step]
+        group_size = max_group or len(rows)
+        for at in range(0, len(rows), group_size):          # groups of at most max_group rows
+            chunk = rows[at:at + group_size]
             order.extend(chunk)
             starts.append(len(order))
             prefix_pages.append(shared)
