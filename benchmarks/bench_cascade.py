@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, graph_of, kernels_of, median_ms, print_table, write_csv  # noqa: E402
 
 import flashcore_hf as fc  # noqa: E402
-from flashcore_hf.cache.step_plan import (PREFIX, SUFFIX, QueryRuns, cascade_layouts, prefix_splits,  # noqa: E402
-                                          shared_prefixes)
+from flashcore_hf.cache.step_plan import (FULL, PREFIX, SUFFIX, QueryRuns, build_layouts,  # noqa: E402
+                                          cascade_layouts, prefix_splits, shared_prefixes)
 
 HQ, HKV, D, PAGE = 32, 8, 128, 64
 DTYPE = torch.bfloat16
@@ -56,14 +56,11 @@ def plan(layout: fc.PageLayout, q_indptr: torch.Tensor, causal: bool = True) -> 
 
 
 def plain_call(k_pool, v_pool, tables, keys, q):
-    cols = [p for t in tables for p in t]
-    counts = [min(PAGE, n - i * PAGE) for n, t in zip(keys, tables) for i in range(len(t))]
-    offsets = [0]
-    for t in tables:
-        offsets.append(offsets[-1] + len(t))
-    layout = fc.PageLayout(torch.tensor(offsets, dtype=torch.int32), torch.tensor(cols, dtype=torch.int32),
-                           torch.tensor(counts, dtype=torch.int32), torch.full((len(cols),), -1, dtype=torch.int32))
-    q_indptr = torch.arange(len(tables) + 1, dtype=torch.int32)
+    """Attention over every row's pages, as a step without sharing runs it (step_plan.build_layouts' "full")."""
+    rows = len(tables)
+    runs = QueryRuns(list(range(rows + 1)), list(range(rows)), keys)
+    layout = build_layouts(runs, tables, PAGE, None)[0][FULL]
+    q_indptr = torch.arange(rows + 1, dtype=torch.int32)
     attention_plan, device_layout, device_indptr = plan(layout, q_indptr), layout.to("cuda"), q_indptr.cuda()
     return lambda: attention_plan.run(q, k_pool, v_pool, device_layout, device_indptr)
 
@@ -79,7 +76,8 @@ def cascade_call(k_pool, v_pool, tables, keys, q, *, max_group=None, splits=None
     order, inverse, group_indptr = (t.cuda() for t in parts)
     q_indptr = torch.arange(rows + 1, dtype=torch.int32)
     prefix_plan, suffix_plan = plan(layouts[PREFIX], parts[2], causal=False), plan(layouts[SUFFIX], q_indptr)
-    prefix_layout, suffix_layout, device_indptr = layouts[PREFIX].to("cuda"), layouts[SUFFIX].to("cuda"), q_indptr.cuda()
+    prefix_layout, suffix_layout = layouts[PREFIX].to("cuda"), layouts[SUFFIX].to("cuda")
+    device_indptr = q_indptr.cuda()
     return (lambda: fc.ops.cascade_attention(q, k_pool, v_pool, prefix_plan, prefix_layout, suffix_plan, suffix_layout,
                                              order, inverse, group_indptr, device_indptr)), splits
 
@@ -121,7 +119,8 @@ def main() -> None:
                     print(f"    {us:7.1f} us  x{launches:g}  {name[:110]}")
             del k_pool, v_pool
     write_csv(results, "cascade.csv")
-    print(f"\n{device_name()}, Hq {HQ} / Hkv {HKV}, D {D}, bf16, page {PAGE}; one layer's attention per graph replay, µs")
+    print(f"\n{device_name()}, Hq {HQ} / Hkv {HKV}, D {D}, bf16, page {PAGE}; one layer's attention per graph "
+          "replay, µs")
     print_table(results, ["rows", "prefix", "plain_us", "groups16_us", "cascade_us", "splits", "plain/cascade",
                           "groups16/cascade", "err"] + [f"s{s}_us" for s in args.sweep])
 

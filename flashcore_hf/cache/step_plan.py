@@ -15,8 +15,8 @@ mask decision). Cascade (decode steps whose rows share prompt pages: parallel sa
 `shared_prefixes`): "prefix" has one row per group of rows that start with the same pages and key split of those
 pages (`prefix_splits`), listing the split's pages, and is read once by all the group's queries (non-causal: every
 shared key precedes them); "suffix" has one row per run with the rest of its pages. Attention over both, merged by
-their lse, equals attention over "full". Page-count bounds are bucketed (powers of two) so that an eager step and a CUDA-graph replay of the
-same bucket run the very same attention plans and give bit-identical results.
+their lse, equals attention over "full". Page-count bounds are bucketed (powers of two) so that an eager step and a
+CUDA-graph replay of the same bucket run the very same attention plans and give bit-identical results.
 """
 from __future__ import annotations
 
