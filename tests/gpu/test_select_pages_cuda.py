@@ -157,6 +157,31 @@ def test_select_candidate_pages_cuda_equal_the_cpu_op(shape, budget, ties, gener
         assert torch.equal(cpu[0], want[0]) and torch.equal(cpu[1], want[1])
 
 
+@pytest.mark.parametrize("candidates, budget", [
+    (32, 32), (33, 32), (40, 33), (500, 64), (2048, 64), (2047, 100), (300, 129), (200, 200), (4096, 256),
+    (16384, 256), (16384, 1), (9000, 17), (600, 257)])
+@pytest.mark.parametrize("order", ["random", "ties", "ascending", "descending"])
+def test_select_top_kernel_equals_the_cpu_op(candidates, budget, order, generator):
+    """The radix select picks exactly what the CPU op and the sorting reference pick for budgets 1-257 on rows of
+    32-16,384 entries, random, tied and already sorted either way (every key in one histogram bucket's path, or
+    the threshold at either end of the row)."""
+    shape = (2, 3, candidates)
+    if order == "ties":
+        scores = tied_scores(shape, generator)
+    else:
+        scores = torch.randn(shape, generator=generator)
+        if order != "random":
+            scores = scores.sort(dim=-1, descending=order == "descending").values.contiguous()
+    cols = torch.randint(-1, 100_000, shape, generator=generator, dtype=torch.int32)
+    counts = torch.randint(0, 65, shape, generator=generator, dtype=torch.int32)
+    got = select_candidate_pages(scores.cuda(), cols.cuda(), counts.cuda(), budget)
+    cpu = select_candidate_pages(scores, cols, counts, budget)
+    assert torch.equal(got[0].cpu(), cpu[0]) and torch.equal(got[1].cpu(), cpu[1])
+    if candidates <= 4096:
+        want = reference_select_candidates(scores, cols, counts, budget)
+        assert torch.equal(cpu[0], want[0]) and torch.equal(cpu[1], want[1])
+
+
 def test_select_candidate_pages_cuda_in_a_graph_follow_new_scores(generator):
     scores = torch.randn(1, 8, 256, generator=generator).cuda()
     cols = torch.randint(0, 600, (1, 8, 256), generator=generator, dtype=torch.int32).cuda()
