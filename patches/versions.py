@@ -16,7 +16,7 @@ from packaging.version import Version
 
 TESTED_MIN = Version("5.17.0")
 """Oldest transformers release CI and the GPU machine run (pyproject.toml's floor)."""
-TESTED_MAX = Version("5.24.0")
+TESTED_MAX = Version("5.25.0")
 """Newest transformers release the suite ran against (later patch releases of its minor count as tested)."""
 SUPPORTED_MIN = Version("5.0.0")
 """Before 5.0 the Cache and attention-function APIs differ (cache_position, 4.x layer signatures): refused."""
