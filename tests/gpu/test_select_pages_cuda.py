@@ -140,32 +140,22 @@ def test_candidate_page_scores_cuda_in_a_graph_follows_new_queries(generator):
         assert torch.equal(out, eager)
 
 
-@pytest.mark.parametrize("shape, budget", [((1, 8, 256), 64), ((3, 2, 37), 5), ((2, 4, 1000), 999), ((7,), 1),
-                                           ((1, 2, 50_000), 300)])   # the last: rows past shared memory's keys
-@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
-def test_select_candidate_pages_cuda_equal_the_cpu_op(shape, budget, ties, generator):
-    """The rerank stage's pick on the GPU (the radix select kernel over a table per row) equals the CPU op and the
-    sorting reference bit for bit: ties to the lower index, both zeros, infinities and NaNs in total order."""
-    scores = tied_scores(shape, generator) if ties else torch.randn(shape, generator=generator)
-    cols = torch.randint(-1, 10_000, shape, generator=generator, dtype=torch.int32)
-    counts = torch.randint(0, 65, shape, generator=generator, dtype=torch.int32)
-    got = select_candidate_pages(scores.cuda(), cols.cuda(), counts.cuda(), budget)
-    cpu = select_candidate_pages(scores, cols, counts, budget)
-    assert torch.equal(got[0].cpu(), cpu[0]) and torch.equal(got[1].cpu(), cpu[1])
-    if scores.numel() <= 10_000:
-        want = reference_select_candidates(scores, cols, counts, budget)
-        assert torch.equal(cpu[0], want[0]) and torch.equal(cpu[1], want[1])
+ROWS = (2, 3)
+"""Leading dims of the select cases given by their candidate count alone."""
 
 
-@pytest.mark.parametrize("candidates, budget", [
-    (32, 32), (33, 32), (40, 33), (500, 64), (2048, 64), (2047, 100), (300, 129), (200, 200), (4096, 256),
-    (16384, 256), (16384, 1), (9000, 17), (600, 257)])
+@pytest.mark.parametrize("shape, budget", [
+    ((1, 8, 256), 64), ((3, 2, 37), 5), ((2, 4, 1000), 999), ((7,), 1),
+    ((1, 2, 50_000), 300),                      # rows past shared memory's keys
+    *(((*ROWS, candidates), budget) for candidates, budget in [
+        (32, 32), (33, 32), (40, 33), (500, 64), (2048, 64), (2047, 100), (300, 129), (200, 200), (4096, 256),
+        (16384, 256), (16384, 1), (9000, 17), (600, 257)])])
 @pytest.mark.parametrize("order", ["random", "ties", "ascending", "descending"])
-def test_select_top_kernel_equals_the_cpu_op(candidates, budget, order, generator):
-    """The radix select picks exactly what the CPU op and the sorting reference pick for budgets 1-257 on rows of
-    32-16,384 entries, random, tied and already sorted either way (every key in one histogram bucket's path, or
-    the threshold at either end of the row)."""
-    shape = (2, 3, candidates)
+def test_select_candidate_pages_cuda_equal_the_cpu_op(shape, budget, order, generator):
+    """The rerank stage's pick on the GPU (the radix select kernel over a table per row) equals the CPU op and the
+    sorting reference bit for bit: budgets 1-999 on rows of 7-50,000 entries, random, tied (ties to the lower index,
+    both zeros, infinities and NaNs in total order) and already sorted either way (the threshold at either end of
+    the row)."""
     if order == "ties":
         scores = tied_scores(shape, generator)
     else:
@@ -177,7 +167,7 @@ def test_select_top_kernel_equals_the_cpu_op(candidates, budget, order, generato
     got = select_candidate_pages(scores.cuda(), cols.cuda(), counts.cuda(), budget)
     cpu = select_candidate_pages(scores, cols, counts, budget)
     assert torch.equal(got[0].cpu(), cpu[0]) and torch.equal(got[1].cpu(), cpu[1])
-    if candidates <= 4096:
+    if scores.numel() <= 25_000:
         want = reference_select_candidates(scores, cols, counts, budget)
         assert torch.equal(cpu[0], want[0]) and torch.equal(cpu[1], want[1])
 
