@@ -22,7 +22,7 @@ compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/te
   tests/gpu/test_sparse_signs_gpu.py tests/gpu/test_decode_graphs.py::test_greedy_identical_with_and_without_graphs \
   || status=1
 # The rerank stage's candidate-score kernel (forced pages, padding entries, page ids outside the pool, graph replay)
-# and its pick (select_candidate_pages: rows in and past shared memory).
+# and its pick (select_candidate_pages: rows held in registers and rows read from global memory).
 compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest[@]}" tests/gpu/test_select_pages_cuda.py -k candidate \
   || status=1
 # The decode kernel's in-kernel split merge (counters in the plan's workspace, reset by the last split of each run)
@@ -50,7 +50,7 @@ echo "== racecheck =="
 compute-sanitizer --tool racecheck --kernel-name kns=append_kv --error-exitcode 1 "${pytest[@]}" \
   tests/gpu/test_append_kv_cuda.py || status=1
 # The sparse selection kernels: bounds and sign scoring (queries and sign tables staged in shared memory), the radix
-# select (histograms, scans, the row's keys in shared memory), candidate scores, append with the summary fold.
+# select (shared histograms, warp 0 scans, ballot compaction), candidate scores, append with the summary fold.
 compute-sanitizer --tool racecheck --kernel-name kns=flashcore --error-exitcode 1 "${pytest[@]}" \
   tests/gpu/test_select_pages_cuda.py || status=1
 # Measured 2026-12-01 (H200, compute-sanitizer of CUDA 13.0): racecheck stops with "Internal Sanitizer Error: The

@@ -146,7 +146,7 @@ ROWS = (2, 3)
 
 @pytest.mark.parametrize("shape, budget", [
     ((1, 8, 256), 64), ((3, 2, 37), 5), ((2, 4, 1000), 999), ((7,), 1),
-    ((1, 2, 50_000), 300),                      # rows past shared memory's keys
+    ((1, 2, 50_000), 300),                      # rows past the keys held in registers (read from global)
     *(((*ROWS, candidates), budget) for candidates, budget in [
         (32, 32), (33, 32), (40, 33), (500, 64), (2048, 64), (2047, 100), (300, 129), (200, 200), (4096, 256),
         (16384, 256), (16384, 1), (9000, 17), (600, 257)])])

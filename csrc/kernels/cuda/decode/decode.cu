@@ -100,7 +100,7 @@ DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits) {
                                                      kRowsPerWarp * plan.warps_m)));
   plan.need_pos = p.window > 0 || (p.causal && p.max_q_len > 1);
   plan.splits = std::max(splits, 1);
-  plan.min_pages_per_split = static_cast<int>(std::max<int64_t>(1, ceil_div(2 * tile_keys(p.head_dim), p.page_size)));
+  plan.min_pages_per_split = static_cast<int>(std::max<int64_t>(1, ceil_div(kMinSplitKeys, p.page_size)));
 
   size_t offset = 0;
   auto take = [&offset](size_t bytes) {

@@ -25,6 +25,12 @@ constexpr int kRowsPerWarp = 16; // one m16 MMA tile of query rows per warp
 // Keys per pipeline tile: 16 KB of K plus 16 KB of V per stage whatever the head dim.
 constexpr int tile_keys(int head_dim) { return 8192 / head_dim; }
 
+// Fewest keys a split reads (4 tiles at head dim 128, 2 at 64): a split pays a fixed chain of latencies (page ids,
+// K/V, partial store, counter, the last split's merge), so short rows take fewer, longer splits. 64 pages of 64 keys
+// x 8 kv heads (a sparse decode step): 16 splits of 256 keys ran 16.9 / 17.1 us against 18.4 / 18.3 for 32 of 128
+// (H200, graph replays).
+constexpr int kMinSplitKeys = 256;
+
 // Dynamic shared memory of the main kernel: K/V ring + per-tile row table (offsets and key positions).
 constexpr size_t smem_bytes(int head_dim, int elem_bytes) {
   return size_t(kStages) * 2 * tile_keys(head_dim) * head_dim * elem_bytes +
@@ -37,7 +43,7 @@ struct DecodePlan {
   int row_chunks = 1;       // blocks per (sequence, kv head) along query rows (warps_m * 16 rows each)
   int max_row_chunks = 1;   // row chunks of the longest sequence (max_q_len queries): the split counters' stride
   int splits = 1;           // blocks per (sequence, kv head, row chunk) along the page list (from the plan)
-  int min_pages_per_split = 1;  // a split reads at least this many pages (2 tiles): see row_partition
+  int min_pages_per_split = 1;  // a split reads at least this many pages (kMinSplitKeys): see row_partition
   bool need_pos = false;    // masks need key positions (causal with several queries, or a sliding window)
   // Workspace layout (bytes from the start): split counters and partials (only when splits > 1), then key positions.
   size_t counter_bytes = 0;     // int32 [batch, Hkv, max_row_chunks] at offset 0: splits of (b, h, c) done in this
@@ -56,7 +62,7 @@ struct DecodePlan {
 DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits);
 
 // Split-KV blocks per (sequence, kv head, row chunk) for rows of `pages` pages: as many as leave no resident block
-// slot empty, each reading at least two tiles; 1 when (sequence, kv head, row chunk) blocks alone fill the GPU.
+// slot empty, each reading at least kMinSplitKeys keys; 1 when (sequence, kv head, row chunk) blocks alone fill the GPU.
 int decode_splits(const PagedAttentionParams& p, int num_sms, int pages);
 
 // Pages per split of a layout row of n_pages pages: the row uses `active` of the plan's splits (no more than leave

@@ -4,7 +4,8 @@
 //    score_pages_kernel (page bounds alone): 8 threads per page, each holding every 8th group of 4 dims of the
 //    page's bounds row (max and min; all loads issued up front, so a page costs one memory latency), dotted with
 //    the query heads' positive and negative parts that the block keeps in shared memory, then summed over the 8
-//    lanes (3 shuffles per query head). Two earlier versions: one thread per page streaming its 512-byte row with
+//    lanes (3 shuffles per query head); the entry's bias is loaded beside its page id, not after the dot products
+//    (13 -> 10 us for 2048 pages x 8 heads, ncu, H200: one memory latency less per block). Two earlier versions: one thread per page streaming its 512-byte row with
 //    4 loads in flight was latency-bound (11.8 us for 2048 pages x 8 heads, H200); one warp per page spent ~7x the
 //    instructions on shuffles and icache misses (23 us).
 //    score_sign_pages_kernel (key signs): a warp per page (4 pages each in turn), its lanes over the page's keys. A
@@ -13,19 +14,20 @@
 //    float4 entry), so a key costs one lookup per 3 channels. 8 entries of 16 B are 128 B, one pass over the 32
 //    banks: lookups never conflict (a first version with 16-entry nibble tables, rebuilt per page from global
 //    bounds with a branch per bit, took 96 us for 2048 pages x 8 heads, bounds scoring ~17 us).
-// 2. select_top_pages_kernel, one block per row (select_pages: a (sequence, kv head), reading its sequence's table;
-//    launch_select_top alone: the rerank stage's pick among a row's candidates, a table per row): radix select of the budget-th largest score over an
-//    order-preserving uint32 image of the floats (kept in shared memory when the row fits): 8-bit digits from the
-//    highest bit in which the row's keys differ (similar scores share their top bits, which would pile every
-//    histogram increment onto one counter), stopping once the bucket holding the threshold is taken whole; then an
-//    in-order compaction (block prefix sums), which yields the picks in key order with ties to the lower index.
+// 2. select_top_pages_kernel, one block of 1,024 threads per row (select_pages: a (sequence, kv head), reading its
+//    sequence's table; launch_select_top alone: the rerank stage's pick among a row's candidates, a table per row):
+//    radix select of the budget-th largest score over an order-preserving uint32 image of the floats, held in
+//    registers (rows up to 8,192 entries): 8-bit digits from the highest bit in which the row's keys differ (similar
+//    scores share their top bits, which would pile every histogram increment onto one counter), stopping once the
+//    bucket holding the threshold is taken whole; then an in-order compaction by warp ballots, which yields the picks
+//    in key order with ties to the lower index. 2048 entries x 8 rows: 6.7-7.7 us (ncu, H200) against 12.5 for the
+//    earlier 256-thread version (keys in shared memory, CUB block scans).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
-#include <cub/block/block_scan.cuh>
 
 #include "../launchers.h"
 #include "../common/convert.cuh"
@@ -40,8 +42,11 @@ constexpr int kScorePages = kScoreThreads / kScoreLanes;  // pages per score_pag
 constexpr int kQueryHeadsPerPass = 8;    // query heads whose parts sit in shared memory per pass over the bounds
 constexpr int kDimsPerLoad = 4;
 constexpr int kMaxHeadDim = 256;
-constexpr int kSelectThreads = 256;
-constexpr int kMaxSmemKeys = 48 * 1024;  // 192 KB of shared memory; longer rows read their scores from global
+constexpr int kSelectThreads = 1024;     // threads per select_top_pages_kernel block (one row)
+constexpr int kSelectWarps = kSelectThreads / 32;  // at most 32: warp 0 scans one count per warp
+static_assert(kSelectWarps <= 32 && kSelectThreads % 32 == 0, "select_top_pages_kernel's block");
+constexpr int kMaxHeldKeys = 8;          // rows of up to 8 x 1024 entries keep their keys in registers
+constexpr int kPrefetchKeys = 4;         // ... and up to 4 x 1024 their table entries too
 
 // 4 consecutive elements as stored (16-byte aligned for float, 8-byte for 16-bit types: guaranteed by the launcher).
 template <typename T>
@@ -73,6 +78,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(const Select
   const int lane = threadIdx.x % kScoreLanes;  // this thread's share of the page: quads lane, lane + kScoreLanes, ...
   const int j = blockIdx.x * kScorePages + threadIdx.x / kScoreLanes;
   const int page = j < p.max_pages ? p.table_pages[(int64_t)b * p.max_pages + j] : -1;
+  const float bias = j < p.max_pages && lane == 0 ? p.table_bias[(int64_t)b * p.max_pages + j] : 0.f;  // in flight now
   const bool has_row = page >= 0 && page < p.num_bound_rows;
   const TB* hi_row = static_cast<const TB*>(p.bounds) + ((int64_t)(has_row ? page : 0) * p.num_kv_heads + h) * 2 * d;
   const TB* lo_row = hi_row + d;
@@ -123,7 +129,6 @@ __global__ void __launch_bounds__(kScoreThreads) score_pages_kernel(const Select
     }
   }
   if (j >= p.max_pages || lane != 0) return;
-  const float bias = p.table_bias[(int64_t)b * p.max_pages + j];
   // Pages without a bounds row never win; forced pages (+inf) and entries past the end (-inf) ignore the score;
   // a NaN bound (inf * 0) keeps its page.
   score = !has_row ? -INFINITY : isinf(bias) ? bias : isnan(score) ? INFINITY : score + bias;
@@ -333,110 +338,166 @@ __device__ __forceinline__ uint32_t order_key(float x) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// KEYS_IN_SMEM: the row's order keys are staged in dynamic shared memory once (max_pages <= kMaxSmemKeys), else
-// every pass re-reads the float scores (L2-resident: the score kernel just wrote them).
-template <bool KEYS_IN_SMEM>
+// The radix select's state after a digit: the picks are every key whose bits under the digits done exceed
+// `prefix`, plus the first `needed` keys (by index) equal to it there; `bucket` keys are equal to it.
+struct RadixState {
+  uint32_t prefix;
+  int needed;
+  int bucket;
+};
+
+// KEYS_PER_THREAD > 0: a row of up to kSelectThreads * KEYS_PER_THREAD entries, entry j = k * kSelectThreads + tid
+// held by thread tid in registers (and, up to kPrefetchKeys per thread, its table entry too, loaded beside the
+// score so the output needs no load of its own); 0: any length, every pass re-reads the float scores (L2-resident:
+// the score kernel just wrote them). Each step is a handful of block barriers: shared-memory histogram atomics
+// (aggregating a warp's equal digits with __match_any_sync first measured slower: 9.1 against 6.8 us for 8 rows of
+// 2,048 on the H200), warp 0's scan of the 256 bins, and the compaction's warp ballots.
+template <int KEYS_PER_THREAD>
 __global__ void __launch_bounds__(kSelectThreads) select_top_pages_kernel(const SelectTopParams p) {
-  using Scan = cub::BlockScan<int, kSelectThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  __shared__ int histogram[256];
-  __shared__ uint32_t chosen_prefix, warp_and[kSelectThreads / 32], warp_or[kSelectThreads / 32];
-  __shared__ int still_needed, bucket_size;
-  extern __shared__ uint32_t smem_keys[];
+  constexpr bool kHeld = KEYS_PER_THREAD > 0;
+  constexpr int kSlots = kHeld ? KEYS_PER_THREAD : 1;
+  constexpr bool kTableHeld = kHeld && KEYS_PER_THREAD <= kPrefetchKeys;
+  __shared__ int histogram[2][256];  // pass n counts into [n % 2] while [(n + 1) % 2] is cleared for the next
+  __shared__ uint32_t warp_and[kSelectWarps], warp_or[kSelectWarps];
+  __shared__ RadixState state;
+  __shared__ int2 warp_counts[kSelectWarps], warp_offsets[kSelectWarps];  // (above, ties) of a chunk's warps
   grid_dependency_wait();
   allow_dependent_launch();
 
-  const int row = blockIdx.x;
-  const int table = row / p.rows_per_table;
+  const int row = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int m = p.max_pages, budget = p.budget;
+  const int chunks = kHeld ? KEYS_PER_THREAD : (m + kSelectThreads - 1) / kSelectThreads;
   const float* scores = p.scores + (int64_t)row * m;
-  const int tid = threadIdx.x;
-  if constexpr (KEYS_IN_SMEM) {
-    for (int j = tid; j < m; j += kSelectThreads) smem_keys[j] = order_key(scores[j]);
+  const int64_t table_row = (int64_t)(row / p.rows_per_table) * m;
+  uint32_t keys[kSlots];
+  int pages[kTableHeld ? kSlots : 1], counts[kTableHeld ? kSlots : 1];
+  if constexpr (kHeld) {
+#pragma unroll
+    for (int k = 0; k < kSlots; ++k) {
+      const int j = k * kSelectThreads + tid;
+      keys[k] = j < m ? order_key(scores[j]) : 0u;
+      if constexpr (kTableHeld) {
+        pages[k] = j < m ? p.table_pages[table_row + j] : 0;
+        counts[k] = j < m ? p.table_counts[table_row + j] : 0;
+      }
+    }
   }
-  const auto key_at = [&](int j) { return KEYS_IN_SMEM ? smem_keys[j] : order_key(scores[j]); };
+  // Entry j (chunk k) of this thread's; only called with j < m where the key is not held.
+  const auto key_at = [&](int k, int j) -> uint32_t {
+    if constexpr (kHeld) {
+      return keys[k];
+    } else {
+      return order_key(scores[j]);
+    }
+  };
+
   // The bits above the highest one in which the row's keys differ are common to all: start the digits below them.
   uint32_t all_and = 0xffffffffu, all_or = 0u;
-  for (int j = tid; j < m; j += kSelectThreads) {
-    const uint32_t key = key_at(j);
-    all_and &= key;
-    all_or |= key;
+#pragma unroll
+  for (int k = 0; k < chunks; ++k) {
+    const int j = k * kSelectThreads + tid;
+    if (j < m) {
+      const uint32_t key = key_at(k, j);
+      all_and &= key;
+      all_or |= key;
+    }
   }
   all_and = __reduce_and_sync(0xffffffffu, all_and);
   all_or = __reduce_or_sync(0xffffffffu, all_or);
-  if ((tid & 31) == 0) warp_and[tid / 32] = all_and, warp_or[tid / 32] = all_or;
+  if (lane == 0) warp_and[warp] = all_and, warp_or[warp] = all_or;
+  if (tid < 256) histogram[0][tid] = 0;
   __syncthreads();
   all_and = 0xffffffffu, all_or = 0u;
 #pragma unroll
-  for (int w = 0; w < kSelectThreads / 32; ++w) all_and &= warp_and[w], all_or |= warp_or[w];
+  for (int w = 0; w < kSelectWarps; ++w) all_and &= warp_and[w], all_or |= warp_or[w];
   const uint32_t differ = all_and ^ all_or;
   const int top_bit = differ == 0 ? 0 : 31 - __clz(differ);
-  uint32_t mask = top_bit == 31 ? 0u : ~((2u << top_bit) - 1u);  // the common bits
-  // Every thread has read warp_and / warp_or before thread 0 writes the words next to them (the reads above are
-  // vector loads that may cover those words: racecheck reports it without this barrier).
-  __syncthreads();
-  if (tid == 0) {
-    chosen_prefix = all_and & mask;
-    still_needed = budget;
-    bucket_size = 0;
-  }
-  // Radix select, most significant digit first: after each pass, the picks are every key whose bits under `mask`
-  // exceed chosen_prefix, plus the first still_needed keys (by index) equal to it there.
-  for (int low = top_bit - 7; low > -8; low -= 8) {
+  uint32_t mask = top_bit == 31 ? 0u : ~((2u << top_bit) - 1u);  // the bits decided so far (the common ones)
+  uint32_t prefix = all_and & mask;
+  int needed = budget, bucket = 0;
+
+  // Radix select, most significant digit first, until the threshold's bucket is taken whole (no tie to break below
+  // it) or every bit is decided.
+  int pass = 0;
+  for (int low = top_bit - 7; low > -8 && needed != bucket; low -= 8, ++pass) {
     const int shift = max(low, 0);
     const uint32_t digit_mask = (1u << (8 + min(low, 0))) - 1u;  // the last digit may be narrower
-    histogram[tid] = 0;  // kSelectThreads == 256 bins
-    __syncthreads();
-    const uint32_t prefix = chosen_prefix;
-    if (still_needed == bucket_size) break;  // the threshold's bucket was taken whole: no tie to break below it
-    for (int j = tid; j < m; j += kSelectThreads) {
-      const uint32_t key = key_at(j);
-      if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & digit_mask], 1);
+    int* bins = histogram[pass & 1];
+    if (tid < 256) histogram[(pass + 1) & 1][tid] = 0;
+#pragma unroll
+    for (int k = 0; k < chunks; ++k) {
+      const int j = k * kSelectThreads + tid;
+      const uint32_t key = j < m ? key_at(k, j) : 0u;
+      if (j < m && (key & mask) == prefix) atomicAdd(&bins[(key >> shift) & digit_mask], 1);
     }
     __syncthreads();
-    // Thread t looks at digit 255 - t: an inclusive scan in that order gives the count of keys >= that digit.
-    const int digit = 255 - tid;
-    const int count = histogram[digit];
-    int at_or_above;
-    Scan(scan_storage).InclusiveSum(count, at_or_above);
-    const int needed = still_needed;
-    const int above = at_or_above - count;
-    __syncthreads();  // every thread has read chosen_prefix / still_needed before one thread updates them
-    if (above < needed && at_or_above >= needed) {
-      chosen_prefix = prefix | (uint32_t(digit) << shift);
-      still_needed = needed - above;
-      bucket_size = count;
+    if (warp == 0) {  // lane l holds digits 255 - 8 l - i, i < 8: an inclusive scan gives the count >= a digit
+      int bin[8], sum = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sum += bin[i] = bins[255 - 8 * lane - i];
+      int at_or_above = sum;
+#pragma unroll
+      for (int s = 1; s < 32; s <<= 1) {
+        const int n = __shfl_up_sync(0xffffffffu, at_or_above, s);
+        if (lane >= s) at_or_above += n;
+      }
+      int above = at_or_above - sum;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (above < needed && above + bin[i] >= needed) {  // exactly one (lane, i): the bins hold >= needed keys
+          state = RadixState{prefix | (uint32_t(255 - 8 * lane - i) << shift), needed - above, bin[i]};
+        }
+        above += bin[i];
+      }
     }
+    __syncthreads();
+    prefix = state.prefix;
+    needed = state.needed;
+    bucket = state.bucket;
     mask |= digit_mask << shift;
   }
-  __syncthreads();
-  const uint32_t threshold = chosen_prefix;
-  const int ties_taken = still_needed;  // keys equal to the threshold (under mask) that are picked, lowest first
+  const uint32_t threshold = prefix;
+  const int ties_taken = needed;  // keys equal to the threshold (under mask) that are picked, lowest index first
 
-  // In-order compaction: thread t owns entries [t * per_thread, (t + 1) * per_thread).
-  const int per_thread = (m + kSelectThreads - 1) / kSelectThreads;
-  const int begin = min(m, tid * per_thread), end = min(m, begin + per_thread);
-  int above = 0, ties = 0;
-  for (int j = begin; j < end; ++j) {
-    const uint32_t key = key_at(j) & mask;
-    above += key > threshold;
-    ties += key == threshold;
-  }
-  int above_before, ties_before;
-  Scan(scan_storage).ExclusiveSum(above, above_before);
-  __syncthreads();
-  Scan(scan_storage).ExclusiveSum(ties, ties_before);
-  int out = above_before + min(ties_before, ties_taken);
-  const int64_t table_row = (int64_t)table * m;
+  // In-order compaction, chunk by chunk: an entry's output slot is the picks before it (warp ballots, then warp 0's
+  // scan of the warps' counts on top of the earlier chunks' totals, which it keeps in registers).
   const int64_t out_row = (int64_t)row * budget;
-  for (int j = begin; j < end; ++j) {
-    const uint32_t key = key_at(j) & mask;
-    bool take = key > threshold;
-    if (key == threshold) take = ties_before++ < ties_taken;
-    if (take) {
-      p.out_cols[out_row + out] = p.table_pages[table_row + j];
-      p.out_counts[out_row + out] = p.table_counts[table_row + j];
-      ++out;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  int total_above = 0, total_ties = 0;  // warp 0: picks above the threshold and ties in the chunks done
+#pragma unroll
+  for (int k = 0; k < chunks; ++k) {
+    const int j = k * kSelectThreads + tid;
+    const uint32_t key = j < m ? key_at(k, j) & mask : 0u;
+    const bool above = j < m && key > threshold, tie = j < m && key == threshold;
+    const unsigned above_lanes = __ballot_sync(0xffffffffu, above), tie_lanes = __ballot_sync(0xffffffffu, tie);
+    if (lane == 0) warp_counts[warp] = make_int2(__popc(above_lanes), __popc(tie_lanes));
+    __syncthreads();
+    if (warp == 0) {
+      const int2 c = lane < kSelectWarps ? warp_counts[lane] : make_int2(0, 0);
+      int a = c.x, t = c.y;
+#pragma unroll
+      for (int s = 1; s < 32; s <<= 1) {
+        const int na = __shfl_up_sync(0xffffffffu, a, s), nt = __shfl_up_sync(0xffffffffu, t, s);
+        if (lane >= s) a += na, t += nt;
+      }
+      if (lane < kSelectWarps) warp_offsets[lane] = make_int2(total_above + a - c.x, total_ties + t - c.y);
+      total_above += __shfl_sync(0xffffffffu, a, 31);
+      total_ties += __shfl_sync(0xffffffffu, t, 31);
+    }
+    __syncthreads();
+    if (above || tie) {
+      const int2 offset = warp_offsets[warp];
+      const int ties_before = offset.y + __popc(tie_lanes & lanes_below);
+      if (above || ties_before < ties_taken) {
+        const int out = offset.x + __popc(above_lanes & lanes_below) + min(ties_before, ties_taken);
+        if constexpr (kTableHeld) {
+          p.out_cols[out_row + out] = pages[k];
+          p.out_counts[out_row + out] = counts[k];
+        } else {
+          p.out_cols[out_row + out] = p.table_pages[table_row + j];
+          p.out_counts[out_row + out] = p.table_counts[table_row + j];
+        }
+      }
     }
   }
 }
@@ -500,18 +561,17 @@ bool select_top_supported(const SelectTopParams& p) {
 cudaError_t launch_select_top(const SelectTopParams& p, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   if (!select_top_supported(p)) return cudaErrorInvalidValue;
-  const dim3 grid(p.rows);
-  if (p.max_pages > kMaxSmemKeys) {
-    return launch_pdl(select_top_pages_kernel<false>, grid, dim3(kSelectThreads), 0, stream, p);
+  const dim3 grid(p.rows), block(kSelectThreads);
+  const int keys_per_thread = (p.max_pages + kSelectThreads - 1) / kSelectThreads;
+  switch (keys_per_thread) {
+    case 1: return launch_pdl(select_top_pages_kernel<1>, grid, block, 0, stream, p);
+    case 2: return launch_pdl(select_top_pages_kernel<2>, grid, block, 0, stream, p);
+    case 3:
+    case 4: return launch_pdl(select_top_pages_kernel<4>, grid, block, 0, stream, p);
+    default:
+      if (keys_per_thread <= kMaxHeldKeys) return launch_pdl(select_top_pages_kernel<kMaxHeldKeys>, grid, block, 0, stream, p);
+      return launch_pdl(select_top_pages_kernel<0>, grid, block, 0, stream, p);
   }
-  const size_t smem = (size_t)p.max_pages * sizeof(uint32_t);
-  if (smem > 48 * 1024) {  // opt in to more than 48 KB (a cheap host call, capture-safe)
-    const cudaError_t err = cudaFuncSetAttribute(select_top_pages_kernel<true>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 kMaxSmemKeys * (int)sizeof(uint32_t));
-    if (err != cudaSuccess) return err;
-  }
-  return launch_pdl(select_top_pages_kernel<true>, grid, dim3(kSelectThreads), smem, stream, p);
 }
 
 bool select_pages_supported(const SelectPagesParams& p) {
