@@ -48,8 +48,8 @@ class SparseConfig:
         the budget. A page holding many unrelated keys has a loose bound but an exact score, so this ranks pages of
         16 or more tokens much better; it costs reading the candidates' keys (two kernels on CUDA, the exact scores
         and the pick: H200, 128K context, budget 4096, 64-token pages, rerank=4: 59 us per layer with the append
-        and the attention, 2.4x faster than dense decode, against 32 us without rerank; 2026-12-03). 0 (default) or 1: the
-        scores alone.
+        and the attention, 2.4x faster than dense decode, against 32 us without rerank; 2026-12-03). 0 (default)
+        or 1: the scores alone.
     scoring: "bounds" | "signs": how "topk" scores a page (the first stage when rerank is on). "bounds": Quest's
         upper bound sum_d max(q_d max_d, q_d min_d) from the page's element-wise key max / min. "signs": the largest
         over the page's valid keys of sum_d q_d (max_d if k_d > 0 else min_d), each key reduced to its sign bits
