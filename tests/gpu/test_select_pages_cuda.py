@@ -149,7 +149,7 @@ ROWS = (2, 3)
     ((1, 2, 50_000), 300),                      # rows past the keys held in registers (read from global)
     *(((*ROWS, candidates), budget) for candidates, budget in [
         (32, 32), (33, 32), (40, 33), (500, 64), (2048, 64), (2047, 100), (300, 129), (200, 200), (4096, 256),
-        (16384, 256), (16384, 1), (9000, 17), (600, 257)])])
+        (16384, 256), (16384, 1), (9000, 17), (600, 257), (6000, 300)])])  # 6000: 8 keys per thread, in registers
 @pytest.mark.parametrize("order", ["random", "ties", "ascending", "descending"])
 def test_select_candidate_pages_cuda_equal_the_cpu_op(shape, budget, order, generator):
     """The rerank stage's pick on the GPU (the radix select kernel over a table per row) equals the CPU op and the
