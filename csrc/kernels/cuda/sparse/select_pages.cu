@@ -5,9 +5,9 @@
 //    page's bounds row (max and min; all loads issued up front, so a page costs one memory latency), dotted with
 //    the query heads' positive and negative parts that the block keeps in shared memory, then summed over the 8
 //    lanes (3 shuffles per query head); the entry's bias is loaded beside its page id, not after the dot products
-//    (13 -> 10 us for 2048 pages x 8 heads, ncu, H200: one memory latency less per block). Two earlier versions: one thread per page streaming its 512-byte row with
-//    4 loads in flight was latency-bound (11.8 us for 2048 pages x 8 heads, H200); one warp per page spent ~7x the
-//    instructions on shuffles and icache misses (23 us).
+//    (13 -> 10 us for 2048 pages x 8 heads, ncu, H200: one memory latency less per block). Two earlier versions:
+//    one thread per page streaming its 512-byte row with 4 loads in flight was latency-bound (11.8 us for 2048
+//    pages x 8 heads, H200); one warp per page spent ~7x the instructions on shuffles and icache misses (23 us).
 //    score_sign_pages_kernel (key signs): a warp per page (4 pages each in turn), its lanes over the page's keys. A
 //    key's estimate is q.min + the sum over the channels e whose sign bit is set of w_e = q_e (max_e - min_e); the
 //    warp first tabulates, per group of 3 channels, the 8 sums of w over the group's bit patterns (4 query heads per
@@ -569,8 +569,10 @@ cudaError_t launch_select_top(const SelectTopParams& p, cudaStream_t stream) {
     case 3:
     case 4: return launch_pdl(select_top_pages_kernel<4>, grid, block, 0, stream, p);
     default:
-      if (keys_per_thread <= kMaxHeldKeys) return launch_pdl(select_top_pages_kernel<kMaxHeldKeys>, grid, block, 0, stream, p);
-      return launch_pdl(select_top_pages_kernel<0>, grid, block, 0, stream, p);
+      if (keys_per_thread <= kMaxHeldKeys) {
+        return launch_pdl(select_top_pages_kernel<kMaxHeldKeys>, grid, block, 0, stream, p);
+      }
+      return launch_pdl(select_top_pages_kernel<0>, grid, block, 0, stream, p);  // re-reads the scores each pass
   }
 }
 
