@@ -249,7 +249,9 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
   // ---------------- consumers ----------------
   regs_alloc<L::kConsumerRegs>();
   using Ops = MmaOps<T>;
-  const int wg = warp / 4 - 1;          // consumer warpgroup 0 / 1: tile rows [64 wg, 64 wg + 64)
+  // Consumer warpgroup 0 / 1: tile rows [64 wg, 64 wg + 64). Read through a shuffle so ptxas sees it warp-uniform
+  // and keeps the wgmma descriptors built from it in uniform registers.
+  const int wg = __shfl_sync(0xffffffffu, warp / 4 - 1, 0);
   const int wtid = tid - 128 * (wg + 1);
   const int wwarp = wtid >> 5;
 
@@ -290,21 +292,26 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
 
   // Descriptors: Q / K K-major (LBO unused), V MN-major (LBO = the next 64 d-columns, SBO = the next 8 keys).
   const uint32_t q_base = base + kOffQ + wg * 64 * 128;
+  // Descriptors built once: every shared address is below 2^18 bytes, so (addr & 0x3FFFF) >> 4 is addr >> 4 and adding
+  // (offset >> 4) to the start-address field never carries out of it.
+  const uint64_t q_desc = make_desc(q_base, 16, 1024);
+  const uint64_t k_desc = make_desc(base + kOffK, 16, 1024);
+  const uint64_t v_desc = make_desc(base + kOffV, kHalfBytes, 1024);
   auto issue_s = [&](int stage) {
-    const uint32_t k_base = base + kOffK + stage * kTileBytes;
+    const uint64_t kd = k_desc + ((stage * kTileBytes) >> 4);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {  // 16 dims per step: 32 bytes into a 64-dim half
       const uint32_t q_off = (ks >> 2) * L::kQHalfBytes + (ks & 3) * 32, k_off = (ks >> 2) * kHalfBytes + (ks & 3) * 32;
-      wgmma_ss<kBf16>(acc_s, make_desc(q_base + q_off, 16, 1024), make_desc(k_base + k_off, 16, 1024), ks > 0);
+      wgmma_ss<kBf16>(acc_s, q_desc + (q_off >> 4), kd + (k_off >> 4), ks > 0);
     }
     wgmma_commit();
   };
   auto issue_pv = [&](int stage) {
-    const uint32_t v_base = base + kOffV + stage * kTileBytes;
+    const uint64_t vd = v_desc + ((stage * kTileBytes) >> 4);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) wgmma_rs<kBf16>(acc_o, pa[kk], make_desc(v_base + kk * 2048, kHalfBytes, 1024), 1);
+    for (int kk = 0; kk < N / 16; ++kk) wgmma_rs<kBf16>(acc_o, pa[kk], vd + ((kk * 2048) >> 4), 1);
     wgmma_commit();
   };
   auto release = [&](uint32_t bar, int t) {
