@@ -62,8 +62,8 @@ struct DecodePlan {
 DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits);
 
 // Split-KV blocks per (sequence, kv head, row chunk) for rows of `pages` pages: as many as leave no resident block
-// slot empty, each reading at least kMinSplitKeys keys; 1 when (sequence, kv head, row chunk) blocks alone fill the
-// GPU.
+// slot empty, each reading at least kMinSplitKeys keys; 1 when the (sequence, kv head, row chunk) blocks alone fill
+// every SM.
 int decode_splits(const PagedAttentionParams& p, int num_sms, int pages);
 
 // Pages per split of a layout row of n_pages pages: the row uses `active` of the plan's splits (no more than leave
