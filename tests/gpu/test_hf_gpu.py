@@ -79,15 +79,21 @@ def _agreement(a, b, prompt_len):
 
 
 def test_greedy_agrees_with_sdpa(model):
-    """64 new tokens for 8 left-padded prompts. A random model's logits are nearly flat, so any two correct bf16
+    """64 new tokens for 32 left-padded prompts. A random model's logits are nearly flat, so any two correct bf16
     implementations part ways after a near-tie; the test requires (1) every divergence to be a near-tie of the two
     best logits and (2) flashcore to agree with sdpa about as long as stock eager attention agrees with sdpa.
+    Where a prompt's run parts ways follows the first near-tie, which moves with any ulp of difference (kernel
+    changes, cuBLAS's choices in the process): over 8 prompts one build's summed agreement was 57 in one process and
+    99 in the next, so (2) is judged over 32 prompts. A near-tie is a gap under 0.2 standard deviations of the
+    step's logits: stock sdpa's own bf16 logits are up to 0.18 of them off float32's on this model (the logits test:
+    0.167 against a std of ~0.9), and over 32 prompts main's kernel parted ways at a 0.155-std gap (2026-12-03).
 
     The three runs differ only in attention, so flashcore's decode graphs capture the uncompiled forward here: the
     compiled one (compiled_decode.py) also rounds norms, rotary and activations differently from transformers' code.
     It is judged against a float32 reference in test_compiled_decode_gpu.py and against eager flashcore decoding,
     with this test's near-tie rule, in test_decode_graphs.py."""
     lengths = [512, 37, 200, 129, 64, 300, 90, 451]
+    lengths += torch.randint(16, 513, (24,), generator=torch.Generator().manual_seed(5)).tolist()
     ids, mask = left_padded(lengths, LLAMA_1B["vocab_size"], seed=2)
     flashcore_hf.set_compiled_decode(False)
     try:
@@ -99,8 +105,8 @@ def test_greedy_agrees_with_sdpa(model):
     agreed = _agreement(runs["flashcore"], runs["sdpa"], ids.shape[1])
     baseline = _agreement(runs["eager"], runs["sdpa"], ids.shape[1])
     print(f"greedy agreement with sdpa (tokens before the first difference, of 64): flashcore {agreed} "
-          f"({sum(a == 64 for a in agreed)}/8 identical); stock eager {baseline} "
-          f"({sum(a == 64 for a in baseline)}/8 identical)")
+          f"({sum(a == 64 for a in agreed)}/{len(agreed)} identical); stock eager {baseline} "
+          f"({sum(a == 64 for a in baseline)}/{len(baseline)} identical)")
     new_sdpa = runs["sdpa"].sequences[:, ids.shape[1]:]
     new_fc = runs["flashcore"].sequences[:, ids.shape[1]:]
     for b, t in enumerate(agreed):
@@ -110,7 +116,7 @@ def test_greedy_agrees_with_sdpa(model):
         for name in ("sdpa", "flashcore"):
             logits = runs[name].logits[t][b].float()
             gap = (logits[tok_sdpa] - logits[tok_fc]).abs().item()
-            assert gap < 0.1 * logits.std().item(), (b, t, name, gap)
+            assert gap < 0.2 * logits.std().item(), (b, t, name, gap)
     assert sum(agreed) >= 0.5 * sum(baseline), "flashcore parts ways with sdpa much sooner than eager does"
 
 
