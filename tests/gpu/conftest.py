@@ -17,10 +17,10 @@ def small_llama():
     return model.to("cuda").eval()
 
 
-def diverge_only_at_near_ties(a, b, prompt_len: int) -> int:
+def diverge_only_at_near_ties(a, b, prompt_len: int, max_gap_std: float = 0.1) -> int:
     """Two greedy generate() outputs (return_dict_in_generate, output_logits): every row's tokens agree up to its first
-    difference, which must be a near-tie of the two tokens' logits in both runs (gap < 0.1 x the logits' std, as in
-    test_hf_gpu.py). Returns the number of identical rows."""
+    difference, which must be a near-tie of the two tokens' logits in both runs (gap < max_gap_std x the logits' std;
+    test_hf_gpu.py allows 0.2 between two attention implementations). Returns the number of identical rows."""
     new_a, new_b = a.sequences[:, prompt_len:], b.sequences[:, prompt_len:]
     same = new_a == new_b
     for row in range(new_a.shape[0]):
@@ -30,5 +30,5 @@ def diverge_only_at_near_ties(a, b, prompt_len: int) -> int:
         for run in (a, b):
             logits = run.logits[t][row].float()
             gap = (logits[new_a[row, t]] - logits[new_b[row, t]]).abs().item()
-            assert gap < 0.1 * logits.std().item(), (row, t, gap)
+            assert gap < max_gap_std * logits.std().item(), (row, t, gap)
     return int(same.all(1).sum())
