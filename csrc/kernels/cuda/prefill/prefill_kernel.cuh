@@ -284,8 +284,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
         for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[mi][nt][2 * h], acc_s[mi][nt][2 * h + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-        const float corr = fast_exp2(row_max[mi][h] * scale_log2 - mx_scaled);
+        const float mx_scaled = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2);
+        // The old max's product rounded like mx_scaled's (no FFMA contraction): an unchanged max gives exactly 1,
+        // which the rescale skip below needs.
+        const float corr = fast_exp2(__fmul_rn(row_max[mi][h], scale_log2) - mx_scaled);
         row_max[mi][h] = mx;
         float sum = row_sum[mi][h] * corr;
         // Once the running max settles, most tiles leave it unchanged: skip the O rescale when the whole warp can.

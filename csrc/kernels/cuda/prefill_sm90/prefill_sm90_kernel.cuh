@@ -16,7 +16,8 @@
 //   (named barriers, round robin), so one warpgroup's softmax overlaps the others' GEMMs. Within a warpgroup, ptxas
 //   places the wait for P_j V_j ahead of the softmax of j+1 (SASS), so those two run one after the other: forcing
 //   the overlap (the K release made to depend on the row sums) measured no faster at head dim 128 and 4-5% slower
-//   at 64 (benchmarks/notes/prefill.md), so it is left to ptxas.
+//   at 64 (benchmarks/notes/prefill.md), so it is left to ptxas. The CTA loads the key tiles of all its rows; each
+//   consumer warpgroup computes (and masks) only those its own rows see, and lets the others go by in turn.
 // Shared tiles use the 128-byte swizzle that wgmma descriptors and TMA share: a [rows][128] tile is two [rows][64]
 // halves, each made of 8-row x 128-byte atoms in which 16-byte chunk c of row r sits at position c ^ (r & 7).
 // Softcap (kSoftcap instantiation): the softmax first turns S into tanh(S * sm_scale / softcap) (before the mask)
@@ -281,8 +282,28 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
   const float score_scale = kSoftcap ? p.softcap : p.sm_scale;
   const float scale_log2 = score_scale * kLog2e;
   const float cap_in = kSoftcap ? __fdiv_rn(p.sm_scale, p.softcap) : 0.f;  // softcap: tanh argument per raw score
-  const int nb_full_hi = min(n_k / N, p.causal ? max(qpos_lo + 1, 0) / N : n_k / N);
-  const int nb_full_lo = p.window > 0 ? (max(qpos_hi - p.window + 1, 0) + N - 1) / N : 0;
+
+  // This warpgroup's own key tiles [nb_begin + t_first, nb_begin + t_end): the CTA loads the tiles of all its rows,
+  // but causal rows low in the tile end earlier, window rows high in it start later, and rows past the sequence see
+  // nothing. Only tiles outside [nb_full_lo, nb_full_hi) need a mask for some of this warpgroup's rows.
+  const int wg_m_lo = m0 + wg * 64, wg_m_hi = min(rows_total, wg_m_lo + 64) - 1;
+  const int wg_qpos_lo = qpos_base + wg_m_lo / G, wg_qpos_hi = qpos_base + wg_m_hi / G;
+  const int wg_k_hi = p.causal ? min(n_k, wg_qpos_hi + 1) : n_k;
+  const int wg_k_lo = p.window > 0 ? max(0, wg_qpos_lo - p.window + 1) : 0;
+  const bool wg_sees_keys = wg_m_lo <= wg_m_hi && wg_k_lo < wg_k_hi;
+  const int t_first = wg_sees_keys ? wg_k_lo / N - nb_begin : 0;
+  const int t_end = wg_sees_keys ? (wg_k_hi + N - 1) / N - nb_begin : 0;
+  const int nb_full_hi = min(n_k / N, p.causal ? max(wg_qpos_lo + 1, 0) / N : n_k / N);
+  const int nb_full_lo = p.window > 0 ? (max(wg_qpos_hi - p.window + 1, 0) + N - 1) / N : 0;
+  // This thread's rows' key limits [key_lo, key_hi), relative to its first column in a tile (add the tile's start).
+  int key_lo[2], key_hi[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int qp = qpos_base + (m0 + my_row + 8 * h) / G;
+    const int col0 = (lane & 3) * 2;
+    key_hi[h] = (p.causal ? min(n_k, qp + 1) : n_k) - col0;
+    key_lo[h] = (p.window > 0 ? qp - p.window + 1 : 0) - col0;
+  }
 
   float acc_o[D / 2], acc_s[64];
   uint32_t pa[8][4];
@@ -328,21 +349,30 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
 #pragma unroll
       for (int i = 0; i < 64; ++i) acc_s[i] = tanh_approx(acc_s[i] * cap_in);
     }
+    // Boundary tiles only. Without a window (the common case) one compare and select per element; ptxas merges
+    // separately guarded bounds into this two-sided form, so the one-sided one is its own branch.
     if (nb < nb_full_lo || nb >= nb_full_hi) {
       const int k0 = nb * N;
+      if (p.window > 0) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int qp = qpos_base + (m0 + my_row + 8 * h) / G;
-        const int col0 = k0 + (lane & 3) * 2;
-        const int hi = (p.causal ? min(n_k, qp + 1) : n_k) - col0;
-        const int lo = (p.window > 0 ? qp - p.window + 1 : INT32_MIN / 2) - col0;
+        for (int h = 0; h < 2; ++h) {
+          const int lo = key_lo[h] - k0, hi = key_hi[h] - k0;
 #pragma unroll
-        for (int j = 0; j < N / 8; ++j)
+          for (int j = 0; j < N / 8; ++j)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int c = j * 8 + e;
-            if (c < lo || c >= hi) acc_s[j * 4 + 2 * h + e] = -INFINITY;
-          }
+            for (int e = 0; e < 2; ++e)
+              if (j * 8 + e < lo || j * 8 + e >= hi) acc_s[j * 4 + 2 * h + e] = -INFINITY;
+        }
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int hi = key_hi[h] - k0;
+#pragma unroll
+          for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (j * 8 + e >= hi) acc_s[j * 4 + 2 * h + e] = -INFINITY;
+        }
       }
     }
 #pragma unroll
@@ -352,8 +382,10 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
       for (int j = 0; j < N / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[j * 4 + 2 * h], acc_s[j * 4 + 2 * h + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mx_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;
-      corr[h] = fast_exp2(row_max[h] * scale_log2 - mx_scaled);
+      const float mx_scaled = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2);
+      // The old max's product rounded like mx_scaled's: contracted into one FFMA, an unchanged max left mx_scaled's
+      // rounding residual, corr was 1 +- ulps and rescale_o's skip almost never fired.
+      corr[h] = fast_exp2(__fmul_rn(row_max[h], scale_log2) - mx_scaled);
       row_max[h] = mx;
       float sum = 0.f;
 #pragma unroll
@@ -391,49 +423,68 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
 
   if (n_tiles > 0) {
     // Turn-taking: warpgroup wg waits on barrier kBarTurn0 + wg before issuing its GEMMs and then opens the next
-    // one's (round robin). All run n_tiles + 1 GEMM phases; the last warpgroup opens the first one's turn at the
-    // start and skips its own last opening, so every barrier ends balanced.
+    // one's (round robin). Every warpgroup runs n_tiles + 1 GEMM phases, whatever its own range: a tile outside it
+    // still takes its turn (so the round robin stays in step) and releases its K and V stages once they have landed
+    // (so the arrival counts toward that use of the stage, never the next). The last warpgroup opens the first one's
+    // turn at the start and skips its own last opening, so every barrier ends balanced.
     const int phases = n_tiles + 1;
+    int phase = 0;
     auto turn_begin = [&]() { named_bar_sync(kBarTurn0 + wg, 256); };
-    auto turn_end = [&](int phase) {
+    auto turn_end = [&]() {
       if (!(wg == kConsumers - 1 && phase == phases - 1)) named_bar_arrive(kBarTurn0 + (wg + 1) % kConsumers, 256);
+      ++phase;
+    };
+    auto pass_tile = [&](int t) {
+      turn_begin();
+      turn_end();
+      wait_full(bar_full_k, t);
+      release(bar_empty_k, t);
+      wait_full(bar_full_v, t);
+      release(bar_empty_v, t);
     };
     if (wg == kConsumers - 1) named_bar_arrive(kBarTurn0, 256);
-    float corr[2];
-    wait_full(bar_full_k, 0);
-    turn_begin();
-    issue_s(0);
-    turn_end(0);
-    wgmma_wait<0>();
-    fence_regs(acc_s);
-    release(bar_empty_k, 0);
-    softmax(nb_begin, corr);
-    convert_p();
-    for (int t = 1; t < n_tiles; ++t) {
-      wait_full(bar_full_k, t);
+    for (int t = 0; t < t_first; ++t) pass_tile(t);
+    if (t_first < t_end) {
+      float corr[2];
+      wait_full(bar_full_k, t_first);
       turn_begin();
-      issue_s(t % kStages);
-      wait_full(bar_full_v, t - 1);
-      issue_pv((t - 1) % kStages);
-      turn_end(t);
-      wgmma_wait<1>();
+      issue_s(t_first % kStages);
+      turn_end();
+      wgmma_wait<0>();
       fence_regs(acc_s);
-      release(bar_empty_k, t);
-      softmax(nb_begin + t, corr);
+      release(bar_empty_k, t_first);
+      softmax(nb_begin + t_first, corr);
+      convert_p();
+      for (int t = t_first + 1; t < t_end; ++t) {
+        wait_full(bar_full_k, t);
+        turn_begin();
+        issue_s(t % kStages);
+        wait_full(bar_full_v, t - 1);
+        issue_pv((t - 1) % kStages);
+        turn_end();
+        wgmma_wait<1>();
+        fence_regs(acc_s);
+        release(bar_empty_k, t);
+        softmax(nb_begin + t, corr);
+        wgmma_wait<0>();
+        fence_regs(acc_o);
+        fence_regs(pa);
+        release(bar_empty_v, t - 1);
+        rescale_o(corr);
+        convert_p();
+      }
+      turn_begin();
+      wait_full(bar_full_v, t_end - 1);
+      issue_pv((t_end - 1) % kStages);
+      turn_end();
       wgmma_wait<0>();
       fence_regs(acc_o);
-      fence_regs(pa);
-      release(bar_empty_v, t - 1);
-      rescale_o(corr);
-      convert_p();
+      release(bar_empty_v, t_end - 1);
+    } else {
+      turn_begin();
+      turn_end();
     }
-    turn_begin();
-    wait_full(bar_full_v, n_tiles - 1);
-    issue_pv((n_tiles - 1) % kStages);
-    turn_end(n_tiles);
-    wgmma_wait<0>();
-    fence_regs(acc_o);
-    release(bar_empty_v, n_tiles - 1);
+    for (int t = t_end; t < n_tiles; ++t) pass_tile(t);
   }
 
   // Epilogue: normalise, stage this warpgroup's 64 rows in its own rows of the Q tile (no wgmma reads them any
