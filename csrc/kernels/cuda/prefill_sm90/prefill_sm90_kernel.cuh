@@ -114,6 +114,23 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
   const int q0 = work.q0, n_q = work.n_q, rows_total = work.rows_total, m0 = work.m0;
   const int page_begin = work.page_begin, n_pages = work.n_pages;
 
+  // Consumers issue their Q rows' loads first (they need no key count), so that the loads overlap the page scan.
+  if (warp >= 4) {
+    const T* q = static_cast<const T*>(p.q);
+    const int qwg = warp / 4 - 1, qtid = tid - 128 * (qwg + 1);
+#pragma unroll
+    for (int it = 0; it < 64 * kChunks / 128; ++it) {
+      const int idx = it * 128 + qtid;
+      const int row = qwg * 64 + idx / kChunks, chunk = idx % kChunks;
+      const int m = m0 + row;
+      const bool valid = m < rows_total;
+      const int i = valid ? m / G : 0, g = valid ? m - i * G : 0;
+      const T* src = q + (int64_t)(q0 + i) * p.q_stride_token + (int64_t)(hkv * G + g) * p.q_stride_head + chunk * 8;
+      cp_async_16(base + kOffQ + tile_offset(row, chunk, L::kQHalfBytes), valid ? src : q, valid ? 16 : 0);
+    }
+    cp_async_commit();
+  }
+
   // n_k = keys of this sequence (invalid pages count as empty); whether every page but the last is full (then key k
   // sits at row k % page_size of page entry k / page_size, which TMA boxes can load).
   int part = 0, partial_pages = 0;
@@ -256,24 +273,10 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
   const int wtid = tid - 128 * (wg + 1);
   const int wwarp = wtid >> 5;
 
-  // Q rows of this warpgroup.
-  {
-    const T* q = static_cast<const T*>(p.q);
-#pragma unroll
-    for (int it = 0; it < 64 * kChunks / 128; ++it) {
-      const int idx = it * 128 + wtid;
-      const int row = wg * 64 + idx / kChunks, chunk = idx % kChunks;
-      const int m = m0 + row;
-      const bool valid = m < rows_total;
-      const int i = valid ? m / G : 0, g = valid ? m - i * G : 0;
-      const T* src = q + (int64_t)(q0 + i) * p.q_stride_token + (int64_t)(hkv * G + g) * p.q_stride_head + chunk * 8;
-      cp_async_16(base + kOffQ + tile_offset(row, chunk, L::kQHalfBytes), valid ? src : q, valid ? 16 : 0);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_proxy_async();
-    named_bar_sync(kBarConsumer0 + wg, 128);
-  }
+  // Q rows of this warpgroup (loads issued before the page scan) landed and visible to wgmma.
+  cp_async_wait<0>();
+  fence_proxy_async();
+  named_bar_sync(kBarConsumer0 + wg, 128);
 
   // This thread's two rows (h = 0, 1): tile row wg*64 + wwarp*16 + lane/4 + 8h.
   const int my_row = wg * 64 + wwarp * 16 + (lane >> 2);
