@@ -80,7 +80,12 @@ def format_table(table: list[dict], rounds: dict[str, list[list[dict]]]) -> str:
     if not table:
         return f"no rows ({counts})"
     headers = list(dict.fromkeys(h for row in table for h in row))
-    cell = lambda v: f"{v:.3g}" if isinstance(v, float) and abs(v) < 10 else (f"{v:.0f}" if isinstance(v, float) else str(v))  # noqa: E731
+
+    def cell(value) -> str:  # ratios and small values to 3 digits, larger ones whole
+        if not isinstance(value, float):
+            return str(value)
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.0f}"
+
     lines = [f"medians over rounds ({counts})", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(row.get(h, "")) for h in headers) + " |" for row in table]
     return "\n".join(lines)

@@ -173,9 +173,9 @@ def run_generate_case(model, path: str, case: str, batch: int, prompt: int, new:
 
 def compare_tokens(rows: list[dict]) -> None:
     """Token checks between the flashcore paths of each case (whatever order they ran in): identical_to_eager
-    (flashcore_nocompile vs flashcore_eager: identical unless a near-tie parts them), eager_agreement (compiled flashcore: mean
-    fraction of new tokens before each row's first difference from flashcore_eager), identical_to_shared
-    (flashcore_noshare vs flashcore)."""
+    (flashcore_nocompile vs flashcore_eager: identical unless a near-tie parts them), eager_agreement (compiled
+    flashcore: mean fraction of new tokens before each row's first difference from flashcore_eager),
+    identical_to_shared (flashcore_noshare vs flashcore)."""
     for row in rows:
         case, path = row["case"], row["path"]
         if (case, path) not in _TOKENS:

@@ -52,7 +52,9 @@ run() {
   on_tree() {
     local tree=$1 name=$2; shift 2
     local budget_left; budget_left=$(left)
-    if [ "$budget_left" -lt "$step_min" ]; then echo "== $name: skipped (${budget_left} s left)"; skipped+=("$name"); return 0; fi
+    if [ "$budget_left" -lt "$step_min" ]; then
+      echo "== $name: skipped (${budget_left} s left)"; skipped+=("$name"); return 0
+    fi
     local s0=$SECONDS
     if (cd "ab/$tree" && PYTHONPATH=$PWD timeout "$budget_left" "$@") > "$results/$name.log" 2>&1; then
       echo "== $name: ok ($((SECONDS - s0)) s) $(tail -n 1 "$results/$name.log")"
@@ -105,7 +107,9 @@ run() {
 }
 
 case "${1:-}" in
-  prepare) [ $# -eq 3 ] || { echo "usage: $0 prepare BASE_REV CHANGE(rev or patch file)"; exit 2; }; prepare "$2" "$3" ;;
+  prepare)
+    [ $# -eq 3 ] || { echo "usage: $0 prepare BASE_REV CHANGE(rev or patch file)"; exit 2; }
+    prepare "$2" "$3" ;;
   run) run ;;
   *) echo "usage: $0 prepare BASE_REV CHANGE | run"; exit 2 ;;
 esac

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import flashcore_hf  # noqa: F401  (registers "flashcore")
 from flashcore_hf import CACHE_KWARG
 from flashcore_hf import PagedKVCache
-from tests.gpu.conftest import diverge_only_at_near_ties
+from tests.gpu.conftest import agreement_lengths, diverge_only_at_near_ties
 
 pytestmark = pytest.mark.gpu
 
@@ -73,12 +73,6 @@ def _greedy(model, implementation, ids, mask):
                               pad_token_id=0, output_logits=True, return_dict_in_generate=True)
 
 
-def _agreement(a, b, prompt_len):
-    """Tokens generated before the first difference, per prompt (64 = identical)."""
-    same = a.sequences[:, prompt_len:] == b.sequences[:, prompt_len:]
-    return torch.where(same.all(1), 64, (~same).int().argmax(1)).tolist()
-
-
 def test_greedy_agrees_with_sdpa(model):
     """64 new tokens for 32 left-padded prompts. A random model's logits are nearly flat, so any two correct bf16
     implementations part ways after a near-tie; the test requires (1) every divergence to be a near-tie of the two
@@ -103,8 +97,8 @@ def test_greedy_agrees_with_sdpa(model):
         flashcore_hf.set_compiled_decode(True)
     model.set_attn_implementation("flashcore")
     assert isinstance(getattr(runs["flashcore"], CACHE_KWARG), PagedKVCache)
-    agreed = _agreement(runs["flashcore"], runs["sdpa"], ids.shape[1])
-    baseline = _agreement(runs["eager"], runs["sdpa"], ids.shape[1])
+    agreed = agreement_lengths(runs["flashcore"], runs["sdpa"], ids.shape[1])
+    baseline = agreement_lengths(runs["eager"], runs["sdpa"], ids.shape[1])
     print(f"greedy agreement with sdpa (tokens before the first difference, of 64): flashcore {agreed} "
           f"({sum(a == 64 for a in agreed)}/{len(agreed)} identical); stock eager {baseline} "
           f"({sum(a == 64 for a in baseline)}/{len(baseline)} identical)")

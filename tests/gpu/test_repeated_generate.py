@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import flashcore_hf as fc
 from flashcore_hf import CACHE_KWARG
-from tests.gpu.conftest import diverge_only_at_near_ties
+from tests.gpu.conftest import agreement_lengths, diverge_only_at_near_ties
 
 pytestmark = pytest.mark.gpu
 
@@ -102,8 +102,7 @@ def assert_replays_match_eager_decoding(model, ids, cache_factory=lambda: None):
     assert_every_step_replayed(model, replays, eager)
     prompt_len = ids.shape[1]
     diverge_only_at_near_ties(expected, replayed, prompt_len)
-    same = (expected.sequences[0, prompt_len:] == replayed.sequences[0, prompt_len:]).tolist()
-    shared_steps = same.index(False) + 1 if False in same else NEW   # steps whose inputs are the same tokens
+    shared_steps = min(agreement_lengths(expected, replayed, prompt_len)[0] + 1, NEW)  # inputs: the same tokens
     for step in range(shared_steps):
         a, b = expected.logits[step][0].float(), replayed.logits[step][0].float()
         assert (a - b).abs().max() < REPLAY_LOGIT_TOLERANCE_STD * a.std(), step

@@ -59,4 +59,5 @@ for name, (B, Hkv, G, S, M, causal, D) in {
     total = sum(n for _, _, n in grid(B, Hkv, G, S, M, causal, "tile")) * tile_bytes
     kv = B * Hkv * S * D * 2 * 2
     res = {o: simulate(grid(B, Hkv, G, S, M, causal, o), tile_bytes) for o in ("tile", "sequence")}
-    print(f"{name}: K/V {kv / 2**20:.0f} MiB, tile reads {total / 2**30:.2f} GiB; DRAM tile-major {res['tile'] / 2**20:.0f} MiB, sequence-major {res['sequence'] / 2**20:.0f} MiB", flush=True)
+    print(f"{name}: K/V {kv / 2**20:.0f} MiB, tile reads {total / 2**30:.2f} GiB; DRAM tile-major "
+          f"{res['tile'] / 2**20:.0f} MiB, sequence-major {res['sequence'] / 2**20:.0f} MiB", flush=True)
