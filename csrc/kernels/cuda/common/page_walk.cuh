@@ -20,9 +20,11 @@ inline int64_t query_tiles(const PagedAttentionParams& p, int block_m = kBlockM)
   return ((int64_t)p.max_q_len * group + block_m - 1) / block_m;
 }
 
-// What one CTA of either prefill kernel works on. Grid (KV head, sequence, query tile) with the tile slowest and
-// reversed: every (sequence, KV head) pair's last tile -- the heaviest under a causal mask -- is scheduled before any
-// earlier one (longest first keeps the tail of the grid short). Layout indices are clamped into range.
+// What one CTA of either prefill kernel works on. Grid (KV head, query tile, sequence), launched in that order (KV
+// head fastest): one sequence's tiles before the next sequence's, so the CTAs resident at once share few sequences'
+// K/V and read them from L2 (a tile-major order over many sequences streams every sequence's K/V from DRAM once per
+// query tile); tiles reversed, so each sequence's last tile -- the heaviest under a causal mask -- comes first
+// (longest first keeps the tail of the grid short). Layout indices are clamped into range.
 struct TileWork {
   int hkv, b, tile, G;
   int q0, n_q, rows_total, m0;  // the sequence's queries [q0, q0 + n_q); tile rows [m0, m0 + M) of n_q * G
@@ -32,8 +34,8 @@ struct TileWork {
 __device__ __forceinline__ TileWork tile_work(const PagedAttentionParams& p, int M) {
   TileWork w;
   w.hkv = blockIdx.x;
-  w.b = blockIdx.y;
-  w.tile = gridDim.z - 1 - blockIdx.z;
+  w.b = blockIdx.z;
+  w.tile = gridDim.y - 1 - blockIdx.y;
   w.G = p.num_q_heads / p.num_kv_heads;
   w.q0 = min(max(p.q_indptr[w.b], 0), p.total_q);
   w.n_q = min(max(p.q_indptr[w.b + 1], w.q0), p.total_q) - w.q0;
