@@ -16,7 +16,7 @@ import flashcore_hf as fc
 from flashcore_hf import CACHE_KWARG
 from flashcore_hf.hf import compiled_forward
 from flashcore_hf.hf.compiled_forward import tracing_compiled_step
-from flashcore_hf.hf.compiled_prefill import CompiledPrefill, decoder_layers
+from flashcore_hf.hf.compiled_prefill import CompiledPrefill, decoder_layers, shared_int_attributes
 
 
 def tiny_llama(layers: int = 3):
@@ -68,6 +68,33 @@ def test_compiled_prefill_matches_eager_across_lengths_and_batches(generator):
     assert prefill.compile_seconds > 0
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
     assert not tracing_compiled_step() and compiled_forward._ACTIVE_CACHE is None
+
+
+def test_shared_int_attributes_are_constants_in_the_graph(generator):
+    """The layers' shared integer attributes (head_dim, ...) reach the backend as constants, layer_idx as a graph
+    input: symbolic, head_dim turned every index computation of the rotary kernels into a run-time division by it."""
+    model = tiny_llama(layers=4)
+    layers = decoder_layers(model)
+    shared = {(".".join(path), name): value for path, name, value in shared_int_attributes(layers)}
+    assert shared[("self_attn", "head_dim")] == 16 and shared[("self_attn.q_proj", "out_features")] == 64
+    assert ("self_attn", "layer_idx") not in shared
+    prefill = CompiledPrefill(backend="aot_eager")
+    symbolic_inputs = []
+
+    def record(graph_module, example_inputs):
+        symbolic_inputs.append({node.name for node in graph_module.graph.find_nodes(op="placeholder")
+                                if isinstance(node.meta.get("example_value"), torch.SymInt)
+                                and not node.meta["example_value"].node.expr.is_number})
+        return graph_module.forward
+    prefill._backend = record
+    ids, mask = left_padded(generator, 2, 13)
+    eager, _ = prefill_and_decode(model, ids, mask)
+    out, _ = prefill_and_decode(model, ids, mask, prefill)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    assert symbolic_inputs and prefill.failure is None
+    for names in symbolic_inputs:
+        assert not any("head_dim" in name or "features" in name for name in names), names
+    assert any("layer_idx" in name for names in symbolic_inputs for name in names)
 
 
 def test_compile_failure_runs_the_layer_eagerly_once(monkeypatch, generator):

@@ -8,7 +8,10 @@ benchmarks/profile_prefill.py), and fused it takes about half of that (notes/pre
 
 Regional: one decoder layer's forward is compiled with a dynamic token count and reused by every layer and every
 prompt length (dynamo treats the layer's parameters as graph inputs, and `allow_unspec_int_on_nn_module` turns the
-layer's integer attributes, `layer_idx` among them, into graph inputs instead of a guard per layer). Measured (CPU,
+layer's integer attributes, `layer_idx` among them, into graph inputs instead of a guard per layer). The integer
+attributes that every layer shares (head_dim, ...) are then pinned back to constants (`shared_int_attributes`): left
+symbolic, the rotary kernel's index arithmetic divided by the head dim at run time in 64 bits and ran at ~0.25 TB/s
+(7 ms per layer at 128K tokens, H200; notes/prefill.md). Measured (CPU,
 4 layers): batches of several rows compile 2 graphs (layer 0's, which holds its index as a constant, then one that
 takes it as an input and serves every other layer), a single row 1 more; none for a new prompt length. Layer
 variants (sliding and full attention layers) add theirs. The model's own forward (embedding, positions, the mask,
@@ -98,10 +101,12 @@ class CompiledPrefill:
 
     def __call__(self, forward, layers: torch.nn.ModuleList, kwargs: dict):
         """forward(**kwargs) (the model's forward; the PagedKVCache under CACHE_KWARG) with `layers` compiled."""
+        global _SHARED_INTS
         cache = kwargs[CACHE_KWARG]
         stand_in = StandInCache(cache)
         for layer in layers:
             layer.forward = functools.partial(self._layer, layer, cache, stand_in)
+        previous_shared, _SHARED_INTS = _SHARED_INTS, shared_int_attributes(layers)
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(active_step(cache))
@@ -110,6 +115,7 @@ class CompiledPrefill:
                                                                recompile_limit=RECOMPILE_LIMIT))
                 out = forward(**kwargs)
         finally:
+            _SHARED_INTS = previous_shared
             for layer in layers:
                 layer.__dict__.pop("forward", None)
         self.runs += 1
@@ -135,5 +141,32 @@ class CompiledPrefill:
             return type(layer).forward(layer, *args, **kwargs)
 
 
+_SHARED_INTS: tuple = ()
+"""shared_int_attributes() of the layers being run, read by the traced `_call_layer` as a global: dynamo takes a
+global's integers as constants (and guards on them), not as graph inputs."""
+
+
+def shared_int_attributes(layers: torch.nn.ModuleList) -> tuple[tuple[tuple[str, ...], str, int], ...]:
+    """(submodule path from the layer, attribute name, value) of every integer attribute that every layer of `layers`
+    has with the same value (head_dim, a linear's in_features, ...): the attributes a layer's compiled graph may hold
+    as constants. Attributes that differ between layers (layer_idx) stay graph inputs, so one graph serves them all."""
+    def int_attributes(layer):
+        return {(tuple(path.split(".")) if path else (), name): value
+                for path, module in layer.named_modules() for name, value in vars(module).items()
+                if type(value) is int}
+    shared = int_attributes(layers[0])
+    for layer in layers[1:]:
+        other = int_attributes(layer)
+        shared = {key: value for key, value in shared.items() if other.get(key) == value}
+    return tuple((path, name, value) for (path, name), value in shared.items())
+
+
 def _call_layer(layer, args, kwargs, /):
+    # Pin the shared integer attributes: each check makes dynamo replace the attribute's symbol by its value in the
+    # whole graph, so inductor's kernels index with constants instead of run-time divisions by symbolic sizes.
+    for path, name, value in _SHARED_INTS:
+        module = layer
+        for part in path:
+            module = getattr(module, part)
+        torch._check(getattr(module, name) == value)
     return type(layer).forward(layer, *args, **kwargs)
