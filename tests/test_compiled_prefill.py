@@ -76,8 +76,8 @@ def test_shared_int_attributes_are_constants_in_the_graph(generator):
     model = tiny_llama(layers=4)
     layers = decoder_layers(model)
     shared = {(".".join(path), name): value for path, name, value in shared_int_attributes(layers)}
-    assert shared[("self_attn", "head_dim")] == 16 and shared[("self_attn.q_proj", "out_features")] == 64
-    assert ("self_attn", "layer_idx") not in shared
+    assert shared[("self_attn", "head_dim")] == 16 and shared[("", "hidden_size")] == 64
+    assert ("self_attn", "layer_idx") not in shared and ("self_attn.q_proj", "out_features") not in shared
     prefill = CompiledPrefill(backend="aot_eager")
     symbolic_inputs = []
 
@@ -93,7 +93,7 @@ def test_shared_int_attributes_are_constants_in_the_graph(generator):
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     assert symbolic_inputs and prefill.failure is None
     for names in symbolic_inputs:
-        assert not any("head_dim" in name or "features" in name for name in names), names
+        assert not any("head_dim" in name or "hidden_size" in name for name in names), names
     assert any("layer_idx" in name for names in symbolic_inputs for name in names)
 
 

@@ -147,12 +147,15 @@ global's integers as constants (and guards on them), not as graph inputs."""
 
 
 def shared_int_attributes(layers: torch.nn.ModuleList) -> tuple[tuple[tuple[str, ...], str, int], ...]:
-    """(submodule path from the layer, attribute name, value) of every integer attribute that every layer of `layers`
-    has with the same value (head_dim, a linear's in_features, ...): the attributes a layer's compiled graph may hold
-    as constants. Attributes that differ between layers (layer_idx) stay graph inputs, so one graph serves them all."""
+    """(submodule path from the layer, attribute name, value) of every integer attribute of a layer or of its direct
+    submodules (attention, MLP, norms: where transformers' layer code keeps head_dim and the like) that every layer of
+    `layers` has with the same value: the attributes a layer's compiled graph may hold as constants. Attributes that
+    differ between layers (layer_idx) stay graph inputs, so one graph serves them all. Deeper modules (a linear's
+    features, an MoE's experts) are left out: their forwards read weights, not integers, and each pinned attribute is
+    a guard evaluated at every layer call."""
     def int_attributes(layer):
-        return {(tuple(path.split(".")) if path else (), name): value
-                for path, module in layer.named_modules() for name, value in vars(module).items()
+        modules = [((), layer)] + [((name,), child) for name, child in layer.named_children()]
+        return {(path, name): value for path, module in modules for name, value in vars(module).items()
                 if type(value) is int}
     shared = int_attributes(layers[0])
     for layer in layers[1:]:
