@@ -106,7 +106,7 @@ class CompiledPrefill:
         stand_in = StandInCache(cache)
         for layer in layers:
             layer.forward = functools.partial(self._layer, layer, cache, stand_in)
-        previous_shared, _SHARED_INTS = _SHARED_INTS, shared_int_attributes(layers)
+        _SHARED_INTS = shared_int_attributes(layers)
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(active_step(cache))
@@ -115,7 +115,6 @@ class CompiledPrefill:
                                                                recompile_limit=RECOMPILE_LIMIT))
                 out = forward(**kwargs)
         finally:
-            _SHARED_INTS = previous_shared
             for layer in layers:
                 layer.__dict__.pop("forward", None)
         self.runs += 1
@@ -142,8 +141,8 @@ class CompiledPrefill:
 
 
 _SHARED_INTS: tuple = ()
-"""shared_int_attributes() of the layers being run, read by the traced `_call_layer` as a global: dynamo takes a
-global's integers as constants (and guards on them), not as graph inputs."""
+"""shared_int_attributes() of the layers of the latest compiled prefill (set as it starts), read by the traced
+`_call_layer` as a global: dynamo takes a global's integers as constants (and guards on them), not as graph inputs."""
 
 
 def shared_int_attributes(layers: torch.nn.ModuleList) -> tuple[tuple[tuple[str, ...], str, int], ...]:
