@@ -3,7 +3,11 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <mutex>
+#include <unordered_map>
 
 #include "bindings/checks.h"
 #include "bindings/linear_checks.h"
@@ -146,9 +150,72 @@ std::tuple<at::Tensor, at::Tensor> select_candidate_pages_cuda(const at::Tensor&
   return {out_cols, out_counts};
 }
 
+// Tokens up to which a group that torch's linear runs has its GEMMs beside one another (grouped_linear_torch). At up
+// to 128 tokens each of them fills a fraction of the SMs (an 8B model's k and v projections at 128 tokens: 9 us each
+// for 8 MB, q 14 us for 32 MB, one after the other 31.9 us; H200, notes/decode_graphs.md); at 192 tokens gate/up
+// side by side measured 0.96x, so from there on they run one after the other.
+constexpr int64_t kSideBySideMaxRows = 128;
+
+// The stream a device's side-by-side GEMMs run on: one per device, created at its first use and kept for the process
+// (like torch's pool streams; one stream rather than the pool's round robin, so cuBLAS keeps one more workspace, not
+// one per pool stream).
+at::cuda::CUDAStream side_stream(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::unordered_map<c10::DeviceIndex, cudaStream_t> streams;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = streams.find(device);
+  if (found == streams.end()) {
+    cudaStream_t stream = nullptr;
+    check_launch(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    found = streams.emplace(device, stream).first;
+  }
+  return at::cuda::getStreamFromExternal(found->second, device);
+}
+
+// torch's linear once per weight (grouped_linear_reference's results, bit for bit). A group of several weights at up
+// to kSideBySideMaxRows tokens runs its first weight on the caller's stream and the others, in order, on the device's
+// side stream, forked from the caller's by an event and joined back before returning (in a CUDA graph: two parallel
+// branches); the outputs are allocated on the caller's stream, which alone ever owns them.
+std::vector<at::Tensor> grouped_linear_torch(const at::Tensor& x, const at::TensorList weights,
+                                             const c10::List<std::optional<at::Tensor>>& biases) {
+  const int64_t k = x.size(-1), m = k > 0 ? x.numel() / k : 0;
+  if (weights.size() < 2 || m == 0 || m > kSideBySideMaxRows) return grouped_linear_reference(x, weights, biases);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor rows = x.reshape({m, k});
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  std::vector<at::Tensor> outs;
+  for (const at::Tensor& w : weights) {
+    out_shape.back() = w.size(0);
+    outs.push_back(at::empty(out_shape, x.options()));
+  }
+  // What at::linear runs for these shapes: addmm with a bias, else mm, on the [m, k] rows.
+  auto linear_into = [&](size_t i) {
+    at::Tensor out = outs[i].view({m, weights[i].size(0)});
+    const std::optional<at::Tensor> b = biases.get(i);
+    if (b.has_value()) {
+      at::addmm_out(out, *b, rows, weights[i].t());
+    } else {
+      at::mm_out(out, rows, weights[i].t());
+    }
+  };
+  const at::cuda::CUDAStream caller = at::cuda::getCurrentCUDAStream();
+  const at::cuda::CUDAStream side = side_stream(x.device().index());
+  at::cuda::CUDAEvent forked, joined;
+  forked.record(caller);
+  forked.block(side);
+  {
+    const c10::cuda::CUDAStreamGuard on_side(side);
+    for (size_t i = 1; i < weights.size(); ++i) linear_into(i);
+  }
+  joined.record(side);
+  linear_into(0);
+  joined.block(caller);
+  return outs;
+}
+
 // One kernel launch for every weight when the kernel takes the call and is the faster way
 // (grouped_linear_prefers_kernel: at most GroupedLinearParams::kMaxRows tokens, ...), else torch's linear once per
-// weight: the same results up to rounding either way.
+// weight (grouped_linear_torch): the same results up to rounding either way.
 std::vector<at::Tensor> grouped_linear_cuda(const at::Tensor& x, const at::TensorList weights,
                                             const c10::List<std::optional<at::Tensor>>& biases) {
   check_grouped_linear(x, weights, biases);
@@ -160,7 +227,7 @@ std::vector<at::Tensor> grouped_linear_cuda(const at::Tensor& x, const at::Tenso
     const std::optional<at::Tensor> b = biases.get(i);
     fits = weights[i].is_contiguous() && weights[i].size(0) <= INT32_MAX && (!b.has_value() || b->is_contiguous());
   }
-  if (!fits) return grouped_linear_reference(x, weights, biases);
+  if (!fits) return grouped_linear_torch(x, weights, biases);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor rows = x.reshape({m, k});
   // Rows the kernels can read in place: unit element stride, 16-byte row stride, and rows that do not overlap (an
@@ -182,7 +249,7 @@ std::vector<at::Tensor> grouped_linear_cuda(const at::Tensor& x, const at::Tenso
   }
   const cudaDeviceProp* props = at::cuda::getDeviceProperties(x.device().index());
   const GroupedLinearDevice device{props->multiProcessorCount, props->major, props->minor};
-  if (!grouped_linear_prefers_kernel(p, device)) return grouped_linear_reference(x, weights, biases);
+  if (!grouped_linear_prefers_kernel(p, device)) return grouped_linear_torch(x, weights, biases);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < weights.size(); ++i) {

@@ -88,6 +88,34 @@ def test_other_shapes_equal_torch_linear(case, generator):
         torch.testing.assert_close(out, F.linear(x, w, b), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rows", [65, 128, 129])
+@pytest.mark.parametrize("bias", [False, True])
+def test_groups_on_torch_linear_side_by_side(rows, bias, generator):
+    """Groups that torch's linear runs (over 64 tokens): up to 128 tokens each weight's GEMM on its own stream, 129
+    one after the other. Either way F.linear's outputs bit for bit, eager and in a replayed CUDA graph, and complete
+    for the caller's stream: a kernel on it reads them at once."""
+    x, weights, biases = make(generator, torch.bfloat16, rows, 4096, [4096, 1024, 1024, 512], bias)
+    for _ in range(3):
+        outs = grouped_linear(x, weights, biases)
+        sums = torch.stack([out.float().sum() for out in outs])   # on the caller's stream, right behind the call
+        wants = [F.linear(x, w, b) for w, b in zip(weights, biases)]
+        assert torch.equal(sums, torch.stack([want.float().sum() for want in wants]))
+        for out, want in zip(outs, wants):
+            assert torch.equal(out, want)
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = grouped_linear(static_x, weights, biases)
+        sums = torch.stack([out.float().sum() for out in outs])
+    for _ in range(3):
+        static_x.copy_(torch.randn(x.shape, generator=generator).to(x.dtype).to(DEV))
+        graph.replay()
+        wants = [F.linear(static_x, w, b) for w, b in zip(weights, biases)]
+        assert torch.equal(sums, torch.stack([want.float().sum() for want in wants]))
+        for out, want in zip(outs, wants):
+            assert torch.equal(out, want)
+
+
 @pytest.mark.parametrize("rows", [1, 40])
 def test_cuda_graph_replay(rows, monkeypatch, generator):
     monkeypatch.setenv("FLASHCORE_GROUPED_LINEAR_KERNEL", "tensor_core")
