@@ -114,7 +114,8 @@ def grouped_linear(x: torch.Tensor, weights: list[torch.Tensor],
     accumulation when a kernel measured faster than cuBLAS for the call: at most 2 tokens (the rows of a decode step),
     a GEMV kernel (it keeps enough loads in flight for small matrices such as k/v projections), except a single weight
     over 128 MiB; 3-64 tokens and 3+ weights (q/k/v of a batched step) on compute capability 9.0, a tensor-core kernel
-    (TMA + wgmma). Otherwise, and on the CPU, it is torch's linear per weight.
+    (TMA + wgmma). Otherwise, and on the CPU, it is torch's linear per weight (the same results bit for bit); on CUDA
+    at up to 128 tokens the weights after the first run on a side stream beside it, joined before the call returns.
     """
     return list(_ops.grouped_linear(x, list(weights), list(biases) if biases is not None else [None] * len(weights)))
 
