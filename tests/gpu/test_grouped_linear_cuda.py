@@ -91,9 +91,9 @@ def test_other_shapes_equal_torch_linear(case, generator):
 @pytest.mark.parametrize("rows", [65, 128, 129])
 @pytest.mark.parametrize("bias", [False, True])
 def test_groups_on_torch_linear_side_by_side(rows, bias, generator):
-    """Groups that torch's linear runs (over 64 tokens): up to 128 tokens each weight's GEMM on its own stream, 129
-    one after the other. Either way F.linear's outputs bit for bit, eager and in a replayed CUDA graph, and complete
-    for the caller's stream: a kernel on it reads them at once."""
+    """Groups that torch's linear runs (over 64 tokens): up to 128 tokens the first weight's GEMM on the caller's
+    stream and the others on a side stream beside it, 129 one after the other. Either way F.linear's outputs bit for
+    bit, eager and in a replayed CUDA graph, and complete for the caller's stream: a kernel on it reads them at once."""
     x, weights, biases = make(generator, torch.bfloat16, rows, 4096, [4096, 1024, 1024, 512], bias)
     for _ in range(3):
         outs = grouped_linear(x, weights, biases)
