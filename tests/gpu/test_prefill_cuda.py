@@ -201,6 +201,18 @@ def test_odd_page_sizes(generator, page_size):
     check_case(*case, causal=False, window=300)
 
 
+@pytest.mark.parametrize("group", [2, 3, 5, 6, 7])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_group_sizes_not_a_power_of_two(generator, group, head_dim):
+    """Query groups of 2-7 heads per kv head (Qwen-style 7 among them): the split of a packed (query, head) row into
+    its query and head (a division by the group size), with sinks to read the head of every row."""
+    n_q, n_k = zip(*MIXED)
+    case = make_batch(generator, list(n_k), list(n_q), page_size=64, hkv=2, group=group, head_dim=head_dim,
+                      dtype=torch.bfloat16)
+    check_case(*case)
+    check_case(*case, sinks=random_sinks(2 * group, generator))
+
+
 @pytest.mark.parametrize("page_size", [8, 32, 128, 512])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_unused_slots_are_never_read(generator, page_size, head_dim):
