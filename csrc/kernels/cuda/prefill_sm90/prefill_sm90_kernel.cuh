@@ -10,8 +10,9 @@
 //     kv_tensor_maps.h); any other tile is gathered key by key with 16-byte cp.async (cp.async.mbarrier.arrive.noinc)
 //     through the token slots warp 0 resolves with the page walk of common/page_walk.cuh.
 //   consumer warpgroups (registers raised): 64 rows each. S = Q K^T is wgmma m64n128k16 with Q and K in shared
-//     memory; the online softmax runs in fp32 registers; O += P V is wgmma with P from registers (bf16/fp16) and V
-//     read transposed (MN-major) from shared memory.
+//     memory; the online softmax runs in fp32 registers (a row's running max is kept until it grows by 2^8,
+//     common/online_softmax.cuh, so O is rarely rescaled); O += P V is wgmma with P from registers (bf16/fp16) and
+//     V read transposed (MN-major) from shared memory.
 //   Schedule: S_{j+1} is issued together with P_j V_j; the consumer warpgroups take turns issuing their GEMMs
 //   (named barriers, round robin), so one warpgroup's softmax overlaps the others' GEMMs. Within a warpgroup, ptxas
 //   places the wait for P_j V_j ahead of the softmax of j+1 (SASS), so those two run one after the other: forcing
@@ -32,6 +33,7 @@
 #include "../../params.h"
 #include "../common/fast_divmod.cuh"
 #include "../common/mma_sm80.cuh"
+#include "../common/online_softmax.cuh"
 #include "../common/page_walk.cuh"
 #include "../common/ptx.cuh"
 #include "../common/sm90_ptx.cuh"
@@ -387,11 +389,8 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
       for (int j = 0; j < N / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[j * 4 + 2 * h], acc_s[j * 4 + 2 * h + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mx_scaled = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2);
-      // The old max's product rounded like mx_scaled's: contracted into one FFMA, an unchanged max left mx_scaled's
-      // rounding residual, corr was 1 +- ulps and rescale_o's skip almost never fired.
-      corr[h] = fast_exp2(__fmul_rn(row_max[h], scale_log2) - mx_scaled);
-      row_max[h] = mx;
+      float mx_scaled;  // kept unless the max grew by more than 2^8 (then corr < 1 rescales the row)
+      corr[h] = advance_running_max(row_max[h], mx, scale_log2, mx_scaled);
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < N / 8; ++j)
