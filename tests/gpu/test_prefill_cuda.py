@@ -201,6 +201,38 @@ def test_odd_page_sizes(generator, page_size):
     check_case(*case, causal=False, window=300)
 
 
+@pytest.mark.parametrize("group", [2, 3, 5, 6, 7])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_group_sizes_not_a_power_of_two(generator, group, head_dim):
+    """Query groups of 2-7 heads per kv head (Qwen-style 7 among them): the split of a packed (query, head) row into
+    its query and head (a division by the group size), with sinks to read the head of every row."""
+    n_q, n_k = zip(*MIXED)
+    case = make_batch(generator, list(n_k), list(n_q), page_size=64, hkv=2, group=group, head_dim=head_dim,
+                      dtype=torch.bfloat16)
+    check_case(*case)
+    check_case(*case, sinks=random_sinks(2 * group, generator))
+
+
+@pytest.mark.parametrize("ramp", ["rising", "falling"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_scores_rising_or_falling_along_the_keys(generator, ramp, dtype, head_dim):
+    """The running row max: each key scaled by a ramp over its position, so that a row's max grows by far more than
+    2^8 from one key tile to the next (rising: the sums and O rescaled tile after tile, the last keys dominating) or
+    stops growing after the first tile (falling: the first tile's max kept to the end, later weights tiny). Growth
+    between 1 and 2^8 (weights above 1 under a kept max) happens in every case here at scale 3 / sqrt(D)."""
+    n_q, n_k = zip(*MIXED)
+    q, k_cache, v_cache, row_offsets, cols, counts, q_indptr = make_batch(
+        generator, list(n_k), list(n_q), page_size=64, hkv=2, group=4, head_dim=head_dim, dtype=dtype)
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])
+    for b in range(len(n_k)):
+        slots = _sequence_slots(row_offsets.cpu(), cols.cpu(), counts.cpu(), k_cache.shape[1], k_cache.shape[0], b)
+        position = torch.arange(len(slots), device="cuda", dtype=torch.float32)
+        factor = 1 + position / 64 if ramp == "rising" else 16 / (1 + position / 64)
+        k_flat[slots] = (k_flat[slots].float() * factor[:, None, None]).to(dtype)
+    check_case(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, scale=3.0 * head_dim ** -0.5)
+
+
 @pytest.mark.parametrize("page_size", [8, 32, 128, 512])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_unused_slots_are_never_read(generator, page_size, head_dim):

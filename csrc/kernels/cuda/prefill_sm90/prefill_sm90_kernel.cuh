@@ -10,8 +10,9 @@
 //     kv_tensor_maps.h); any other tile is gathered key by key with 16-byte cp.async (cp.async.mbarrier.arrive.noinc)
 //     through the token slots warp 0 resolves with the page walk of common/page_walk.cuh.
 //   consumer warpgroups (registers raised): 64 rows each. S = Q K^T is wgmma m64n128k16 with Q and K in shared
-//     memory; the online softmax runs in fp32 registers; O += P V is wgmma with P from registers (bf16/fp16) and V
-//     read transposed (MN-major) from shared memory.
+//     memory; the online softmax runs in fp32 registers (a row's running max is kept until it grows by 2^8,
+//     common/online_softmax.cuh, so O is rarely rescaled); O += P V is wgmma with P from registers (bf16/fp16) and
+//     V read transposed (MN-major) from shared memory.
 //   Schedule: S_{j+1} is issued together with P_j V_j; the consumer warpgroups take turns issuing their GEMMs
 //   (named barriers, round robin), so one warpgroup's softmax overlaps the others' GEMMs. Within a warpgroup, ptxas
 //   places the wait for P_j V_j ahead of the softmax of j+1 (SASS), so those two run one after the other: forcing
@@ -30,7 +31,9 @@
 #include <type_traits>
 
 #include "../../params.h"
+#include "../common/fast_divmod.cuh"
 #include "../common/mma_sm80.cuh"
+#include "../common/online_softmax.cuh"
 #include "../common/page_walk.cuh"
 #include "../common/ptx.cuh"
 #include "../common/sm90_ptx.cuh"
@@ -84,7 +87,8 @@ enum : int { kBarProducer = 1, kBarConsumer0 = 2, kBarTurn0 = 5 };
 
 template <typename T, bool kSoftcap, int kHeadDim>
 __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
-    prefill_sm90_kernel(const PagedAttentionParams p, const __grid_constant__ KvTensorMaps maps) {
+    prefill_sm90_kernel(const PagedAttentionParams p, const __grid_constant__ KvTensorMaps maps,
+                        const FastDivmod group) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kBf16 = std::is_same<T, __nv_bfloat16>::value;
   using L = Layout<kHeadDim>;
@@ -124,7 +128,7 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
       const int row = qwg * 64 + idx / kChunks, chunk = idx % kChunks;
       const int m = m0 + row;
       const bool valid = m < rows_total;
-      const int i = valid ? m / G : 0, g = valid ? m - i * G : 0;
+      const int i = valid ? group.div(m) : 0, g = valid ? m - i * G : 0;
       const T* src = q + (int64_t)(q0 + i) * p.q_stride_token + (int64_t)(hkv * G + g) * p.q_stride_head + chunk * 8;
       cp_async_16(base + kOffQ + tile_offset(row, chunk, L::kQHalfBytes), valid ? src : q, valid ? 16 : 0);
     }
@@ -166,8 +170,8 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
   }
 
   const int qpos_base = n_k - n_q;
-  const int qpos_lo = qpos_base + m0 / G;
-  const int qpos_hi = qpos_base + (min(rows_total, m0 + M) - 1) / G;
+  const int qpos_lo = qpos_base + group.div(m0);
+  const int qpos_hi = qpos_base + group.div(min(rows_total, m0 + M) - 1);
   int k_hi = n_k, k_lo = 0;
   if (p.causal) k_hi = min(k_hi, qpos_hi + 1);
   if (p.window > 0) k_lo = max(0, qpos_lo - p.window + 1);
@@ -290,7 +294,7 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
   // but causal rows low in the tile end earlier, window rows high in it start later, and rows past the sequence see
   // nothing. Only tiles outside [nb_full_lo, nb_full_hi) need a mask for some of this warpgroup's rows.
   const int wg_m_lo = m0 + wg * 64, wg_m_hi = min(rows_total, wg_m_lo + 64) - 1;
-  const int wg_qpos_lo = qpos_base + wg_m_lo / G, wg_qpos_hi = qpos_base + wg_m_hi / G;
+  const int wg_qpos_lo = qpos_base + group.div(wg_m_lo), wg_qpos_hi = qpos_base + group.div(wg_m_hi);
   const int wg_k_hi = p.causal ? min(n_k, wg_qpos_hi + 1) : n_k;
   const int wg_k_lo = p.window > 0 ? max(0, wg_qpos_lo - p.window + 1) : 0;
   const bool wg_sees_keys = wg_m_lo <= wg_m_hi && wg_k_lo < wg_k_hi;
@@ -302,7 +306,7 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
   int key_lo[2], key_hi[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int qp = qpos_base + (m0 + my_row + 8 * h) / G;
+    const int qp = qpos_base + group.div(m0 + my_row + 8 * h);
     const int col0 = (lane & 3) * 2;
     key_hi[h] = (p.causal ? min(n_k, qp + 1) : n_k) - col0;
     key_lo[h] = (p.window > 0 ? qp - p.window + 1 : 0) - col0;
@@ -385,11 +389,8 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
       for (int j = 0; j < N / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[j * 4 + 2 * h], acc_s[j * 4 + 2 * h + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float mx_scaled = mx == -INFINITY ? 0.f : __fmul_rn(mx, scale_log2);
-      // The old max's product rounded like mx_scaled's: contracted into one FFMA, an unchanged max left mx_scaled's
-      // rounding residual, corr was 1 +- ulps and rescale_o's skip almost never fired.
-      corr[h] = fast_exp2(__fmul_rn(row_max[h], scale_log2) - mx_scaled);
-      row_max[h] = mx;
+      float mx_scaled;  // kept unless the max grew by more than 2^8 (then corr < 1 rescales the row)
+      corr[h] = advance_running_max(row_max[h], mx, scale_log2, mx_scaled);
       float sum = 0.f;
 #pragma unroll
       for (int j = 0; j < N / 8; ++j)
@@ -502,7 +503,10 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
     float inv = sum > 0.f ? 1.f / sum : 0.f;
     float lse = sum > 0.f ? row_max[h] * score_scale + logf(sum) : -INFINITY;
     const int row = my_row + 8 * h;
-    if (p.sinks != nullptr) inv *= add_sink(lse, __ldg(p.sinks + hkv * G + (m0 + row) % G));  // (a head for any row)
+    if (p.sinks != nullptr) {  // (a head for any row)
+      const int m = m0 + row;
+      inv *= add_sink(lse, __ldg(p.sinks + hkv * G + m - group.div(m) * G));
+    }
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
       const uint32_t packed = Ops::pack(acc_o[j * 4 + 2 * h] * inv, acc_o[j * 4 + 2 * h + 1] * inv);
@@ -510,7 +514,7 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
     }
     const int m = m0 + row;
     if ((lane & 3) == 0 && m < rows_total) {
-      const int i = m / G, g = m - i * G;
+      const int i = group.div(m), g = m - i * G;
       p.lse[(int64_t)(q0 + i) * p.num_q_heads + hkv * G + g] = lse;
     }
   }
@@ -521,7 +525,7 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
     const int row = wg * 64 + idx / kChunks, chunk = idx % kChunks;
     const int m = m0 + row;
     if (m < rows_total) {
-      const int i = m / G, g = m - i * G;
+      const int i = group.div(m), g = m - i * G;
       const uint4 v = *reinterpret_cast<const uint4*>(sQ + tile_offset(row, chunk, L::kQHalfBytes));
       *reinterpret_cast<uint4*>(out + ((int64_t)(q0 + i) * p.num_q_heads + hkv * G + g) * D + chunk * 8) = v;
     }

@@ -2,6 +2,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include "../common/fast_divmod.cuh"
 #include "../common/page_walk.cuh"
 #include "../common/sm90a_body.cuh"
 #include "kv_tensor_maps.h"
@@ -25,7 +26,8 @@ cudaError_t launch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) 
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::kSmemBytes);
   if (err != cudaSuccess) return err;
   const dim3 grid((unsigned)p.num_kv_heads, (unsigned)tiles, (unsigned)p.batch);  // see prefill::tile_work
-  kernel<<<grid, L::kThreads, L::kSmemBytes, stream>>>(p, encode_kv_tensor_maps(p));
+  kernel<<<grid, L::kThreads, L::kSmemBytes, stream>>>(p, encode_kv_tensor_maps(p),
+                                                      FastDivmod::of(p.num_q_heads / p.num_kv_heads));
   return cudaGetLastError();
 }
 
