@@ -1,6 +1,7 @@
 """Rough L2 model of the prefill grid: 132 SMs, one CTA each, CTAs started in launch order as SMs free up, each
 reading its key tiles in order at one tile per time unit; K/V tile reads go through an LRU of L2's size. Prints the
-DRAM bytes (misses) of the tile-major and sequence-major orders."""
+DRAM bytes (misses) of three launch orders: tile-major (tiles slowest), sequence-major (sequence slowest, KV head
+fastest) and head-major (sequence, then KV head, then tile: the CTAs resident at once share one KV head's K/V)."""
 import heapq
 from collections import OrderedDict
 
@@ -11,6 +12,11 @@ def grid(B, Hkv, G, S, M, causal, order):
         for z in range(tiles):
             for b in range(B):
                 for h in range(Hkv):
+                    cells.append((b, h, tiles - 1 - z))
+    elif order == "head":
+        for b in range(B):
+            for h in range(Hkv):
+                for z in range(tiles):
                     cells.append((b, h, tiles - 1 - z))
     else:
         for b in range(B):
@@ -54,10 +60,12 @@ for name, (B, Hkv, G, S, M, causal, D) in {
         "B16 H16 S2K D64 causal": (16, 16, 1, 2048, 192, True, 64),
         "B1 32/8 S8K D128 causal": (1, 8, 4, 8192, 128, True, 128),
         "B4 32/8 S4K D128 causal": (4, 8, 4, 4096, 128, True, 128),
-        "B1 32/8 S32K D128 causal": (1, 8, 4, 32768, 128, True, 128)}.items():
+        "B1 32/8 S32K D128 causal": (1, 8, 4, 32768, 128, True, 128),
+        "B1 32/8 S128K D128 causal": (1, 8, 4, 131072, 128, True, 128)}.items():
     tile_bytes = 2 * 128 * D * 2
     total = sum(n for _, _, n in grid(B, Hkv, G, S, M, causal, "tile")) * tile_bytes
     kv = B * Hkv * S * D * 2 * 2
-    res = {o: simulate(grid(B, Hkv, G, S, M, causal, o), tile_bytes) for o in ("tile", "sequence")}
+    res = {o: simulate(grid(B, Hkv, G, S, M, causal, o), tile_bytes) for o in ("tile", "sequence", "head")}
     print(f"{name}: K/V {kv / 2**20:.0f} MiB, tile reads {total / 2**30:.2f} GiB; DRAM tile-major "
-          f"{res['tile'] / 2**20:.0f} MiB, sequence-major {res['sequence'] / 2**20:.0f} MiB", flush=True)
+          f"{res['tile'] / 2**20:.0f} MiB, sequence-major {res['sequence'] / 2**20:.0f} MiB, "
+          f"head-major {res['head'] / 2**20:.0f} MiB", flush=True)
