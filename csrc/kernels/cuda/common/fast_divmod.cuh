@@ -32,11 +32,6 @@ struct FastDivmod {
   __device__ __forceinline__ int32_t div(int32_t n) const {
     return multiplier == 0 ? n : (int32_t)(__umulhi((uint32_t)n, multiplier) >> shift);
   }
-  // n / divisor and n % divisor.
-  __device__ __forceinline__ void divmod(int32_t n, int32_t& q, int32_t& r) const {
-    q = div(n);
-    r = n - q * divisor;
-  }
 #endif
 };
 
