@@ -1,5 +1,5 @@
 // What a CTA of either prefill kernel (mma.sync: ../prefill/, wgmma: ../prefill_sm90/) works on, and how it finds
-// its keys: the (KV head, sequence, query tile) grid and the walk from key index to token slot through a sequence's
+// its keys: the (query tile, KV head, sequence) grid and the walk from key index to token slot through a sequence's
 // page list. Torch-free.
 #pragma once
 #include <cuda_runtime.h>
@@ -13,18 +13,21 @@ namespace prefill {
 
 constexpr int kBlockM = 128;  // query rows (query, head) per CTA of the mma.sync kernel (the largest grid)
 
-// Query tiles of block_m (query, head) rows for a max_q_len-long run of every sequence (the grid's third dimension);
+// Query tiles of block_m (query, head) rows for a max_q_len-long run of every sequence (the grid's first dimension);
 // blocks past a sequence's real length exit at once.
 inline int64_t query_tiles(const PagedAttentionParams& p, int block_m = kBlockM) {
   const int64_t group = p.num_q_heads / p.num_kv_heads;
   return ((int64_t)p.max_q_len * group + block_m - 1) / block_m;
 }
 
-// What one CTA of either prefill kernel works on. Grid (KV head, query tile, sequence), launched in that order (KV
-// head fastest): one sequence's tiles before the next sequence's, so the CTAs resident at once share few sequences'
-// K/V and read them from L2 (a tile-major order over many sequences streams every sequence's K/V from DRAM once per
-// query tile); tiles reversed, so each sequence's last tile -- the heaviest under a causal mask -- comes first
-// (longest first keeps the tail of the grid short). Layout indices are clamped into range.
+// What one CTA of either prefill kernel works on. Grid (query tile, KV head, sequence), launched in that order (tile
+// fastest): one KV head of one sequence at a time, so the CTAs resident at once read the same K/V and share it in L2.
+// Ordered by KV head first (the earlier order), the resident CTAs streamed every KV head's K/V at once, more than L2
+// holds past ~16K keys: a 32K prompt read 4.6 GB from DRAM per call (ncu) where its K/V is 128 MB, and a model of
+// the grid through a 50 MB LRU (notes/l2_grid_model.py) puts a 128K prompt at ~62 GB against ~4-7 GB in this order.
+// Across sequences the order stays sequence by sequence (a tile-major order over many sequences streams every
+// sequence's K/V from DRAM once per query tile). Tiles reversed, so each head's last tile -- the heaviest under a
+// causal mask -- comes first (longest first keeps the tail of the grid short). Layout indices are clamped into range.
 struct TileWork {
   int hkv, b, tile, G;
   int q0, n_q, rows_total, m0;  // the sequence's queries [q0, q0 + n_q); tile rows [m0, m0 + M) of n_q * G
@@ -33,9 +36,9 @@ struct TileWork {
 
 __device__ __forceinline__ TileWork tile_work(const PagedAttentionParams& p, int M) {
   TileWork w;
-  w.hkv = blockIdx.x;
+  w.tile = gridDim.x - 1 - blockIdx.x;
+  w.hkv = blockIdx.y;
   w.b = blockIdx.z;
-  w.tile = gridDim.y - 1 - blockIdx.y;
   w.G = p.num_q_heads / p.num_kv_heads;
   w.q0 = min(max(p.q_indptr[w.b], 0), p.total_q);
   w.n_q = min(max(p.q_indptr[w.b + 1], w.q0), p.total_q) - w.q0;

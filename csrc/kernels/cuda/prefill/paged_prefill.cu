@@ -35,9 +35,10 @@ bool paged_prefill_supported(const PagedAttentionParams& p) {
   // 16-byte cp.async / vector stores: every row start must be 16-byte aligned.
   const bool align_ok = aligned16(p.q) && aligned16(p.k_cache) && aligned16(p.v_cache) && aligned16(p.out) &&
                         p.q_stride_token % 8 == 0 && p.q_stride_head % 8 == 0;
-  // Grid (KV head, query tile, sequence) for both kernels: at most 65535 tiles of 128 (query, head) rows and 65535
-  // sequences, i.e. max_q_len * Hq / Hkv <= 8,388,480 (a 1M-token prompt chunk at 8 query heads per KV head).
-  const bool grid_ok = !shape_ok || (p.batch <= 65535 && prefill::query_tiles(p) <= 65535);
+  // Grid (query tile, KV head, sequence) for both kernels: 65535 KV heads and 65535 sequences at most, and few
+  // enough tiles of 128 (query, head) rows that a tile's first row (tile * rows per tile, up to 192) is an int.
+  const bool grid_ok = !shape_ok || (p.batch <= 65535 && p.num_kv_heads <= 65535 &&
+                                     prefill::query_tiles(p) <= 2147483647 / 256);
   return dtype_ok && shape_ok && scale_ok && align_ok && grid_ok;
 }
 

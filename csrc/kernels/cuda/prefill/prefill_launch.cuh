@@ -18,7 +18,7 @@ cudaError_t launch_tiles(const PagedAttentionParams& p, cudaStream_t stream) {
   auto kernel = paged_prefill_kernel<T, Cfg, kSoftcap>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid((unsigned)p.num_kv_heads, (unsigned)tiles, (unsigned)p.batch);  // see prefill::tile_work
+  const dim3 grid((unsigned)tiles, (unsigned)p.num_kv_heads, (unsigned)p.batch);  // see prefill::tile_work
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }

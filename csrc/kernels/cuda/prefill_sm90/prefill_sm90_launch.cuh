@@ -12,7 +12,7 @@
 namespace flashcore {
 namespace prefill_sm90 {
 
-// Grid (KV head, query tile of Layout::kBlockM (query, head) rows, sequence; order: prefill::tile_work),
+// Grid (query tile of Layout::kBlockM (query, head) rows, KV head, sequence; order: prefill::tile_work),
 // Layout::kThreads threads; tiles past a sequence's real length exit at once. No host sync, no allocation; the TMA
 // maps over the pools are encoded on the host per call (a few microseconds) and passed by value, so a captured launch
 // keeps its own.
@@ -25,7 +25,7 @@ cudaError_t launch_head_dim(const PagedAttentionParams& p, cudaStream_t stream) 
   auto kernel = prefill_sm90_kernel<T, kSoftcap, kHeadDim>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)L::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid((unsigned)p.num_kv_heads, (unsigned)tiles, (unsigned)p.batch);  // see prefill::tile_work
+  const dim3 grid((unsigned)tiles, (unsigned)p.num_kv_heads, (unsigned)p.batch);  // see prefill::tile_work
   kernel<<<grid, L::kThreads, L::kSmemBytes, stream>>>(p, encode_kv_tensor_maps(p),
                                                       FastDivmod::of(p.num_q_heads / p.num_kv_heads));
   return cudaGetLastError();
