@@ -11,13 +11,14 @@ long), all in the same run.
 TFLOP/s counts 4 * B * Hq * S^2 * D, halved for causal (chunked prefill: 4 * B * Hq * D per visible (query, key)
 pair). Writes bench_prefill.csv and bench_prefill.png under $OUT (or ./benchmark_results) and prints a table last.
 
-    python benchmarks/bench_prefill.py [--quick] [--no-refs] [--only TEXT]
+    python benchmarks/bench_prefill.py [--quick] [--no-refs] [--only TEXT] [--rounds N]
     python benchmarks/bench_prefill.py --softcap   # cost of logit softcapping and sinks (bench_prefill_softcap.csv)
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import traceback
 
@@ -58,9 +59,11 @@ def paged_copy(k, v, page_size, generator):
     return k_cache, v_cache, fc.PageLayout(row_offsets, cols, counts, torch.full_like(cols, -1))
 
 
-def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, q_len=None, *, flex, rep_ms, refs=True):
+def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, q_len=None, *, flex, rep_ms, refs=True, rounds=1):
     """One shape: S keys per sequence and its last q_len (default S) positions as queries; causal is bottom-right
-    aligned (a chunked prefill's queries see the whole cached prefix)."""
+    aligned (a chunked prefill's queries see the whole cached prefix). Every implementation is timed once per round,
+    the order reversed from one round to the next (the board's power limit makes the clock depend on what ran
+    before); each column is the median over the rounds."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
@@ -71,8 +74,8 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, q_len=None, *, flex, rep_
     v = torch.randn(B, S, Hkv, D, generator=gen).to(dtype).cuda()
     visible_pairs = Sq * (S - Sq) + Sq * (Sq + 1) / 2 if causal else Sq * S  # per (sequence, head)
     flops = 4 * B * Hq * D * (S * S / 2 if causal and Sq == S else visible_pairs)
-    tflops = lambda ms: flops / ms / 1e9  # noqa: E731
     row = dict(shape=name, B=B, Hq=Hq, Hkv=Hkv, S=S, D=D, causal=causal, dtype=str(dtype).replace("torch.", ""))
+    timers = {}  # column -> the call to time
 
     # dense contiguous references
     qd = q.transpose(1, 2).contiguous()
@@ -81,19 +84,19 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, q_len=None, *, flex, rep_
     sdpa_out = None
     backends = (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)) if refs else ()
     for label, backend in backends:
-        try:
+        def sdpa(backend=backend):
             with sdpa_kernel(backend):
                 if Sq == S:
-                    fn = lambda: F.scaled_dot_product_attention(qd, ke, ve, is_causal=causal)  # noqa: E731
-                else:
-                    bias = causal_lower_right(Sq, S)
-                    fn = lambda: F.scaled_dot_product_attention(qd, ke, ve, attn_mask=bias)  # noqa: E731
-                if label == "sdpa_flash":
-                    sdpa_out = fn().transpose(1, 2).reshape(B * Sq, Hq, D)
-                row[label + "_TF"] = tflops(median_ms(fn, rep_ms=rep_ms))
+                    return F.scaled_dot_product_attention(qd, ke, ve, is_causal=causal)
+                return F.scaled_dot_product_attention(qd, ke, ve, attn_mask=causal_lower_right(Sq, S))
+        try:
+            out = sdpa()
         except Exception as err:  # a backend missing on this machine is reported, not fatal
             row[label + "_err"] = repr(err)[:120]
-    del ke, ve
+            continue
+        if label == "sdpa_flash":
+            sdpa_out = out.transpose(1, 2).reshape(B * Sq, Hq, D)
+        timers[label + "_TF"] = sdpa
     if flex is not None and S > 32768:
         row["flex_err"] = "not run above 32K keys (building the causal block mask takes too long)"
     elif flex is not None and Sq != S:
@@ -105,17 +108,18 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, q_len=None, *, flex, rep_
             mask = (create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device="cuda")
                     if causal else None)
             fn = lambda: flex(qd, kd, vd, block_mask=mask, enable_gqa=Hq != Hkv)  # noqa: E731
-            row["flex_TF"] = tflops(median_ms(fn, rep_ms=rep_ms))
+            fn()
+            timers["flex_TF"] = fn
         except Exception as err:
             row["flex_err"] = repr(err)[:160]
-    del qd, kd, vd
 
     q_packed = q.reshape(B * Sq, Hq, D)
     q_indptr = (torch.arange(B + 1, dtype=torch.int32) * Sq).cuda()
     for page_size in PAGE_SIZES:
         k_cache, v_cache, layout = paged_copy(k, v, page_size, gen)
 
-        def planned_run():  # the plan picks the kernel (FLASHCORE_PREFILL_KERNEL is read when planning)
+        def planned_run(k_cache=k_cache, v_cache=v_cache, layout=layout, page_size=page_size):
+            # the plan picks the kernel (FLASHCORE_PREFILL_KERNEL is read when planning)
             plan = fc.plan_attention(layout, q_indptr, num_q_heads=Hq, num_kv_heads=k_cache.shape[2], head_dim=D,
                                      page_size=page_size, dtype=q.dtype, total_q=B * Sq, causal=causal)
             return lambda: plan.run(q_packed, k_cache, v_cache, layout, q_indptr)
@@ -124,24 +128,34 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, q_len=None, *, flex, rep_
         out = fn()
         if sdpa_out is not None:
             row[f"ps{page_size}_maxdiff_vs_flash"] = (out.float() - sdpa_out.float()).abs().max().item()
-        row[f"flashcore_ps{page_size}_TF"] = tflops(median_ms(fn, rep_ms=rep_ms))
+        timers[f"flashcore_ps{page_size}_TF"] = fn
         if page_size == 128:
             previous = os.environ.get("FLASHCORE_PREFILL_KERNEL")
             os.environ["FLASHCORE_PREFILL_KERNEL"] = "mma"
             try:
-                row["flashcore_mma_ps128_TF"] = tflops(median_ms(planned_run(), rep_ms=rep_ms))
+                timers["flashcore_mma_ps128_TF"] = planned_run()
             finally:
                 if previous is None:
                     del os.environ["FLASHCORE_PREFILL_KERNEL"]
                 else:
                     os.environ["FLASHCORE_PREFILL_KERNEL"] = previous
-        del k_cache, v_cache, out
+        del out
+    del sdpa_out
+
+    samples = {column: [] for column in timers}
+    for round_index in range(rounds):
+        order = list(timers) if round_index % 2 == 0 else list(reversed(timers))
+        for column in order:
+            samples[column].append(flops / median_ms(timers[column], rep_ms=rep_ms) / 1e9)
+    for column, tflops in samples.items():
+        row[column] = statistics.median(tflops)
     for page_size in PAGE_SIZES:
         for ref in ("sdpa_flash", "sdpa_cudnn", "flex"):
             if ref + "_TF" in row:
                 ratio = row[f"flashcore_ps{page_size}_TF"] / row[ref + "_TF"]
                 row[f"ps{page_size}_vs_{ref.replace('sdpa_', '')}"] = ratio
     row["ps16_vs_ps128"] = row["flashcore_ps16_TF"] / row["flashcore_ps128_TF"]
+    del timers, samples
     torch.cuda.empty_cache()
     return row
 
@@ -229,6 +243,8 @@ def main():
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--only", default="", help="run only the shapes whose name contains this text")
     parser.add_argument("--no-refs", action="store_true", help="time flashcore only (no SDPA, no FlexAttention)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every implementation this many times per shape, alternating the order; medians")
     parser.add_argument("--softcap", action="store_true",
                         help=f"only the cost of softcap {SOFTCAP} and sinks on {SOFTCAP_SHAPES} (flashcore alone)")
     args = parser.parse_args()
@@ -248,7 +264,8 @@ def main():
     for shape in SHAPES:
         if args.only not in shape[0]:
             continue
-        row = bench_shape(*shape, flex=flex, rep_ms=50 if args.quick else 200, refs=not args.no_refs)
+        row = bench_shape(*shape, flex=flex, rep_ms=50 if args.quick else 200, refs=not args.no_refs,
+                          rounds=args.rounds)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         rows.append(row)
     csv_path = write_csv(rows, "bench_prefill.csv")
