@@ -83,12 +83,13 @@ def bench_shape(name, B, Hq, Hkv, S, D, causal, dtype, q_len=None, *, flex, rep_
     ke, ve = (kd, vd) if Hq == Hkv else (kd.repeat_interleave(Hq // Hkv, 1), vd.repeat_interleave(Hq // Hkv, 1))
     sdpa_out = None
     backends = (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)) if refs else ()
+    lower_right = causal_lower_right(Sq, S) if Sq != S else None  # the chunked row's bottom-right causal mask
     for label, backend in backends:
         def sdpa(backend=backend):
             with sdpa_kernel(backend):
-                if Sq == S:
+                if lower_right is None:
                     return F.scaled_dot_product_attention(qd, ke, ve, is_causal=causal)
-                return F.scaled_dot_product_attention(qd, ke, ve, attn_mask=causal_lower_right(Sq, S))
+                return F.scaled_dot_product_attention(qd, ke, ve, attn_mask=lower_right)
         try:
             out = sdpa()
         except Exception as err:  # a backend missing on this machine is reported, not fatal
