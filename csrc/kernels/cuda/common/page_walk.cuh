@@ -34,13 +34,12 @@ struct TileWork {
   int page_begin, n_pages;      // its layout entries
 };
 
-// G: the query group's size, num_q_heads / num_kv_heads (a caller that has it divides no more).
-__device__ __forceinline__ TileWork tile_work(const PagedAttentionParams& p, int M, int G) {
+__device__ __forceinline__ TileWork tile_work(const PagedAttentionParams& p, int M) {
   TileWork w;
   w.tile = gridDim.x - 1 - blockIdx.x;
   w.hkv = blockIdx.y;
   w.b = blockIdx.z;
-  w.G = G;
+  w.G = p.num_q_heads / p.num_kv_heads;
   w.q0 = min(max(p.q_indptr[w.b], 0), p.total_q);
   w.n_q = min(max(p.q_indptr[w.b + 1], w.q0), p.total_q) - w.q0;
   w.rows_total = w.n_q * w.G;

@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 2) paged_prefill_kernel(const P
   enum { kNk, kQposBase, kPageBegin, kNPages, kFullLo, kFullHi, kCapIn };
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const TileWork work = tile_work(p, M, p.num_q_heads / p.num_kv_heads);
+  const TileWork work = tile_work(p, M);
   if (work.m0 >= work.rows_total) return;
   const int hkv = work.hkv, G = work.G;
   const int q0 = work.q0, n_q = work.n_q, rows_total = work.rows_total, m0 = work.m0;

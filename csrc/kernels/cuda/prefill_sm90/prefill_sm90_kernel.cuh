@@ -71,8 +71,8 @@ struct Layout {
   static constexpr uint32_t kOffV = kOffK + kStages * kTileBytes;
   static constexpr uint32_t kOffSlots = kOffV + kStages * kTileBytes;  // int [2][kBlockN]
   static constexpr uint32_t kOffWindow = kOffSlots + 2 * kBlockN * 4;  // int4 [32]
-  static constexpr uint32_t kOffReduce = kOffWindow + 32 * 16;         // int [warps]
-  static constexpr uint32_t kSmemBytes = kOffReduce + 4 * kThreads / 32 + 1024;  // + slack to align the base
+  static constexpr uint32_t kOffReduce = kOffWindow + 32 * 16;         // int [2][warps]
+  static constexpr uint32_t kSmemBytes = kOffReduce + 2 * 4 * kThreads / 32 + 1024;  // + slack to align the base
   static_assert(kOffK % 1024 == 0 && kSmemBytes + 4 * kStages * 8 <= 227 * 1024, "shared memory per block");
 };
 
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
   const uint32_t bar_empty_v = bar_empty_k + 8 * kStages;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const prefill::TileWork work = prefill::tile_work(p, M, group.divisor);
+  const prefill::TileWork work = prefill::tile_work(p, M);
   if (work.m0 >= work.rows_total) return;
   const int hkv = work.hkv, G = work.G;
   const int q0 = work.q0, n_q = work.n_q, rows_total = work.rows_total, m0 = work.m0;
@@ -136,18 +136,23 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
   }
 
   // n_k = keys of this sequence (invalid pages count as empty); whether every page but the last is full (then key k
-  // sits at row k % page_size of page entry k / page_size, which TMA boxes can load). Sums by warp reductions (one
-  // REDUX each) and the barrier's own OR.
-  int part = 0;
-  bool partial = false;
+  // sits at row k % page_size of page entry k / page_size, which TMA boxes can load).
+  int part = 0, partial_pages = 0;
   for (int j = tid; j < n_pages; j += kThreads) {
     int page;
     const int count = prefill::checked_count(p, page_begin + j, &page);
     part += count;
-    partial |= count != p.page_size && j + 1 < n_pages;
+    partial_pages += (count != p.page_size && j + 1 < n_pages) ? 1 : 0;
   }
-  part = __reduce_add_sync(0xffffffffu, part);
-  if (lane == 0) sReduce[warp] = part;
+#pragma unroll
+  for (int s = 16; s >= 1; s >>= 1) {
+    part += __shfl_xor_sync(0xffffffffu, part, s);
+    partial_pages += __shfl_xor_sync(0xffffffffu, partial_pages, s);
+  }
+  if (lane == 0) {
+    sReduce[warp] = part;
+    sReduce[kThreads / 32 + warp] = partial_pages;
+  }
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(bar_full_k + 8 * s, 128);  // one cp.async-tracking arrival per producer thread
@@ -156,9 +161,13 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
       mbar_init(bar_empty_v + 8 * s, 4 * kConsumers);
     }
   }
-  const bool any_partial = __syncthreads_or(partial);
-  static_assert(kThreads / 32 <= 32, "one warp sums the warps' counts");
-  const int n_k = __reduce_add_sync(0xffffffffu, lane < kThreads / 32 ? sReduce[lane] : 0);
+  __syncthreads();
+  int n_k = 0, n_partial = 0;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) {
+    n_k += sReduce[w];
+    n_partial += sReduce[kThreads / 32 + w];
+  }
 
   const int qpos_base = n_k - n_q;
   const int qpos_lo = qpos_base + group.div(m0);
@@ -184,7 +193,7 @@ __global__ void __launch_bounds__(Layout<kHeadDim>::kThreads, 1)
     // go below zero until then, and thread 0's arrival keeps the phase open), every other producer thread just
     // arrives. Other tiles (a partial page, the sequence's end, irregular layouts, page sizes without maps) are
     // gathered key by key with cp.async through the token slots warp 0 resolves.
-    const bool tma_pages = maps.box_rows > 0 && !any_partial;
+    const bool tma_pages = maps.box_rows > 0 && n_partial == 0;
     auto tma_tile = [&](int nb) { return tma_pages && (nb + 1) * N <= n_k; };
     const int boxes = tma_pages ? N / maps.box_rows : 0;
     const int my_box = 4 * lane + warp;
