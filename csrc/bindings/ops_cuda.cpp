@@ -60,9 +60,7 @@ std::tuple<at::Tensor, at::Tensor> paged_attention_cuda(
     // A plan's own workspace (zeroed when made) keeps its split counters at zero between runs; fresh scratch has
     // none, so its splits are merged by a second kernel.
     const bool counters_zeroed = workspace.has_value();
-    const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    check_launch(launch_paged_decode(p, static_cast<int>(planned.splits), ws_ptr, bytes, counters_zeroed, num_sms,
-                                     stream),
+    check_launch(launch_paged_decode(p, static_cast<int>(planned.splits), ws_ptr, bytes, counters_zeroed, stream),
                  "paged decode kernel");
     return {out, lse};
   }

@@ -25,9 +25,8 @@ size_t paged_decode_workspace_bytes(const PagedAttentionParams& p, int splits);
 // zero (a workspace zeroed once: every run leaves them zero), so the kernel merges the splits itself; false (fresh,
 // uninitialised scratch): a second kernel merges them.
 size_t paged_decode_counter_bytes(const PagedAttentionParams& p, int splits);
-// num_sms: the device's multiprocessors (the K/V ring's depth depends on how many blocks share an SM).
 cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void* workspace, size_t workspace_bytes,
-                                bool counters_zeroed, int num_sms, cudaStream_t stream);
+                                bool counters_zeroed, cudaStream_t stream);
 
 // ---- prefill (tensor cores, many queries per sequence) -------------------------------------------------------
 enum class PrefillKernel { kMma, kWgmma };

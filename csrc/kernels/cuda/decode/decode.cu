@@ -89,11 +89,9 @@ int decode_splits(const PagedAttentionParams& p, int num_sms, int pages) {
   return static_cast<int>(ceil_div(pages, pps));
 }
 
-int ring_stages(const PagedAttentionParams& p, const DecodePlan& plan, int num_sms) {
-  if (plan.warps_m != 1) return kStagesDefault;  // the other depths are built for one m-tile per block only
-  if ((int64_t)p.max_pages_per_seq * p.page_size <= tile_keys(p.head_dim)) return kStagesShort;
-  const int64_t blocks = (int64_t)p.batch * p.num_kv_heads * plan.splits * plan.row_chunks;
-  return blocks <= num_sms ? kStagesDeep : kStagesDefault;
+int ring_stages(const PagedAttentionParams& p, const DecodePlan& plan) {
+  const bool one_tile = (int64_t)p.max_pages_per_seq * p.page_size <= tile_keys(p.head_dim);
+  return plan.warps_m == 1 && one_tile ? kStagesShort : kStagesDefault;
 }
 
 DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits) {
@@ -155,12 +153,12 @@ size_t paged_decode_counter_bytes(const PagedAttentionParams& p, int splits) {
 }
 
 cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void* workspace, size_t workspace_bytes,
-                                bool counters_zeroed, int num_sms, cudaStream_t stream) {
+                                bool counters_zeroed, cudaStream_t stream) {
   using namespace decode;
   if (!paged_decode_supported(p)) return cudaErrorInvalidValue;
   if (p.batch <= 0 || p.total_q <= 0 || p.max_q_len <= 0) return cudaSuccess;  // no query row to write
   DecodePlan plan = make_decode_plan(p, splits);
-  plan.stages = ring_stages(p, plan, num_sms);
+  plan.stages = ring_stages(p, plan);
   if (workspace_bytes < plan.total_bytes || (plan.total_bytes > 0 && workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }

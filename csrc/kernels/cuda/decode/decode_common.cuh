@@ -20,15 +20,16 @@ constexpr int kThreads = 128;    // 4 warps per block
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 16; // one m16 MMA tile of query rows per warp
 
-// Depth of a block's K/V ring (cp.async tiles in flight), chosen per launch (ring_stages in decode.cu):
+// Depth of a block's K/V ring (cp.async tiles in flight), chosen per launch (ring_stages in decode.cu). A deeper
+// ring (5 tiles, one block per SM) for grids of at most one block per SM, so that a sparse step's 4-tile splits
+// issue all their loads at once, measured slower: 17 -> 19 us for 64 pages x 8 kv heads (H200, notes/sparse.md).
 constexpr int kStagesShort = 2;    // every row fits one tile (many short rows, e.g. a cascade's suffixes): 3 blocks
-                                   //   per SM instead of 2, one wave in three fewer
+                                   //   per SM instead of 2, a third fewer waves
 constexpr int kStagesDefault = 3;  // 2 blocks per SM
-constexpr int kStagesDeep = 5;     // at most one block per SM anyway: a split of 4 tiles issues all its loads at once
 constexpr int kBlocksPerSm = 2;    // blocks per SM of the default ring; sizes the split count
 
 // Blocks per SM a ring of `stages` tiles leaves room for (shared memory; registers under __launch_bounds__).
-constexpr int blocks_per_sm(int stages) { return stages <= kStagesShort ? 3 : stages == kStagesDefault ? 2 : 1; }
+constexpr int blocks_per_sm(int stages) { return stages <= kStagesShort ? 3 : 2; }
 
 // Keys per pipeline tile: 16 KB of K plus 16 KB of V per stage whatever the head dim.
 constexpr int tile_keys(int head_dim) { return 8192 / head_dim; }
@@ -71,10 +72,9 @@ struct DecodePlan {
 // decode_splits).
 DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits);
 
-// The K/V ring depth of a launch of `plan` on a device of num_sms multiprocessors: kStagesShort when no row has
-// more keys than one tile, kStagesDeep when the grid has at most one block per SM, else kStagesDefault (warps_m 1
-// only; the default for the others).
-int ring_stages(const PagedAttentionParams& p, const DecodePlan& plan, int num_sms);
+// The K/V ring depth of a launch of `plan`: kStagesShort when no row has more keys than one tile and one m-tile of
+// query rows per block (warps_m 1: its registers allow 3 blocks per SM), else kStagesDefault.
+int ring_stages(const PagedAttentionParams& p, const DecodePlan& plan);
 
 // Split-KV blocks per (sequence, kv head, row chunk) for rows of `pages` pages: as many as leave no resident block
 // slot empty, each reading at least kMinSplitKeys keys; 1 when the (sequence, kv head, row chunk) blocks alone fill
@@ -153,7 +153,7 @@ __device__ __forceinline__ int effective_count(const PagedAttentionParams& p, in
 
 // The kernel for one dtype / head dim, with (kSoftcap) or without logit softcapping; instantiated in
 // decode_{bf16,fp16}.cu (kSoftcap false) and decode_{bf16,fp16}_softcap.cu (true), so each file builds what it did
-// before the flag. stages: the plan's ring depth (kStagesShort and kStagesDeep exist for warps_m 1 only).
+// before the flag. stages: the plan's ring depth (kStagesShort exists for warps_m 1 only).
 template <typename T, int D, bool kSoftcap>
 cudaError_t launch_decode_typed(const DecodeArgs& args, int warps_m, int stages, cudaStream_t stream);
 

@@ -499,17 +499,11 @@ cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
   return launch_pdl(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, stream, a);
 }
 
-// warps_m 1 (one 16-row m-tile per block: a decode query's group of up to 16 heads) in every ring depth.
-template <typename T, int D, bool kSoftcap>
-cudaError_t launch_single_m_tile(const DecodeArgs& a, int stages, cudaStream_t stream) {
-  return stages == kStagesShort  ? launch_main<T, D, 1, kStagesShort, kSoftcap>(a, stream)
-         : stages == kStagesDeep ? launch_main<T, D, 1, kStagesDeep, kSoftcap>(a, stream)
-                                 : launch_main<T, D, 1, kStagesDefault, kSoftcap>(a, stream);
-}
-
 template <typename T, int D, bool kSoftcap>
 cudaError_t launch_decode_typed(const DecodeArgs& a, int warps_m, int stages, cudaStream_t stream) {
-  const cudaError_t err = warps_m == 1   ? launch_single_m_tile<T, D, kSoftcap>(a, stages, stream)
+  const bool short_ring = stages == kStagesShort;  // warps_m 1 only (ring_stages)
+  const cudaError_t err = warps_m == 1   ? (short_ring ? launch_main<T, D, 1, kStagesShort, kSoftcap>(a, stream)
+                                                       : launch_main<T, D, 1, kStagesDefault, kSoftcap>(a, stream))
                           : warps_m == 2 ? launch_main<T, D, 2, kStagesDefault, kSoftcap>(a, stream)
                                          : launch_main<T, D, 4, kStagesDefault, kSoftcap>(a, stream);
   if (err != cudaSuccess || a.splits == 1 || a.split_counters != nullptr) return err;
