@@ -463,6 +463,62 @@ def test_softcap_and_sinks_large_batch_no_split(generator):
     check_against_reference(out, lse, *prob, **opts)
 
 
+# ---- the K/V ring's depth (decode.cu: ring_stages) ------------------------------------------------------------
+# One query of a group of at most 16 heads per sequence (one m-tile per block) takes a ring of 2 tiles (3 blocks per
+# SM) when no row has more keys than one tile, else of 3 (2 blocks per SM), as every other call does.
+
+def tile_keys(head_dim):
+    return 8192 // head_dim
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("softcap,with_sinks", [(None, False)] + SOFTCAP_SINKS)
+@pytest.mark.parametrize("page_size", [16, "tile"])
+def test_short_rows_two_stage_ring(dtype, head_dim, softcap, with_sinks, page_size, generator):
+    """600 sequences x 8 kv heads of at most one tile of keys each (a cascade's suffixes): several waves of the
+    two-stage ring; rows of 0 keys, of a full tile, and (page_size "tile") partly filled single pages."""
+    tile = tile_keys(head_dim)
+    page = tile if page_size == "tile" else page_size
+    hq, hkv, batch = 32, 8, 600
+    lengths = [int(x) for x in torch.randint(1, tile + 1, (batch,), generator=generator)]
+    lengths[:3] = [tile, 0, 1]
+    opts = dict(sm_scale=3.0 * head_dim ** -0.5, softcap=softcap,
+                sinks=random_sinks(hq, generator) if with_sinks else None)
+    prob = random_problem(lengths, [1] * batch, hq, hkv, head_dim, page, dtype, generator)
+    assert int((prob[3][1:] - prob[3][:-1]).max()) * page <= tile, "every row within one tile"
+    out, lse = run_kernel(*prob, **opts)
+    check_against_reference(out, lse, *prob, **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("softcap,with_sinks", [(None, False)] + SOFTCAP_SINKS)
+def test_sparse_step_shape(dtype, head_dim, softcap, with_sinks, generator):
+    """A sparse decode step's shape: 1 sequence x 8 kv heads, each with its own list of 64 scattered pages of 64
+    (partly filled), split 16 ways: 128 blocks of 4 pages, the last of each head merging the 16 partials."""
+    hq, hkv, group, page, pages_per_row = 32, 8, 4, 64, 64
+    num_pages = hkv * pages_per_row + 3
+    cols = torch.randperm(num_pages, generator=generator)[:hkv * pages_per_row].to(torch.int32)
+    counts = torch.randint(1, page + 1, (hkv * pages_per_row,), generator=generator, dtype=torch.int32)
+    row_offsets = torch.arange(hkv + 1, dtype=torch.int32) * pages_per_row
+    k_cache = torch.randn(num_pages, page, hkv, head_dim, generator=generator).to(dtype).to(DEV)
+    v_cache = torch.randn(num_pages, page, hkv, head_dim, generator=generator).to(dtype).to(DEV)
+    q = torch.randn(1, hq, head_dim, generator=generator).to(dtype).to(DEV)
+    q_indptr = torch.tensor([0, 1], dtype=torch.int32)
+    opts = dict(sm_scale=3.0 * head_dim ** -0.5, softcap=softcap,
+                sinks=random_sinks(hq, generator) if with_sinks else None)
+    out, lse = run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, **opts)
+    for h in range(hkv):  # kv head h of the sequence against its own page list
+        r0, r1 = int(row_offsets[h]), int(row_offsets[h + 1])
+        heads = slice(h * group, (h + 1) * group)
+        sinks = None if opts["sinks"] is None else opts["sinks"][heads]
+        check_against_reference(out[:, heads], lse[:, heads], q[:, heads].contiguous(),
+                                k_cache[:, :, h:h + 1].contiguous(), v_cache[:, :, h:h + 1].contiguous(),
+                                torch.tensor([0, r1 - r0], dtype=torch.int32), cols[r0:r1], counts[r0:r1], q_indptr,
+                                sm_scale=opts["sm_scale"], softcap=softcap, sinks=sinks)
+
+
 def test_sinks_at_minus_inf_change_nothing(generator):
     """A sink of -inf adds exp(-inf) = 0: bit for bit the result without sinks, split (merge kernel) or not."""
     hq = 16

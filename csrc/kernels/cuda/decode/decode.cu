@@ -60,12 +60,13 @@ __global__ void __launch_bounds__(kPosThreads) key_positions_kernel(const PagedA
 
 // The kernels of one dtype (head dim and softcap picked here).
 template <typename T>
-cudaError_t launch_kernel(const DecodeArgs& a, int warps_m, cudaStream_t stream) {
+cudaError_t launch_kernel(const DecodeArgs& a, const DecodePlan& plan, cudaStream_t stream) {
   const bool d64 = a.p.head_dim == 64;
-  return a.p.softcap > 0.f ? (d64 ? launch_decode_typed<T, 64, true>(a, warps_m, stream)
-                                  : launch_decode_typed<T, 128, true>(a, warps_m, stream))
-                           : (d64 ? launch_decode_typed<T, 64, false>(a, warps_m, stream)
-                                  : launch_decode_typed<T, 128, false>(a, warps_m, stream));
+  const int w = plan.warps_m, st = plan.stages;
+  return a.p.softcap > 0.f ? (d64 ? launch_decode_typed<T, 64, true>(a, w, st, stream)
+                                  : launch_decode_typed<T, 128, true>(a, w, st, stream))
+                           : (d64 ? launch_decode_typed<T, 64, false>(a, w, st, stream)
+                                  : launch_decode_typed<T, 128, false>(a, w, st, stream));
 }
 
 }  // namespace
@@ -86,6 +87,11 @@ int decode_splits(const PagedAttentionParams& p, int num_sms, int pages) {
   const int64_t want = slots / base_blocks;
   const int64_t pps = std::max<int64_t>(ceil_div(pages, want), shape.min_pages_per_split);
   return static_cast<int>(ceil_div(pages, pps));
+}
+
+int ring_stages(const PagedAttentionParams& p, const DecodePlan& plan) {
+  const bool one_tile = (int64_t)p.max_pages_per_seq * p.page_size <= tile_keys(p.head_dim);
+  return plan.warps_m == 1 && one_tile ? kStagesShort : kStagesDefault;
 }
 
 DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits) {
@@ -151,7 +157,8 @@ cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void*
   using namespace decode;
   if (!paged_decode_supported(p)) return cudaErrorInvalidValue;
   if (p.batch <= 0 || p.total_q <= 0 || p.max_q_len <= 0) return cudaSuccess;  // no query row to write
-  const DecodePlan plan = make_decode_plan(p, splits);
+  DecodePlan plan = make_decode_plan(p, splits);
+  plan.stages = ring_stages(p, plan);
   if (workspace_bytes < plan.total_bytes || (plan.total_bytes > 0 && workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }
@@ -179,8 +186,8 @@ cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void*
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const cudaError_t err = p.dtype == DType::kBFloat16 ? launch_kernel<__nv_bfloat16>(a, plan.warps_m, stream)
-                                                      : launch_kernel<__half>(a, plan.warps_m, stream);
+  const cudaError_t err = p.dtype == DType::kBFloat16 ? launch_kernel<__nv_bfloat16>(a, plan, stream)
+                                                      : launch_kernel<__half>(a, plan, stream);
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }

@@ -18,9 +18,18 @@ namespace flashcore::decode {
 
 constexpr int kThreads = 128;    // 4 warps per block
 constexpr int kWarps = kThreads / 32;
-constexpr int kStages = 3;       // K/V tiles in flight per block (cp.async ring)
-constexpr int kBlocksPerSm = 2;  // what the shared-memory footprint allows; sizes the split count
 constexpr int kRowsPerWarp = 16; // one m16 MMA tile of query rows per warp
+
+// Depth of a block's K/V ring (cp.async tiles in flight), chosen per launch (ring_stages in decode.cu). A deeper
+// ring (5 tiles, one block per SM) for grids of at most one block per SM, so that a sparse step's 4-tile splits
+// issue all their loads at once, measured slower: 17 -> 19 us for 64 pages x 8 kv heads (H200, notes/sparse.md).
+constexpr int kStagesShort = 2;    // every row fits one tile (many short rows, e.g. a cascade's suffixes): 3 blocks
+                                   //   per SM instead of 2, a third fewer waves
+constexpr int kStagesDefault = 3;  // 2 blocks per SM
+constexpr int kBlocksPerSm = 2;    // blocks per SM of the default ring; sizes the split count
+
+// Blocks per SM a ring of `stages` tiles leaves room for (shared memory; registers under __launch_bounds__).
+constexpr int blocks_per_sm(int stages) { return stages <= kStagesShort ? 3 : 2; }
 
 // Keys per pipeline tile: 16 KB of K plus 16 KB of V per stage whatever the head dim.
 constexpr int tile_keys(int head_dim) { return 8192 / head_dim; }
@@ -31,10 +40,11 @@ constexpr int tile_keys(int head_dim) { return 8192 / head_dim; }
 // (H200, graph replays).
 constexpr int kMinSplitKeys = 256;
 
-// Dynamic shared memory of the main kernel: K/V ring + per-tile row table (offsets and key positions).
-constexpr size_t smem_bytes(int head_dim, int elem_bytes) {
-  return size_t(kStages) * 2 * tile_keys(head_dim) * head_dim * elem_bytes +
-         size_t(kStages + 1) * tile_keys(head_dim) * (sizeof(int64_t) + sizeof(int32_t));
+// Dynamic shared memory of the main kernel: K/V ring of `stages` tiles + per-tile row table (offsets and key
+// positions, stages + 1 tiles).
+constexpr size_t smem_bytes(int head_dim, int elem_bytes, int stages) {
+  return size_t(stages) * 2 * tile_keys(head_dim) * head_dim * elem_bytes +
+         size_t(stages + 1) * tile_keys(head_dim) * (sizeof(int64_t) + sizeof(int32_t));
 }
 
 struct DecodePlan {
@@ -43,6 +53,7 @@ struct DecodePlan {
   int row_chunks = 1;       // blocks per (sequence, kv head) along query rows (warps_m * 16 rows each)
   int max_row_chunks = 1;   // row chunks of the longest sequence (max_q_len queries): the split counters' stride
   int splits = 1;           // blocks per (sequence, kv head, row chunk) along the page list (from the plan)
+  int stages = kStagesDefault;  // K/V ring depth (ring_stages)
   int min_pages_per_split = 1;  // a split reads at least this many pages (kMinSplitKeys): see row_partition
   bool need_pos = false;    // masks need key positions (causal with several queries, or a sliding window)
   // Workspace layout (bytes from the start): split counters and partials (only when splits > 1), then key positions.
@@ -60,6 +71,10 @@ struct DecodePlan {
 // The launch plan for `splits` split-KV blocks per (sequence, kv head, row chunk) (the attention plan's choice:
 // decode_splits).
 DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits);
+
+// The K/V ring depth of a launch of `plan`: kStagesShort when no row has more keys than one tile and one m-tile of
+// query rows per block (warps_m 1: its registers allow 3 blocks per SM), else kStagesDefault.
+int ring_stages(const PagedAttentionParams& p, const DecodePlan& plan);
 
 // Split-KV blocks per (sequence, kv head, row chunk) for rows of `pages` pages: as many as leave no resident block
 // slot empty, each reading at least kMinSplitKeys keys; 1 when the (sequence, kv head, row chunk) blocks alone fill
@@ -138,8 +153,8 @@ __device__ __forceinline__ int effective_count(const PagedAttentionParams& p, in
 
 // The kernel for one dtype / head dim, with (kSoftcap) or without logit softcapping; instantiated in
 // decode_{bf16,fp16}.cu (kSoftcap false) and decode_{bf16,fp16}_softcap.cu (true), so each file builds what it did
-// before the flag.
+// before the flag. stages: the plan's ring depth (kStagesShort exists for warps_m 1 only).
 template <typename T, int D, bool kSoftcap>
-cudaError_t launch_decode_typed(const DecodeArgs& args, int warps_m, cudaStream_t stream);
+cudaError_t launch_decode_typed(const DecodeArgs& args, int warps_m, int stages, cudaStream_t stream);
 
 }  // namespace flashcore::decode

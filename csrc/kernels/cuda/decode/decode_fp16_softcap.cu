@@ -3,6 +3,6 @@
 #include "decode_kernel.cuh"
 
 namespace flashcore::decode {
-template cudaError_t launch_decode_typed<__half, 64, true>(const DecodeArgs&, int, cudaStream_t);
-template cudaError_t launch_decode_typed<__half, 128, true>(const DecodeArgs&, int, cudaStream_t);
+template cudaError_t launch_decode_typed<__half, 64, true>(const DecodeArgs&, int, int, cudaStream_t);
+template cudaError_t launch_decode_typed<__half, 128, true>(const DecodeArgs&, int, int, cudaStream_t);
 }  // namespace flashcore::decode

@@ -1,8 +1,8 @@
 // Split-KV paged decode kernel (tensor cores, mma.sync m16n8k16), split merge included.
 // Included only by the per-dtype instantiation files decode_bf16.cu / decode_fp16.cu (and their softcap variants).
 //
-// Data path per block: a ring of kStages K/V tiles (tile_keys(D) key slots each) filled with 16-byte cp.async from
-// the paged cache, XOR-swizzled so ldmatrix reads are bank-conflict free; the page ids for tile t + kStages are
+// Data path per block: a ring of STAGES K/V tiles (tile_keys(D) key slots each) filled with 16-byte cp.async from
+// the paged cache, XOR-swizzled so ldmatrix reads are bank-conflict free; the page ids for tile t + STAGES are
 // fetched into registers while tile t is being computed, and turned into a shared row table (cache offset + key
 // position of every slot) afterwards, so the page-table latency never sits in front of a K/V load.
 // Compute per warp: 16 query rows (its m-tile) x the warp's share of the tile's keys; S = Q K^T and O += P V on
@@ -91,7 +91,7 @@ __device__ __forceinline__ void merge_split_row(const DecodeArgs& a, const SeqBo
 
 // One row chunk (query rows [chunk * ROWS, (chunk + 1) * ROWS) of a group) of sequence b, kv head kvh, split `split`:
 // stream the split's K/V tiles through shared memory and write the chunk's rows (or their split partials).
-template <typename T, int D, int WARPS_M, bool kSoftcap>
+template <typename T, int D, int WARPS_M, int STAGES, bool kSoftcap>
 __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int b, const int kvh, const int split,
                                                  const int chunk, const SeqBounds& sb) {
   constexpr int N = tile_keys(D);           // key slots per tile
@@ -104,13 +104,17 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
   constexpr int DK = D / 16;                // k-steps of Q K^T
   constexpr int OT = D / 8;                 // n-tiles of the output
   static_assert(KW % 16 == 0 && N <= kThreads && N % ROW_STEP == 0, "tile shape");
+  static_assert(STAGES >= 2, "the main loop waits for tile t while tile t + STAGES - 1 is issued");
+  static_assert(smem_bytes(D, sizeof(T), STAGES) >=
+                    sizeof(float) * kWarps * kRowsPerWarp * (D + 8 + 2),
+                "the epilogue's merge buffers reuse the ring");
   using Tr = MmaOps<T>;
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* s_k = reinterpret_cast<T*>(smem);
-  T* s_v = s_k + kStages * N * D;
-  int64_t* s_off = reinterpret_cast<int64_t*>(s_v + kStages * N * D);  // [kStages + 1][N]; -1: empty slot
-  int32_t* s_pos = reinterpret_cast<int32_t*>(s_off + (kStages + 1) * N); // [kStages + 1][N]; -1: masked slot
+  T* s_v = s_k + STAGES * N * D;
+  int64_t* s_off = reinterpret_cast<int64_t*>(s_v + STAGES * N * D);  // [STAGES + 1][N]; -1: empty slot
+  int32_t* s_pos = reinterpret_cast<int32_t*>(s_off + (STAGES + 1) * N); // [STAGES + 1][N]; -1: masked slot
 
   const PagedAttentionParams& p = a.p;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -158,7 +162,7 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
         pos = a.need_pos ? kp : 0;
       }
     }
-    const int ring = tile % (kStages + 1);
+    const int ring = tile % (STAGES + 1);
     s_off[ring * N + tid] = off;
     s_pos[ring * N + tid] = pos;
   };
@@ -167,7 +171,7 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
   const T* v_cache = static_cast<const T*>(p.v_cache);
   auto issue_tile = [&](int tile) {
     if (tile < num_tiles) {
-      const int stage = tile % kStages, ring = tile % (kStages + 1);
+      const int stage = tile % STAGES, ring = tile % (STAGES + 1);
       const int c = tid % CPR;
 #pragma unroll
       for (int i = 0; i < LOADS; ++i) {
@@ -183,16 +187,17 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
     cp_async_commit();  // always, so the group count stays in step with the tile count
   };
 
-  // ---- prologue: row tables of the first kStages tiles, loads of the first kStages - 1 -------------------------
+  // ---- prologue: row tables of the first STAGES tiles, loads of the first STAGES - 1 ---------------------------
   {
-    SlotFetch f[kStages];  // all page-table loads first, then the stores: one memory latency, not kStages
+    SlotFetch f[STAGES];  // all page-table loads first, then the stores: one memory latency, not STAGES
 #pragma unroll
-    for (int t = 0; t < kStages; ++t) fetch_slot(t, f[t]);
+    for (int t = 0; t < STAGES; ++t) fetch_slot(t, f[t]);
 #pragma unroll
-    for (int t = 0; t < kStages; ++t) store_slot(t, f[t]);
+    for (int t = 0; t < STAGES; ++t) store_slot(t, f[t]);
   }
   __syncthreads();
-  for (int t = 0; t < kStages - 1; ++t) issue_tile(t);
+#pragma unroll
+  for (int t = 0; t < STAGES - 1; ++t) issue_tile(t);
 
   // ---- this warp's query rows: Q fragments straight from global memory ------------------------------------------
   const int g = lane >> 2, tig = lane & 3;
@@ -238,13 +243,13 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
   // ---- main loop -------------------------------------------------------------------------------------------------
   for (int t = 0; t < num_tiles; ++t) {
     SlotFetch f;
-    fetch_slot(t + kStages, f);  // in flight while this tile is computed
-    cp_async_wait<kStages - 2>();
+    fetch_slot(t + STAGES, f);  // in flight while this tile is computed
+    cp_async_wait<STAGES - 2>();
     __syncthreads();
-    issue_tile(t + kStages - 1);
+    issue_tile(t + STAGES - 1);
 
     if (warp_active) {
-      const int stage = t % kStages, ring = t % (kStages + 1);
+      const int stage = t % STAGES, ring = t % (STAGES + 1);
       const T* tk = s_k + stage * N * D;
       const T* tv = s_v + stage * N * D;
 
@@ -334,7 +339,7 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
         }
       }
     }
-    store_slot(t + kStages, f);
+    store_slot(t + STAGES, f);
   }
 
   // ---- epilogue: merge the WARPS_N key shares of every row through shared memory --------------------------------
@@ -427,9 +432,9 @@ __device__ __forceinline__ void decode_row_chunk(const DecodeArgs& a, const int 
 // sizes the row chunks for the typical sequence; a block whose sequence has more query rows than the grid's chunks
 // cover also runs the chunks chunk + row_chunks, chunk + 2 * row_chunks, ... (each re-reads the split's K/V), so
 // any query count per sequence is computed without a grid sized for the largest one.
-// Dynamic shared memory: smem_bytes(D, sizeof(T)). kSoftcap: scores go through softcap * tanh(. / softcap).
-template <typename T, int D, int WARPS_M, bool kSoftcap>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(const DecodeArgs a) {
+// Dynamic shared memory: smem_bytes(D, sizeof(T), STAGES). kSoftcap: scores go through softcap * tanh(. / softcap).
+template <typename T, int D, int WARPS_M, int STAGES, bool kSoftcap>
+__global__ void __launch_bounds__(kThreads, blocks_per_sm(STAGES)) paged_decode_kernel(const DecodeArgs a) {
   constexpr int ROWS = WARPS_M * kRowsPerWarp;
   const PagedAttentionParams& p = a.p;
   int bid = blockIdx.x;
@@ -446,7 +451,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) paged_decode_kernel(co
   const int M = sb.n_q * a.group;
   for (int chunk = first_chunk; chunk * ROWS < M; chunk += a.row_chunks) {
     if (chunk != first_chunk) __syncthreads();  // the previous chunk's shared memory is no longer read
-    decode_row_chunk<T, D, WARPS_M, kSoftcap>(a, b, kvh, split, chunk, sb);
+    decode_row_chunk<T, D, WARPS_M, STAGES, kSoftcap>(a, b, kvh, split, chunk, sb);
   }
 }
 
@@ -476,10 +481,10 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const DecodeArgs
 
 // ---- host launcher ---------------------------------------------------------------------------------------------
 
-template <typename T, int D, int WARPS_M, bool kSoftcap>
+template <typename T, int D, int WARPS_M, int STAGES, bool kSoftcap>
 cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
-  constexpr size_t smem = smem_bytes(D, sizeof(T));
-  auto kernel = paged_decode_kernel<T, D, WARPS_M, kSoftcap>;
+  constexpr size_t smem = smem_bytes(D, sizeof(T), STAGES);
+  auto kernel = paged_decode_kernel<T, D, WARPS_M, STAGES, kSoftcap>;
   // Opt in to > 48 KB of shared memory once per device (cheap host call, no stream work, capture-safe).
   static bool configured[64] = {};
   int dev = 0;
@@ -495,10 +500,12 @@ cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
 }
 
 template <typename T, int D, bool kSoftcap>
-cudaError_t launch_decode_typed(const DecodeArgs& a, int warps_m, cudaStream_t stream) {
-  const cudaError_t err = warps_m == 1   ? launch_main<T, D, 1, kSoftcap>(a, stream)
-                          : warps_m == 2 ? launch_main<T, D, 2, kSoftcap>(a, stream)
-                                         : launch_main<T, D, 4, kSoftcap>(a, stream);
+cudaError_t launch_decode_typed(const DecodeArgs& a, int warps_m, int stages, cudaStream_t stream) {
+  const bool short_ring = stages == kStagesShort;  // warps_m 1 only (ring_stages)
+  const cudaError_t err = warps_m == 1   ? (short_ring ? launch_main<T, D, 1, kStagesShort, kSoftcap>(a, stream)
+                                                       : launch_main<T, D, 1, kStagesDefault, kSoftcap>(a, stream))
+                          : warps_m == 2 ? launch_main<T, D, 2, kStagesDefault, kSoftcap>(a, stream)
+                                         : launch_main<T, D, 4, kStagesDefault, kSoftcap>(a, stream);
   if (err != cudaSuccess || a.splits == 1 || a.split_counters != nullptr) return err;
   const int64_t warps = (int64_t)a.p.batch * a.p.max_q_len * a.p.num_q_heads;
   const dim3 grid(static_cast<unsigned>((warps + kWarps - 1) / kWarps));
