@@ -167,6 +167,26 @@ def check_against_reference(out, lse, q, k_cache, v_cache, row_offsets, cols, co
     return err, lowp_err
 
 
+def check_each_kv_head(out, lse, q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, batch, *, sinks=None,
+                       **options):
+    """Per-(sequence, kv head) page lists (layout row b * Hkv + h): kv head h of every sequence must equal a
+    per-sequence problem on that head's pages (its query heads, its sinks). options: as check_against_reference."""
+    hkv = k_cache.shape[2]
+    group = q.shape[1] // hkv
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    for h in range(hkv):
+        sub_offsets, sub_cols, sub_counts = [0], [], []
+        for r in [b * hkv + h for b in range(batch)]:
+            sub_cols += cols[row_offsets[r]:row_offsets[r + 1]].tolist()
+            sub_counts += counts[row_offsets[r]:row_offsets[r + 1]].tolist()
+            sub_offsets.append(len(sub_cols))
+        heads = slice(h * group, (h + 1) * group)
+        check_against_reference(out[:, heads], lse[:, heads], q[:, heads].contiguous(),
+                                k_cache[:, :, h:h + 1].contiguous(), v_cache[:, :, h:h + 1].contiguous(),
+                                i32(sub_offsets), i32(sub_cols), i32(sub_counts), q_indptr,
+                                sinks=None if sinks is None else sinks[heads], **options)
+
+
 # ---- correctness over the support matrix ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -384,19 +404,8 @@ def test_per_kv_head_page_lists(n_q, causal, window, generator):
     q = torch.randn(batch * n_q, hkv * group, d, generator=generator).to(torch.bfloat16).to(DEV)
     q_indptr = torch.arange(batch + 1, dtype=torch.int32) * n_q
     out, lse = run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, causal=causal, window=window)
-    for h in range(hkv):
-        rows = [b * hkv + h for b in range(batch)]
-        sub_offsets, sub_cols, sub_counts = [0], [], []
-        for r in rows:
-            sub_cols += cols[row_offsets[r]:row_offsets[r + 1]].tolist()
-            sub_counts += counts[row_offsets[r]:row_offsets[r + 1]].tolist()
-            sub_offsets.append(len(sub_cols))
-        i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
-        heads = slice(h * group, (h + 1) * group)
-        check_against_reference(out[:, heads], lse[:, heads], q[:, heads].contiguous(),
-                                k_cache[:, :, h:h + 1].contiguous(), v_cache[:, :, h:h + 1].contiguous(),
-                                i32(sub_offsets), i32(sub_cols), i32(sub_counts), q_indptr, causal=causal,
-                                window=window)
+    check_each_kv_head(out, lse, q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, batch, causal=causal,
+                       window=window)
 
 
 # ---- logit softcapping and attention sinks ---------------------------------------------------------------------
@@ -463,7 +472,7 @@ def test_softcap_and_sinks_large_batch_no_split(generator):
     check_against_reference(out, lse, *prob, **opts)
 
 
-# ---- the K/V ring's depth (decode.cu: ring_stages) ------------------------------------------------------------
+# ---- the K/V ring's depth (decode.cu: make_decode_plan) ------------------------------------------------
 # One query of a group of at most 16 heads per sequence (one m-tile per block) takes a ring of 2 tiles (3 blocks per
 # SM) when no row has more keys than one tile, else of 3 (2 blocks per SM), as every other call does.
 
@@ -497,7 +506,7 @@ def test_short_rows_two_stage_ring(dtype, head_dim, softcap, with_sinks, page_si
 def test_sparse_step_shape(dtype, head_dim, softcap, with_sinks, generator):
     """A sparse decode step's shape: 1 sequence x 8 kv heads, each with its own list of 64 scattered pages of 64
     (partly filled), split 16 ways: 128 blocks of 4 pages, the last of each head merging the 16 partials."""
-    hq, hkv, group, page, pages_per_row = 32, 8, 4, 64, 64
+    hq, hkv, page, pages_per_row = 32, 8, 64, 64
     num_pages = hkv * pages_per_row + 3
     cols = torch.randperm(num_pages, generator=generator)[:hkv * pages_per_row].to(torch.int32)
     counts = torch.randint(1, page + 1, (hkv * pages_per_row,), generator=generator, dtype=torch.int32)
@@ -509,14 +518,7 @@ def test_sparse_step_shape(dtype, head_dim, softcap, with_sinks, generator):
     opts = dict(sm_scale=3.0 * head_dim ** -0.5, softcap=softcap,
                 sinks=random_sinks(hq, generator) if with_sinks else None)
     out, lse = run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, **opts)
-    for h in range(hkv):  # kv head h of the sequence against its own page list
-        r0, r1 = int(row_offsets[h]), int(row_offsets[h + 1])
-        heads = slice(h * group, (h + 1) * group)
-        sinks = None if opts["sinks"] is None else opts["sinks"][heads]
-        check_against_reference(out[:, heads], lse[:, heads], q[:, heads].contiguous(),
-                                k_cache[:, :, h:h + 1].contiguous(), v_cache[:, :, h:h + 1].contiguous(),
-                                torch.tensor([0, r1 - r0], dtype=torch.int32), cols[r0:r1], counts[r0:r1], q_indptr,
-                                sm_scale=opts["sm_scale"], softcap=softcap, sinks=sinks)
+    check_each_kv_head(out, lse, q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, 1, **opts)
 
 
 def test_sinks_at_minus_inf_change_nothing(generator):
@@ -544,19 +546,8 @@ def test_softcap_and_sinks_per_kv_head_page_lists(n_q, causal, window, generator
     opts = dict(sm_scale=3.0 * d ** -0.5, softcap=5.0)
     out, lse = run_kernel(q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, causal=causal, window=window,
                           sinks=sinks, **opts)
-    for h in range(hkv):
-        rows = [b * hkv + h for b in range(batch)]
-        sub_offsets, sub_cols, sub_counts = [0], [], []
-        for r in rows:
-            sub_cols += cols[row_offsets[r]:row_offsets[r + 1]].tolist()
-            sub_counts += counts[row_offsets[r]:row_offsets[r + 1]].tolist()
-            sub_offsets.append(len(sub_cols))
-        i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
-        heads = slice(h * group, (h + 1) * group)
-        check_against_reference(out[:, heads], lse[:, heads], q[:, heads].contiguous(),
-                                k_cache[:, :, h:h + 1].contiguous(), v_cache[:, :, h:h + 1].contiguous(),
-                                i32(sub_offsets), i32(sub_cols), i32(sub_counts), q_indptr, causal=causal,
-                                window=window, sinks=sinks[heads], **opts)
+    check_each_kv_head(out, lse, q, k_cache, v_cache, row_offsets, cols, counts, q_indptr, batch, causal=causal,
+                       window=window, sinks=sinks, **opts)
 
 
 # ---- the public op without hints, and plans ---------------------------------------------------------------------

@@ -89,17 +89,16 @@ int decode_splits(const PagedAttentionParams& p, int num_sms, int pages) {
   return static_cast<int>(ceil_div(pages, pps));
 }
 
-int ring_stages(const PagedAttentionParams& p, const DecodePlan& plan) {
-  const bool one_tile = (int64_t)p.max_pages_per_seq * p.page_size <= tile_keys(p.head_dim);
-  return plan.warps_m == 1 && one_tile ? kStagesShort : kStagesDefault;
-}
-
 DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits) {
   DecodePlan plan;
   plan.group = p.num_q_heads / p.num_kv_heads;
   // Blocks of the grid cover the typical sequence's rows; a longer one loops over its extra row chunks (kernel).
   const int64_t rows = typical_rows(p, plan.group);
   plan.warps_m = rows <= 16 ? 1 : rows <= 32 ? 2 : 4;
+  // The short ring when no row has more keys than one tile, for one m-tile of rows per block (warps_m 1: its
+  // registers allow 3 blocks per SM).
+  const bool one_tile = (int64_t)p.max_pages_per_seq * p.page_size <= tile_keys(p.head_dim);
+  plan.stages = plan.warps_m == 1 && one_tile ? kStagesShort : kStagesDefault;
   plan.row_chunks = static_cast<int>(ceil_div(rows, kRowsPerWarp * plan.warps_m));
   plan.max_row_chunks =
       static_cast<int>(std::max<int64_t>(1, ceil_div((int64_t)std::max(p.max_q_len, 1) * plan.group,
@@ -157,8 +156,7 @@ cudaError_t launch_paged_decode(const PagedAttentionParams& p, int splits, void*
   using namespace decode;
   if (!paged_decode_supported(p)) return cudaErrorInvalidValue;
   if (p.batch <= 0 || p.total_q <= 0 || p.max_q_len <= 0) return cudaSuccess;  // no query row to write
-  DecodePlan plan = make_decode_plan(p, splits);
-  plan.stages = ring_stages(p, plan);
+  const DecodePlan plan = make_decode_plan(p, splits);
   if (workspace_bytes < plan.total_bytes || (plan.total_bytes > 0 && workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }

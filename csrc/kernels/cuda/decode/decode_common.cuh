@@ -20,7 +20,7 @@ constexpr int kThreads = 128;    // 4 warps per block
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 16; // one m16 MMA tile of query rows per warp
 
-// Depth of a block's K/V ring (cp.async tiles in flight), chosen per launch (ring_stages in decode.cu). A deeper
+// Depth of a block's K/V ring (cp.async tiles in flight), chosen per launch (make_decode_plan). A deeper
 // ring (5 tiles, one block per SM) for grids of at most one block per SM, so that a sparse step's 4-tile splits
 // issue all their loads at once, measured slower: 17 -> 19 us for 64 pages x 8 kv heads (H200, notes/sparse.md).
 constexpr int kStagesShort = 2;    // every row fits one tile (many short rows, e.g. a cascade's suffixes): 3 blocks
@@ -53,7 +53,7 @@ struct DecodePlan {
   int row_chunks = 1;       // blocks per (sequence, kv head) along query rows (warps_m * 16 rows each)
   int max_row_chunks = 1;   // row chunks of the longest sequence (max_q_len queries): the split counters' stride
   int splits = 1;           // blocks per (sequence, kv head, row chunk) along the page list (from the plan)
-  int stages = kStagesDefault;  // K/V ring depth (ring_stages)
+  int stages = kStagesDefault;  // K/V ring depth: kStagesShort when every row fits one tile (warps_m 1 only)
   int min_pages_per_split = 1;  // a split reads at least this many pages (kMinSplitKeys): see row_partition
   bool need_pos = false;    // masks need key positions (causal with several queries, or a sliding window)
   // Workspace layout (bytes from the start): split counters and partials (only when splits > 1), then key positions.
@@ -71,10 +71,6 @@ struct DecodePlan {
 // The launch plan for `splits` split-KV blocks per (sequence, kv head, row chunk) (the attention plan's choice:
 // decode_splits).
 DecodePlan make_decode_plan(const PagedAttentionParams& p, int splits);
-
-// The K/V ring depth of a launch of `plan`: kStagesShort when no row has more keys than one tile and one m-tile of
-// query rows per block (warps_m 1: its registers allow 3 blocks per SM), else kStagesDefault.
-int ring_stages(const PagedAttentionParams& p, const DecodePlan& plan);
 
 // Split-KV blocks per (sequence, kv head, row chunk) for rows of `pages` pages: as many as leave no resident block
 // slot empty, each reading at least kMinSplitKeys keys; 1 when the (sequence, kv head, row chunk) blocks alone fill
@@ -153,7 +149,7 @@ __device__ __forceinline__ int effective_count(const PagedAttentionParams& p, in
 
 // The kernel for one dtype / head dim, with (kSoftcap) or without logit softcapping; instantiated in
 // decode_{bf16,fp16}.cu (kSoftcap false) and decode_{bf16,fp16}_softcap.cu (true), so each file builds what it did
-// before the flag. stages: the plan's ring depth (kStagesShort exists for warps_m 1 only).
+// before the flag. stages: the plan's ring depth.
 template <typename T, int D, bool kSoftcap>
 cudaError_t launch_decode_typed(const DecodeArgs& args, int warps_m, int stages, cudaStream_t stream);
 

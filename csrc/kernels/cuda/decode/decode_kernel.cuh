@@ -501,7 +501,7 @@ cudaError_t launch_main(const DecodeArgs& a, cudaStream_t stream) {
 
 template <typename T, int D, bool kSoftcap>
 cudaError_t launch_decode_typed(const DecodeArgs& a, int warps_m, int stages, cudaStream_t stream) {
-  const bool short_ring = stages == kStagesShort;  // warps_m 1 only (ring_stages)
+  const bool short_ring = stages == kStagesShort;  // warps_m 1 only (make_decode_plan)
   const cudaError_t err = warps_m == 1   ? (short_ring ? launch_main<T, D, 1, kStagesShort, kSoftcap>(a, stream)
                                                        : launch_main<T, D, 1, kStagesDefault, kSoftcap>(a, stream))
                           : warps_m == 2 ? launch_main<T, D, 2, kStagesDefault, kSoftcap>(a, stream)
