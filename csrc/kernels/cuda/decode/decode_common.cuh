@@ -26,10 +26,10 @@ constexpr int kRowsPerWarp = 16; // one m16 MMA tile of query rows per warp
 constexpr int kStagesShort = 2;    // every row fits one tile (many short rows, e.g. a cascade's suffixes): 3 blocks
                                    //   per SM instead of 2, a third fewer waves
 constexpr int kStagesDefault = 3;  // 2 blocks per SM
-constexpr int kBlocksPerSm = 2;    // blocks per SM of the default ring; sizes the split count
 
 // Blocks per SM a ring of `stages` tiles leaves room for (shared memory; registers under __launch_bounds__).
 constexpr int blocks_per_sm(int stages) { return stages <= kStagesShort ? 3 : 2; }
+constexpr int kBlocksPerSm = blocks_per_sm(kStagesDefault);  // of the default ring; sizes the split count
 
 // Keys per pipeline tile: 16 KB of K plus 16 KB of V per stage whatever the head dim.
 constexpr int tile_keys(int head_dim) { return 8192 / head_dim; }
