@@ -23,7 +23,13 @@ decode step:
   time. A kernel launched with PDL starts before its predecessor ends and its profiled time includes that wait, so
   the kinds can add up to more than the replay.
 
+- with --trace, trace_<case>_<compile>_<policy>.csv (under $OUT or ./benchmark_results): every kernel of that replay in
+  launch order, its start and end (µs from the replay's first kernel) and the gap before it.
+--policy runs each case once per sparse policy through the default cache (set_default_cache_options(page_size=64,
+sparse=...), as bench_sparse.py's end-to-end rows; "dense": no selection).
+
     python benchmarks/profile_decode_step.py --case 1x32768 64x1024 --compile on off
+    python benchmarks/profile_decode_step.py --case 1x131072 --compile on --policy dense topk --trace
 """
 from __future__ import annotations
 
@@ -113,18 +119,27 @@ class SyncProbe(LogitsProcessor):
 TIMELINE = Timeline()
 
 
-def kernel_profile(graph: torch.cuda.CUDAGraph) -> dict:
-    """Kernels of one replay and their GPU time by kind (ms), from torch.profiler (CUPTI records graph kernels)."""
+def kernel_profile(graph: torch.cuda.CUDAGraph, trace_name: str | None = None) -> dict:
+    """Kernels of one replay and their GPU time by kind (ms), from torch.profiler (CUPTI records graph kernels);
+    trace_name: also write every kernel in start order to that CSV (see the module docstring)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
-    kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
-    if not kernels:    # older profilers keep device events only in the raw kineto results
-        kernels = [(e.name(), e.duration_ns() / 1e3) for e in prof.profiler.kineto_results.events()
-                   if e.device_type() == torch.autograd.DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not spans:    # older profilers keep device events only in the raw kineto results
+        spans = sorted((e.start_ns() / 1e3, e.end_ns() / 1e3, e.name()) for e in prof.profiler.kineto_results.events()
+                       if e.device_type() == torch.autograd.DeviceType.CUDA)
+    kernels = [(name, end - start) for start, end, name in spans]
+    if trace_name and spans:
+        origin, previous_end, trace = spans[0][0], spans[0][0], []
+        for start, end, name in spans:
+            trace.append(dict(start_us=start - origin, end_us=end - origin, us=end - start,
+                              gap_us=start - previous_end, name=name[:200]))
+            previous_end = max(previous_end, end)
+        print(f"kernel trace: {write_csv(trace, trace_name)}")
     row = {"kernels_per_step": 0, **{f"{kind}_ms": 0.0 for kind, _ in KINDS}, "other_ms": 0.0}
     by_name = defaultdict(lambda: [0, 0.0])
     for name, us in kernels:
@@ -152,9 +167,11 @@ def floor_bytes(model, cache: PagedKVCache) -> int:
     return weights + cache.stats().bytes_used
 
 
-def profile_case(model, case: str, compiled: bool, args) -> dict:
+def profile_case(model, case: str, compiled: bool, policy: str, args) -> dict:
     batch, prompt = CASES[case]
     flashcore_hf.set_compiled_decode(compiled)
+    sparse = flashcore_hf.SparseConfig(token_budget=args.budget, **({} if policy == "dense" else dict(policy=policy)))
+    flashcore_hf.set_default_cache_options(page_size=64, sparse=sparse)
     distinct = 1 if case.endswith("same") else batch    # "...same": copies of one prompt (shared pages)
     ids = torch.randint(1, model.config.vocab_size, (distinct, prompt), device="cuda").expand(batch, -1)
     kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
@@ -193,16 +210,17 @@ def profile_case(model, case: str, compiled: bool, args) -> dict:
         end.synchronize()
         singles.append(start.elapsed_time(end))
     floor_ms = floor_bytes(model, getattr(out, CACHE_KWARG)) / (args.bandwidth_tbs * 1e12) * 1e3
-    row = {"case": case, "compile": "on" if step.compiled else "off", **parts, "gpu_replay_ms": gpu_ms,
+    row = {"case": case, "compile": "on" if step.compiled else "off", "policy": policy, **parts, "gpu_replay_ms": gpu_ms,
            "gpu_single_replay_ms": statistics.median(singles), "floor_ms": floor_ms,
            "pct_of_floor": 100 * floor_ms / gpu_ms}
-    row.update(kernel_profile(step.graph))
+    row.update(kernel_profile(step.graph, f"trace_{case}_{row['compile']}_{policy}.csv" if args.trace else None))
     row.update(compiles=stats.compiles, compile_s=stats.compile_seconds, capture_s=stats.capture_seconds)
     if stats.compile_failures:
         row["compile_failures"] = "; ".join(stats.compile_failures)[:200]
     del out
     flashcore_hf.release_decode_graphs(model)
     flashcore_hf.set_compiled_decode(True)
+    flashcore_hf.set_default_cache_options(sparse=flashcore_hf.SparseConfig())
     return row
 
 
@@ -213,6 +231,10 @@ def main() -> None:
     parser.add_argument("--compile", nargs="+", default=["on", "off"], choices=["on", "off"])
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--policy", nargs="+", default=["dense"], choices=["dense", "streaming", "topk"],
+                        help="sparse policies to run each case with (the default cache's SparseConfig)")
+    parser.add_argument("--budget", type=int, default=4096, help="token budget of the sparse policies")
+    parser.add_argument("--trace", action="store_true", help="write each profiled replay's kernel trace")
     parser.add_argument("--bandwidth-tbs", type=float, default=4.27, help="memory bandwidth of the floor, TB/s")
     args = parser.parse_args()
     model = build_model(args.layers)
@@ -222,11 +244,12 @@ def main() -> None:
     rows = []
     for case in args.case:
         for setting in args.compile:
-            row = profile_case(model, case, setting == "on", args)
-            rows.append(row)
-            print(row, flush=True)
+            for policy in args.policy:
+                row = profile_case(model, case, setting == "on", policy, args)
+                rows.append(row)
+                print(row, flush=True)
     path = write_csv(rows, "profile_decode_step.csv")
-    columns = ["case", "compile", "run_ahead_step_ms", "step_ms", "hf_before_ms", "runner_before_ms", "launch_ms",
+    columns = ["case", "compile", "policy", "run_ahead_step_ms", "step_ms", "hf_before_ms", "runner_before_ms", "launch_ms",
                "after_launch_ms", "gpu_replay_ms", "gpu_single_replay_ms", "floor_ms", "pct_of_floor", "kernels_per_step", "attention_ms",
                "gemm_ms", "fused_ms", "other_ms", "compiles", "compile_s"]
     print_table(rows, columns + [c for c in rows[0] if c not in columns])
