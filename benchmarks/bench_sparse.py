@@ -30,6 +30,7 @@ Writes sparse_layer.csv, sparse_e2e.csv and sparse.png under $OUT (or ./benchmar
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -44,6 +45,7 @@ from common import StepEvents, device_name, graph_of, kernels_of, median_ms, out
 
 import flashcore_hf as fc  # noqa: E402
 from flashcore_hf.cache import page_count_bucket  # noqa: E402
+from flashcore_hf.cache.handles import LayerWrite  # noqa: E402
 from flashcore_hf.sparse import PageKeySummaries, StepSelection, refresh_slots  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -152,9 +154,8 @@ def layer_benchmark(context: int, budget: int, page_size: int, kernels: bool = F
             add(f"{policy}: append + summary update of the written page (per layer)",
                 lambda: summaries.append_decode(k_pool, v_pool, k_new, v_new, last_slot))
         if policy.startswith("topk"):
-            def per_layer(step=step, sparse_plan=sparse_plan, summaries=summaries):
-                summaries.append_decode(k_pool, v_pool, k_new, v_new, last_slot)
-                return sparse_plan.run(q, k_pool, v_pool, step.layout_for(q, summaries, k_pool), q_indptr)
+            per_layer = functools.partial(topk_layer, step, summaries, sparse_plan, q, k_pool, v_pool, k_new, v_new,
+                                          last_slot, q_indptr)
             speedup(add(f"{policy}: append + update + selection + attention (per layer)", per_layer,
                         note=f"the whole per-layer cost of a {policy} decode step"))
     for scoring, ms in refresh_ms.items():
@@ -163,6 +164,15 @@ def layer_benchmark(context: int, budget: int, page_size: int, kernels: bool = F
     for row in rows:
         row.update(context=context, budget=budget, page_size=page_size)
     return rows
+
+
+def topk_layer(step: StepSelection, summaries: PageKeySummaries, plan, q, k_pool, v_pool, k_new, v_new, slot,
+               q_indptr) -> torch.Tensor:
+    """One "topk" layer of a decode step as PagedKVCache runs it: the K/V append (+ summary fold) beside the page
+    selection (LayerWrite), then attention on the selected pages."""
+    write = LayerWrite(functools.partial(summaries.append_decode, k_pool, v_pool, k_new, v_new, slot))
+    layout = write.run_beside(functools.partial(step.layout_for, q, summaries, k_pool), q.device)
+    return plan.run(q, k_pool, v_pool, layout, q_indptr)
 
 
 def stacked_layers_benchmark(context: int, budget: int, page_size: int, layers: int,
@@ -216,8 +226,7 @@ def stacked_layers_benchmark(context: int, budget: int, page_size: int, layers: 
 
         def sparse_step(step=step, sparse_plan=sparse_plan, summaries=summaries):
             for (k_pool, v_pool), q, (k_new, v_new), layer_summaries in zip(pools, queries, new_kv, summaries):
-                layer_summaries.append_decode(k_pool, v_pool, k_new, v_new, last_slot)
-                sparse_plan.run(q, k_pool, v_pool, step.layout_for(q, layer_summaries, k_pool), q_indptr)
+                topk_layer(step, layer_summaries, sparse_plan, q, k_pool, v_pool, k_new, v_new, last_slot, q_indptr)
 
         us = time_per_layer(sparse_step)
         rows.append(dict(what=f"{policy}: append + update + selection + attention, per layer in a {layers}-layer graph",

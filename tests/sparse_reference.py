@@ -1,6 +1,5 @@
 """Float64 oracles for the sparse selection ops (flashcore_hf.ops.select_pages, candidate_page_scores,
-select_candidate_pages), shared by CPU
-and GPU tests."""
+select_candidate_pages) and cache-content checks, shared by CPU and GPU tests."""
 import math
 
 import torch
@@ -141,3 +140,21 @@ def append_pool_keys(summaries, pool: torch.Tensor, slots: torch.Tensor, v_pool:
     pool when None."""
     keys = pool.view(-1, *pool.shape[2:])[slots.clamp(min=0).long()]
     summaries.append_decode(pool, torch.empty_like(pool) if v_pool is None else v_pool, keys, keys, slots)
+
+
+def assert_same_stored_keys(a, b, layer_idx):
+    """Caches a and b (same page tables) hold the same valid K/V and page summaries in layer layer_idx."""
+    pages = sorted({p for row in range(len(a.sequence_lengths())) for p in a.page_table(row)})
+    assert pages == sorted({p for row in range(len(b.sequence_lengths())) for p in b.page_table(row)})
+    for row, length in enumerate(a.sequence_lengths()):
+        table = torch.tensor(a.page_table(row))
+        for name in ("k_pool", "v_pool"):
+            stored = [getattr(cache.layers[layer_idx], name)[table].flatten(0, 1)[:length] for cache in (a, b)]
+            assert torch.equal(*stored)
+    summaries = a._sparse.summaries[layer_idx], b._sparse.summaries[layer_idx]
+    assert torch.equal(summaries[0].bounds[pages], summaries[1].bounds[pages])
+    if summaries[0].signs is not None:
+        for row, length in enumerate(a.sequence_lengths()):
+            for j, page in enumerate(a.page_table(row)):
+                count = min(a.page_size, length - j * a.page_size)
+                assert torch.equal(summaries[0].signs[page, :, :count], summaries[1].signs[page, :, :count])

@@ -10,8 +10,9 @@ from flashcore_hf.ops import append_kv, candidate_page_scores, select_candidate_
 from flashcore_hf.sparse import (PageKeySummaries, SparseConfig, StepSelection, padded_page_table, refresh_slots,
                                  step_is_sparse, streaming_layout, topk_layout)
 from tests.reference import random_paged_kv, reference_paged_attention
-from tests.sparse_reference import (append_pool_keys, assert_topk_picks, reference_candidate_scores, reference_page_scores,
-                                    reference_select_candidates, tied_scores, unpack_signs)
+from tests.sparse_reference import (append_pool_keys, assert_same_stored_keys, assert_topk_picks,
+                                    reference_candidate_scores, reference_page_scores, reference_select_candidates,
+                                    tied_scores, unpack_signs)
 
 
 def _dense_layout(lengths, page_size, hkv, d, generator):
@@ -638,3 +639,47 @@ def test_fixed_buffer_decode_step_selects_like_an_eager_step(generator, scoring)
                                rtol=0, atol=0)
     if scoring == "signs":
         _check_summaries(fixed, 1)
+
+
+@pytest.mark.parametrize("scoring", ["bounds", "signs"])
+def test_topk_decode_write_held_back_beside_selection(generator, monkeypatch, scoring):
+    """On a "topk" decode step a sparse layer's K/V write is held back to run beside its page selection
+    (cache.handles.LayerWrite): it runs exactly once, before anything reads the pools (k_cache, the cache's next
+    operation), and selects the same pages and leaves the same K/V and summaries as writing first; dense layers and
+    prefill steps write at once."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    sparse = SparseConfig(policy="topk", token_budget=8, sink_tokens=2, recent_tokens=2, dense_layers=1,
+                          scoring=scoring)
+    held, first = (fc.PagedKVCache(config, page_size=2, sparse=sparse) for _ in range(2))
+    prompt = torch.randn(2, 2, 15, 8, generator=generator)
+    for cache in (held, first):
+        for layer in range(2):
+            assert cache.update(prompt, prompt + 1, layer)[0].resolve().write is None     # prefill: at once
+    writes = []
+    summaries = held._sparse.summaries[1]
+    fold = summaries.append_decode
+    monkeypatch.setattr(summaries, "append_decode", lambda *args: writes.append(1) or fold(*args))
+    q = torch.randn(2, 4, 8, generator=generator)
+    for step in range(3):
+        new = torch.randn(2, 2, 1, 8, generator=generator)
+        steps = [[cache.update(new, new + 1, layer)[0].resolve() for cache in (held, first)] for layer in range(2)]
+        assert steps[0][0].write is None                                                 # dense layer
+        h, f = steps[1]
+        assert h.write is not None and h.write.pending and len(writes) == step
+        slot = held.sequence_lengths()[0] - 1 if step == 2 else None
+        if step == 2:   # the cache's next operation wrote it (sequence_lengths flushes): nobody read the pools
+            assert len(writes) == step + 1 and not h.write.pending
+            page = held.page_table(0)[slot // 2]
+            assert torch.equal(held.layers[1].k_pool[page, slot % 2], new[0, :, 0])
+            continue
+        layout = h.select_pages(q)
+        assert len(writes) == step + 1 and not h.write.pending
+        f.write.run()                                                                    # the order before
+        expected = f.selector.select(q)
+        assert torch.equal(layout.cols, expected.cols) and torch.equal(layout.token_counts, expected.token_counts)
+        assert_same_stored_keys(held, first, 1)
+        assert len(writes) == step + 1                                                   # once
+    _check_summaries(held, 1)
+

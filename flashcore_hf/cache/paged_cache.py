@@ -33,7 +33,7 @@ from ..sparse.config import SparseConfig
 from ..sparse.planner import SparseCachePlanner
 from ..sparse.summaries import refresh_slots
 from .allocator import OutOfPagesError, PageAllocator
-from .handles import PagedKVHandle, PagedLayerStep
+from .handles import LayerWrite, PagedKVHandle, PagedLayerStep
 from .pools import LayerPools, device_multiprocessors, growth_target
 from .prefix import PrefixCache
 from .step_plan import (FULL, PREFIX, SUFFIX, WINDOW, DeviceStep, StepPlan, StepShape, build_layouts,
@@ -186,6 +186,7 @@ class PagedKVCache(Cache):
         self._padded_len = 0                           # columns seen so far, padding included (same for every row)
         self._step: StepPlan | None = None
         self._pending: PagedKVHandle | None = None     # handed out by update(), not written yet
+        self._held_write: LayerWrite | None = None      # the last layer's write held back to run beside its selection
         self._next_decode: tuple[StepPlan, torch.device] | None = None   # prepare_next_decode_step's plan
         windowed = bool(getattr(text_config, "sliding_window", None)) and getattr(
             text_config, "use_sliding_window", True) is not False
@@ -235,6 +236,9 @@ class PagedKVCache(Cache):
         self._write_pending()
 
     def _write_pending(self) -> None:
+        held, self._held_write = self._held_write, None
+        if held is not None:
+            held.run()
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.resolve(None)
@@ -260,15 +264,23 @@ class PagedKVCache(Cache):
         # transpose of the projection), otherwise one copy.
         k = key_states.transpose(1, 2).reshape(batch_size * query_len, hkv, head_dim)
         v = value_states.transpose(1, 2).reshape(batch_size * query_len, hkv, head_dim)
-        if step.sparse is None or not self._sparse.append_decode(layer_idx, layer.k_pool, layer.v_pool, k, v,
-                                                                 device_step.slot_mapping, step.sparse):
-            append_kv(layer.k_pool, layer.v_pool, k, v, device_step.slot_mapping)
+
+        def write() -> None:
+            if step.sparse is None or not self._sparse.append_decode(layer_idx, layer.k_pool, layer.v_pool, k, v,
+                                                                     device_step.slot_mapping, step.sparse):
+                append_kv(layer.k_pool, layer.v_pool, k, v, device_step.slot_mapping)
+
+        held = None
+        if step.sparse is not None and self._sparse.write_beside_selection(layer_idx, step.sparse):
+            held = self._held_write = LayerWrite(write)    # runs beside the selection (LayerWrite)
+        else:
+            write()
         layer.seq_length = step.padded_len
         selector = None
         if step.sparse is not None:
             selector = self._sparse.layer_selector(layer_idx, layer.k_pool, step.sparse, device_step.layouts[FULL],
                                                    step.max_pages[FULL])
-        return PagedLayerStep(layer.k_pool, layer.v_pool, step, device_step, selector)
+        return PagedLayerStep(layer.k_pool, layer.v_pool, step, device_step, selector, held)
 
     def _layer_with_pools(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor) -> PagedKVLayer:
         """The layer, its pools made (sized like the other layers') from the first K/V it sees if it has none."""

@@ -96,8 +96,7 @@ class FlashCoreAttention(nn.Module):
     def _paged(self, query, layer: PagedLayerStep, *, scale, window, causal, softcap, sinks) -> torch.Tensor:
         b, hq, s, d = query.shape
         q = query.transpose(1, 2).reshape(b * s, hq, d)  # a view for decode (S == 1)
-        step, k_pool = layer.step, layer.k_cache
-        page, hkv = k_pool.shape[1], k_pool.shape[2]
+        step, page, hkv = layer.step, layer.page_size, layer.num_kv_heads
         if not causal and not step.runs_are_rows:
             raise NotImplementedError("flashcore: non-causal attention over a step whose new tokens include padding "
                                       "between real tokens is not supported; use attn_implementation='sdpa'")
@@ -109,7 +108,7 @@ class FlashCoreAttention(nn.Module):
         elif window is None and layer.selector is not None:
             # Sparse decode step: the pages this layer's policy selects. (Windowed layers read their window: counted
             # in positions, which a subset of pages would shift.)
-            layout = layer.selector.select(q)
+            layout = layer.select_pages(q)
             plan = step.attention_plan(q.device, SPARSE, rows=layout.row_offsets.numel() - 1,
                                        max_pages=layer.selector.max_pages_per_row, nnz=layout.cols.numel(),
                                        **plan_options)
@@ -120,7 +119,7 @@ class FlashCoreAttention(nn.Module):
                     return out.view(b, s, hq, d)
             layout = layer.layout
             plan = step.attention_plan(q.device, FULL, **plan_options)
-        out = self._run(plan, q, k_pool, layer.v_cache, layout, layer.q_indptr, window, softcap, sinks)
+        out = self._run(plan, q, layer.k_cache, layer.v_cache, layout, layer.q_indptr, window, softcap, sinks)
         return out.view(b, s, hq, d)
 
     def _cascade(self, q, layer: PagedLayerStep, plan_options: dict, sinks) -> torch.Tensor | None:

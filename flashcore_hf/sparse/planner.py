@@ -6,7 +6,8 @@
   each layer appends its new K/V and folds the new keys into their pages' bounds in one kernel (`append_decode`:
   `PageKeySummaries.append_decode`), so eager decode steps and CUDA-graph replays run the very same ops. Longer
   steps (prefill) list their written pages on the host and recompute those pages' bounds after the append.
-- Per layer (`layer_selector`, after the layer's K/V were appended): bring the layer's summaries of the pages a
+- Per layer (`layer_selector`, after the layer's K/V were appended, or with them held back to run beside the
+  selection on "topk" decode steps: `write_beside_selection`): bring the layer's summaries of the pages a
   longer step wrote up to date (so decode always scores fresh bounds), then give attention a `LayerSelector` (the
   pages this layer reads) on sparse steps of sparse layers, None otherwise.
 - Copy-on-write page copies (`copy_page_summaries`) carry the copied pages' summaries along; pages a crop cut get
@@ -128,6 +129,16 @@ class SparseCachePlanner:
             return False
         summaries.append_decode(k_pool, v_pool, k, v, slot_mapping)
         return True
+
+    def write_beside_selection(self, layer_idx: int, plan: SparseStepPlan) -> bool:
+        """Whether layer `layer_idx`'s K/V write on this step may run beside its page selection (the cache's
+        LayerWrite): a "topk" layer selecting on a step of one token per sequence, whose write (`append_decode`)
+        changes only the summaries and K/V of each sequence's newest page. Every selection keeps that page whatever
+        its score (StepSelection forces the pages of the step's new tokens in), and the kernels ignore the score of
+        a forced page (even one computed from summaries half updated), so the pages selected and the K/V attention
+        reads after the join do not depend on which runs first."""
+        return (plan.select and plan.written is None and layer_idx in self.sparse_layers
+                and layer_idx in self.summaries)
 
     def layer_selector(self, layer_idx: int, k_pool: torch.Tensor, plan: SparseStepPlan, layout: PageLayout,
                        max_pages: int) -> LayerSelector | None:

@@ -6,6 +6,7 @@ import torch
 import flashcore_hf as fc
 from flashcore_hf import CACHE_KWARG
 from tests.gpu.conftest import SMALL_VOCAB, diverge_only_at_near_ties
+from tests.sparse_reference import assert_same_stored_keys
 
 pytestmark = pytest.mark.gpu
 
@@ -64,3 +65,28 @@ def test_sparse_decode_graphs_match_eager(model, policy, scoring, generator):
         print(f"topk, compiled vs eager: tokens agree for {same.int().cumprod(1).sum(1).tolist()} of 24 steps")
     dense = _generate(model, ids, fc.PagedKVCache(model.config, page_size=16), graphs=False)
     assert not torch.equal(dense.logits[-1], eager.logits[-1])          # the policy really dropped pages
+
+
+@pytest.mark.parametrize("scoring", ["bounds", "signs"])
+def test_write_beside_selection_equals_writing_first(generator, scoring):
+    """A "topk" decode layer's K/V write runs on a side stream beside its selection kernels (LayerWrite.run_beside):
+    over several steps, crossing pages, the same pages, K/V and summaries as writing first on one stream."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=512, num_attention_heads=8, num_key_value_heads=2)
+    sparse = fc.SparseConfig(policy="topk", token_budget=64, dense_layers=0, scoring=scoring)
+    held, first = (fc.PagedKVCache(config, page_size=16, sparse=sparse) for _ in range(2))
+    prompt = torch.randn(3, 2, 301, 64, generator=generator).to("cuda", torch.bfloat16)
+    for cache in (held, first):
+        cache.update(prompt, prompt + 1, 0)[0].resolve()
+    for _ in range(20):
+        new = torch.randn(3, 2, 1, 64, generator=generator).to("cuda", torch.bfloat16)
+        q = torch.randn(3, 8, 64, generator=generator).to("cuda", torch.bfloat16)
+        h, f = (cache.update(new, new + 1, 0)[0].resolve() for cache in (held, first))
+        assert h.write is not None
+        layout = h.select_pages(q)
+        f.write.run()
+        expected = f.selector.select(q)
+        torch.cuda.synchronize()
+        assert torch.equal(layout.cols, expected.cols) and torch.equal(layout.token_counts, expected.token_counts)
+        assert_same_stored_keys(held, first, 0)
