@@ -74,7 +74,8 @@ def test_write_beside_selection_equals_writing_first(generator, scoring):
     from transformers import LlamaConfig
 
     config = LlamaConfig(num_hidden_layers=1, hidden_size=512, num_attention_heads=8, num_key_value_heads=2)
-    sparse = fc.SparseConfig(policy="topk", token_budget=64, dense_layers=0, scoring=scoring)
+    sparse = fc.SparseConfig(policy="topk", token_budget=128, sink_tokens=16, recent_tokens=16, dense_layers=0,
+                             scoring=scoring)
     held, first = (fc.PagedKVCache(config, page_size=16, sparse=sparse) for _ in range(2))
     prompt = torch.randn(3, 2, 301, 64, generator=generator).to("cuda", torch.bfloat16)
     for cache in (held, first):
