@@ -5,7 +5,7 @@
    per-kv-head page lists), topk_rerank (topk with rerank=4: the exact scores of 4 x budget candidates' keys pick
    the budget), topk_signs (pages scored by their keys' sign bits) and streaming, with the parts
    (selection, attention, the summary update of the written page, the once-per-step page table) and the whole of
-   it; graph_us: replays of a CUDA graph holding one call (no host launch overhead, as inside a graph-captured
+   it (as PagedKVCache runs a topk layer: the append beside the selection, `topk_layer`); graph_us: replays of a CUDA graph holding one call (no host launch overhead, as inside a graph-captured
    decode step; the graph launch's own fixed cost is included). Two more clocks:
    `gpu_us` is triton's do_bench median (device time, L2 flushed), `wall_us` back-to-back calls on the host clock
    (includes Python and launch overhead, what an eager decode step pays). SDPA cuDNN on a contiguous copy of the
