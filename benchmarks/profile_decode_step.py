@@ -21,12 +21,11 @@ decode step:
   attention and selection kernels, gemm = cuBLAS/CUTLASS and flashcore's grouped linear kernels, fused = inductor's
   Triton kernels, other = everything else, e.g. eager elementwise kernels), and the kernels that take the most
   time. A kernel launched with PDL starts before its predecessor ends and its profiled time includes that wait, so
-  the kinds can add up to more than the replay.
-
+  the kinds can add up to more than the replay;
 - with --trace, trace_<case>_<compile>_<policy>.csv (under $OUT or ./benchmark_results): every kernel of that replay in
-  launch order, its start and end (µs from the replay's first kernel) and the gap before it.
+  start order, its start and end (µs from the replay's first kernel) and the gap before it.
 --policy runs each case once per sparse policy through the default cache (set_default_cache_options(page_size=64,
-sparse=...), as bench_sparse.py's end-to-end rows; "dense": no selection).
+sparse=...) with bench_sparse.py's `sparse_config`, as its end-to-end rows; "dense": no selection).
 
     python benchmarks/profile_decode_step.py --case 1x32768 64x1024 --compile on off
     python benchmarks/profile_decode_step.py --case 1x131072 --compile on --policy dense topk --trace
@@ -46,6 +45,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import CASES, StepProbe, build_model  # noqa: E402
+from bench_sparse import sparse_config  # noqa: E402
 from common import print_table, write_csv  # noqa: E402
 
 import flashcore_hf  # noqa: E402
@@ -170,8 +170,7 @@ def floor_bytes(model, cache: PagedKVCache) -> int:
 def profile_case(model, case: str, compiled: bool, policy: str, args) -> dict:
     batch, prompt = CASES[case]
     flashcore_hf.set_compiled_decode(compiled)
-    sparse = flashcore_hf.SparseConfig(token_budget=args.budget, **({} if policy == "dense" else dict(policy=policy)))
-    flashcore_hf.set_default_cache_options(page_size=64, sparse=sparse)
+    flashcore_hf.set_default_cache_options(page_size=64, sparse=sparse_config(policy, args.budget))
     distinct = 1 if case.endswith("same") else batch    # "...same": copies of one prompt (shared pages)
     ids = torch.randint(1, model.config.vocab_size, (distinct, prompt), device="cuda").expand(batch, -1)
     kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)

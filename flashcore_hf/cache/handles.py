@@ -5,7 +5,8 @@ attention function together with the 2-D padding mask. The mask is what decides 
 and the attention function is the first place that has it, so `update` returns a `PagedKVHandle` holding the new
 K/V, and the attention function resolves it with the mask: the cache plans the step (at its first layer), writes the
 layer's K/V into the pages and returns the `PagedLayerStep` the kernels read. A caller of `update` outside a model
-passes `attention_mask=` (or nothing: no padding) and gets the resolved step at once.
+passes `attention_mask=` (or nothing: no padding) and gets the resolved step at once. On a sparse "topk" decode step
+the write is held back to run beside the layer's page selection (`LayerWrite`); reading the step's pools runs it.
 """
 from __future__ import annotations
 
@@ -118,15 +119,17 @@ class PagedLayerStep:
 
     @property
     def k_cache(self) -> torch.Tensor:
-        if self.write is not None:
-            self.write.run()
+        self._finish_write()
         return self._k_pool
 
     @property
     def v_cache(self) -> torch.Tensor:
+        self._finish_write()
+        return self._v_pool
+
+    def _finish_write(self) -> None:
         if self.write is not None:
             self.write.run()
-        return self._v_pool
 
     @property
     def page_size(self) -> int:
